@@ -1,0 +1,289 @@
+"""Stage 2: run the teacher program over a set of examples on Ray Data and keep its traces.
+
+The driver turns the examples into a Ray Dataset of plain rows (`example_index`, the
+example as JSON) and maps them with `TeacherRunner`, a callable class that Ray Data
+runs in a pool of actors. Each actor holds the teacher programs and keeps
+`num_threads` examples in flight, since teacher calls wait on the network. Every
+trace step is attributed to its predictor by name, so a predictor called twice (a
+loop) gives two records and one never called (a branch) gives none.
+
+Results come back as JSON strings and are appended to a progress file as they
+arrive; a rerun after a crash skips examples already done, and a finished stage
+(its summary written) is read back without calling the teacher at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import dspy
+from dspy.utils.callback import BaseCallback
+
+from bootfinetune.config import BootstrapConfig
+from bootfinetune.ray_env import WORKER_ENV
+from bootfinetune.errors import BootstrapError
+from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
+                                  redact, to_jsonable)
+from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+DRIVER_SETTINGS = ("lm", "rm", "adapter")
+"""`dspy.configure` settings captured on the driver and applied inside every actor."""
+
+
+def driver_settings() -> dict[str, Any]:
+    """The driver's `dspy.configure` settings that actors must see too."""
+    return {name: dspy.settings.get(name) for name in DRIVER_SETTINGS if dspy.settings.get(name) is not None}
+
+
+def is_kept(score: Any, threshold: float | None) -> bool:
+    """Whether a metric score keeps a trace: bools as they are, numbers by the threshold (or truthiness).
+
+    >>> is_kept(True, None), is_kept(0.4, 0.5), is_kept(0.5, 0.5), is_kept(None, None)
+    (True, False, True, True)
+    """
+    if score is None:
+        return True
+    score = getattr(score, "score", score)  # metrics may return dspy.Prediction(score=..., feedback=...)
+    if isinstance(score, bool) or threshold is None:
+        return bool(score)
+    return float(score) >= threshold
+
+
+def score_value(score: Any) -> float | None:
+    score = getattr(score, "score", score)
+    return None if score is None else float(score)
+
+
+class _LMCallCounter(BaseCallback):
+    """Counts the LM calls one example makes (cache hits included)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_lm_start(self, call_id, instance, inputs):
+        self.count += 1
+
+
+class TeacherRunner:
+    """The callable class Ray Data runs in each actor: examples in, JSON results out.
+
+    It is a plain class, so it runs without Ray too:
+
+    >>> runner = TeacherRunner([program], metric=None, settings={"lm": lm})      # doctest: +SKIP
+    >>> runner({"example_index": [0], "example": [example_to_json(ex)]})         # doctest: +SKIP
+    {'example_index': [0], 'teacher': [0], 'result': ['{"calls": [...], ...}']}
+
+    Args:
+        teachers: Teacher programs; each runs every example and their traces are pooled.
+        metric: `metric(example, prediction, trace)`, or None to keep every trace.
+        settings: Driver `dspy.configure` settings (lm, rm, adapter) to apply here.
+        teacher_settings: Settings applied while the teacher runs, e.g. {"lm": big_lm}.
+        num_threads: Examples in flight at once in this actor.
+        metric_threshold: For float scores: keep when score >= threshold.
+        secrets: Strings to redact from error messages.
+        split: "train" or "val", copied into each record.
+    """
+
+    def __init__(self, teachers: list[dspy.Module], metric: Callable | None = None,
+                 settings: dict[str, Any] | None = None, teacher_settings: dict[str, Any] | None = None,
+                 num_threads: int = 8, metric_threshold: float | None = None,
+                 secrets: list[str] | None = None, split: str = "train"):
+        for name, value in WORKER_ENV.items():
+            os.environ.setdefault(name, value)
+        self.teachers = teachers
+        self.metric = metric
+        self.context = {**(settings or {}), **(teacher_settings or {})}
+        self.metric_threshold = metric_threshold
+        self.secrets = secrets or []
+        self.split = split
+        self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
+        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        jobs = [(int(i), str(e), t) for i, e in zip(batch["example_index"], batch["example"])
+                for t in range(len(self.teachers))]
+        results = list(self.pool.map(lambda job: self.run_one(*job), jobs))
+        return {"example_index": [j[0] for j in jobs], "teacher": [j[2] for j in jobs],
+                "result": [json.dumps(r, ensure_ascii=False) for r in results]}
+
+    def run_one(self, example_index: int, example_json: str, teacher_index: int) -> dict[str, Any]:
+        """Runs one teacher on one example; returns {"calls": [...]} or {"failure": {...}}, plus counts."""
+        example = example_from_json(example_json)
+        teacher, names = self.teachers[teacher_index], self.names[teacher_index]
+        counter, trace = _LMCallCounter(), []
+        callbacks = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + [counter]
+        stage = "program"
+        try:
+            with dspy.context(**self.context, trace=trace, callbacks=callbacks):
+                prediction = teacher(**example.inputs())
+                stage = "metric"
+                score = self.metric(example, prediction, trace) if self.metric else None
+        except Exception as exc:  # any failure of the user's program or metric becomes a failure record
+            failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
+                                    message=redact(str(exc), self.secrets)[:2000], teacher=teacher_index,
+                                    split=self.split, stage=stage)
+            return {"failure": failure.to_dict(), "teacher_calls": counter.count}
+        kept = is_kept(score, self.metric_threshold)
+        calls, unattributed = [], 0
+        for pred, inputs, outputs in trace:
+            name = names.get(id(pred))
+            if name is None:
+                unattributed += 1
+                continue
+            sig = pred.signature
+            calls.append(CallRecord(
+                example_index=example_index, predictor=name, call_index=len(calls),
+                inputs={k: to_jsonable(v) for k, v in inputs.items() if k in sig.input_fields},
+                outputs={k: to_jsonable(outputs[k]) for k in sig.output_fields if k in outputs},
+                score=score_value(score), kept=kept, teacher=teacher_index, split=self.split,
+            ).to_dict())
+        return {"calls": calls, "kept": kept, "teacher_calls": counter.count, "unattributed": unattributed}
+
+
+@dataclass
+class BootstrapResult:
+    """What the bootstrap stage hands to the data stage."""
+
+    calls: list[CallRecord]
+    """Every recorded predictor call, kept or not, ordered by (example_index, teacher, call_index)."""
+    failures: list[FailureRecord]
+    """Examples that raised, ordered by (example_index, teacher)."""
+    summary: BootstrapSummary
+    """Counts and time."""
+    resumed: bool = False
+    """True when the results were read back from a finished run directory."""
+
+
+def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
+    """Reads a finished bootstrap back from the run directory, or None if it did not finish."""
+    paths = bootstrap_paths(run, split)
+    if not paths["summary"].exists():
+        return None
+    calls = [CallRecord(**r) for r in iter_jsonl(paths["calls"])]
+    failures = [FailureRecord(**r) for r in iter_jsonl(paths["failures"])]
+    return BootstrapResult(calls, failures, BootstrapSummary(**read_json(paths["summary"])), resumed=True)
+
+
+def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
+    d = run.bootstrap_dir
+    return {"calls": d / f"{split}.calls.jsonl", "failures": d / f"{split}.failures.jsonl",
+            "summary": d / f"{split}.summary.json", "progress": d / f"{split}.progress.jsonl"}
+
+
+def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[dspy.Example],
+                  metric: Callable | None, config: BootstrapConfig, teacher_settings: dict[str, Any] | None = None,
+                  settings: dict[str, Any] | None = None, secrets: list[str] | None = None,
+                  split: str = "train") -> BootstrapResult:
+    """Runs the teachers over the examples on Ray Data, or reads a finished run back.
+
+    Args:
+        run: The run directory; results go to bootstrap/{split}.*.
+        teachers: Teacher programs (checked beforehand).
+        examples: The examples, in their original order (`example_index` is the position).
+        metric: `metric(example, prediction, trace)` or None.
+        config: Actors, threads, batch size, max_errors, threshold.
+        teacher_settings: Applied with dspy.context while teachers run.
+        settings: Driver settings to apply in actors; defaults to the current dspy.configure ones.
+        secrets: Strings to redact from failure messages.
+        split: "train" or "val".
+
+    Raises:
+        BootstrapError: when more than `config.max_errors` examples failed.
+    """
+    done = load_bootstrap(run, split)
+    if done is not None:
+        logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
+        return done
+    import ray
+
+    started = time.time()
+    paths = bootstrap_paths(run, split)
+    secrets = secrets or []
+    previous = _read_progress(paths["progress"])
+    todo = [i for i in range(len(examples)) if i not in previous]
+    results: dict[tuple[int, int], dict] = dict(previous)
+    failures = sum("failure" in r for r in results.values())
+    if todo:
+        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in todo]
+        dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), config.num_actors * 4))
+        mapped = dataset.map_batches(
+            TeacherRunner,
+            fn_constructor_kwargs=dict(teachers=teachers, metric=metric,
+                                       settings=driver_settings() if settings is None else settings,
+                                       teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
+                                       metric_threshold=config.metric_threshold, secrets=secrets, split=split),
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            batch_size=config.batch_size, num_cpus=config.actor_cpus,
+        )
+        paths["progress"].parent.mkdir(parents=True, exist_ok=True)
+        with open(paths["progress"], "a", encoding="utf-8") as progress:
+            for row in mapped.iter_rows():
+                result = json.loads(row["result"])
+                results[(int(row["example_index"]), int(row["teacher"]))] = result
+                progress.write(json.dumps({"example_index": int(row["example_index"]),
+                                           "teacher": int(row["teacher"]), "result": result}) + "\n")
+                progress.flush()
+                if "failure" in result:
+                    failures += 1
+                    if failures > config.max_errors:
+                        raise BootstrapError(_too_many_errors(results, config.max_errors, split))
+    return _finish(run, paths, results, len(examples), started)
+
+
+def _read_progress(path) -> dict[tuple[int, int], dict]:
+    """Successful results saved by an interrupted run; failed examples are tried again."""
+    if not path.exists():
+        return {}
+    done = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if "failure" not in row["result"]:
+                done[(row["example_index"], row["teacher"])] = row["result"]
+    return done
+
+
+def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
+    failed = sorted((k, r["failure"]) for k, r in results.items() if "failure" in r)
+    shown = "\n".join(f"  example {k[0]}: {f['error_type']}: {f['message'][:300]}" for k, f in failed[:3])
+    return (f"bootstrap[{split}] stopped: {len(failed)} examples failed, more than max_errors={max_errors}. "
+            f"First failures:\n{shown}\nFix the program or teacher, or raise max_errors to tolerate more.")
+
+
+def _finish(run: RunDir, paths: dict, results: dict, n_examples: int, started: float) -> BootstrapResult:
+    calls, failures, summary = [], [], BootstrapSummary(examples=n_examples)
+    kept_examples = set()
+    for key in sorted(results):
+        result = results[key]
+        summary.teacher_calls += result.get("teacher_calls", 0)
+        if "failure" in result:
+            failures.append(FailureRecord(**result["failure"]))
+            continue
+        summary.unattributed += result.get("unattributed", 0)
+        if result["kept"]:
+            kept_examples.add(key[0])
+        for record in result["calls"]:
+            call = CallRecord(**record)
+            calls.append(call)
+            if call.kept:
+                summary.per_predictor[call.predictor] = summary.per_predictor.get(call.predictor, 0) + 1
+    summary.kept = len(kept_examples)
+    summary.failed = len({f.example_index for f in failures})
+    summary.calls = len(calls)
+    summary.seconds = round(time.time() - started, 3)
+    write_jsonl(paths["calls"], (c.to_dict() for c in calls))
+    write_jsonl(paths["failures"], (f.to_dict() for f in failures))
+    write_json(paths["summary"], asdict(summary))  # last: its presence marks the stage done
+    paths["progress"].unlink(missing_ok=True)
+    return BootstrapResult(calls, failures, summary)

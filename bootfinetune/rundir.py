@@ -1,0 +1,155 @@
+"""The run directory: where every stage reads its input and writes its output.
+
+```
+{storage_path}/{run_name}/
+  config.json        resolved configuration (no secrets)
+  bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
+  data/{key}.jsonl   finetuning records (chat messages) per model key
+  models/{key}/      Hugging Face export + manifest.json (written last: the model is done)
+  checkpoints/{key}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
+  report.json        counts, losses, metrics, time and tokens per stage
+  program.json       the compiled program's state
+```
+
+Files are written to a temporary name and renamed, so a crash never leaves a half file
+where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def fingerprint(value: Any) -> str:
+    """A stable hash of a JSON-able value (keys sorted), 12 hex digits."""
+    blob = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def run_name_for(program_name: str, inputs: Any) -> str:
+    """`{program}-{hash of inputs}`: the same inputs give the same name, so a rerun resumes.
+
+    >>> run_name_for("RAG", {"a": 1}) == run_name_for("RAG", {"a": 1})
+    True
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).strip("-") or "program"
+    return f"{slug}-{fingerprint(inputs)}"
+
+
+def write_json(path: Path, value: Any) -> None:
+    _atomic_write(path, json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    lines = [json.dumps(r, ensure_ascii=False, sort_keys=False) for r in rows]
+    _atomic_write(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory. Nothing is created until a stage writes."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, storage_path: str, run_name: str) -> "RunDir":
+        return cls(Path(storage_path).expanduser().resolve() / run_name)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def bootstrap_dir(self) -> Path:
+        return self.root / "bootstrap"
+
+    @property
+    def calls_jsonl(self) -> Path:
+        return self.bootstrap_dir / "calls.jsonl"
+
+    @property
+    def failures_jsonl(self) -> Path:
+        return self.bootstrap_dir / "failures.jsonl"
+
+    @property
+    def bootstrap_summary(self) -> Path:
+        return self.bootstrap_dir / "summary.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def data_file(self, key: str) -> Path:
+        return self.data_dir / f"{key}.jsonl"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, key: str) -> Path:
+        return self.models_dir / key
+
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def program_json(self) -> Path:
+        return self.root / "program.json"
+
+    def read_report(self) -> dict[str, Any]:
+        return read_json(self.report_json) if self.report_json.exists() else {}
+
+    def update_report(self, **sections: Any) -> dict[str, Any]:
+        """Merges top-level sections into report.json (dicts merge one level deep)."""
+        report = self.read_report()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(report.get(key), dict):
+                report[key] = {**report[key], **value}
+            else:
+                report[key] = value
+        write_json(self.report_json, report)
+        return report

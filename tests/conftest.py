@@ -1,0 +1,57 @@
+"""Shared fixtures: one local Ray cluster for the whole session, started lazily."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep DSPy's on-disk cache out of the user's home and out of the way of call counts.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+os.environ.setdefault("DSPY_CACHEDIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "bootfinetune-test-dspy-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by every integration test (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        # 8 logical CPUs on a 2-core machine: bootstrap actors mostly wait on HTTP, and two
+        # training workers plus actors must fit side by side.
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                           "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def teacher_server():
+    """A scripted OpenAI-compatible teacher on 127.0.0.1 for the TwoStep program."""
+    from bootfinetune.teacher_server import TeacherServer
+    from tests.programs import two_step_script
+
+    with TeacherServer(two_step_script) as server:
+        yield server
+
+
+@pytest.fixture
+def teacher_lm(teacher_server):
+    import dspy
+
+    return dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="sk-test-secret-123456",
+                   cache=False, num_retries=0)
