@@ -208,7 +208,7 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
     paths = bootstrap_paths(run, split)
     secrets = secrets or []
     previous = _read_progress(paths["progress"])
-    todo = [i for i in range(len(examples)) if i not in previous]
+    todo = [i for i in range(len(examples)) if any((i, t) not in previous for t in range(len(teachers)))]
     results: dict[tuple[int, int], dict] = dict(previous)
     failures = sum("failure" in r for r in results.values())
     if todo:

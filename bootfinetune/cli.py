@@ -1,0 +1,137 @@
+"""The `bootfinetune` command.
+
+    bootfinetune bootstrap --program my_pkg.rag:RAG --trainset train.jsonl --inputs question \\
+        --teacher-model openai/gpt-4o-mini --api-key-env OPENAI_API_KEY --metric my_pkg.rag:exact_match
+    bootfinetune teacher-server --script my_pkg.scripts:answer --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+
+def import_object(path: str) -> Any:
+    """Imports `package.module:attr` (attr may be dotted)."""
+    if ":" not in path:
+        raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
+    module_name, attr = path.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_examples(path: str, inputs: list[str]):
+    import dspy
+
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [dspy.Example(**row).with_inputs(*inputs) for row in rows]
+
+
+def teacher_lm(args):
+    import dspy
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise SystemExit(f"error: --api-key-env names {args.api_key_env}, which is not set in the environment")
+    return dspy.LM(args.teacher_model, api_base=args.api_base, api_key=api_key or "unused", cache=False)
+
+
+def cmd_bootstrap(args) -> int:
+    import dspy
+
+    from bootfinetune import BootstrapFinetune
+
+    program = import_object(args.program)
+    student = program() if isinstance(program, type) else program
+    metric = import_object(args.metric) if args.metric else None
+    options = {"storage_path": args.storage, "num_actors": args.num_actors, "num_threads": args.num_threads,
+               "multitask": not args.per_predictor, "max_errors": args.max_errors}
+    if args.ray_address:
+        options["ray_address"] = args.ray_address
+    trainset = load_examples(args.trainset, args.inputs)
+    started = time.time()
+    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher_lm(args)}, **options)
+    with dspy.context():
+        prepared = tp.prepare(student, trainset=trainset, target=args.target)
+    s = prepared.bootstrap.summary
+    print(f"run directory: {prepared.run.root}")
+    print(f"bootstrap: {s.examples} examples, {s.kept} kept, {s.failed} failed, {s.teacher_calls} teacher calls, "
+          f"{s.seconds:.1f}s{' (read back, teacher not called)' if prepared.bootstrap.resumed else ''}")
+    for name in prepared.plan.predictors:
+        print(f"  predictor {name}: {s.per_predictor.get(name, 0)} kept calls -> model key "
+              f"{prepared.plan.key_of[name]}")
+    for key, data in prepared.data.items():
+        print(f"data/{key}.jsonl: {data.records} records ({data.duplicates_dropped} duplicates dropped)")
+    print(f"done in {time.time() - started:.1f}s")
+    return 0
+
+
+def cmd_teacher_server(args) -> int:
+    from bootfinetune.teacher_server import TeacherServer
+
+    server = TeacherServer(import_object(args.script), host=args.host, port=args.port, latency=args.latency)
+    print(f"scripted teacher at {server.url} (Ctrl-C to stop)", flush=True)
+    server.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bootstrap", help="run the teacher over a trainset on Ray Data and write finetuning data")
+    b.add_argument("--program", required=True, help="the student program, package.module:Class (or instance)")
+    b.add_argument("--trainset", required=True, help="JSONL file, one example's fields per line")
+    b.add_argument("--inputs", nargs="+", required=True, help="which example fields are inputs")
+    b.add_argument("--teacher-model", required=True, help="LiteLLM model name, e.g. openai/gpt-4o-mini")
+    b.add_argument("--api-base", default=None, help="the teacher's OpenAI-compatible base URL")
+    b.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
+    b.add_argument("--metric", default=None, help="package.module:function(example, prediction, trace)")
+    b.add_argument("--target", default="t5-large", help="model id or directory the student will be finetuned from")
+    b.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE", "./bootfinetune_runs"))
+    b.add_argument("--num-actors", type=int, default=2)
+    b.add_argument("--num-threads", type=int, default=8)
+    b.add_argument("--max-errors", type=int, default=10)
+    b.add_argument("--per-predictor", action="store_true", help="one model per predictor (multitask=False)")
+    b.add_argument("--ray-address", default=None)
+    b.set_defaults(func=cmd_bootstrap)
+
+    t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
+    t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8765)
+    t.add_argument("--latency", type=float, default=0.0, help="seconds each answer waits")
+    t.set_defaults(func=cmd_teacher_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bootfinetune.errors import BootFinetuneError
+
+    try:
+        return args.func(args)
+    except BootFinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

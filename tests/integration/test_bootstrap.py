@@ -1,0 +1,126 @@
+"""Bootstrapping on a real local Ray cluster against a scripted teacher over HTTP on 127.0.0.1."""
+
+import json
+
+import dspy
+import pytest
+from dspy.dsp.utils import dotdict
+
+from bootfinetune import BootstrapError, BootstrapFinetune
+from bootfinetune.rundir import read_json, read_jsonl
+from tests.programs import TwoStep, two_step_examples, two_step_metric
+
+pytestmark = pytest.mark.integration
+
+
+def prepare(teacher_lm, storage, trainset, **options):
+    tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher_lm}, storage_path=str(storage),
+                           **options)
+    return tp.prepare(TwoStep(), trainset=trainset, target="unused-target")
+
+
+@pytest.mark.parametrize("multitask", [True, False])
+def test_one_actor_and_four_actors_give_identical_data(ray_cluster, teacher_lm, tmp_path, multitask):
+    trainset = two_step_examples(48)
+    one = prepare(teacher_lm, tmp_path / "one", trainset, num_actors=1, batch_size=4, multitask=multitask)
+    four = prepare(teacher_lm, tmp_path / "four", trainset, num_actors=4, batch_size=4, multitask=multitask)
+    assert one.run.name == four.run.name  # resources do not change what a run produces
+    keys = ["all"] if multitask else ["rewrite", "answer.predict"]
+    assert sorted(one.data) == sorted(keys)
+    for key in keys:
+        a, b = one.run.data_file(key).read_bytes(), four.run.data_file(key).read_bytes()
+        assert a == b and len(a) > 0
+        indexes = [r["example_index"] for r in read_jsonl(one.run.data_file(key))]
+        assert indexes == sorted(indexes)
+    # 48 examples: 7 take the branch (no answer call), 8 get a wrong answer and are dropped.
+    summary = one.bootstrap.summary
+    assert (summary.examples, summary.kept, summary.failed) == (48, 40, 0)
+    assert summary.per_predictor == {"rewrite": 80, "answer.predict": 33}
+    if not multitask:
+        assert {r["predictor"] for r in read_jsonl(one.run.data_file("rewrite"))} == {"rewrite"}
+
+
+def test_second_run_calls_the_teacher_zero_times(ray_cluster, teacher_server, teacher_lm, tmp_path):
+    trainset = two_step_examples(20)
+    first = prepare(teacher_lm, tmp_path, trainset)
+    calls_after_first = teacher_server.calls
+    assert calls_after_first == first.bootstrap.summary.teacher_calls > 0
+    second = prepare(teacher_lm, tmp_path, trainset)
+    assert teacher_server.calls == calls_after_first
+    assert second.bootstrap.resumed and second.run.root == first.run.root
+    assert second.run.data_file("all").read_bytes() == first.run.data_file("all").read_bytes()
+    # The run directory follows the documented layout.
+    names = {p.name for p in first.run.root.iterdir()}
+    assert {"config.json", "bootstrap", "data", "report.json"} <= names
+    report = read_json(first.run.report_json)
+    assert report["stages"]["bootstrap"]["kept"] == first.bootstrap.summary.kept
+    assert report["stages"]["data"]["keys"]["all"]["records"] == len(read_jsonl(first.run.data_file("all")))
+    # A different trainset is a different run.
+    third = prepare(teacher_lm, tmp_path, two_step_examples(21))
+    assert third.run.root != first.run.root
+
+
+def test_interrupted_run_resumes_where_it_stopped(ray_cluster, teacher_server, teacher_lm, tmp_path):
+    trainset = two_step_examples(12)
+    done = prepare(teacher_lm, tmp_path, trainset)
+    boot = done.run.bootstrap_dir
+    # Turn the finished run into one cut off after 5 examples: keep their results as progress.
+    rows = [json.loads(line) for line in (boot / "train.calls.jsonl").read_text().splitlines()]
+    progress = []
+    for i in range(5):
+        calls = [r for r in rows if r["example_index"] == i]
+        progress.append({"example_index": i, "teacher": 0,
+                         "result": {"calls": calls, "kept": calls[0]["kept"], "teacher_calls": len(calls)}})
+    (boot / "train.summary.json").unlink()
+    (boot / "train.progress.jsonl").write_text("".join(json.dumps(p) + "\n" for p in progress) + '{"cut')
+    before = teacher_server.calls
+    resumed = prepare(teacher_lm, tmp_path, trainset)
+    expected_calls = sum(3 if e.text[:4] != "skip" else 2 for e in trainset[5:])
+    assert teacher_server.calls - before == expected_calls
+    assert resumed.run.data_file("all").read_bytes() == done.run.data_file("all").read_bytes()
+    assert not (boot / "train.progress.jsonl").exists()
+
+
+def test_failures_are_counted_below_max_errors_and_stop_above(ray_cluster, teacher_lm, tmp_path):
+    boom = [dspy.Example(text=f"boom {i}", answer="x").with_inputs("text") for i in range(3)]
+    trainset = two_step_examples(10) + boom
+    ok = prepare(teacher_lm, tmp_path / "ok", trainset, max_errors=3)
+    assert ok.bootstrap.summary.failed == 3
+    assert sorted(f.example_index for f in ok.bootstrap.failures) == [10, 11, 12]
+    failures = read_jsonl(ok.run.bootstrap_dir / "train.failures.jsonl")
+    assert all(f["error_type"] and f["message"] for f in failures)
+    for path in ok.run.root.rglob("*"):
+        if path.is_file():
+            assert "sk-test-secret-123456" not in path.read_text(errors="ignore"), path
+    with pytest.raises(BootstrapError) as err:
+        prepare(teacher_lm, tmp_path / "stop", trainset, max_errors=2)
+    assert "more than max_errors=2" in str(err.value) and "example 1" in str(err.value)
+
+
+def test_dspy_configure_settings_reach_the_actors(ray_cluster, teacher_server, teacher_lm, tmp_path):
+    class Retrieve2(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.retrieve = dspy.Retrieve(k=2)
+            self.rewrite = dspy.Predict("text -> rewritten")
+
+        def forward(self, text):
+            passages = self.retrieve(text).passages
+            return self.rewrite(text=text + " | " + " ".join(passages))
+
+    def corpus_rm(query, k=3, **kwargs):
+        return [dotdict(long_text=f"passage-{j}-for-{query.split()[-1]}") for j in range(k)]
+
+    class MarkedAdapter(dspy.ChatAdapter):
+        def format_task_description(self, signature):
+            return "MARKED. " + super().format_task_description(signature)
+
+    trainset = [dspy.Example(text=f"q {i}").with_inputs("text") for i in range(6)]
+    with dspy.context(lm=teacher_lm, rm=corpus_rm, adapter=MarkedAdapter()):
+        prepared = BootstrapFinetune(storage_path=str(tmp_path)).prepare(Retrieve2(), trainset=trainset,
+                                                                         target="unused")
+    assert prepared.bootstrap.summary.kept == 6
+    rewritten = [c.outputs["rewritten"] for c in prepared.bootstrap.calls]
+    assert "q 0 | passage-0-for-0 passage-1-for-0!" in rewritten
+    assert all("MARKED." in request[0]["content"] for request in teacher_server.requests)
+    assert "MARKED." in read_jsonl(prepared.run.data_file("all"))[0]["messages"][0]["content"]

@@ -1,0 +1,114 @@
+"""The actor's callable class and the data stage, run in this process (no Ray)."""
+
+import json
+
+import dspy
+import pytest
+
+from bootfinetune.bootstrap import TeacherRunner, is_kept
+from bootfinetune.checks import check_program
+from bootfinetune.datasets import build_datasets
+from bootfinetune.records import CallRecord, example_to_json
+from bootfinetune.rundir import RunDir, read_jsonl
+from tests.programs import TwoStep, two_step_examples, two_step_metric
+
+
+def run_examples(runner, examples):
+    batch = {"example_index": list(range(len(examples))), "example": [example_to_json(e) for e in examples]}
+    out = runner(batch)
+    return [json.loads(r) for r in out["result"]]
+
+
+def test_trace_steps_are_attributed_by_name_in_loops_and_branches(teacher_lm):
+    runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": teacher_lm}, num_threads=4)
+    examples = two_step_examples(4)  # 0..2 plain, 3 takes the branch
+    results = run_examples(runner, examples)
+    assert [c["predictor"] for c in results[0]["calls"]] == ["rewrite", "rewrite", "answer.predict"]
+    assert [c["predictor"] for c in results[3]["calls"]] == ["rewrite", "rewrite"]
+    first = results[0]["calls"]
+    assert first[0]["inputs"] == {"text": "item 0"} and first[0]["outputs"] == {"rewritten": "item 0!"}
+    assert first[1]["inputs"] == {"text": "item 0!"}
+    assert first[2]["outputs"] == {"reasoning": "upper-case item 0!!", "answer": "ITEM 0!!"}
+    assert [c["call_index"] for c in first] == [0, 1, 2]
+    assert all(r["kept"] for r in results) and results[0]["teacher_calls"] == 3
+
+
+def test_metric_gets_the_real_trace_and_float_threshold(teacher_lm):
+    seen = []
+
+    def metric(example, prediction, trace):
+        seen.append([(type(step[0]).__name__, sorted(step[1])) for step in trace])
+        return 0.75 if prediction.answer == example.answer else 0.25
+
+    examples = two_step_examples(5)  # example 4 gets a wrong answer from the teacher
+    strict = TeacherRunner([TwoStep()], metric=metric, teacher_settings={"lm": teacher_lm}, metric_threshold=0.8)
+    loose = TeacherRunner([TwoStep()], metric=metric, teacher_settings={"lm": teacher_lm}, metric_threshold=0.5)
+    assert [r["kept"] for r in run_examples(strict, examples)] == [False] * 5
+    kept = [r["kept"] for r in run_examples(loose, examples)]
+    assert kept == [True, True, True, True, False]
+    assert ("Predict", ["text"]) in seen[0] and len(seen[0]) in (2, 3)
+    assert run_examples(loose, examples)[0]["calls"][0]["score"] == 0.75
+
+
+def test_failures_become_records_without_the_secret(teacher_lm):
+    def metric(example, prediction, trace):
+        if "item 1" in example.text:
+            raise ValueError("metric broke on sk-test-secret-123456")
+        return True
+
+    examples = [dspy.Example(text="boom 0", answer="x").with_inputs("text")] + two_step_examples(2)
+    runner = TeacherRunner([TwoStep()], metric=metric, teacher_settings={"lm": teacher_lm},
+                           secrets=["sk-test-secret-123456"])
+    results = run_examples(runner, examples)
+    assert results[0]["failure"]["stage"] == "program" and results[0]["failure"]["example_index"] == 0
+    assert results[2]["failure"]["stage"] == "metric"
+    assert results[2]["failure"]["error_type"] == "ValueError"
+    assert "sk-test-secret-123456" not in json.dumps(results) and "***" in results[2]["failure"]["message"]
+    assert "calls" in results[1]
+
+
+def test_driver_settings_apply_in_the_runner(teacher_server, teacher_lm):
+    class MarkedAdapter(dspy.ChatAdapter):
+        def format_task_description(self, signature):
+            return "MARKED. " + super().format_task_description(signature)
+
+    runner = TeacherRunner([TwoStep()], settings={"lm": teacher_lm, "adapter": MarkedAdapter()})
+    assert "calls" in run_examples(runner, two_step_examples(1))[0]
+    assert "MARKED." in teacher_server.requests[-1][0]["content"]
+
+
+@pytest.mark.parametrize("score, threshold, kept", [
+    (True, None, True), (False, None, False), (0.0, None, False), (0.3, None, True),
+    (0.3, 0.5, False), (0.5, 0.5, True), (1, 0.5, True), (None, None, True),
+    (dspy.Prediction(score=0.9, feedback="ok"), 0.5, True),
+])
+def test_is_kept(score, threshold, kept):
+    assert is_kept(score, threshold) is kept
+
+
+def call(i, predictor, inputs, outputs, kept=True, call_index=0):
+    return CallRecord(example_index=i, predictor=predictor, call_index=call_index, inputs=inputs,
+                      outputs=outputs, score=1.0 if kept else 0.0, kept=kept)
+
+
+def test_data_stage_uses_the_students_prompt_and_drops_duplicates(tmp_path):
+    student = TwoStep()
+    student.rewrite.demos = [dspy.Example(text="demo in", rewritten="demo out")]
+    plan = check_program(student, [student], target="m", multitask=False, teacher_settings={"lm": object()})
+    calls = [call(1, "rewrite", {"text": "b"}, {"rewritten": "b!"}),
+             call(0, "rewrite", {"text": "a"}, {"rewritten": "a!"}),
+             call(0, "answer.predict", {"rewritten": "a!"}, {"reasoning": "r", "answer": "A!"}, call_index=1),
+             call(2, "rewrite", {"text": "a"}, {"rewritten": "a!"}),         # identical to example 0's: dropped
+             call(3, "rewrite", {"text": "c"}, {"rewritten": "c!"}, kept=False)]
+    run = RunDir(tmp_path / "run")
+    summaries = build_datasets(run, calls, plan, student)
+    rows = read_jsonl(run.data_file("rewrite"))
+    assert [r["example_index"] for r in rows] == [0, 1]
+    assert summaries["rewrite"].duplicates_dropped == 1 and summaries["rewrite"].records == 2
+    assert "demo in" in json.dumps(rows[0]["messages"])  # the student's demos, as at inference
+    assert rows[0]["messages"][-1]["role"] == "assistant" and "a!" in rows[0]["messages"][-1]["content"]
+    assert [r["predictor"] for r in read_jsonl(run.data_file("answer.predict"))] == ["answer.predict"]
+
+    excluded = build_datasets(RunDir(tmp_path / "run2"), calls, plan, student, exclude_demos=True)
+    assert "demo in" not in (tmp_path / "run2" / "data" / "rewrite.jsonl").read_text()
+    assert excluded["rewrite"].records == 2
