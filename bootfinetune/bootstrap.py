@@ -145,7 +145,8 @@ class TeacherRunner:
                 outputs={k: to_jsonable(outputs[k]) for k in sig.output_fields if k in outputs},
                 score=score_value(score), kept=kept, teacher=teacher_index, split=self.split,
             ).to_dict())
-        return {"calls": calls, "kept": kept, "teacher_calls": counter.count, "unattributed": unattributed}
+        return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": counter.count,
+                "unattributed": unattributed}
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -18,14 +19,57 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
-                                 lm_identity, program_identity, valset_overlap)
+                                 lm_identity, program_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
 from bootfinetune.datasets import DataSummary, build_datasets
-from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
+from bootfinetune.evaluate import evaluate_program, teacher_score
+from bootfinetune.finetune import FinetuneJob, finetune_models
+from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
 from bootfinetune.records import collect_secrets, example_to_json
 from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "t5-large"
+"""The documented default `target`."""
+
+# DSPy 3.x `train_kwargs` names (as its local provider and TRL spell them) -> our option names.
+_TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulation_steps": "accumsteps",
+                    "learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length",
+                    "max_length": "max_length", "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay",
+                    "lr_scheduler_type": "lr_schedule", "seed": "seed", "bf16": "bf16",
+                    "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm"}
+_TRAIN_KWARGS_24 = {"bsize", "accumsteps", "lr", "epochs", "bf16"}
+
+
+def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """DSPy 3.x `train_kwargs` (2.4 or 3.x names) as our options; unknown names raise.
+
+    >>> translate_train_kwargs({"learning_rate": 1e-4, "bsize": 4})
+    {'lr': 0.0001, 'bsize': 4}
+    """
+    options, problems = {}, []
+    for name, value in (train_kwargs or {}).items():
+        if name in _TRAIN_KWARGS_24:
+            options[name] = value
+        elif name in _TRAIN_KWARGS_3X:
+            options[_TRAIN_KWARGS_3X[name]] = value
+        else:
+            known = sorted(_TRAIN_KWARGS_24 | set(_TRAIN_KWARGS_3X))
+            problems.append(f"train_kwargs: unknown key {name!r}; known keys: {', '.join(known)} "
+                            f"(or pass any bootfinetune option directly).")
+    if problems:
+        raise ConfigError(problems)
+    return options
+
+
+def _finetune_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The report's view of a model's manifest."""
+    return {"seconds": manifest["seconds"], "tokens": manifest["tokens_seen"]["total"],
+            "answer_tokens": manifest["tokens_seen"]["answer"], "train_loss": manifest["losses"]["train"],
+            "eval_loss": manifest["losses"]["eval"], "best_epoch": manifest["best_epoch"],
+            "truncated": manifest["truncated"]}
 
 # Options that change how fast or where a run goes, not what it produces: left out of the run name,
 # so a rerun with more actors or workers resumes the same run.
@@ -51,6 +95,8 @@ class Prepared:
     """The teacher's traces on the valset, when one was given."""
     val_data: dict[str, DataSummary] = field(default_factory=dict)
     """Eval files per model key built from the valset."""
+    valset: list | None = None
+    """The valset, when one was given."""
 
 
 class BootstrapFinetune(Teleprompter):
@@ -67,14 +113,85 @@ class BootstrapFinetune(Teleprompter):
     """
 
     def __init__(self, metric: Callable | None = None, teacher_settings: dict | None = None, multitask: bool = True,
-                 *, adapter: Any = None, **options: Any):
+                 *, train_kwargs: dict[str, Any] | None = None, adapter: Any = None,
+                 exclude_demos: bool | None = None, num_threads: int | None = None, **options: Any):
         super().__init__()
         self.metric = metric
         self.teacher_settings = dict(teacher_settings or {})
         self.adapter = adapter
-        self.options = {"multitask": multitask, **options}
+        self.options = {"multitask": multitask, **translate_train_kwargs(train_kwargs), **options}
+        if exclude_demos is not None:
+            self.options["exclude_demos"] = exclude_demos
+        if num_threads is not None:
+            self.options["num_threads"] = num_threads
         Config.from_options(**self.options)  # unknown or bad options fail here, before any compile
         self.run_dir: RunDir | None = None
+        self.report: dict[str, Any] = {}
+
+    def compile(self, student: dspy.Module, *, teacher: Any = None, trainset: list, valset: list | None = None,
+                target: str | dict[str, str] = DEFAULT_TARGET, bsize: int = 12, accumsteps: int = 1,
+                lr: float = 5e-5, epochs: int = 1, bf16: bool = False, **options: Any) -> dspy.Module:
+        """Compiles `student` into a new program backed by finetuned models; the student is not modified.
+
+        Args:
+            student: The program to compile.
+            teacher: The program whose traces teach (default: the student), or a list of them.
+            trainset: Examples the teacher runs on.
+            valset: Held-out examples: eval loss for choosing the epoch, and the metric before/after.
+            target: Hugging Face id or local directory to finetune, or {predictor: target}. Left at its
+                default, DSPy 3.x-style programs whose predictors all have LMs finetune what those LMs name.
+            bsize: Micro batch per worker. accumsteps: gradient accumulation. lr, epochs, bf16: as named.
+            **options: Any `Config` field, e.g. num_workers=2, zero_stage=3, storage_path="s3://...".
+
+        Returns:
+            The compiled program. `self.run_dir` is the run directory it came from.
+        """
+        if target == DEFAULT_TARGET and all(p.lm is not None for p in student.predictors()):
+            target = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
+        prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, target=target,
+                                bsize=bsize, accumsteps=accumsteps, lr=lr, epochs=epochs, bf16=bf16, **options)
+        run, plan, config = prepared.run, prepared.plan, prepared.config
+        empty = [k for k, d in prepared.data.items() if d.records == 0]
+        if empty:
+            raise FinetuneError(f"no finetuning records for model key(s) {empty}: the metric kept "
+                                f"{prepared.bootstrap.summary.kept} of {prepared.bootstrap.summary.examples} "
+                                f"examples (failed: {prepared.bootstrap.summary.failed}); see {run.bootstrap_dir}.")
+        jobs = [FinetuneJob(key=key, target=plan.target_of[key], predictors=tuple(plan.predictors_of(key)),
+                            train_file=run.data_file(key),
+                            eval_file=Path(prepared.val_data[key].path)
+                            if key in prepared.val_data and prepared.val_data[key].records else None)
+                for key in plan.keys()]
+        started = time.time()
+        manifests = finetune_models(run, jobs, config.train)
+        finetune_seconds = round(time.time() - started, 3)
+        compiled = compiled_program(student, plan, run, exclude_demos=config.bootstrap.exclude_demos,
+                                    inference=config.inference)
+        write_json(run.program_json, program_state(compiled))
+        metric_report, eval_seconds = self._evaluate(prepared, student, compiled)
+        self.report = run.update_report(
+            metric=metric_report,
+            stages={"finetune": {"seconds": finetune_seconds,
+                                 **{key: _finetune_summary(m) for key, m in manifests.items()}},
+                    "evaluate": {"seconds": eval_seconds}},
+        )
+        return compiled
+
+    def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
+        """metric.{before, after, teacher} on the valset (None without a valset or a metric)."""
+        started = time.time()
+        config, valset = prepared.config, prepared.valset
+        result: dict[str, Any] = {"before": None, "after": None, "teacher": None,
+                                  "examples": len(valset) if valset else 0}
+        if not valset or self.metric is None or not config.inference.evaluate:
+            result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
+            return result, 0.0
+        b = config.bootstrap
+        common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
+        base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference)
+        result["before"] = evaluate_program(base, valset, self.metric, **common).score
+        result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
+        result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
+        return result, round(time.time() - started, 3)
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
                 **options: Any) -> Prepared:
@@ -103,7 +220,7 @@ class BootstrapFinetune(Teleprompter):
         self.run_dir = run
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
-        write_json(run.config_json, self._describe(config, plan, teachers))
+        write_json(run.config_json, self._describe(config, plan, student, teachers))
         from bootfinetune.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
@@ -123,7 +240,7 @@ class BootstrapFinetune(Teleprompter):
                      "keys": {k: asdict(v) for k, v in data.items()},
                      "val_keys": {k: asdict(v) for k, v in val_data.items()}},
         })
-        return Prepared(run, config, plan, boot, data, val_boot, val_data)
+        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None)
 
     def _run_dir(self, config: Config, plan: ProgramPlan, student, teachers, trainset, valset) -> RunDir:
         if config.run.run_name:
@@ -144,9 +261,10 @@ class BootstrapFinetune(Teleprompter):
         }
         return RunDir.at(config.run.storage_path, run_name_for(plan.program_name, inputs))
 
-    def _describe(self, config: Config, plan: ProgramPlan, teachers) -> dict[str, Any]:
+    def _describe(self, config: Config, plan: ProgramPlan, student, teachers) -> dict[str, Any]:
         """config.json: the resolved options and what the plan decided; never an API key."""
         return {
+            "program_class": program_class_path(student),
             "options": config.to_dict(),
             "predictors": plan.predictors,
             "model_keys": {key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}

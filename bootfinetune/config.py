@@ -1,11 +1,12 @@
 """The one typed configuration of a compile, checked in one pass.
 
-Three groups, one per concern; their field names are unique across groups so that
+Four groups, one per concern; their field names are unique across groups so that
 `compile(**options)` and a flat YAML file can name any field directly:
 
 - `BootstrapConfig`: how the teacher runs over the trainset and what is kept.
 - `TrainConfig`: what is finetuned and how (DeepSpeed, Ray Train resources).
 - `RunOptions`: where the run lives and which Ray cluster runs it.
+- `InferenceConfig`: how the finetuned LMs generate, and whether the valset is scored.
 
 `Config.from_options(**flat)` routes each name to its group, raises on unknown names
 (with the closest known one), and `Config.validate()` reports every problem at once.
@@ -71,6 +72,8 @@ class TrainConfig:
     """Learning-rate decay after warmup: "linear", "cosine" or "constant"."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm; 0 turns clipping off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
@@ -109,7 +112,22 @@ class RunOptions:
     """Ray cluster address; None joins a running cluster or starts a local one."""
 
 
-GROUPS: dict[str, type] = {"bootstrap": BootstrapConfig, "train": TrainConfig, "run": RunOptions}
+@dataclass
+class InferenceConfig:
+    """How the compiled program's finetuned LMs generate, and whether the valset is scored."""
+
+    max_tokens: int = 512
+    """Most new tokens per answer."""
+    generate_batch_size: int = 8
+    """Most prompts per batched `generate` call."""
+    device: str | None = None
+    """Where the finetuned LMs run ("cpu", "cuda", "cuda:1"); None picks CUDA when present."""
+    evaluate: bool = True
+    """Score the base student, the teacher and the compiled program on the valset."""
+
+
+GROUPS: dict[str, type] = {"bootstrap": BootstrapConfig, "train": TrainConfig, "run": RunOptions,
+                           "inference": InferenceConfig}
 
 
 def _field_owner() -> dict[str, str]:
@@ -133,6 +151,8 @@ class Config:
     """Finetuning options."""
     run: RunOptions = field(default_factory=RunOptions)
     """Storage and cluster options."""
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    """Generation and evaluation options."""
 
     @classmethod
     def from_options(cls, **options: Any) -> "Config":
@@ -168,7 +188,7 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every problem with the values, each naming the field and the fix."""
-        b, t, r = self.bootstrap, self.train, self.run
+        b, t, r, i = self.bootstrap, self.train, self.run, self.inference
         p: list[str] = []
 
         def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -212,6 +232,7 @@ class Config:
         if t.lr_schedule not in ("linear", "cosine", "constant"):
             p.append(f"lr_schedule={t.lr_schedule!r}: use 'linear', 'cosine' or 'constant'.")
         number("weight_decay", t.weight_decay, 0, 1.0)
+        number("max_grad_norm", t.max_grad_norm, 0, None)
         if t.zero_stage not in (0, 1, 2, 3) or isinstance(t.zero_stage, bool):
             p.append(f"zero_stage={t.zero_stage!r}: DeepSpeed ZeRO stage must be 0, 1, 2 or 3.")
         boolean("offload_optimizer", t.offload_optimizer)
@@ -237,6 +258,11 @@ class Config:
             p.append(f"run_name={r.run_name!r}: use a plain folder name (no '/', not starting with '.').")
         if r.ray_address is not None and not isinstance(r.ray_address, str):
             p.append(f"ray_address={r.ray_address!r}: give an address such as 'auto' or 'ray://host:10001'.")
+        positive_int("max_tokens", i.max_tokens)
+        positive_int("generate_batch_size", i.generate_batch_size)
+        if i.device is not None and (not isinstance(i.device, str) or not i.device.startswith(("cpu", "cuda"))):
+            p.append(f"device={i.device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically.")
+        boolean("evaluate", i.evaluate)
         return p
 
 

@@ -44,3 +44,43 @@ def two_step_examples(n: int, offset: int = 0) -> list[dspy.Example]:
         text = f"skip item {i}" if i % 7 == 3 else (f"bad item {i}" if i % 5 == 4 else f"item {i}")
         examples.append(dspy.Example(text=text, answer=(text + "!!").upper()).with_inputs("text"))
     return examples
+
+
+class RAG(dspy.Module):
+    """The documented DSPy example: retrieve passages, then answer with chain of thought."""
+
+    def __init__(self, num_passages=2):
+        super().__init__()
+        self.retrieve = dspy.Retrieve(k=num_passages)
+        self.generate_answer = dspy.ChainOfThought("context, question -> answer")
+
+    def forward(self, question):
+        context = self.retrieve(question).passages
+        prediction = self.generate_answer(context=context, question=question)
+        return dspy.Prediction(context=context, answer=prediction.answer)
+
+
+COLORS = {f"thing{i}": ["red", "blue", "green", "gold"][i % 4] for i in range(64)}
+
+
+def color_rm(query, k=3, **kwargs):
+    """A local retriever: the passage about the thing the question names, then a distractor."""
+    from dspy.dsp.utils import dotdict
+
+    name = query.rstrip("?").split()[-1]
+    other = f"thing{(int(name[5:]) + 1) % 64}" if name.startswith("thing") else "thing0"
+    passages = [f"{name} is {COLORS.get(name, 'grey')}.", f"{other} is {COLORS[other]}."]
+    return [dotdict(long_text=p) for p in passages[:k]]
+
+
+def rag_script(inputs: dict[str, str], outputs: list[str]) -> dict[str, str]:
+    """The teacher reads the first passage: 'thingN is COLOR.' -> COLOR."""
+    import re
+
+    name, color = re.search(r"(thing\d+) is (\w+)", inputs["context"]).groups()
+    return {"reasoning": f"The context says {name} is {color}.", "answer": color}
+
+
+def rag_examples(n: int, offset: int = 0) -> list[dspy.Example]:
+    return [dspy.Example(question=f"What color is thing{i}?", answer=COLORS[f"thing{i}"]).with_inputs("question")
+            for i in range(offset, offset + n)]

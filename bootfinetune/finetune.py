@@ -1,0 +1,354 @@
+"""Stage 4, finetune: one Ray Train + DeepSpeed job per model key, then a Hugging Face export.
+
+`finetune_models(run, jobs, config)` trains every `FinetuneJob` with a `TorchTrainer`
+running `train_loop.train_loop` on `num_workers` workers. Jobs run side by side while the
+cluster has room for their workers and queue otherwise. Each finished key gets
+`models/{key}/`: the best epoch (lowest eval loss) as a consolidated Hugging Face directory
+(safetensors, config, tokenizer, generation config) and `manifest.json`, written last.
+
+Resuming: a key whose manifest is present is not trained again. A key whose driver died
+mid-training resumes from its last checkpoint when the same call runs again, because the
+Ray Train run lives at `checkpoints/{key}` (`RunConfig(storage_path, name=key)`), and Ray
+Train V2 restores a run found there. Workers that fail are restarted from the last
+checkpoint (`FailureConfig(max_failures)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.errors import FinetuneError
+from bootfinetune.render import model_kind, renderer_identity
+from bootfinetune.rundir import RunDir, fingerprint, read_json, read_jsonl, write_json
+from bootfinetune.train_loop import DS_DIR, STATE_FILE, train_loop
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+JOB_STAMP = "bootfinetune_job.json"
+"""Inside checkpoints/{key}: what the checkpoints there were trained on (a mismatch starts over)."""
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One model to finetune: a model key, its base model and its data."""
+
+    key: str
+    """Model key: "all" in multitask mode, else the predictor's name."""
+    target: str
+    """Base model: Hugging Face id or local directory."""
+    predictors: tuple[str, ...]
+    """Names of the predictors this model serves."""
+    train_file: Path
+    """data/{key}.jsonl: {"messages": [...], "predictor": name, "example_index": int} per line."""
+    eval_file: Path | None = None
+    """JSONL of the same shape from the valset; None holds out `eval_fraction` of train_file."""
+
+
+def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *,
+                    hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Finetunes every job (side by side when the cluster has room) and exports each model.
+
+    Args:
+        run: The run directory (checkpoints/ and models/ are written).
+        jobs: One job per model key.
+        config: Training options, shared by every job (each job has its own target).
+        hooks: Test hooks per key, merged into that key's loop config (e.g.
+            `{"all": {"fail_once_marker": "/tmp/x"}}`); not for normal use.
+
+    Returns:
+        Each key's manifest.
+
+    Raises:
+        FinetuneError: naming every key that failed and its cause, after the other jobs finished.
+    """
+    import ray
+
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise FinetuneError(f"duplicate model keys {sorted(k for k in set(keys) if keys.count(k) > 1)}: one job per key.")
+    manifests: dict[str, dict[str, Any]] = {}
+    pending = []
+    for job in jobs:
+        done = finished_manifest(run, job, config)
+        if done is not None:
+            log.info("model %r is already finetuned (%s); not training it again", job.key, run.model_dir(job.key))
+            manifests[job.key] = done
+        else:
+            pending.append(job)
+
+    need = worker_resources(config)
+    budget = {k: float(v) for k, v in ray.available_resources().items()}
+    errors: dict[str, BaseException] = {}
+    running: dict[Future, FinetuneJob] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="finetune") as pool:
+        while pending or running:
+            # A job starts when its workers fit in what is left; one always may, when none runs.
+            while pending and (not running or fits(need, budget)):
+                job = pending.pop(0)
+                budget = {k: v - need.get(k, 0.0) for k, v in budget.items()}
+                running[pool.submit(_run_job, run, job, config, (hooks or {}).get(job.key, {}))] = job
+            done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done_futures:
+                job = running.pop(fut)
+                budget = {k: v + need.get(k, 0.0) for k, v in budget.items()}
+                try:
+                    manifests[job.key] = fut.result()
+                except BaseException as e:  # collected, raised below once every job has ended
+                    errors[job.key] = e
+    if errors:
+        detail = "; ".join(f"{k!r}: {e}" for k, e in errors.items())
+        raise FinetuneError(f"finetuning failed for model key(s) {sorted(errors)}: {detail}") from next(iter(errors.values()))
+    return {k: manifests[k] for k in keys}
+
+
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    """Ray resources one job's workers hold together."""
+    need = {"CPU": config.num_workers * config.cpus_per_worker}
+    if config.use_gpu:
+        need["GPU"] = config.num_workers * config.gpus_per_worker
+    return need
+
+
+def fits(need: dict[str, float], budget: dict[str, float]) -> bool:
+    """Whether `need` fits in `budget` (resources not in the budget count as 0)."""
+    return all(budget.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def data_hash(path: Path) -> str:
+    """sha256 of a data file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def finished_manifest(run: RunDir, job: FinetuneJob, config: TrainConfig) -> dict[str, Any] | None:
+    """The key's manifest if it was finished on the same data, target and options, else None."""
+    path = run.model_dir(job.key) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("job_fingerprint") == _job_fingerprint(job, config):
+        return manifest
+    log.warning("model %r in %s was trained on other data or options; training it again", job.key, path.parent)
+    return None
+
+
+def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Holds out `fraction` of the records (at least one when fraction > 0 and there are 2+), seeded.
+
+    Example:
+        >>> train, held = split_records([{"i": i} for i in range(10)], 0.2, seed=0)
+        >>> len(train), len(held), sorted(r["i"] for r in train + held) == list(range(10))
+        (8, 2, True)
+    """
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n = min(len(records) - 1, max(1, round(fraction * len(records))))
+    held = set(order[:n])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k != "target"}
+    eval_hash = data_hash(job.eval_file) if job.eval_file else None
+    return fingerprint({"target": job.target, "data": data_hash(job.train_file), "eval": eval_hash,
+                        "options": options})
+
+
+def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> dict[str, Any]:
+    """Trains one key and exports it. Every failure comes out as a FinetuneError naming the key."""
+    try:
+        return _train_and_export(run, job, config, hooks)
+    except FinetuneError:
+        raise
+    except Exception as e:
+        raise FinetuneError(f"finetuning model {job.key!r} (target {job.target!r}) failed: "
+                            f"{type(e).__name__}: {e}") from e
+
+
+def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoConfig, AutoTokenizer
+
+    started = time.time()
+    train_records, eval_records, eval_source = _load_job_data(job, config)
+    kind = model_kind(AutoConfig.from_pretrained(job.target, trust_remote_code=config.trust_remote_code))
+    tokenizer = AutoTokenizer.from_pretrained(job.target, trust_remote_code=config.trust_remote_code)
+
+    job_fp = _job_fingerprint(job, config)
+    experiment = run.checkpoints_dir() / job.key
+    stamp = experiment / JOB_STAMP
+    if stamp.exists() and read_json(stamp).get("job_fingerprint") != job_fp:
+        log.warning("checkpoints in %s are from other data or options; starting %r over", experiment, job.key)
+        shutil.rmtree(experiment)
+    write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
+
+    datasets = {"train": _to_dataset(ray, train_records)}
+    if eval_records:
+        datasets["eval"] = _to_dataset(ray, eval_records)
+    loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
+                   "data_hash": data_hash(job.train_file), **hooks}
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
+    keep = (CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
+            if eval_records else CheckpointConfig(num_to_keep=1))  # best + latest are kept (latest always is)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(storage_path=str(run.checkpoints_dir()), name=job.key,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=keep),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # each worker evaluates its slice of all of eval
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise FinetuneError(f"finetuning model {job.key!r} reported no checkpoint; see {experiment}.")
+    with result.checkpoint.as_directory() as latest:
+        state = json.loads((Path(latest) / STATE_FILE).read_text())
+    best = _best_epoch(state["history"])
+    best_ckpt = next((c for c, m in (result.best_checkpoints or []) if m.get("epoch") == best), None)
+    if best_ckpt is None:
+        raise FinetuneError(f"model {job.key!r}: the checkpoint of best epoch {best} is missing from {experiment}.")
+
+    out = run.model_dir(job.key)
+    shutil.rmtree(out, ignore_errors=True)
+    with best_ckpt.as_directory() as ckpt_dir:
+        export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config)
+    tokenizer.save_pretrained(out)
+
+    history = state["history"]
+    manifest = {
+        "key": job.key,
+        "target": job.target,
+        "predictors": list(job.predictors),
+        "model_kind": kind,
+        "renderer": renderer_identity(tokenizer, kind),
+        "data_file": str(job.train_file),
+        "data_hash": data_hash(job.train_file),
+        "train_records": len(train_records),
+        "eval_records": len(eval_records),
+        "eval_source": eval_source,
+        "epochs": config.epochs,
+        "losses": {"train": [h["train_loss"] for h in history], "eval": [h["eval_loss"] for h in history]},
+        "eval_loss_before": state["eval_loss_before"],
+        "best_epoch": best,
+        "best_eval_loss": history[best - 1]["eval_loss"],
+        "tokens_seen": {"answer": sum(h["answer_tokens"] for h in history),
+                        "total": sum(h["tokens"] for h in history),
+                        "padding": sum(h["padded_tokens"] for h in history)},
+        "seconds": round(state["seconds"], 3),
+        "wall_seconds": round(time.time() - started, 3),
+        "truncated": {"train": state["truncated_train"], "eval": state["truncated_eval"],
+                      "max_length": config.max_length},
+        "world_size": state["world_size"],
+        "starts": state["starts"],
+        "history": history,
+        "checkpoint": best_ckpt.path,
+        "train_config": dataclasses.asdict(config),
+        "job_fingerprint": job_fp,
+    }
+    write_json(out / MANIFEST, manifest)  # last: its presence means the key is finished
+    return manifest
+
+
+def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path, config: TrainConfig) -> None:
+    """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
+
+    The base model is loaded from `target` (for its config and generation config), the
+    checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
+    (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
+                                 trust_remote_code=config.trust_remote_code)
+    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = _tied_names(model)
+    if unexpected or set(missing) - tied:
+        raise FinetuneError(f"checkpoint {ckpt_dir} does not match {target}: missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}.")
+    model.tie_weights()
+    if config.bf16:
+        model = model.to(torch.bfloat16)
+    gen = model.generation_config
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
+    model.save_pretrained(out)
+
+
+def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
+    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module."""
+    import torch
+
+    if zero_stage == 0:
+        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+
+
+def _tied_names(model: Any) -> set[str]:
+    """Parameter names that share storage with another one (e.g. lm_head.weight tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            tied |= {name, seen[ptr]}
+        else:
+            seen[ptr] = name
+    return tied
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int:
+    """The epoch (1-based) with the lowest eval loss; the last one when there is no eval data."""
+    scored = [(h["eval_loss"], h["epoch"]) for h in history if h.get("eval_loss") is not None]
+    return min(scored)[1] if scored else history[-1]["epoch"]
+
+
+def _load_job_data(job: FinetuneJob, config: TrainConfig) -> tuple[list[dict], list[dict], str]:
+    records = _checked_records(job.key, job.train_file)
+    if job.eval_file is not None:
+        return records, _checked_records(job.key, job.eval_file), "valset"
+    train, held = split_records(records, config.eval_fraction, config.seed)
+    return train, held, ("held_out" if held else "none")
+
+
+def _checked_records(key: str, path: Path) -> list[dict]:
+    if not Path(path).exists():
+        raise FinetuneError(f"model {key!r}: data file {path} does not exist; run the datasets stage first.")
+    records = read_jsonl(path)
+    if not records:
+        raise FinetuneError(f"model {key!r}: data file {path} has no records; bootstrapping kept no traces.")
+    for i, r in enumerate(records):
+        messages = r.get("messages")
+        if not (isinstance(messages, list) and len(messages) >= 2 and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "assistant"):
+            raise FinetuneError(f"model {key!r}: {path} line {i + 1} needs 'messages' ending with an assistant turn.")
+    return records
+
+
+def _to_dataset(ray: Any, records: list[dict]) -> Any:
+    # Messages travel as JSON text with their position: plain Arrow columns, a fixed order on the worker.
+    return ray.data.from_items([{"messages": json.dumps(r["messages"], ensure_ascii=False), "row": i}
+                                for i, r in enumerate(records)])

@@ -1,0 +1,225 @@
+"""The finetuned LM: a `dspy.BaseLM` that runs a Hugging Face model in this process.
+
+Prompts go through the same renderer as training (`render.encode_prompt`), so the model
+sees at inference exactly the token ids it was trained on. The model loads lazily on the
+first call; calls arriving from several threads at once (dspy.Parallel, Evaluate) are
+gathered into one batched `generate`. Greedy decoding unless a temperature is given.
+
+    lm = FinetunedLM("runs/RAG-1a2b/models/all")
+    program.set_lm(lm)
+
+Loaded weights are shared per (directory, device) within a process, so predictors whose
+LMs were restored separately (JSON state) still hold one copy of the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import dspy
+
+from bootfinetune.render import encode_prompt, model_kind
+
+_LOADED: dict[tuple[str, str], tuple[Any, Any, str]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(model_dir: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """(model, tokenizer, kind) for a directory, loaded once per process and device."""
+    key = (str(model_dir), device)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+            kind = model_kind(config)
+            cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            model = cls.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
+                                        trust_remote_code=trust_remote_code).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+            _LOADED[key] = (model, tokenizer, kind)
+        return _LOADED[key]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _MicroBatcher:
+    """Gathers concurrent requests into batches: the first waiting thread runs them for everyone."""
+
+    def __init__(self, run_batch, max_batch: int, wait_s: float = 0.01):
+        self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
+        self.lock = threading.Lock()
+        self.pending: list[tuple[Any, Future]] = []
+        self.leader = False
+
+    def submit(self, item: Any) -> Any:
+        future: Future = Future()
+        with self.lock:
+            self.pending.append((item, future))
+            lead = not self.leader
+            self.leader = self.leader or lead
+        if lead:
+            time.sleep(self.wait_s)  # let concurrent callers join this batch
+            while True:
+                with self.lock:
+                    batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch:]
+                    if not batch:
+                        self.leader = False
+                        break
+                try:
+                    results = self.run_batch([b[0] for b in batch])
+                    for (_, fut), result in zip(batch, results):
+                        fut.set_result(result)
+                except BaseException as exc:  # hand the error to every caller of the batch
+                    for _, fut in batch:
+                        fut.set_exception(exc)
+        return future.result()
+
+
+class FinetunedLM(dspy.BaseLM):
+    """Calls a finetuned Hugging Face model in process.
+
+    Args:
+        model: The model directory (an export under `models/{key}/`) or a hub id.
+        key: The model key it was trained for (informational).
+        device: "cpu", "cuda", "cuda:1"...; None picks CUDA when present.
+        max_tokens: Most new tokens per answer.
+        temperature: 0 for greedy decoding; above 0 samples.
+        batch_size: Most prompts per `generate` call.
+        max_length: Prompt tokens kept (cut from the left, as in training); None reads the manifest.
+        trust_remote_code: Allow the model repository's own code to run.
+    """
+
+    def __init__(self, model: str, *, key: str | None = None, device: str | None = None, max_tokens: int = 512,
+                 temperature: float = 0.0, batch_size: int = 8, max_length: int | None = None,
+                 trust_remote_code: bool = False, **kwargs: Any):
+        kwargs.pop("model_type", None)
+        super().__init__(model=str(model), model_type="chat", temperature=temperature, max_tokens=max_tokens,
+                         cache=False, num_retries=0)
+        self.key = key
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length if max_length is not None else self._manifest_max_length()
+        self.trust_remote_code = trust_remote_code
+        self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
+
+    def _manifest_max_length(self) -> int | None:
+        manifest = Path(self.model) / "manifest.json"
+        if manifest.exists():
+            return json.loads(manifest.read_text()).get("truncated", {}).get("max_length")
+        return None
+
+    # -- DSPy's interface -------------------------------------------------------------------
+    def forward(self, prompt: str | None = None, messages: list[dict] | None = None, **kwargs: Any):
+        messages = messages or [{"role": "user", "content": prompt or ""}]
+        options = {**self.kwargs, **kwargs}
+        n = int(options.get("n") or 1)
+        request = (_plain_messages(messages), int(options.get("max_tokens") or 512),
+                   float(options.get("temperature") or 0.0))
+        texts, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for _ in range(n):
+            text, prompt_tokens, new_tokens = self._batcher.submit(request)
+            texts.append(text)
+            usage["prompt_tokens"] += prompt_tokens
+            usage["completion_tokens"] += new_tokens
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return SimpleNamespace(
+            model=self.model, usage=usage, _hidden_params={},
+            choices=[SimpleNamespace(index=i, finish_reason="stop",
+                                     message=SimpleNamespace(role="assistant", content=t))
+                     for i, t in enumerate(texts)])
+
+    async def aforward(self, prompt: str | None = None, messages: list[dict] | None = None, **kwargs: Any):
+        return await asyncio.to_thread(self.forward, prompt=prompt, messages=messages, **kwargs)
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int | None = None) -> list[str]:
+        """Answers many conversations at once (greedy), in batches of `batch_size`."""
+        limit = max_tokens or int(self.kwargs.get("max_tokens") or 512)
+        out = []
+        for i in range(0, len(conversations), self.batch_size):
+            chunk = [(_plain_messages(c), limit, 0.0) for c in conversations[i:i + self.batch_size]]
+            out += [text for text, _, _ in self._generate_batch(chunk)]
+        return out
+
+    # -- generation ---------------------------------------------------------------------------
+    def _generate_batch(self, requests: list[tuple[list[dict], int, float]]) -> list[tuple[str, int, int]]:
+        import torch
+
+        device = self.device or default_device()
+        model, tokenizer, kind = load_model(self.model, device, self.trust_remote_code)
+        prompts = [encode_prompt(tokenizer, msgs, kind, self.max_length) for msgs, _, _ in requests]
+        max_new = max(r[1] for r in requests)
+        temperature = max(r[2] for r in requests)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        # Causal models continue the prompt, so pad on the left; encoders take right padding.
+        left = kind == "causal"
+        ids = [([pad] * (width - len(p)) + p) if left else (p + [pad] * (width - len(p))) for p in prompts]
+        mask = [([0] * (width - len(p)) + [1] * len(p)) if left else ([1] * len(p) + [0] * (width - len(p)))
+                for p in prompts]
+        gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        gen_kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else \
+            gen_kwargs.update(do_sample=False)
+        with torch.no_grad():
+            output = model.generate(input_ids=torch.tensor(ids, device=device),
+                                    attention_mask=torch.tensor(mask, device=device), **gen_kwargs)
+        results = []
+        for prompt, row in zip(prompts, output.tolist()):
+            new = row[width:] if left else row[1:]  # seq2seq output starts with the decoder start token
+            new = _until_eos(new, tokenizer.eos_token_id, pad)
+            results.append((tokenizer.decode(new, skip_special_tokens=True), len(prompt), len(new)))
+        return results
+
+    # -- state --------------------------------------------------------------------------------
+    def dump_state(self) -> dict[str, Any]:
+        state = super().dump_state()
+        state.update(key=self.key, device=self.device, batch_size=self.batch_size, max_length=self.max_length,
+                     trust_remote_code=self.trust_remote_code)
+        for name in ("cache", "num_retries", "model_type"):
+            state.pop(name, None)
+        return state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_batcher", None)  # locks and futures stay behind; weights are reloaded lazily
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._batcher = _MicroBatcher(self._generate_batch, max_batch=self.batch_size)
+
+    def copy(self, **kwargs: Any) -> "FinetunedLM":
+        new = super().copy(**kwargs)
+        new._batcher = _MicroBatcher(new._generate_batch, max_batch=new.batch_size)
+        return new
+
+
+def _plain_messages(messages: list[Any]) -> list[dict[str, str]]:
+    plain = []
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", "user")
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", "")
+        if isinstance(content, list):  # content parts: keep the text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        plain.append({"role": str(role), "content": str(content)})
+    return plain
+
+
+def _until_eos(tokens: list[int], eos: int | None, pad: int | None) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t == eos:
+            return tokens[:i]
+    return [t for t in tokens if t != pad]

@@ -1,0 +1,111 @@
+"""Stage 5: a new program whose predictors call their finetuned models; and loading one back.
+
+`rebind` never touches the student: it deep-copies it and sets each predictor's `lm` to
+the `FinetunedLM` of its model key (one shared object in multitask mode).
+`load(run_dir)` rebuilds the compiled program from a run directory alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from bootfinetune.checks import ProgramPlan
+from bootfinetune.config import InferenceConfig
+from bootfinetune.errors import ProgramError
+from bootfinetune.lm import FinetunedLM
+from bootfinetune.rundir import RunDir, read_json
+
+
+def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
+           exclude_demos: bool = False, inference: InferenceConfig | None = None) -> dspy.Module:
+    """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
+
+    Args:
+        student: The program; left untouched.
+        key_of: Predictor name -> model key.
+        model_of: Model key -> model directory (or hub id, for the base student).
+        exclude_demos: Drop the predictors' demos, as training did.
+        inference: Generation options for the LMs.
+    """
+    inference = inference or InferenceConfig()
+    lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
+                            batch_size=inference.generate_batch_size)
+           for key, path in model_of.items()}
+    compiled = student.deepcopy()
+    for name, predictor in compiled.named_predictors():
+        predictor.lm = lms[key_of[name]]
+        if exclude_demos:
+            predictor.demos = []
+    compiled._compiled = True
+    return compiled
+
+
+def compiled_program(student: dspy.Module, plan: ProgramPlan, run: RunDir, *, exclude_demos: bool,
+                     inference: InferenceConfig) -> dspy.Module:
+    return rebind(student, plan.key_of, {k: str(run.model_dir(k)) for k in plan.keys()},
+                  exclude_demos=exclude_demos, inference=inference)
+
+
+def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
+                 inference: InferenceConfig) -> dspy.Module:
+    """The student on its base (not finetuned) targets: the 'before' of the report."""
+    return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference)
+
+
+def program_state(program: dspy.Module) -> dict[str, Any]:
+    """The program's JSON state as `Module.save` writes it, tolerating parameters without `json_mode`.
+
+    DSPy 3.4's `dspy.Retrieve.dump_state()` takes no `json_mode`, so `save("p.json")` fails on any
+    program holding one (the documented RAG among them); program.json is written through this instead.
+    """
+    state = {}
+    for name, param in program.named_parameters():
+        try:
+            state[name] = param.dump_state(json_mode=True)
+        except TypeError:
+            state[name] = param.dump_state()
+    return state
+
+
+def program_class_path(program: dspy.Module) -> str:
+    cls = type(program)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None) -> dspy.Module:
+    """Rebuilds a compiled program from its run directory.
+
+    Args:
+        run_dir: The run directory of a finished compile.
+        program: A fresh instance of the program class; None imports the class recorded in
+            config.json and calls it with no arguments.
+        device: Where the finetuned models run; None picks CUDA when present.
+    """
+    run = RunDir(Path(run_dir).expanduser().resolve())
+    if not run.program_json.exists():
+        raise ProgramError(f"run_dir: {run.root} has no program.json; is it a finished compile's run directory?")
+    described = read_json(run.config_json)
+    if program is None:
+        path = described.get("program_class", "")
+        module_name, _, qualname = path.partition(":")
+        if module_name in ("", "__main__"):
+            raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
+                               f"program=YourProgram() to bootfinetune.load.")
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        program = obj()
+    state = read_json(run.program_json)
+    for value in state.values():  # our LMs are rebuilt below from the run's own models
+        if isinstance(value, dict) and "lm" in value:
+            value["lm"] = None
+    program.load_state(state)
+    key_of = {name: key for key, spec in described["model_keys"].items() for name in spec["predictors"]}
+    inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
+    loaded = rebind(program, key_of, {k: str(run.model_dir(k)) for k in described["model_keys"]},
+                    inference=inference)
+    return loaded

@@ -1,0 +1,463 @@
+"""The per-worker training loop: one plain function, under Ray Train or without Ray.
+
+`train_loop(loop_config)` finetunes `target` with DeepSpeed on the records it is given:
+
+- under Ray Train (`loop_config["ray"] = True`, what `finetune.py` passes to `TorchTrainer`):
+  rows come from `ray.train.get_dataset_shard("train")` / `("eval")`, every rank calls
+  `ray.train.report(metrics, checkpoint=...)` once per epoch, and a restarted or rerun job
+  resumes from `ray.train.get_checkpoint()` at the next epoch;
+- without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU box that has no
+  Ray): rows come from the JSONL files `train_path` / `eval_path`, and per-epoch checkpoints
+  go to `checkpoint_dir` when one is given (and are resumed from there).
+
+`ray` is imported only in the first case. A checkpoint directory holds
+`deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`) and `trainer_state.json`
+(epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.render import Encoded, collate, encode_records, model_kind
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+"""Loop state inside a checkpoint (written by rank 0 after the DeepSpeed files)."""
+DS_DIR = "deepspeed"
+"""DeepSpeed checkpoint folder inside a checkpoint."""
+BUCKET_FACTOR = 16
+"""Micro batches per length bucket: examples are sorted by length within buckets this big."""
+
+
+@dataclass
+class LoopConfig:
+    """What one worker needs. Plain values only: it travels to every Ray Train worker."""
+
+    target: str
+    """Model id or local directory to start from."""
+    train: dict[str, Any]
+    """TrainConfig fields (`dataclasses.asdict(TrainConfig(...))`)."""
+    ray: bool = False
+    """Running under Ray Train: data from dataset shards, checkpoints through `ray.train.report`."""
+    train_path: str | None = None
+    """Without Ray: JSONL of training records ({"messages": [...]} per line)."""
+    eval_path: str | None = None
+    """Without Ray: JSONL of eval records (optional)."""
+    checkpoint_dir: str | None = None
+    """Without Ray: folder for per-epoch checkpoints (epoch_{n}/), resumed from if present."""
+    data_hash: str | None = None
+    """Hash of the training data, recorded in the state to catch a resume onto other data."""
+    max_steps_per_epoch: int | None = None
+    """Cap on micro batches per epoch (benchmarks)."""
+    fail_once_marker: str | None = None
+    """Test hook: after the first step following this run's first checkpoint, the last rank
+    creates this file and raises, unless the file already exists (so it fails once)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown loop_config keys {unknown}; known: {sorted(known)}.")
+        return cls(**d)
+
+
+@dataclass
+class LoopState:
+    """Progress carried in every checkpoint; a resumed run continues it."""
+
+    epochs_done: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per finished epoch: epoch (1-based), train_loss, eval_loss, tokens, seconds..."""
+    starts: list[dict[str, int]] = field(default_factory=list)
+    """Where each (re)start of the loop began: {"epoch", "global_step"} (0 = from scratch)."""
+    eval_loss_before: float | None = None
+    truncated_train: int = 0
+    truncated_eval: int = 0
+    dropped_per_epoch: int = 0
+    kind: str = ""
+    world_size: int = 1
+    data_hash: str | None = None
+    seconds: float = 0.0
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Finetunes `loop_config["target"]` with DeepSpeed; see the module docstring.
+
+    Args:
+        loop_config: `LoopConfig` fields as a dict.
+
+    Returns:
+        The final `LoopState` as a dict on rank 0 (None elsewhere).
+    """
+    cfg = LoopConfig.from_dict(loop_config)
+    tc = TrainConfig(**cfg.train)
+    _set_threads()
+    with _process_group(cfg, tc) as (rank, world, device):
+        return _train(cfg, tc, rank, world, device)
+
+
+def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
+    import torch
+
+    resume_dir, state = _find_resume(cfg)
+    if state.epochs_done >= tc.epochs:
+        return asdict(state) if rank == 0 else None
+    if state.data_hash and cfg.data_hash and state.data_hash != cfg.data_hash:
+        raise RuntimeError(f"checkpoint {resume_dir} was trained on other data ({state.data_hash} != "
+                           f"{cfg.data_hash}); delete it to start over.")
+    state.starts.append({"epoch": state.epochs_done, "global_step": state.global_step})
+    state.world_size, state.data_hash = world, cfg.data_hash
+
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    set_seed(tc.seed)
+    load_kw = dict(trust_remote_code=tc.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target, **load_kw)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kind = model_kind(AutoConfig.from_pretrained(cfg.target, **load_kw))
+    state.kind = kind
+
+    train_rows, eval_rows = _load_rows(cfg, rank, world)
+    train_ex, trunc_train = encode_records(tokenizer, train_rows, kind, tc.max_length)
+    eval_ex, trunc_eval = encode_records(tokenizer, eval_rows, kind, tc.max_length)
+    state.truncated_train, state.truncated_eval, n_eval = (
+        int(x) for x in _all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
+    if not train_ex:
+        raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
+
+    # Every rank must run the same number of steps (collectives would hang otherwise).
+    n_micro = int(_all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
+    if cfg.max_steps_per_epoch:
+        n_micro = min(n_micro, cfg.max_steps_per_epoch)
+    if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
+        n_micro -= n_micro % tc.accumsteps
+    steps_per_epoch = max(1, n_micro // tc.accumsteps)
+    total_steps = steps_per_epoch * tc.epochs
+
+    ds_config = deepspeed_config(tc, world)
+    # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
+    # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
+    hf_ds = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 and importlib.util.find_spec("accelerate") else None
+    try:
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        model = auto.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True, **load_kw)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                      weight_decay=tc.weight_decay)
+        scheduler = lr_scheduler(optimizer, tc, total_steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, dist_init_required=False)
+        if resume_dir is not None:
+            engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        if rank == 0:
+            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
+                     kind, cfg.target, len(train_ex), len(eval_ex), n_micro, state.epochs_done + 1)
+        pad_id = tokenizer.pad_token_id
+        multiple = 8 if tc.use_gpu else None
+        if state.epochs_done == 0 and state.eval_loss_before is None and n_eval:
+            state.eval_loss_before = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind)
+        for epoch in range(state.epochs_done, tc.epochs):
+            t0 = time.time()
+            engine.train()
+            batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
+            state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
+            losses, answer_toks, toks, padded = [], 0, 0, 0
+            for i, idx in enumerate(batches[:n_micro]):
+                batch = collate([train_ex[j] for j in idx], pad_id, multiple)
+                answers = int((batch["labels"] != -100).sum())
+                real = int(batch["attention_mask"].sum())
+                answer_toks += answers
+                toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
+                padded += batch["input_ids"].numel() - real
+                loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+                if cfg.fail_once_marker and i == 0 and epoch > state.starts[-1]["epoch"]:
+                    _maybe_fail(cfg.fail_once_marker, rank, world)
+            train_seconds = time.time() - t0
+            mean_loss, answer_toks, toks, padded = _all_reduce(
+                [sum(losses) / max(1, len(losses)), answer_toks, toks, padded], device, "sum")
+            eval_loss = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind) if n_eval else None
+            state.epochs_done, state.global_step = epoch + 1, engine.global_steps
+            state.history.append({
+                "epoch": epoch + 1, "train_loss": mean_loss / world, "eval_loss": eval_loss,
+                "answer_tokens": int(answer_toks), "tokens": int(toks), "padded_tokens": int(padded),
+                "steps": steps_per_epoch, "train_seconds": round(train_seconds, 3),
+                "tokens_per_second": round(toks / max(train_seconds, 1e-9), 1),
+                "lr": float(engine.get_lr()[0]),
+            })
+            state.seconds += time.time() - t0
+            if rank == 0:
+                log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
+                         eval_loss, toks / max(train_seconds, 1e-9))
+            _save_and_report(cfg, engine, state, epoch + 1, rank)
+        return asdict(state) if rank == 0 else None
+    finally:
+        if hf_ds is not None:
+            unset_hf_deepspeed_config()
+
+
+def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for the options: batch sizes, precision, ZeRO stage and offload.
+
+    The optimizer and scheduler are torch objects handed to `deepspeed.initialize`, so the
+    config has no `optimizer`/`scheduler` block (DeepSpeed's own would JIT-build CPU kernels).
+    """
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": tc.bsize,
+        "gradient_accumulation_steps": tc.accumsteps,
+        "train_batch_size": tc.bsize * tc.accumsteps * world_size,
+        "gradient_clipping": tc.max_grad_norm,
+        "bf16": {"enabled": tc.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_scheduler(optimizer: Any, tc: TrainConfig, total_steps: int) -> Any:
+    """Warmup over `warmup_ratio` of the optimizer steps, then linear/cosine decay or constant."""
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.lr_schedule]
+    warmup = math.ceil(tc.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def length_batches(lengths: list[int], bsize: int, seed: int, bucket_factor: int = BUCKET_FACTOR) -> list[list[int]]:
+    """Micro batches of indices that group similar lengths, in a seeded random order.
+
+    Indices are shuffled, cut into buckets of `bsize * bucket_factor`, sorted by length
+    within each bucket, cut into micro batches, and the batches shuffled.
+
+    Example:
+        >>> sorted(sorted(b) for b in length_batches([9, 1, 8, 2], bsize=2, seed=0))
+        [[0, 2], [1, 3]]
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = bsize * bucket_factor
+    batches = []
+    for start in range(0, len(order), size):
+        bucket = sorted(order[start:start + size], key=lambda i: lengths[i])
+        batches += [bucket[i:i + bsize] for i in range(0, len(bucket), bsize)]
+    rng.shuffle(batches)
+    return batches
+
+
+def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: TrainConfig, pad_id: int,
+             multiple: int | None, device: Any, kind: str) -> float:
+    """Mean loss per answer token over every rank's eval examples.
+
+    Ranks may hold different numbers of eval batches; under ZeRO-3 a forward is a
+    collective, so short ranks run weight-0 batches until all have done the same count.
+    """
+    import torch
+
+    engine.eval()
+    order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i].input_ids))
+    batches = [order[i:i + tc.bsize] for i in range(0, len(order), tc.bsize)]
+    n = int(_all_reduce([len(batches)], device, "max")[0])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(n):
+            real = b < len(batches)
+            examples = [eval_ex[j] for j in batches[b]] if real else [(eval_ex or train_ex)[0]]
+            batch = collate(examples, pad_id, multiple)
+            labels = batch["labels"][:, 1:] if kind == "causal" else batch["labels"]
+            tokens = int((labels != -100).sum())
+            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            if real:
+                total, count = total + float(loss) * tokens, count + tokens
+    engine.train()
+    total, count = _all_reduce([total, count], device, "sum")
+    return total / max(count, 1)
+
+
+def _save_and_report(cfg: LoopConfig, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
+    """Writes a resumable checkpoint (every rank its shards, rank 0 the state) and reports it."""
+    metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": state.history[-1]["train_loss"],
+               "eval_loss": state.history[-1]["eval_loss"], "start_epoch": state.starts[-1]["epoch"]}
+    if cfg.ray:
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"bootfinetune-ckpt-{epoch}-"))
+        try:
+            _write_checkpoint(tmp, engine, state, epoch, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"epoch_{epoch:03d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif cfg.checkpoint_dir:
+        _write_checkpoint(Path(cfg.checkpoint_dir) / f"epoch_{epoch:03d}", engine, state, epoch, rank)
+
+
+def _write_checkpoint(path: Path, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
+    import torch.distributed as dist
+
+    engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
+    if rank == 0:  # written last: its presence means the checkpoint is whole
+        from bootfinetune.rundir import write_json
+
+        write_json(path / STATE_FILE, asdict(state))
+    dist.barrier()
+
+
+def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
+    """The checkpoint to resume from (Ray's latest, or the newest whole one in checkpoint_dir)."""
+    path = None
+    if cfg.ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            path = Path(ckpt.to_directory()) if ckpt.filesystem.type_name != "local" else Path(ckpt.path)
+    elif cfg.checkpoint_dir and Path(cfg.checkpoint_dir).is_dir():
+        done = sorted(p for p in Path(cfg.checkpoint_dir).glob("epoch_*") if (p / STATE_FILE).exists())
+        path = done[-1] if done else None
+    if path is None or not (path / STATE_FILE).exists():
+        return None, LoopState()
+    raw = json.loads((path / STATE_FILE).read_text())
+    return path, LoopState(**raw)
+
+
+def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:
+    """This rank's train rows and eval rows, in a fixed order (by the `row` column when present)."""
+    if cfg.ray:
+        import ray.train
+
+        train = list(ray.train.get_dataset_shard("train").iter_rows())
+        shard = ray.train.get_dataset_shard("eval")
+        evals = list(shard.iter_rows()) if shard is not None else []
+        train, evals = _normalise(train), _normalise(evals)
+        return train, evals[rank::world]  # eval is not split by Ray: every worker sees it whole
+    if not cfg.train_path:
+        raise ValueError("train_path: give a JSONL of training records when running without Ray.")
+    train = _normalise(_read_jsonl(cfg.train_path))
+    evals = _normalise(_read_jsonl(cfg.eval_path)) if cfg.eval_path else []
+    return train[rank::world], evals[rank::world]
+
+
+def _normalise(rows: list[dict]) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        messages = r["messages"]
+        if isinstance(messages, str):  # the driver ships messages as JSON text (robust through Arrow)
+            messages = json.loads(messages)
+        out.append({"messages": messages, "row": int(r.get("row", i))})
+    return sorted(out, key=lambda r: r["row"])
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _maybe_fail(marker: str, rank: int, world: int) -> None:
+    if rank != world - 1:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise RuntimeError(f"injected failure on rank {rank} (test hook fail_once_marker={marker})")
+
+
+def _all_reduce(values: list[float], device: Any, op: str) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def _set_threads() -> None:
+    """Torch's intra-op threads follow OMP_NUM_THREADS when set (Ray sets it to the worker's CPUs):
+    two workers on two cores must not each start a thread per core."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+@contextlib.contextmanager
+def _process_group(cfg: LoopConfig, tc: TrainConfig) -> Iterator[tuple[int, int, Any]]:
+    """(rank, world size, device) in a process group. Ray Train and torchrun make the group; a
+    plain process gets a world of 1, its env vars set only while the loop runs. That group is
+    kept for the process's life: DeepSpeed caches it, so a destroyed one breaks the next run."""
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if tc.use_gpu else "gloo"
+    alone = not cfg.ray and "RANK" not in os.environ
+    saved = dict(os.environ)
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        yield dist.get_rank(), dist.get_world_size(), _device(cfg, tc)
+    finally:
+        if alone:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _device(cfg: LoopConfig, tc: TrainConfig) -> Any:
+    import torch
+
+    if tc.use_gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.ray:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+        else:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

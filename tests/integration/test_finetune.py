@@ -1,0 +1,191 @@
+"""Finetuning on a local Ray cluster: 2 CPU workers, tiny models, ZeRO-2 and ZeRO-3, failures and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.errors import FinetuneError
+from bootfinetune.finetune import FinetuneJob, finetune_models, split_records
+from bootfinetune.render import collate, encode_prompt, encode_records
+from bootfinetune.rundir import RunDir, read_json, read_jsonl, write_jsonl
+from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST_FIELDS = {"key", "target", "predictors", "model_kind", "renderer", "data_hash", "epochs", "losses",
+                   "best_epoch", "best_eval_loss", "eval_loss_before", "tokens_seen", "seconds", "truncated",
+                   "starts", "history"}
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("targets")
+    return {"llama": str(build_tiny_causal(root / "llama")),
+            "gpt2": str(build_tiny_causal(root / "gpt2", arch="gpt2", chat_template=False)),
+            "t5": str(build_tiny_t5(root / "t5"))}
+
+
+def make_job(run: RunDir, key: str, target: str, n: int = 64, seed: int = 0) -> FinetuneJob:
+    write_jsonl(run.data_file(key), toy_records(n, seed=seed, predictor=key))
+    return FinetuneJob(key=key, target=target, predictors=(key,), train_file=run.data_file(key))
+
+
+def options(target: str, **kw) -> TrainConfig:
+    base = dict(target=target, bsize=8, lr=3e-3, epochs=2, max_length=256, num_workers=2, cpus_per_worker=1.0,
+                eval_fraction=0.1, max_failures=1)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(ray_cluster, targets, tmp_path_factory):
+    """GPT-2-like (tied embeddings, no chat template), ZeRO-2, 2 workers: trained once, used by two tests."""
+    run = RunDir(tmp_path_factory.mktemp("gpt2-run") / "run")
+    job = make_job(run, "all", targets["gpt2"])
+    config = options(targets["gpt2"], zero_stage=2)
+    return run, job, config, finetune_models(run, [job], config)["all"]
+
+
+def check_export(run: RunDir, job: FinetuneJob, config: TrainConfig, manifest: dict, kind: str) -> None:
+    """The manifest is complete, the loss fell, and the export loads, generates and reproduces the eval loss."""
+    assert MANIFEST_FIELDS <= set(manifest)
+    assert manifest["model_kind"] == kind and manifest["predictors"] == list(job.predictors)
+    assert manifest["renderer"]["kind"] == kind and manifest["world_size"] == 2
+    assert len(manifest["losses"]["train"]) == len(manifest["losses"]["eval"]) == config.epochs
+    assert manifest["losses"]["eval"][-1] < 0.85 * manifest["eval_loss_before"]
+    assert manifest["losses"]["train"][-1] < manifest["losses"]["train"][0]
+    assert manifest["tokens_seen"]["answer"] > 0 and manifest["tokens_seen"]["total"] > manifest["tokens_seen"]["answer"]
+    assert manifest["truncated"] == {"train": 0, "eval": 0, "max_length": config.max_length}
+    best = manifest["best_epoch"]
+    assert manifest["best_eval_loss"] == min(manifest["losses"]["eval"]) == manifest["losses"]["eval"][best - 1]
+
+    out = run.model_dir(job.key)
+    files = {p.name for p in out.iterdir()}
+    assert EXPORT_FILES <= files and not any(f.endswith(".bin") for f in files)
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+
+    # The exported weights are the best epoch's: they give the eval loss the workers measured.
+    _, held_out = split_records(read_jsonl(job.train_file), config.eval_fraction, config.seed)
+    encoded, _ = encode_records(tokenizer, held_out, kind, config.max_length)
+    batch = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+    assert loss == pytest.approx(manifest["best_eval_loss"], rel=1e-3)
+
+    prompt = encode_prompt(tokenizer, held_out[0]["messages"][:-1], kind)
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] >= (7 if kind == "causal" else 2)
+
+
+def test_causal_zero2_two_workers_trains_and_exports(gpt2_run):
+    run, job, config, manifest = gpt2_run
+    check_export(run, job, config, manifest, "causal")
+    assert manifest["starts"] == [{"epoch": 0, "global_step": 0}]
+    assert manifest["renderer"]["template"] == "fixed"
+    assert read_json(run.model_dir("all") / "manifest.json") == manifest
+    assert (run.checkpoints_dir() / "all" / f"epoch_{manifest['best_epoch']:03d}").is_dir()
+    model = AutoModelForCausalLM.from_pretrained(run.model_dir("all"))
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied weights exported once
+
+
+def test_rerun_of_a_finished_key_trains_nothing(gpt2_run):
+    run, job, config, manifest = gpt2_run
+    weights = run.model_dir("all") / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, sorted(p.name for p in (run.checkpoints_dir() / "all").iterdir()))
+    started = time.time()
+    again = finetune_models(run, [job], config)["all"]
+    assert again == manifest
+    assert time.time() - started < 5
+    assert (weights.stat().st_mtime_ns, sorted(p.name for p in (run.checkpoints_dir() / "all").iterdir())) == before
+
+
+def test_seq2seq_zero3_worker_failure_resumes_from_the_epoch_checkpoint(ray_cluster, targets, tmp_path):
+    """T5 under ZeRO-3; the last rank fails once during epoch 2 and the group restarts from epoch 1's checkpoint."""
+    run = RunDir(tmp_path / "run")
+    job = make_job(run, "all", targets["t5"])
+    config = options(targets["t5"], zero_stage=3, max_failures=1)
+    marker = tmp_path / "failed-once"
+    manifest = finetune_models(run, [job], config, hooks={"all": {"fail_once_marker": str(marker)}})["all"]
+    assert marker.exists()  # the hook did fire
+    steps = manifest["history"][0]["steps"]
+    assert manifest["starts"] == [{"epoch": 0, "global_step": 0}, {"epoch": 1, "global_step": steps}]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    check_export(run, job, config, manifest, "seq2seq")
+    model = AutoModelForSeq2SeqLM.from_pretrained(run.model_dir("all"))
+    assert model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()  # T5's tied embeddings survive
+
+
+def test_two_keys_side_by_side_and_a_failing_key_raises_naming_it(ray_cluster, targets, tmp_path):
+    run = RunDir(tmp_path / "run")
+    broken = tmp_path / "broken"
+    shutil.copytree(targets["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    good = make_job(run, "good", targets["llama"], n=32)
+    bad = make_job(run, "bad", str(broken), n=32)
+    config = options(targets["llama"], epochs=1, max_failures=0)
+    with pytest.raises(FinetuneError, match="'bad'") as err:
+        finetune_models(run, [good, bad], config)
+    assert "good" not in str(err.value).split("failed for model key(s)")[1].split(":")[0]
+    assert (run.model_dir("good") / "manifest.json").exists()  # the other job still finished
+    assert not (run.model_dir("bad") / "manifest.json").exists()
+
+
+DRIVER = textwrap.dedent("""
+    import sys, ray
+    from pathlib import Path
+    from bootfinetune.config import TrainConfig
+    from bootfinetune.finetune import FinetuneJob, finetune_models
+    from bootfinetune.rundir import RunDir
+    address, root, target = sys.argv[1:4]
+    ray.init(address=address, log_to_driver=False)
+    run = RunDir(Path(root))
+    config = TrainConfig(**__import__("json").loads(sys.argv[4]))
+    finetune_models(run, [FinetuneJob("all", target, ("all",), run.data_file("all"))], config)
+""")
+
+
+def test_driver_killed_mid_training_resumes_from_last_checkpoint(ray_cluster, targets, tmp_path):
+    import dataclasses
+
+    run = RunDir(tmp_path / "run")
+    job = make_job(run, "all", targets["llama"], n=160)
+    config = options(targets["llama"], epochs=4)
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(run.root), targets["llama"],
+                             json.dumps(dataclasses.asdict(config))], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = run.checkpoints_dir() / "all" / "checkpoint_manager_snapshot.json"
+    try:
+        deadline = time.time() + 240
+        while not (snapshot.exists() and "epoch_001" in snapshot.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "the first driver ended before a checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray ends the trainer it owned
+        proc.wait()
+    assert not (run.model_dir("all") / "manifest.json").exists()
+
+    manifest = finetune_models(run, [job], config)["all"]
+    assert len(manifest["starts"]) == 2 and manifest["starts"][0] == {"epoch": 0, "global_step": 0}
+    resumed = manifest["starts"][1]
+    assert 1 <= resumed["epoch"] < config.epochs
+    assert resumed["global_step"] == resumed["epoch"] * manifest["history"][0]["steps"]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]

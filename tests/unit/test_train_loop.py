@@ -1,0 +1,109 @@
+"""The training loop in one process, without Ray: the loss falls, checkpoints resume, options map to DeepSpeed."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.rundir import write_jsonl
+from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.train_loop import LoopConfig, deepspeed_config, length_batches, lr_scheduler, train_loop
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    write_jsonl(root / "train.jsonl", toy_records(40, seed=0))
+    write_jsonl(root / "eval.jsonl", toy_records(8, seed=1))
+    return root
+
+
+def _loop(target, data, **options):
+    extra = {k: options.pop(k) for k in ("checkpoint_dir", "max_steps_per_epoch") if k in options}
+    tc = TrainConfig(target=str(target), bsize=8, lr=3e-3, max_length=256, **options)
+    return train_loop({"target": str(target), "train": dataclasses.asdict(tc), "train_path": str(data / "train.jsonl"),
+                       "eval_path": str(data / "eval.jsonl"), **extra})
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_loop_without_ray_loss_falls(tmp_path_factory, data, kind):
+    root = tmp_path_factory.mktemp(kind)
+    target = build_tiny_causal(root / "m") if kind == "causal" else build_tiny_t5(root / "m")
+    state = _loop(target, data, epochs=3)
+    history = state["history"]
+    assert state["kind"] == kind and state["world_size"] == 1 and state["starts"] == [{"epoch": 0, "global_step": 0}]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["eval_loss"] < 0.8 * state["eval_loss_before"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert state["global_step"] == 3 * 5  # 40 records / bsize 8, accumsteps 1
+    assert all(h["answer_tokens"] > 0 and h["tokens"] > h["answer_tokens"] for h in history)
+    assert state["truncated_train"] == 0
+
+
+def test_loop_resumes_from_its_last_checkpoint_not_step_zero(tmp_path, data):
+    target = build_tiny_causal(tmp_path / "m", arch="gpt2", chat_template=False)
+    ckpt = tmp_path / "ckpt"
+    first = _loop(target, data, epochs=1, checkpoint_dir=str(ckpt))
+    assert (ckpt / "epoch_001" / "trainer_state.json").exists()
+    second = _loop(target, data, epochs=2, checkpoint_dir=str(ckpt))
+    assert second["starts"] == [{"epoch": 0, "global_step": 0}, {"epoch": 1, "global_step": first["global_step"]}]
+    assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
+    assert second["global_step"] == 2 * first["global_step"]
+    assert second["history"][1]["eval_loss"] < first["history"][0]["eval_loss"]
+    again = _loop(target, data, epochs=2, checkpoint_dir=str(ckpt))  # finished: nothing to do
+    assert again["starts"] == second["starts"] and again["history"] == second["history"]
+
+
+def test_length_batches_cover_every_index_once_and_cut_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    batches = length_batches(lengths, bsize=8, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(len(b) == 8 for b in batches)
+    assert length_batches(lengths, 8, seed=1) == batches and length_batches(lengths, 8, seed=2) != batches
+
+    def padding(bs):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
+    in_order = [list(range(i, i + 8)) for i in range(0, 1000, 8)]
+    assert padding(batches) < 0.2 * padding(in_order)
+
+
+def test_deepspeed_config_follows_the_options():
+    tc = TrainConfig(bsize=4, accumsteps=3, bf16=True, zero_stage=3, offload_optimizer=True, offload_params=True,
+                     max_grad_norm=0.5)
+    ds = deepspeed_config(tc, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW is handed in instead
+    plain = deepspeed_config(TrainConfig(), world_size=1)["zero_optimization"]
+    assert plain == {"stage": 2}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_warms_up_then_follows_the_schedule(schedule):
+    import torch
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_scheduler(opt, TrainConfig(lr=1.0, warmup_ratio=0.2, lr_schedule=schedule), total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == 0.5 and lrs[2] == 1.0
+    if schedule == "constant":
+        assert lrs[2:] == [1.0] * 8
+    else:
+        assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.3
+
+
+def test_unknown_loop_config_key_is_refused():
+    with pytest.raises(ValueError, match="unknown loop_config keys"):
+        LoopConfig.from_dict({"target": "x", "train": {}, "bogus": 1})
