@@ -185,7 +185,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.time()
-    train_records, eval_records, eval_source = _load_job_data(job, config)
+    train_records, eval_records, eval_source = load_job_data(job, config)
     kind = model_kind(AutoConfig.from_pretrained(job.target, trust_remote_code=config.trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(job.target, trust_remote_code=config.trust_remote_code)
 
@@ -326,7 +326,8 @@ def _best_epoch(history: list[dict[str, Any]]) -> int:
     return min(scored)[1] if scored else history[-1]["epoch"]
 
 
-def _load_job_data(job: FinetuneJob, config: TrainConfig) -> tuple[list[dict], list[dict], str]:
+def load_job_data(job: FinetuneJob, config: TrainConfig) -> tuple[list[dict], list[dict], str]:
+    """A job's train and eval records, checked, and where eval came from ("valset", "held_out" or "none")."""
     records = _checked_records(job.key, job.train_file)
     if job.eval_file is not None:
         return records, _checked_records(job.key, job.eval_file), "valset"

@@ -1,0 +1,66 @@
+"""The finetune stage's driver-side decisions, without Ray: data checks, held-out split, scheduling, resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.errors import FinetuneError
+from bootfinetune.finetune import (FinetuneJob, _best_epoch, finished_manifest, fits, load_job_data, split_records,
+                                   worker_resources)
+from bootfinetune.rundir import RunDir, write_json, write_jsonl
+from bootfinetune.tiny_models import toy_records
+
+
+def test_split_is_seeded_disjoint_and_keeps_training_data():
+    records = [{"i": i} for i in range(50)]
+    train, held = split_records(records, 0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45
+    assert sorted(r["i"] for r in train + held) == list(range(50))
+    assert split_records(records, 0.1, seed=3) == (train, held) and split_records(records, 0.1, seed=4) != (train, held)
+    assert split_records(records[:3], 0.1, seed=0)[1] != []  # at least one held out
+    assert split_records(records, 0.0, seed=0) == (records, [])
+
+
+def test_bad_data_fails_naming_the_key(tmp_path):
+    config = TrainConfig()
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(FinetuneError, match=r"model 'a'.*line 1.*assistant"):
+        load_job_data(FinetuneJob("a", "t", ("p",), tmp_path / "a.jsonl"), config)
+    with pytest.raises(FinetuneError, match=r"model 'b'.*does not exist"):
+        load_job_data(FinetuneJob("b", "t", ("p",), tmp_path / "missing.jsonl"), config)
+    write_jsonl(tmp_path / "c.jsonl", toy_records(20))
+    write_jsonl(tmp_path / "v.jsonl", toy_records(4, seed=1))
+    train, evals, source = load_job_data(FinetuneJob("c", "t", ("p",), tmp_path / "c.jsonl", tmp_path / "v.jsonl"), config)
+    assert (len(train), len(evals), source) == (20, 4, "valset")
+    train, evals, source = load_job_data(FinetuneJob("c", "t", ("p",), tmp_path / "c.jsonl"), config)
+    assert (len(train), len(evals), source) == (18, 2, "held_out")
+
+
+def test_jobs_fit_side_by_side_only_while_resources_last():
+    need = worker_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0))
+    assert need == {"CPU": 2.0}
+    assert fits(need, {"CPU": 8.0}) and fits(need, {"CPU": 2.0}) and not fits(need, {"CPU": 1.5})
+    gpu = worker_resources(TrainConfig(num_workers=4, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=2.0))
+    assert gpu == {"CPU": 8.0, "GPU": 4.0} and not fits(gpu, {"CPU": 16.0}) and fits(gpu, {"CPU": 16.0, "GPU": 4.0})
+
+
+def test_best_epoch_is_lowest_eval_loss_else_last():
+    history = [{"epoch": 1, "eval_loss": 2.0}, {"epoch": 2, "eval_loss": 1.5}, {"epoch": 3, "eval_loss": 1.7}]
+    assert _best_epoch(history) == 2
+    assert _best_epoch([{"epoch": 1, "eval_loss": None}, {"epoch": 2, "eval_loss": None}]) == 2
+
+
+def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path):
+    from bootfinetune.finetune import _job_fingerprint
+
+    run = RunDir(tmp_path / "run")
+    write_jsonl(run.data_file("all"), toy_records(10))
+    job = FinetuneJob("all", "target", ("p",), run.data_file("all"))
+    config = TrainConfig(epochs=2)
+    assert finished_manifest(run, job, config) is None
+    write_json(run.model_dir("all") / "manifest.json", {"key": "all", "job_fingerprint": _job_fingerprint(job, config)})
+    assert finished_manifest(run, job, config)["key"] == "all"
+    assert finished_manifest(run, job, TrainConfig(epochs=3)) is None
+    write_jsonl(run.data_file("all"), toy_records(11))
+    assert finished_manifest(run, job, config) is None
