@@ -35,7 +35,7 @@ from bootfinetune.tiny_models import build_tiny_causal  # noqa: E402
 from bootfinetune.train_loop import train_loop  # noqa: E402
 
 SIZES = {
-    # Qwen2.5-0.5B's shape (~0.49B parameters with this vocabulary).
+    # Qwen2.5-0.5B's shape with an untied output head: 0.63B parameters.
     "0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
                  vocab_size=151936),
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=512),

@@ -75,6 +75,8 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
     """
     import ray
 
+    if not ray.is_initialized():  # the compiler connects first; a stage run alone starts a local Ray
+        ray.init()
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise FinetuneError(f"duplicate model keys {sorted(k for k in set(keys) if keys.count(k) > 1)}: one job per key.")
@@ -160,8 +162,13 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+# Options that change where or how safely a job runs, not what it trains: a rerun that changes
+# them keeps the finished model and the checkpoints (num_workers is not here: it is the global batch).
+_RESOURCE_ONLY = {"target", "cpus_per_worker", "gpus_per_worker", "max_failures"}
+
+
 def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k != "target"}
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESOURCE_ONLY}
     eval_hash = data_hash(job.eval_file) if job.eval_file else None
     return fingerprint({"target": job.target, "data": data_hash(job.train_file), "eval": eval_hash,
                         "options": options})
@@ -221,10 +228,13 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         raise FinetuneError(f"finetuning model {job.key!r} reported no checkpoint; see {experiment}.")
     with result.checkpoint.as_directory() as latest:
         state = json.loads((Path(latest) / STATE_FILE).read_text())
-    best = _best_epoch(state["history"])
-    best_ckpt = next((c for c, m in (result.best_checkpoints or []) if m.get("epoch") == best), None)
-    if best_ckpt is None:
-        raise FinetuneError(f"model {job.key!r}: the checkpoint of best epoch {best} is missing from {experiment}.")
+    kept = {m["epoch"]: c for c, m in (result.best_checkpoints or []) if "epoch" in m}
+    if not kept:
+        raise FinetuneError(f"model {job.key!r}: Ray Train kept no epoch checkpoints in {experiment}.")
+    best = _best_epoch([h for h in state["history"] if h["epoch"] in kept])  # Ray kept the best and the latest
+    if best not in kept:
+        raise FinetuneError(f"model {job.key!r}: no checkpoint of epoch {best} in {experiment}.")
+    best_ckpt = kept[best]
 
     out = run.model_dir(job.key)
     shutil.rmtree(out, ignore_errors=True)
@@ -256,6 +266,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "wall_seconds": round(time.time() - started, 3),
         "truncated": {"train": state["truncated_train"], "eval": state["truncated_eval"],
                       "max_length": config.max_length},
+        "dropped_per_epoch": state["dropped_per_epoch"],
         "world_size": state["world_size"],
         "starts": state["starts"],
         "history": history,

@@ -107,11 +107,17 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     Returns:
         The final `LoopState` as a dict on rank 0 (None elsewhere).
     """
+    import torch
+
     cfg = LoopConfig.from_dict(loop_config)
     tc = TrainConfig(**cfg.train)
+    threads = torch.get_num_threads()
     _set_threads()
-    with _process_group(cfg, tc) as (rank, world, device):
-        return _train(cfg, tc, rank, world, device)
+    try:
+        with _process_group(cfg, tc) as (rank, world, device):
+            return _train(cfg, tc, rank, world, device)
+    finally:
+        torch.set_num_threads(threads)  # a caller's process (one-process mode) gets its setting back
 
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
@@ -184,7 +190,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             engine.train()
             batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
             state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
-            losses, answer_toks, toks, padded = [], 0, 0, 0
+            loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
             for i, idx in enumerate(batches[:n_micro]):
                 batch = collate([train_ex[j] for j in idx], pad_id, multiple)
                 answers = int((batch["labels"] != -100).sum())
@@ -195,12 +201,12 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                 loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
                 engine.backward(loss)
                 engine.step()
-                losses.append(float(loss.detach()))
+                loss_sum += loss.detach().float()  # no host sync per step
                 if cfg.fail_once_marker and i == 0 and epoch > state.starts[-1]["epoch"]:
                     _maybe_fail(cfg.fail_once_marker, rank, world)
             train_seconds = time.time() - t0
             mean_loss, answer_toks, toks, padded = _all_reduce(
-                [sum(losses) / max(1, len(losses)), answer_toks, toks, padded], device, "sum")
+                [float(loss_sum) / max(1, n_micro), answer_toks, toks, padded], device, "sum")
             eval_loss = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind) if n_eval else None
             state.epochs_done, state.global_step = epoch + 1, engine.global_steps
             state.history.append({

@@ -21,6 +21,12 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Torch threads follow OMP_NUM_THREADS in the loop; one keeps a shared 2-core box responsive."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def _loop(target, data, **options):
     extra = {k: options.pop(k) for k in ("checkpoint_dir", "max_steps_per_epoch") if k in options}
     tc = TrainConfig(target=str(target), bsize=8, lr=3e-3, max_length=256, **options)
