@@ -54,6 +54,9 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
     if use_ray:
         import ray
 
+        from bootfinetune.ray_env import ensure_ray
+
+        ensure_ray()  # run alone (not from compile), it joins or starts Ray with the workers' environment
         dataset = ray.data.from_items([{"example_index": i, "example": e}
                                        for i, e in zip(batch["example_index"], batch["example"])],
                                       override_num_blocks=min(len(examples), num_actors * 4))

@@ -50,6 +50,13 @@ def load_model(model_dir: str, device: str, trust_remote_code: bool = False) -> 
         return _LOADED[key]
 
 
+def unload_model(model_dir: str) -> None:
+    """Forgets a directory's loaded weights (every device); an LM still using them reloads on its next call."""
+    with _LOAD_LOCK:
+        for key in [k for k in _LOADED if k[0] == str(model_dir)]:
+            del _LOADED[key]
+
+
 def default_device() -> str:
     import torch
 
@@ -127,11 +134,10 @@ class FinetunedLM(dspy.BaseLM):
         messages = messages or [{"role": "user", "content": prompt or ""}]
         options = {**self.kwargs, **kwargs}
         n = int(options.get("n") or 1)
-        request = (_plain_messages(messages), int(options.get("max_tokens") or 512),
-                   float(options.get("temperature") or 0.0))
         texts, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for _ in range(n):
-            text, prompt_tokens, new_tokens = self._batcher.submit(request)
+            text, prompt_tokens, new_tokens = self.complete(messages, options.get("max_tokens"),
+                                                            options.get("temperature"))
             texts.append(text)
             usage["prompt_tokens"] += prompt_tokens
             usage["completion_tokens"] += new_tokens
@@ -145,6 +151,13 @@ class FinetunedLM(dspy.BaseLM):
     async def aforward(self, prompt: str | None = None, messages: list[dict] | None = None, **kwargs: Any):
         return await asyncio.to_thread(self.forward, prompt=prompt, messages=messages, **kwargs)
 
+    def complete(self, messages: list[Any], max_tokens: int | None = None,
+                 temperature: float | None = None) -> tuple[str, int, int]:
+        """One answer: (text, prompt tokens, new tokens). Concurrent callers share batched `generate` calls."""
+        limit = int(max_tokens or self.kwargs.get("max_tokens") or 512)
+        temp = float(temperature if temperature is not None else self.kwargs.get("temperature") or 0.0)
+        return self._batcher.submit((_plain_messages(messages), limit, temp))
+
     def generate(self, conversations: list[list[dict]], max_tokens: int | None = None) -> list[str]:
         """Answers many conversations at once (greedy), in batches of `batch_size`."""
         limit = max_tokens or int(self.kwargs.get("max_tokens") or 512)
@@ -156,13 +169,25 @@ class FinetunedLM(dspy.BaseLM):
 
     # -- generation ---------------------------------------------------------------------------
     def _generate_batch(self, requests: list[tuple[list[dict], int, float]]) -> list[tuple[str, int, int]]:
+        """Answers requests (messages, max new tokens, temperature): one `generate` per distinct temperature."""
+        results: list[tuple[str, int, int]] = [("", 0, 0)] * len(requests)
+        by_temperature: dict[float, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_temperature.setdefault(request[2], []).append(i)
+        for temperature, rows in by_temperature.items():
+            answers = self._generate_same_temperature([requests[i] for i in rows], temperature)
+            for i, answer in zip(rows, answers):
+                results[i] = answer
+        return results
+
+    def _generate_same_temperature(self, requests: list[tuple[list[dict], int, float]],
+                                   temperature: float) -> list[tuple[str, int, int]]:
         import torch
 
         device = self.device or default_device()
         model, tokenizer, kind = load_model(self.model, device, self.trust_remote_code)
         prompts = [encode_prompt(tokenizer, msgs, kind, self.max_length) for msgs, _, _ in requests]
         max_new = max(r[1] for r in requests)
-        temperature = max(r[2] for r in requests)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         width = max(len(p) for p in prompts)
         # Causal models continue the prompt, so pad on the left; encoders take right padding.
@@ -177,9 +202,9 @@ class FinetunedLM(dspy.BaseLM):
             output = model.generate(input_ids=torch.tensor(ids, device=device),
                                     attention_mask=torch.tensor(mask, device=device), **gen_kwargs)
         results = []
-        for prompt, row in zip(prompts, output.tolist()):
+        for prompt, row, (_, limit, _) in zip(prompts, output.tolist(), requests):
             new = row[width:] if left else row[1:]  # seq2seq output starts with the decoder start token
-            new = _until_eos(new, tokenizer.eos_token_id, pad)
+            new = _until_eos(new, tokenizer.eos_token_id, pad)[:limit]  # the batch ran to its longest limit
             results.append((tokenizer.decode(new, skip_special_tokens=True), len(prompt), len(new)))
         return results
 

@@ -5,6 +5,8 @@ plain Python function (the *script*) answers each request, and DSPy reaches it e
 as it reaches a hosted model, through `dspy.LM("openai/<name>", api_base=server.url)`.
 It is not a language model: it reads the fields DSPy's ChatAdapter wrote into the
 prompt and returns the fields the script computes, in the ChatAdapter's format.
+The HTTP side (routes, 400s for bad requests, 500 when the script raises) is
+`serve.ChatServer`, shared with the server of finetuned models.
 
 Example:
     >>> def script(inputs, outputs):
@@ -15,13 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import re
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+from bootfinetune.serve import ChatServer, Completion
 
 Script = Callable[[dict[str, str], list[str]], dict[str, str]]
 """(input field values as the prompt shows them, output field names) -> output field values."""
@@ -59,7 +59,7 @@ def format_chat_answer(outputs: dict[str, str]) -> str:
     return body + "[[ ## completed ## ]]\n"
 
 
-class TeacherServer:
+class TeacherServer(ChatServer):
     """An OpenAI-compatible `/v1/chat/completions` endpoint answered by a script.
 
     Args:
@@ -72,92 +72,19 @@ class TeacherServer:
 
     def __init__(self, script: Script, host: str = "127.0.0.1", port: int = 0,
                  latency: float = 0.0, model_name: str = "scripted-teacher"):
+        super().__init__(host=host, port=port, model_name=model_name)
         self.script = script
         self.latency = latency
-        self.model_name = model_name
-        self.calls = 0
-        self.requests: deque[list[dict]] = deque(maxlen=256)
-        """The messages of the latest requests, newest last (for tests and debugging)."""
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> "TeacherServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="teacher-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> "TeacherServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def answer(self, messages: list[dict]) -> str:
         inputs, outputs = parse_chat_request(messages)
         return format_chat_answer(self.script(inputs, outputs))
 
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test and demo output clean
-                pass
-
-            def _send(self, code: int, payload: dict) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
-                    self._send(200, {"object": "list", "data": [{"id": server.model_name, "object": "model"}]})
-                elif self.path.rstrip("/").endswith("/stats"):
-                    self._send(200, {"calls": server.calls})
-                else:
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                request = json.loads(self.rfile.read(length) or b"{}")
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                with server._lock:
-                    server.calls += 1
-                    server.requests.append(request.get("messages", []))
-                if server.latency:
-                    time.sleep(server.latency)
-                try:
-                    content = server.answer(request.get("messages", []))
-                except Exception as exc:  # the script failed: a 500, as a real server would answer
-                    self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}})
-                    return
-                prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages", []))
-                self._send(200, {
-                    "id": f"chatcmpl-{server.calls}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": request.get("model", server.model_name),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4,
-                              "total_tokens": (prompt_chars + len(content)) // 4},
-                })
-
-        return Handler
+    def complete(self, request: dict) -> list[Completion]:
+        if self.latency:
+            time.sleep(self.latency)
+        messages = request["messages"]
+        content = self.answer(messages)  # a failing script becomes a 500, as a real server would answer
+        # Rough counts (4 characters a token): the script has no tokenizer.
+        prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+        return [Completion(content, prompt_chars // 4, len(content) // 4)] * request["n"]
