@@ -39,7 +39,8 @@ _TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulati
                     "learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length",
                     "max_length": "max_length", "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay",
                     "lr_scheduler_type": "lr_schedule", "seed": "seed", "bf16": "bf16",
-                    "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm"}
+                    "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm",
+                    "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2"}
 _TRAIN_KWARGS_24 = {"bsize", "accumsteps", "lr", "epochs", "bf16"}
 
 
@@ -64,11 +65,18 @@ def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any
     return options
 
 
+def _short(values: list) -> str:
+    shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
+    return "[" + ", ".join(shown if len(shown) <= 4 else shown[:2] + ["..."] + shown[-2:]) + "]"
+
+
 def _finetune_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The report's view of a model's manifest."""
     return {"seconds": manifest["seconds"], "tokens": manifest["tokens_seen"]["total"],
             "answer_tokens": manifest["tokens_seen"]["answer"], "train_loss": manifest["losses"]["train"],
             "eval_loss": manifest["losses"]["eval"], "best_epoch": manifest["best_epoch"],
+            "eval_loss_before": manifest.get("eval_loss_before"), "loss_curve": manifest.get("loss_curve", []),
+            "steps_per_epoch": (manifest.get("history") or [{}])[0].get("steps"),
             "truncated": manifest["truncated"]}
 
 # Options that change how fast or where a run goes, not what it produces: left out of the run name,
@@ -162,11 +170,21 @@ class BootstrapFinetune(Teleprompter):
                             if key in prepared.val_data and prepared.val_data[key].records else None)
                 for key in plan.keys()]
         started = time.time()
+        t = config.train
+        logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%d, %d epoch(s), "
+                    "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
+                    t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
         manifests = finetune_models(run, jobs, config.train)
         finetune_seconds = round(time.time() - started, 3)
+        for key, m in manifests.items():
+            logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s", key,
+                        _short(m["losses"]["train"]), _short(m["losses"]["eval"]), m["best_epoch"],
+                        run.model_dir(key))
         compiled = compiled_program(student, plan, run, exclude_demos=config.bootstrap.exclude_demos,
                                     inference=config.inference)
         write_json(run.program_json, program_state(compiled))
+        logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{plan.key_of[name]}"
+                                                      for name in plan.predictors))
         metric_report, eval_seconds = self._evaluate(prepared, student, compiled)
         self.report = run.update_report(
             metric=metric_report,
@@ -174,6 +192,10 @@ class BootstrapFinetune(Teleprompter):
                                  **{key: _finetune_summary(m) for key, m in manifests.items()}},
                     "evaluate": {"seconds": eval_seconds}},
         )
+        from bootfinetune.report_html import write_report_html
+
+        html_path = write_report_html(run)
+        logger.info("done: report %s, %s", run.report_json, html_path)
         return compiled
 
     def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
@@ -187,10 +209,12 @@ class BootstrapFinetune(Teleprompter):
             return result, 0.0
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
+        logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference)
         result["before"] = evaluate_program(base, valset, self.metric, **common).score
         result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
+        logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
         return result, round(time.time() - started, 3)
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
@@ -218,6 +242,8 @@ class BootstrapFinetune(Teleprompter):
 
         run = self._run_dir(config, plan, student, teachers, trainset, valset)
         self.run_dir = run
+        logger.info("stage 1/6 checks: %s, predictors %s -> model(s) %s; run directory %s", plan.program_name,
+                    ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.root)
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
         write_json(run.config_json, self._describe(config, plan, student, teachers))
@@ -226,13 +252,22 @@ class BootstrapFinetune(Teleprompter):
         ensure_ray(config.run.ray_address)
         stage = dict(teachers=list(teachers), metric=self.metric, config=config.bootstrap,
                      teacher_settings=self.teacher_settings, secrets=secrets)
+        logger.info("stage 2/6 bootstrap: the teacher over %d trainset and %d valset examples on %d Ray Data "
+                    "actor(s) x %d threads", len(trainset), len(valset or []), config.bootstrap.num_actors,
+                    config.bootstrap.num_threads)
         boot = run_bootstrap(run, examples=list(trainset), split="train", **stage)
         val_boot = run_bootstrap(run, examples=list(valset), split="val", **stage) if valset else None
+        s = boot.summary
+        logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %.1fs%s", s.kept, s.examples, s.failed,
+                    s.teacher_calls, s.seconds, " (read back)" if boot.resumed else "")
         started = time.time()
         data = build_datasets(run, boot.calls, plan, student, adapter=self.adapter,
-                              exclude_demos=config.bootstrap.exclude_demos)
+                              exclude_demos=config.bootstrap.exclude_demos,
+                              drop_duplicates=config.bootstrap.drop_duplicates)
         val_data = build_datasets(run, val_boot.calls, plan, student, adapter=self.adapter,
-                                  exclude_demos=config.bootstrap.exclude_demos, split="val") if val_boot else {}
+                                  exclude_demos=config.bootstrap.exclude_demos,
+                                  drop_duplicates=config.bootstrap.drop_duplicates, split="val") if val_boot else {}
+        logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
         run.update_report(stages={
             "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
                           "val": asdict(val_boot.summary) if val_boot else None},

@@ -46,6 +46,8 @@ class BootstrapConfig:
     """One shared model for all predictors (data key "all"), else one model per predictor."""
     exclude_demos: bool = False
     """Leave the student's demos out of the training prompts (and out of the compiled program)."""
+    drop_duplicates: bool = False
+    """Keep identical finetuning records once; DSPy keeps every copy, so inputs seen often weigh more."""
 
 
 @dataclass
@@ -72,6 +74,10 @@ class TrainConfig:
     """Learning-rate decay after warmup: "linear", "cosine" or "constant"."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2 (second-moment decay); 0.95 adapts faster on small, shifting gradients."""
     max_grad_norm: float = 1.0
     """Clip gradients to this global norm; 0 turns clipping off."""
     zero_stage: int = 2
@@ -216,6 +222,7 @@ class Config:
             number("metric_threshold", b.metric_threshold, float("-inf"), None)
         boolean("multitask", b.multitask)
         boolean("exclude_demos", b.exclude_demos)
+        boolean("drop_duplicates", b.drop_duplicates)
 
         if isinstance(t.target, dict):
             if not t.target or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in t.target.items()):
@@ -232,6 +239,8 @@ class Config:
         if t.lr_schedule not in ("linear", "cosine", "constant"):
             p.append(f"lr_schedule={t.lr_schedule!r}: use 'linear', 'cosine' or 'constant'.")
         number("weight_decay", t.weight_decay, 0, 1.0)
+        number("adam_beta1", t.adam_beta1, 0, 1.0)
+        number("adam_beta2", t.adam_beta2, 0, 1.0)
         number("max_grad_norm", t.max_grad_norm, 0, None)
         if t.zero_stage not in (0, 1, 2, 3) or isinstance(t.zero_stage, bool):
             p.append(f"zero_stage={t.zero_stage!r}: DeepSpeed ZeRO stage must be 0, 1, 2 or 3.")

@@ -38,6 +38,8 @@ class DataSummary:
     """Predictors this key's model serves."""
     records: int = 0
     """Records written."""
+    duplicates: int = 0
+    """Records identical to an earlier one."""
     duplicates_dropped: int = 0
     """Identical records dropped (kept once)."""
     unformattable: int = 0
@@ -69,11 +71,13 @@ def data_path(run: RunDir, key: str, split: str) -> Any:
 
 
 def build_datasets(run: RunDir, calls: list[CallRecord], plan: ProgramPlan, student: dspy.Module, *,
-                   adapter: Any = None, exclude_demos: bool = False, split: str = "train") -> dict[str, DataSummary]:
+                   adapter: Any = None, exclude_demos: bool = False, drop_duplicates: bool = False,
+                   split: str = "train") -> dict[str, DataSummary]:
     """Writes `data/{key}.jsonl` (or `data/{split}/{key}.jsonl`) for every model key of the plan.
 
     Records are ordered by example, then by their order in the trace, so the files do not
-    depend on how many actors bootstrapped them. Identical records are kept once.
+    depend on how many actors bootstrapped them. With `drop_duplicates`, identical records
+    are kept once (counted either way in `duplicates`).
     """
     adapter = resolve_adapter(adapter)
     predictors = dict(student.named_predictors())
@@ -93,8 +97,10 @@ def build_datasets(run: RunDir, calls: list[CallRecord], plan: ProgramPlan, stud
             continue
         fingerprint = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if fingerprint in seen[key]:
-            summary.duplicates_dropped += 1
-            continue
+            summary.duplicates += 1
+            if drop_duplicates:
+                summary.duplicates_dropped += 1
+                continue
         seen[key].add(fingerprint)
         rows[key].append({"messages": messages, "predictor": call.predictor, "example_index": call.example_index})
         summary.per_predictor[call.predictor] = summary.per_predictor.get(call.predictor, 0) + 1

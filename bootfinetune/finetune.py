@@ -15,6 +15,7 @@ checkpoint (`FailureConfig(max_failures)`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -90,17 +91,25 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
         else:
             pending.append(job)
 
+    from bootfinetune.progress import BarDrawer, bars_enabled
+
+    drawer = BarDrawer([j.key for j in pending]) if pending and bars_enabled() else None
+    progress = ({"progress_board": drawer.name, "progress_namespace": drawer.namespace} if drawer else {})
     need = worker_resources(config)
     budget = {k: float(v) for k, v in ray.available_resources().items()}
     errors: dict[str, BaseException] = {}
     running: dict[Future, FinetuneJob] = {}
-    with ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="finetune") as pool:
+    with contextlib.ExitStack() as stack, \
+            ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="finetune") as pool:
+        if drawer is not None:
+            stack.enter_context(drawer)
         while pending or running:
             # A job starts when its workers fit in what is left; one always may, when none runs.
             while pending and (not running or fits(need, budget)):
                 job = pending.pop(0)
                 budget = {k: v - need.get(k, 0.0) for k, v in budget.items()}
-                running[pool.submit(_run_job, run, job, config, (hooks or {}).get(job.key, {}))] = job
+                job_hooks = {**progress, "progress_key": job.key, **(hooks or {}).get(job.key, {})}
+                running[pool.submit(_run_job, run, job, config, job_hooks)] = job
             done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done_futures:
                 job = running.pop(fut)
@@ -265,11 +274,15 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "seconds": round(state["seconds"], 3),
         "wall_seconds": round(time.time() - started, 3),
         "truncated": {"train": state["truncated_train"], "eval": state["truncated_eval"],
-                      "max_length": config.max_length},
+                      "max_length": config.max_length,
+                      # inference cuts a causal prompt to the room training left it beside a typical answer
+                      "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
+                                                                 if kind == "causal" else 0)},
         "dropped_per_epoch": state["dropped_per_epoch"],
         "world_size": state["world_size"],
         "starts": state["starts"],
         "history": history,
+        "loss_curve": state.get("loss_curve", []),
         "checkpoint": best_ckpt.path,
         "train_config": dataclasses.asdict(config),
         "job_fingerprint": job_fp,

@@ -126,7 +126,8 @@ class FinetunedLM(dspy.BaseLM):
     def _manifest_max_length(self) -> int | None:
         manifest = Path(self.model) / "manifest.json"
         if manifest.exists():
-            return json.loads(manifest.read_text()).get("truncated", {}).get("max_length")
+            truncated = json.loads(manifest.read_text()).get("truncated", {})
+            return truncated.get("prompt_max_length") or truncated.get("max_length")
         return None
 
     # -- DSPy's interface -------------------------------------------------------------------

@@ -56,6 +56,8 @@ def build_tiny_causal(
     num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
     max_positions: int = 1024,
+    split_spaces: bool = False,
+    tie_embeddings: bool | None = None,
     seed: int = 0,
 ) -> Path:
     """Builds (or reuses) a tiny causal LM with its tokenizer in `path`.
@@ -74,6 +76,9 @@ def build_tiny_causal(
         num_kv_heads: Key/value heads (llama only); default half the heads.
         intermediate_size: MLP width; default twice the model width.
         max_positions: Longest sequence the model accepts.
+        split_spaces: Tokenize spaces apart from words (" Lyon" is " " + "Lyon"), so a word has one
+            token wherever it stands and copying it is the identity; sequences get longer.
+        tie_embeddings: Share input and output embeddings; default per arch (llama no, gpt2 yes).
         seed: Seed for the random weights.
 
     Returns:
@@ -85,6 +90,10 @@ def build_tiny_causal(
     args = dict(kind="causal", arch=arch, chat_template=chat_template, corpus=list(corpus), vocab_size=vocab_size,
                 hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                 intermediate_size=intermediate_size, max_positions=max_positions, seed=seed)
+    if split_spaces:  # only when set, so directories built before these options keep their fingerprint
+        args["split_spaces"] = True
+    if tie_embeddings is not None:
+        args["tie_embeddings"] = tie_embeddings
     path = Path(path)
     if _is_built(path, args):
         return path
@@ -93,7 +102,8 @@ def build_tiny_causal(
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     eos = "<|im_end|>" if chat_template else "</s>"
-    tokenizer = _train_tokenizer(corpus, vocab_size, SPECIALS + (CHAT_SPECIALS if chat_template else []), eos)
+    tokenizer = _train_tokenizer(corpus, vocab_size, SPECIALS + (CHAT_SPECIALS if chat_template else []), eos,
+                                 split_spaces=split_spaces)
     if chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -104,10 +114,12 @@ def build_tiny_causal(
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=inner,
                              num_hidden_layers=num_layers, num_attention_heads=num_heads,
                              num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
-                             max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+                             max_position_embeddings=max_positions,
+                             tie_word_embeddings=bool(tie_embeddings), **ids)
     else:
         config = GPT2Config(vocab_size=vocab, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inner,
-                            n_positions=max_positions, tie_word_embeddings=True, **ids)
+                            n_positions=max_positions,
+                            tie_word_embeddings=tie_embeddings is not False, **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     _save(path, model, tokenizer, args)
@@ -158,13 +170,19 @@ def build_tiny_t5(
     return path
 
 
-def _train_tokenizer(corpus: Sequence[str], vocab_size: int, specials: list[str], eos: str, add_eos: bool = False):
+def _train_tokenizer(corpus: Sequence[str], vocab_size: int, specials: list[str], eos: str, add_eos: bool = False,
+                     split_spaces: bool = False):
     """A byte-level BPE (any text encodes, no unknowns) wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_spaces:  # words, runs of digits, single punctuation marks and whitespace runs are apart
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"[^\W\d_]+|\d+|\s+|[^\w\s]+|_+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -65,6 +65,12 @@ class LoopConfig:
     """Hash of the training data, recorded in the state to catch a resume onto other data."""
     max_steps_per_epoch: int | None = None
     """Cap on micro batches per epoch (benchmarks)."""
+    progress_board: str | None = None
+    """Under Ray: name of the driver's `progress.ProgressBoard` actor that rank 0 reports steps to."""
+    progress_namespace: str | None = None
+    """Ray namespace of that actor."""
+    progress_key: str = "model"
+    """The model key shown beside the progress."""
     fail_once_marker: str | None = None
     """Test hook: after the first step following this run's first checkpoint, the last rank
     creates this file and raises, unless the file already exists (so it fails once)."""
@@ -92,6 +98,11 @@ class LoopState:
     truncated_train: int = 0
     truncated_eval: int = 0
     dropped_per_epoch: int = 0
+    answer_tokens_median: int = 0
+    """Median answer length (tokens with labels) in rank 0's training records: inference cuts
+    causal prompts to max_length minus this, the room training left them."""
+    loss_curve: list[list[float]] = field(default_factory=list)
+    """[optimizer step, mean train loss since the previous point] on rank 0, about 100 points a run."""
     kind: str = ""
     world_size: int = 1
     data_hash: str | None = None
@@ -151,6 +162,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         int(x) for x in _all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
     if not train_ex:
         raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
+    answer_lengths = sorted(sum(1 for t in e.labels if t != -100) for e in train_ex)
+    state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
 
     # Every rank must run the same number of steps (collectives would hang otherwise).
     n_micro = int(_all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
@@ -172,7 +185,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                      weight_decay=tc.weight_decay)
+                                      weight_decay=tc.weight_decay,
+                                      betas=(tc.adam_beta1, tc.adam_beta2))
         scheduler = lr_scheduler(optimizer, tc, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
@@ -183,6 +197,12 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                      kind, cfg.target, len(train_ex), len(eval_ex), n_micro, state.epochs_done + 1)
         pad_id = tokenizer.pad_token_id
         multiple = 8 if tc.use_gpu else None
+        reporter = None
+        if rank == 0:
+            from bootfinetune.progress import Reporter
+
+            reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
+        curve_every = max(1, total_steps // 100)
         if state.epochs_done == 0 and state.eval_loss_before is None and n_eval:
             state.eval_loss_before = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind)
         for epoch in range(state.epochs_done, tc.epochs):
@@ -191,6 +211,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
             state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
             loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
+            window, window_n = torch.zeros((), device=device), 0
             for i, idx in enumerate(batches[:n_micro]):
                 batch = collate([train_ex[j] for j in idx], pad_id, multiple)
                 answers = int((batch["labels"] != -100).sum())
@@ -202,6 +223,17 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().float()  # no host sync per step
+                window += loss.detach().float()
+                window_n += 1
+                if reporter is not None and (i + 1) % tc.accumsteps == 0:
+                    step = engine.global_steps
+                    on_curve = step % curve_every == 0
+                    if on_curve or reporter.due():  # the host sync happens only here
+                        mean = float(window) / window_n
+                        window, window_n = torch.zeros((), device=device), 0
+                        if on_curve:
+                            state.loss_curve.append([step, round(mean, 5)])
+                        reporter.report(step, total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
                 if cfg.fail_once_marker and i == 0 and epoch > state.starts[-1]["epoch"]:
                     _maybe_fail(cfg.fail_once_marker, rank, world)
             train_seconds = time.time() - t0
@@ -364,8 +396,10 @@ def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
 def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:
     """This rank's train rows and eval rows, in a fixed order (by the `row` column when present)."""
     if cfg.ray:
+        import ray.data
         import ray.train
 
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws training progress
         train = list(ray.train.get_dataset_shard("train").iter_rows())
         shard = ray.train.get_dataset_shard("eval")
         evals = list(shard.iter_rows()) if shard is not None else []

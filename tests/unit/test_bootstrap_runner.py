@@ -91,17 +91,20 @@ def call(i, predictor, inputs, outputs, kept=True, call_index=0):
                       outputs=outputs, score=1.0 if kept else 0.0, kept=kept)
 
 
-def test_data_stage_uses_the_students_prompt_and_drops_duplicates(tmp_path):
+def test_data_stage_uses_the_students_prompt_and_keeps_or_drops_duplicates(tmp_path):
     student = TwoStep()
     student.rewrite.demos = [dspy.Example(text="demo in", rewritten="demo out")]
     plan = check_program(student, [student], target="m", multitask=False, teacher_settings={"lm": object()})
     calls = [call(1, "rewrite", {"text": "b"}, {"rewritten": "b!"}),
              call(0, "rewrite", {"text": "a"}, {"rewritten": "a!"}),
              call(0, "answer.predict", {"rewritten": "a!"}, {"reasoning": "r", "answer": "A!"}, call_index=1),
-             call(2, "rewrite", {"text": "a"}, {"rewritten": "a!"}),         # identical to example 0's: dropped
+             call(2, "rewrite", {"text": "a"}, {"rewritten": "a!"}),         # identical to example 0's
              call(3, "rewrite", {"text": "c"}, {"rewritten": "c!"}, kept=False)]
+    kept_all = build_datasets(RunDir(tmp_path / "all"), calls, plan, student)  # as DSPy: every copy stays
+    assert kept_all["rewrite"].records == 3 and kept_all["rewrite"].duplicates == 1
+    assert kept_all["rewrite"].duplicates_dropped == 0
     run = RunDir(tmp_path / "run")
-    summaries = build_datasets(run, calls, plan, student)
+    summaries = build_datasets(run, calls, plan, student, drop_duplicates=True)
     rows = read_jsonl(run.data_file("rewrite"))
     assert [r["example_index"] for r in rows] == [0, 1]
     assert summaries["rewrite"].duplicates_dropped == 1 and summaries["rewrite"].records == 2
