@@ -3,6 +3,7 @@
     bootfinetune bootstrap --program my_pkg.rag:RAG --trainset train.jsonl --inputs question \\
         --teacher-model openai/gpt-4o-mini --api-key-env OPENAI_API_KEY --metric my_pkg.rag:exact_match
     bootfinetune teacher-server --script my_pkg.scripts:answer --port 8765
+    bootfinetune demo                      # the whole compile on a shipped task, offline
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-address", default=None)
     b.set_defaults(func=cmd_bootstrap)
 
+    d = sub.add_parser("demo", help="compile a shipped two-predictor program offline, end to end, and report",
+                       description=__import__("bootfinetune.demo.run", fromlist=["x"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bootfinetune.demo.run import add_arguments
+
+    add_arguments(d)
+    d.set_defaults(func=lambda args: __import__("bootfinetune.demo.run", fromlist=["x"]).run_demo(args))
+
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
     t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")
     t.add_argument("--host", default="127.0.0.1")
@@ -123,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.command != "demo" else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     from bootfinetune.errors import BootFinetuneError
 
     try:

@@ -1,0 +1,233 @@
+"""`bootfinetune demo`: the whole compile, offline, on a local Ray cluster.
+
+What it does, in order:
+
+1. builds the task (`bootfinetune.demo.task`): a two-predictor DSPy program that routes
+   shipping tickets, and a synthetic trainset and valset from a seeded generator;
+2. starts the scripted teacher, an OpenAI-compatible endpoint on 127.0.0.1 that stands in
+   for a large model (it is a Python function, not a model; see `teacher_script`), unless
+   `--teacher` names a real LM;
+3. builds the student, a small Llama-style model with its own tokenizer, from a config with
+   random weights (cached, so later runs reuse it), unless `--target` names one;
+4. runs `BootstrapFinetune(...).compile(...)`: bootstrapping on Ray Data, finetuning with
+   Ray Train and DeepSpeed, rebinding, and the metric on the valset before and after;
+5. prints a summary table and the paths of report.json and report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+STUDENT = dict(arch="llama", hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, max_positions=512)
+"""The demo student's shape: about 0.6M parameters, small enough to learn the task on two CPU cores."""
+
+DEFAULTS = dict(epochs=14, bsize=16, lr=3e-3, adam_beta2=0.95, warmup_ratio=0.05, max_length=96, max_tokens=24,
+                zero_stage=2)
+"""Training options the demo passes. A model trained from scratch wants a far higher lr than a
+finetune, and beta2=0.95 lets Adam follow the small late gradients. max_length=96 keeps the last
+96 tokens of each prompt and answer: DSPy's ChatAdapter opens every prompt with ~100 tokens of
+instructions that are the same in every call, and a model this small learns several times faster
+without them (the report counts the cut prompts; inference cuts them the same way)."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bootfinetune"
+
+
+def student_corpus(trainset: list) -> list[str]:
+    """Text the student's tokenizer is trained on: the demo program's prompts and answers."""
+    import dspy
+
+    from bootfinetune.demo.task import CITIES, ShippingRouter
+
+    adapter, program = dspy.ChatAdapter(), ShippingRouter()
+    texts = []
+    for ex in trainset[:300]:
+        for pred, inputs, outputs in ((program.extract, {"message": ex.message}, {"city": ex.city}),
+                                      (program.locate, {"city": ex.city}, {"country": ex.country})):
+            data = adapter.format_finetune_data(signature=pred.signature, demos=[], inputs=inputs, outputs=outputs)
+            texts += [m["content"] for m in data["messages"]]
+    texts += [f"{city} {country}\n{city}\n{country}\n" for city, country in CITIES.items()]
+    return texts
+
+
+def build_student(cache_dir: Path, trainset: list) -> tuple[Path, bool]:
+    """The demo's student directory (built once, then reused) and whether it was reused."""
+    from bootfinetune.tiny_models import STAMP, build_tiny_causal
+
+    path = cache_dir / "demo-student"
+    before = (path / STAMP).stat().st_mtime_ns if (path / STAMP).exists() else None
+    built = build_tiny_causal(path, corpus=student_corpus(trainset), **STUDENT)
+    return built, before is not None and (built / STAMP).stat().st_mtime_ns == before  # not rewritten
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(a) for a, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(b) for _, b in rows) + 2) + "+"
+    out = [line]
+    for a, b in rows:
+        out.append(f"| {a.ljust(width)} | {b.ljust(len(line) - width - 6)} |")
+    out.append(line)
+    return "\n".join(out)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def summary_rows(report: dict, elapsed: float) -> list[tuple[str, str]]:
+    stages = report.get("stages", {})
+    boot, metric = stages.get("bootstrap", {}), report.get("metric", {})
+    finetune = {k: v for k, v in stages.get("finetune", {}).items() if isinstance(v, dict)}
+    val = boot.get("val") or {}
+    rows = [("trainset examples kept", f"{boot.get('kept')} of {boot.get('examples')} "
+                                       f"({boot.get('failed')} failed, {boot.get('teacher_calls')} teacher calls)"),
+            ("valset examples", f"{val.get('examples', 0)}"),
+            ("models trained", ", ".join(f"{k} ({len(v.get('train_loss') or [])} epochs, best {v.get('best_epoch')})"
+                                         for k, v in finetune.items()) or "none"),
+            ("metric before (base student)", _fmt(metric.get("before"))),
+            ("metric after (finetuned)", _fmt(metric.get("after"))),
+            ("metric teacher", _fmt(metric.get("teacher")))]
+    for name in ("bootstrap", "data", "finetune", "evaluate"):
+        seconds = stages.get(name, {}).get("seconds")
+        if name == "bootstrap" and val.get("seconds"):
+            seconds = (seconds or 0) + val["seconds"]
+        rows.append((f"time: {name}", f"{_fmt(seconds, 1)} s"))
+    rows.append(("time: whole demo", f"{elapsed:.1f} s"))
+    return rows
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Runs the demo (see the module docstring); returns the exit code."""
+    log = logging.getLogger("bootfinetune")
+    saved = (log.level, log.propagate)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[bootfinetune] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return _run(args)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.time()
+    os.environ.setdefault("BOOTFINETUNE_PROGRESS", "1")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import dspy
+    import transformers
+
+    from bootfinetune import BootstrapFinetune
+
+    transformers.utils.logging.disable_progress_bar()  # weight loading bars would bury the stage lines
+    from bootfinetune.demo.task import ShippingRouter, make_datasets, metric, teacher_script
+    from bootfinetune.teacher_server import TeacherServer
+
+    def say(message: str) -> None:
+        print(f"[demo {time.time() - started:6.1f}s] {message}", flush=True)
+
+    trainset, valset = make_datasets(args.train_size, args.val_size, seed=args.seed)
+    say(f"task: ShippingRouter (extract -> locate), {len(trainset)} train / {len(valset)} val tickets")
+
+    if args.target:
+        target, reused = args.target, True
+        say(f"student: {target}")
+    else:
+        student_dir, reused = build_student(Path(args.cache_dir), trainset)
+        target = str(student_dir)
+        say(f"student: {'reused' if reused else 'built'} {target} (tiny Llama, random weights, own tokenizer)")
+
+    server = None
+    if args.teacher:
+        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        if args.api_key_env and not api_key:
+            print(f"error: --api-key-env names {args.api_key_env}, which is not set", file=sys.stderr)
+            return 2
+        teacher = dspy.LM(args.teacher, api_base=args.api_base, api_key=api_key, cache=False)
+        say(f"teacher: {args.teacher}{' at ' + args.api_base if args.api_base else ''}")
+    else:
+        server = TeacherServer(teacher_script, latency=args.teacher_latency).start()
+        teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local-demo", cache=False)
+        say(f"teacher: scripted stand-in for a large model at {server.url} (an OpenAI-compatible endpoint)")
+
+    import ray
+
+    if not ray.is_initialized():
+        from bootfinetune.ray_env import WORKER_ENV
+
+        if args.ray_address:
+            ray.init(address=args.ray_address, runtime_env={"env_vars": dict(WORKER_ENV)})
+        else:
+            # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": dict(WORKER_ENV)})
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    say(f"ray: {cpus} CPUs{', ' + str(int(ray.cluster_resources().get('GPU', 0))) + ' GPUs' if args.gpus else ''}")
+
+    options = dict(storage_path=args.storage, num_workers=args.workers, num_actors=args.num_actors,
+                   multitask=not args.per_predictor, seed=args.seed,
+                   adam_beta2=DEFAULTS["adam_beta2"], warmup_ratio=DEFAULTS["warmup_ratio"],
+                   max_length=DEFAULTS["max_length"], max_tokens=DEFAULTS["max_tokens"], zero_stage=args.zero_stage)
+    if args.gpus:
+        options.update(use_gpu=True, gpus_per_worker=1)
+    else:
+        options["cpus_per_worker"] = max(1, cpus // args.workers)
+    try:
+        tp = BootstrapFinetune(metric=metric, teacher_settings=dict(lm=teacher), **options)
+        compiled = tp.compile(ShippingRouter(), trainset=trainset, valset=valset, target=target,
+                              epochs=args.epochs, bsize=args.bsize, lr=args.lr)
+    finally:
+        if server is not None:
+            server.stop()
+
+    example = valset[0]
+    try:
+        prediction = compiled(message=example.message)
+        say(f"compiled program on a held-out ticket: {example.message!r} -> city={prediction.city!r}, "
+            f"country={prediction.country!r} (expected {example.country!r})")
+    except Exception as exc:  # an unparsable answer from a weak model is worth seeing, not a crash
+        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {exc}")
+
+    report = tp.report
+    print()
+    print(_table(summary_rows(report, time.time() - started)))
+    print()
+    print(f"report.json: {tp.run_dir.report_json}")
+    print(f"report.html: {tp.run_dir.root / 'report.html'}")
+    print(f"run directory: {tp.run_dir.root}  (bootfinetune.load(run_dir) rebuilds the compiled program)")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE", "./bootfinetune_runs"),
+                   help="where run directories go (default $BOOTFINETUNE_STORAGE or ./bootfinetune_runs)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per model")
+    p.add_argument("--gpus", action="store_true", help="train on one GPU per worker")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--bsize", type=int, default=DEFAULTS["bsize"], help="micro batch per worker")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--zero-stage", type=int, default=DEFAULTS["zero_stage"], help="DeepSpeed ZeRO stage")
+    p.add_argument("--per-predictor", action="store_true", help="one model per predictor (multitask=False)")
+    p.add_argument("--train-size", type=int, default=500)
+    p.add_argument("--val-size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-actors", type=int, default=2, help="Ray Data actors running the teacher")
+    p.add_argument("--teacher", default=None, help="a real teacher LM (LiteLLM name, e.g. openai/gpt-4o-mini)")
+    p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")
+    p.add_argument("--teacher-latency", type=float, default=0.02, help="seconds the scripted teacher waits per call")
+    p.add_argument("--target", default=None, help="finetune this model (directory or hub id) instead of the tiny one")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the built student is kept")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")

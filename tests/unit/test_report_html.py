@@ -1,0 +1,49 @@
+"""report.html from a report.json: charts drawn from the figures, nothing fetched, nothing run."""
+
+import html.parser
+
+from bootfinetune.report_html import _nice_ticks, render_report
+
+
+class _Collect(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+REPORT = {
+    "metric": {"before": 0.0, "after": 0.9, "teacher": 0.95, "examples": 20},
+    "stages": {"bootstrap": {"examples": 40, "kept": 36, "failed": 1, "teacher_calls": 80, "seconds": 3.0},
+               "data": {"seconds": 0.1},
+               "finetune": {"seconds": 12.0,
+                            "all": {"train_loss": [2.0, 0.5], "eval_loss": [1.0, 0.4], "eval_loss_before": 6.5,
+                                    "best_epoch": 2, "steps_per_epoch": 10, "tokens": 1000, "seconds": 10.0,
+                                    "loss_curve": [[1, 6.0], [10, 1.0], [20, 0.4]]}},
+               "evaluate": {"seconds": 2.0}},
+}
+
+
+def test_ticks_cover_the_highest_value():
+    assert _nice_ticks(0, 6.5)[-1] >= 6.5 and _nice_ticks(0, 6.5)[0] == 0
+    assert _nice_ticks(0, 0.3) == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_report_page_draws_metric_bars_and_loss_curves():
+    page = render_report(REPORT, title="run <x>")
+    parsed = _Collect()
+    parsed.feed(page)
+    tags = [t for t, _ in parsed.tags]
+    assert tags.count("svg") == 2 and "script" not in tags and "link" not in tags
+    bars = [a for t, a in parsed.tags if t == "rect" and a.get("fill", "").startswith("#") and float(a["height"]) > 4]
+    heights = sorted(float(a["height"]) for a in bars)
+    assert len(heights) == 2 and abs(heights[1] / heights[0] - 0.95 / 0.9) < 0.01  # after and teacher, to scale
+    paths = [a for t, a in parsed.tags if t == "path"]
+    assert len(paths) == 2 and any("stroke-dasharray" in a for a in paths)  # train curve and dashed eval
+    text = " ".join(parsed.text)
+    assert "run <x>" in text and "0.900" in text and "0.950" in text and "36" in text
