@@ -114,4 +114,4 @@ def test_data_stage_uses_the_students_prompt_and_keeps_or_drops_duplicates(tmp_p
 
     excluded = build_datasets(RunDir(tmp_path / "run2"), calls, plan, student, exclude_demos=True)
     assert "demo in" not in (tmp_path / "run2" / "data" / "rewrite.jsonl").read_text()
-    assert excluded["rewrite"].records == 2
+    assert excluded["rewrite"].records == 3  # duplicates kept (the default)
