@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -407,8 +408,8 @@ def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list
         return train, evals[rank::world]  # eval is not split by Ray: every worker sees it whole
     if not cfg.train_path:
         raise ValueError("train_path: give a JSONL of training records when running without Ray.")
-    train = _normalise(_read_jsonl(cfg.train_path))
-    evals = _normalise(_read_jsonl(cfg.eval_path)) if cfg.eval_path else []
+    train = _normalise(read_jsonl(Path(cfg.train_path)))
+    evals = _normalise(read_jsonl(Path(cfg.eval_path))) if cfg.eval_path else []
     return train[rank::world], evals[rank::world]
 
 
@@ -420,11 +421,6 @@ def _normalise(rows: list[dict]) -> list[dict]:
             messages = json.loads(messages)
         out.append({"messages": messages, "row": int(r.get("row", i))})
     return sorted(out, key=lambda r: r["row"])
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _maybe_fail(marker: str, rank: int, world: int) -> None:
