@@ -326,9 +326,15 @@ def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str
     if zero_stage == 0:
         states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # it prints a line per step of the merge
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    log.debug("zero_to_fp32: %s", said.getvalue().strip())
+    return state
 
 
 def _tied_names(model: Any) -> set[str]:

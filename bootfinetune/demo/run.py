@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-STUDENT = dict(arch="llama", hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024, max_positions=512)
-"""The demo student's shape: about 0.6M parameters, small enough to learn the task on two CPU cores."""
+STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
+"""The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
+Four narrow layers learn to copy the city out of the ticket far sooner than two wide ones."""
 
-DEFAULTS = dict(epochs=14, bsize=16, lr=3e-3, adam_beta2=0.95, warmup_ratio=0.05, max_length=96, max_tokens=24,
+DEFAULTS = dict(epochs=10, bsize=8, lr=2e-3, adam_beta2=0.95, warmup_ratio=0.05, max_length=96, max_tokens=24,
                 zero_stage=2)
 """Training options the demo passes. A model trained from scratch wants a far higher lr than a
 finetune, and beta2=0.95 lets Adam follow the small late gradients. max_length=96 keeps the last

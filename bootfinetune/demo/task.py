@@ -21,16 +21,15 @@ import random
 import dspy
 
 CITIES: dict[str, str] = {
-    "Lyon": "France", "Marseille": "France", "Toulouse": "France", "Nantes": "France",
-    "Munich": "Germany", "Hamburg": "Germany", "Cologne": "Germany", "Leipzig": "Germany",
-    "Milan": "Italy", "Naples": "Italy", "Turin": "Italy", "Florence": "Italy",
-    "Seville": "Spain", "Valencia": "Spain", "Bilbao": "Spain", "Malaga": "Spain",
-    "Porto": "Portugal", "Braga": "Portugal", "Coimbra": "Portugal", "Faro": "Portugal",
-    "Krakow": "Poland", "Gdansk": "Poland", "Poznan": "Poland", "Wroclaw": "Poland",
-    "Osaka": "Japan", "Kyoto": "Japan", "Sapporo": "Japan", "Nagoya": "Japan",
-    "Toronto": "Canada", "Calgary": "Canada", "Ottawa": "Canada", "Halifax": "Canada",
+    "Lyon": "France", "Marseille": "France", "Munich": "Germany", "Hamburg": "Germany",
+    "Milan": "Italy", "Naples": "Italy", "Seville": "Spain", "Valencia": "Spain",
+    "Porto": "Portugal", "Braga": "Portugal", "Krakow": "Poland", "Gdansk": "Poland",
+    "Osaka": "Japan", "Kyoto": "Japan", "Toronto": "Canada", "Calgary": "Canada",
 }
-"""Every city the messages mention, and its country (eight countries, four cities each)."""
+"""Every city the messages mention, and its country (eight countries, two cities each).
+
+Sixteen cities, so each appears about 30 times in a 500-ticket trainset: enough for the demo's
+0.5M-parameter student, trained from random weights, to learn every one in about a minute of CPU."""
 
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivo", "June", "Kai", "Lena",
          "Mo", "Nora", "Omar", "Pia", "Quinn", "Rui", "Sara", "Tom", "Uma", "Vik", "Wen", "Yara", "Zoe"]
@@ -110,14 +109,16 @@ def _wrong(value: str) -> bool:
 def teacher_script(inputs: dict[str, str], outputs: list[str]) -> dict[str, str]:
     """The scripted teacher: finds the city in the message, or the city's country.
 
-    About `TEACHER_ERROR_RATE` of messages get a neighbouring city, so a wrong country follows.
+    About `TEACHER_ERROR_RATE` of messages get a city of another country, so a wrong country
+    follows and the metric drops that trace.
     """
     cities = sorted(CITIES)
     if "message" in inputs:
         message = inputs["message"]
         found = next((c for c in cities if c in message), "unknown")
         if found != "unknown" and _wrong(message):
-            found = cities[(cities.index(found) + 7) % len(cities)]
+            i = cities.index(found)
+            found = next(c for c in cities[i + 1:] + cities[:i] if CITIES[c] != CITIES[found])
         return {"city": found}
     city = inputs.get("city", "").strip()
     return {"country": CITIES.get(city, "unknown")}
