@@ -62,5 +62,5 @@ def test_demo_runs_every_stage_and_writes_both_reports(ray_cluster, tmp_path, ca
     # The student was built once and is reused from the cache by the next run.
     student, reused = demo.build_student(tmp_path / "cache", make_datasets(40, 12)[0])
     assert reused and (student / "config.json").exists()
-    assert json.loads((student / "bootfinetune_tiny.json").read_text())["args"]["hidden_size"] == 128
+    assert json.loads((student / "bootfinetune_tiny.json").read_text())["args"]["hidden_size"] == demo.STUDENT["hidden_size"]
     assert metric  # the task's metric is importable by path for ray workers
