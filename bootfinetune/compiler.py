@@ -183,6 +183,7 @@ class BootstrapFinetune(Teleprompter):
         compiled = compiled_program(student, plan, run, exclude_demos=config.bootstrap.exclude_demos,
                                     inference=config.inference)
         write_json(run.program_json, program_state(compiled))
+        run.sync()
         logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{plan.key_of[name]}"
                                                       for name in plan.predictors))
         metric_report, eval_seconds = self._evaluate(prepared, student, compiled)
@@ -195,7 +196,9 @@ class BootstrapFinetune(Teleprompter):
         from bootfinetune.report_html import write_report_html
 
         html_path = write_report_html(run)
-        logger.info("done: report %s, %s", run.report_json, html_path)
+        run.sync()
+        logger.info("done: report %s, %s%s", run.report_json, html_path,
+                    f" (uploaded to {run.location})" if run.remote else "")
         return compiled
 
     def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
@@ -241,12 +244,20 @@ class BootstrapFinetune(Teleprompter):
                            "will overstate generalisation. Hold them out of one set.", overlap)
 
         run = self._run_dir(config, plan, student, teachers, trainset, valset)
+        if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
+            from bootfinetune.storage import check_writable
+
+            problem = check_writable(config.run.storage_path)
+            if problem:
+                raise ConfigError([problem])
+            run.pull()
         self.run_dir = run
         logger.info("stage 1/6 checks: %s, predictors %s -> model(s) %s; run directory %s", plan.program_name,
-                    ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.root)
+                    ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.location)
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
         write_json(run.config_json, self._describe(config, plan, student, teachers))
+        run.sync()
         from bootfinetune.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
@@ -275,6 +286,7 @@ class BootstrapFinetune(Teleprompter):
                      "keys": {k: asdict(v) for k, v in data.items()},
                      "val_keys": {k: asdict(v) for k, v in val_data.items()}},
         })
+        run.sync()
         return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None)
 
     def _run_dir(self, config: Config, plan: ProgramPlan, student, teachers, trainset, valset) -> RunDir:

@@ -210,14 +210,16 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     stamp = experiment / JOB_STAMP
     if stamp.exists() and read_json(stamp).get("job_fingerprint") != job_fp:
         log.warning("checkpoints in %s are from other data or options; starting %r over", experiment, job.key)
-        shutil.rmtree(experiment)
+        run.remove_checkpoints(job.key)
     write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
+    run.sync()
 
     datasets = {"train": _to_dataset(ray, train_records)}
     if eval_records:
         datasets["eval"] = _to_dataset(ray, eval_records)
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
                    "data_hash": data_hash(job.train_file), **hooks}
+    storage_path, storage_fs = run.checkpoint_storage()  # on a cloud URI, workers write checkpoints there
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     keep = (CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
             if eval_records else CheckpointConfig(num_to_keep=1))  # best + latest are kept (latest always is)
@@ -226,7 +228,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(run.checkpoints_dir()), name=job.key,
+        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=job.key,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=keep),
         datasets=datasets,
@@ -288,6 +290,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "job_fingerprint": job_fp,
     }
     write_json(out / MANIFEST, manifest)  # last: its presence means the key is finished
+    run.sync()
     return manifest
 
 

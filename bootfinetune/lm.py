@@ -108,11 +108,13 @@ class FinetunedLM(dspy.BaseLM):
         batch_size: Most prompts per `generate` call.
         max_length: Prompt tokens kept (cut from the left, as in training); None reads the manifest.
         trust_remote_code: Allow the model repository's own code to run.
+        source: The model's cloud URI (a run on `s3://`/`gs://` storage): where `model` is fetched
+            from on a node that lacks that folder.
     """
 
     def __init__(self, model: str, *, key: str | None = None, device: str | None = None, max_tokens: int = 512,
                  temperature: float = 0.0, batch_size: int = 8, max_length: int | None = None,
-                 trust_remote_code: bool = False, **kwargs: Any):
+                 trust_remote_code: bool = False, source: str | None = None, **kwargs: Any):
         kwargs.pop("model_type", None)
         super().__init__(model=str(model), model_type="chat", temperature=temperature, max_tokens=max_tokens,
                          cache=False, num_retries=0)
@@ -121,7 +123,15 @@ class FinetunedLM(dspy.BaseLM):
         self.batch_size = batch_size
         self.max_length = max_length if max_length is not None else self._manifest_max_length()
         self.trust_remote_code = trust_remote_code
+        self.source = source
         self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
+
+    def fetch(self) -> None:
+        """Downloads the model from `source` when this node lacks its folder (runs on cloud storage)."""
+        if self.source and not (Path(self.model) / "manifest.json").exists():
+            from bootfinetune.storage import pull
+
+            pull(self.source, Path(self.model))
 
     def _manifest_max_length(self) -> int | None:
         manifest = Path(self.model) / "manifest.json"
@@ -186,6 +196,7 @@ class FinetunedLM(dspy.BaseLM):
         import torch
 
         device = self.device or default_device()
+        self.fetch()
         model, tokenizer, kind = load_model(self.model, device, self.trust_remote_code)
         prompts = [encode_prompt(tokenizer, msgs, kind, self.max_length) for msgs, _, _ in requests]
         max_new = max(r[1] for r in requests)
@@ -213,7 +224,7 @@ class FinetunedLM(dspy.BaseLM):
     def dump_state(self) -> dict[str, Any]:
         state = super().dump_state()
         state.update(key=self.key, device=self.device, batch_size=self.batch_size, max_length=self.max_length,
-                     trust_remote_code=self.trust_remote_code)
+                     trust_remote_code=self.trust_remote_code, source=self.source)
         for name in ("cache", "num_retries", "model_type"):
             state.pop(name, None)
         return state

@@ -21,7 +21,8 @@ from bootfinetune.rundir import RunDir, read_json
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
-           exclude_demos: bool = False, inference: InferenceConfig | None = None) -> dspy.Module:
+           exclude_demos: bool = False, inference: InferenceConfig | None = None,
+           sources: dict[str, str | None] | None = None) -> dspy.Module:
     """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
 
     Args:
@@ -30,10 +31,11 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
         model_of: Model key -> model directory (or hub id, for the base student).
         exclude_demos: Drop the predictors' demos, as training did.
         inference: Generation options for the LMs.
+        sources: Model key -> the model's cloud URI, for runs on cloud storage (see `FinetunedLM`).
     """
     inference = inference or InferenceConfig()
     lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
-                            batch_size=inference.generate_batch_size)
+                            batch_size=inference.generate_batch_size, source=(sources or {}).get(key))
            for key, path in model_of.items()}
     compiled = student.deepcopy()
     for name, predictor in compiled.named_predictors():
@@ -47,7 +49,8 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
 def compiled_program(student: dspy.Module, plan: ProgramPlan, run: RunDir, *, exclude_demos: bool,
                      inference: InferenceConfig) -> dspy.Module:
     return rebind(student, plan.key_of, {k: str(run.model_dir(k)) for k in plan.keys()},
-                  exclude_demos=exclude_demos, inference=inference)
+                  exclude_demos=exclude_demos, inference=inference,
+                  sources={k: run.model_uri(k) for k in plan.keys()})
 
 
 def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
@@ -80,14 +83,16 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     """Rebuilds a compiled program from its run directory.
 
     Args:
-        run_dir: The run directory of a finished compile.
+        run_dir: The run directory of a finished compile: its folder, or its URI on cloud
+            storage (`s3://bucket/runs/Name-1a2b3c`; fetched into the local mirror first).
         program: A fresh instance of the program class; None imports the class recorded in
             config.json and calls it with no arguments.
         device: Where the finetuned models run; None picks CUDA when present.
     """
-    run = RunDir(Path(run_dir).expanduser().resolve())
+    run = RunDir.from_location(run_dir)
+    run.pull()
     if not run.program_json.exists():
-        raise ProgramError(f"run_dir: {run.root} has no program.json; is it a finished compile's run directory?")
+        raise ProgramError(f"run_dir: {run.location} has no program.json; is it a finished compile's run directory?")
     described = read_json(run.config_json)
     if program is None:
         path = described.get("program_class", "")
@@ -107,5 +112,5 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     key_of = {name: key for key, spec in described["model_keys"].items() for name in spec["predictors"]}
     inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
     loaded = rebind(program, key_of, {k: str(run.model_dir(k)) for k in described["model_keys"]},
-                    inference=inference)
+                    inference=inference, sources={k: run.model_uri(k) for k in described["model_keys"]})
     return loaded

@@ -13,6 +13,10 @@
 
 Files are written to a temporary name and renamed, so a crash never leaves a half file
 where a finished one is expected.
+
+`storage_path` may also be a cloud URI (`s3://`, `gs://`): `root` is then a local mirror of
+`{uri}/{run_name}` (see `bootfinetune.storage`), `pull()` fetches the URI's files into it and
+`sync()` uploads what a stage wrote. For a folder both are no-ops.
 """
 
 from __future__ import annotations
@@ -86,10 +90,75 @@ class RunDir:
     """Paths inside one run directory. Nothing is created until a stage writes."""
 
     root: Path
+    remote: str | None = None
+    """The run's cloud URI when storage_path is one (root is then its local mirror), else None."""
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
+        from bootfinetune.storage import is_uri, join_uri, mirror_of
+
+        if is_uri(storage_path):
+            remote = join_uri(storage_path, run_name)
+            return cls(mirror_of(remote), remote)
         return cls(Path(storage_path).expanduser().resolve() / run_name)
+
+    @classmethod
+    def from_location(cls, location: str | os.PathLike) -> "RunDir":
+        """A run directory named by its folder or its URI (`s3://bucket/runs/Name-1a2b3c`)."""
+        from bootfinetune.storage import is_uri, mirror_of
+
+        text = str(location)
+        if is_uri(text):
+            return cls(mirror_of(text), text)
+        return cls(Path(text).expanduser().resolve())
+
+    @property
+    def location(self) -> str:
+        """Where the run lives for users: its URI, or its folder."""
+        return self.remote or str(self.root)
+
+    def pull(self) -> int:
+        """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""
+        if self.remote is None:
+            return 0
+        from bootfinetune.storage import pull
+
+        return pull(self.remote, self.root)
+
+    def sync(self) -> int:
+        """Uploads what changed in the mirror to the URI (markers last); 0 for a folder."""
+        if self.remote is None:
+            return 0
+        from bootfinetune.storage import push
+
+        return push(self.root, self.remote)
+
+    def checkpoint_storage(self) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
+        if self.remote is None:
+            return str(self.checkpoints_dir()), None
+        from bootfinetune.storage import filesystem, join_uri
+
+        fs, path = filesystem(join_uri(self.remote, "checkpoints"))
+        return path, fs
+
+    def remove_checkpoints(self, key: str) -> None:
+        """Deletes checkpoints/{key} (in the folder, and on the URI when there is one)."""
+        import shutil
+
+        shutil.rmtree(self.checkpoints_dir() / key, ignore_errors=True)
+        if self.remote is not None:
+            from bootfinetune.storage import join_uri, remove
+
+            remove(join_uri(self.remote, "checkpoints", key))
+
+    def model_uri(self, key: str) -> str | None:
+        """models/{key} on the URI, or None for a folder."""
+        if self.remote is None:
+            return None
+        from bootfinetune.storage import join_uri
+
+        return join_uri(self.remote, "models", key)
 
     @property
     def name(self) -> str:

@@ -241,6 +241,7 @@ class ModelServer(ChatServer):
 
     def start(self) -> Self:
         """Loads the model (so a bad directory fails here, not on the first request), then serves."""
+        self.lm.fetch()
         load_model(self.model_dir, self.lm.device or default_device(), self.lm.trust_remote_code)
         return super().start()
 

@@ -9,6 +9,12 @@ import pytest
 # Keep DSPy's on-disk cache out of the user's home and out of the way of call counts.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
 os.environ.setdefault("DSPY_CACHEDIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "bootfinetune-test-dspy-cache"))
+# Dummy credentials for the S3-compatible test server, set before Ray starts so every worker has them;
+# tests never talk to a real cloud. Mirrors of cloud runs go under the test's temp folders.
+from tests.s3server import CREDENTIALS  # noqa: E402
+
+os.environ.update(CREDENTIALS)
+os.environ.setdefault("BOOTFINETUNE_STAGING", os.path.join(os.environ.get("TMPDIR", "/tmp"), "bootfinetune-test-staging"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,6 +43,17 @@ def ray_cluster():
                                            "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 with a bucket named "runs"."""
+    from tests.s3server import S3Server
+
+    server = S3Server()
+    server.make_bucket("runs")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,105 @@
+"""bootfinetune.storage against a real S3 API (moto's server on 127.0.0.1): mirror, push, pull."""
+
+import os
+
+import pytest
+
+from bootfinetune.rundir import RunDir, read_json, write_json
+from bootfinetune.storage import filesystem, is_uri, join_uri, mirror_of, pull, push
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    s3_server.make_bucket("unit")
+    return s3_server
+
+
+def remote_names(uri):
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(uri)
+    return sorted(f.path[len(base) + 1:] for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                  if f.type == pafs.FileType.File)
+
+
+def test_uri_helpers():
+    assert is_uri("gs://b/x") and not is_uri("relative/runs") and not is_uri("file:///tmp/runs")
+    uri = "s3://b/runs?endpoint_override=127.0.0.1:9&scheme=http"
+    assert join_uri(uri, "R-1", "models/all") == "s3://b/runs/R-1/models/all?endpoint_override=127.0.0.1:9&scheme=http"
+    assert mirror_of(join_uri(uri, "R-1")).name == "R-1"
+    assert mirror_of(join_uri(uri, "R-1")) != mirror_of(join_uri("s3://other/runs", "R-1"))
+
+
+def test_push_pull_round_trip(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
+    run = RunDir.at(s3.uri("unit", "runs"), "Prog-123")
+    assert run.remote and run.root.is_relative_to(tmp_path / "machine-a") and run.root.name == "Prog-123"
+    write_json(run.config_json, {"a": 1})
+    write_json(run.model_dir("all") / "manifest.json", {"done": True})
+    (run.model_dir("all") / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    (run.model_dir("all") / "model.safetensors").write_bytes(os.urandom(3 << 20))
+    write_json(run.checkpoints_dir() / "all" / "bootfinetune_job.json", {"job_fingerprint": "x"})
+    assert run.sync() == 4
+    assert run.sync() == 0  # nothing changed: nothing uploaded
+    assert remote_names(run.remote) == [".bootfinetune_index.json", "checkpoints/all/bootfinetune_job.json", "config.json",
+                                        "models/all/manifest.json", "models/all/model.safetensors"]
+
+    # Another machine (another staging folder) reads the run back from the URI alone.
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
+    other = RunDir.from_location(run.remote)
+    assert other.root != run.root and other.pull() == 4
+    assert (other.model_dir("all") / "model.safetensors").read_bytes() == \
+        (run.model_dir("all") / "model.safetensors").read_bytes()
+    assert other.pull() == 0
+
+    # A change on machine b reaches machine a; machine a's untouched files stay as they are.
+    write_json(other.config_json, {"a": 2})
+    assert other.sync() == 1
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
+    assert run.pull() == 1 and read_json(run.config_json) == {"a": 2}
+
+
+def test_markers_upload_last_and_checkpoints_stay_remote(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "s"))
+    uri = s3.uri("unit", "order")
+    local = tmp_path / "mirror"
+    for name in ("models/k/manifest.json", "models/k/weights.bin", "report.json", "data/k.jsonl"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(name)
+    order = []
+    import bootfinetune.storage as storage
+
+    real = storage.filesystem
+
+    class Recording:  # the real filesystem, noting the order in which files are opened for writing
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_output_stream(self, path, *a, **kw):
+            order.append(path.split("/order/")[1])
+            return self.fs.open_output_stream(path, *a, **kw)
+
+    monkeypatch.setattr(storage, "filesystem", lambda u: (Recording(real(u)[0]), real(u)[1]))
+    push(local, uri)
+    monkeypatch.setattr(storage, "filesystem", real)
+    # markers after the files they vouch for, the index after everything
+    assert order[-3:] == ["models/k/manifest.json", "report.json", ".bootfinetune_index.json"]
+    # Ray Train's checkpoint files on the URI are not pulled into a mirror (only job stamps are).
+    fs, base = filesystem(uri)
+    with fs.open_output_stream(f"{base}/checkpoints/k/checkpoint_000001/big.pt") as f:
+        f.write(b"x" * 1000)
+    fresh = tmp_path / "fresh"
+    assert pull(uri, fresh) == 4
+    assert not (fresh / "checkpoints").exists()
+
+
+def test_unwritable_bucket_is_a_clear_error(s3):
+    from bootfinetune.storage import check_writable
+
+    problem = check_writable(s3.uri("no-such-bucket", "runs"))
+    assert problem and "storage_path=" in problem and "no-such-bucket" in problem
+    assert "127.0.0.1" not in problem  # the query string is left out of messages
+    assert check_writable(s3.uri("unit", "ok")) is None
