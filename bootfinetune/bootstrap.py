@@ -72,6 +72,16 @@ class _LMCallCounter(BaseCallback):
         self.count += 1
 
 
+def _node_id() -> str | None:
+    """The Ray node this process runs on (recorded per example in the progress file), or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 class TeacherRunner:
     """The callable class Ray Data runs in each actor: examples in, JSON results out.
 
@@ -106,6 +116,7 @@ class TeacherRunner:
         self.split = split
         self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
+        self.node = _node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         jobs = [(int(i), str(e), t) for i, e in zip(batch["example_index"], batch["example"])
@@ -130,7 +141,7 @@ class TeacherRunner:
             failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
                                     message=redact(str(exc), self.secrets)[:2000], teacher=teacher_index,
                                     split=self.split, stage=stage)
-            return {"failure": failure.to_dict(), "teacher_calls": counter.count}
+            return {"failure": failure.to_dict(), "teacher_calls": counter.count, "node": self.node}
         kept = is_kept(score, self.metric_threshold)
         calls, unattributed = [], 0
         for pred, inputs, outputs in trace:
@@ -146,7 +157,7 @@ class TeacherRunner:
                 score=score_value(score), kept=kept, teacher=teacher_index, split=self.split,
             ).to_dict())
         return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": counter.count,
-                "unattributed": unattributed}
+                "unattributed": unattributed, "node": self.node}
 
 
 @dataclass
@@ -268,6 +279,8 @@ def _finish(run: RunDir, paths: dict, results: dict, n_examples: int, started: f
     for key in sorted(results):
         result = results[key]
         summary.teacher_calls += result.get("teacher_calls", 0)
+        if result.get("node"):
+            summary.nodes[result["node"]] = summary.nodes.get(result["node"], 0) + 1
         if "failure" in result:
             failures.append(FailureRecord(**result["failure"]))
             continue

@@ -110,7 +110,8 @@ class TrainConfig:
 class RunOptions:
     """Where the run directory lives and which Ray cluster runs the stages."""
 
-    storage_path: str = field(default_factory=lambda: os.environ.get(STORAGE_ENV, DEFAULT_STORAGE))
+    # An empty $BOOTFINETUNE_STORAGE counts as unset (a runtime_env's "${BOOTFINETUNE_STORAGE}" gives "" where unset).
+    storage_path: str = field(default_factory=lambda: os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
     """Folder (or cloud URI) holding run directories; default $BOOTFINETUNE_STORAGE or ./bootfinetune_runs."""
     run_name: str | None = None
     """Run directory name; None derives it from the inputs so the same compile resumes."""

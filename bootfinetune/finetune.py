@@ -282,6 +282,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                                                                  if kind == "causal" else 0)},
         "dropped_per_epoch": state["dropped_per_epoch"],
         "world_size": state["world_size"],
+        "nodes": state.get("nodes", []),
         "starts": state["starts"],
         "history": history,
         "loss_curve": state.get("loss_curve", []),

@@ -84,6 +84,8 @@ class BootstrapSummary:
     """Wall time of the stage."""
     per_predictor: dict[str, int] = field(default_factory=dict)
     """Kept calls per predictor name."""
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Examples run per Ray node id (where the bootstrap actors ran)."""
 
 
 def to_jsonable(value: Any) -> Any:

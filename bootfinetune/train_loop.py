@@ -96,6 +96,8 @@ class LoopState:
     starts: list[dict[str, int]] = field(default_factory=list)
     """Where each (re)start of the loop began: {"epoch", "global_step"} (0 = from scratch)."""
     eval_loss_before: float | None = None
+    nodes: list[str] = field(default_factory=list)
+    """Where each rank of the latest start ran: Ray node ids (host names outside Ray), by rank."""
     truncated_train: int = 0
     truncated_eval: int = 0
     dropped_per_epoch: int = 0
@@ -143,6 +145,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                            f"{cfg.data_hash}); delete it to start over.")
     state.starts.append({"epoch": state.epochs_done, "global_step": state.global_step})
     state.world_size, state.data_hash = world, cfg.data_hash
+    state.nodes = _rank_nodes(world)
 
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
@@ -432,6 +435,27 @@ def _maybe_fail(marker: str, rank: int, world: int) -> None:
         return
     os.close(fd)
     raise RuntimeError(f"injected failure on rank {rank} (test hook fail_once_marker={marker})")
+
+
+def _rank_nodes(world: int) -> list[str]:
+    """Each rank's Ray node id (or host name), gathered on every rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    node = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    if world <= 1 or not dist.is_initialized():
+        return [node]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, node)
+    return [str(n) for n in out]
 
 
 def _all_reduce(values: list[float], device: Any, op: str) -> list[float]:

@@ -68,6 +68,13 @@ def build_student(cache_dir: Path, trainset: list) -> tuple[Path, bool]:
     return built, before is not None and (built / STAMP).stat().st_mtime_ns == before  # not rewritten
 
 
+def demo_student() -> str:
+    """The demo student's folder, built on first use (for job configs: `target: bootfinetune.demo.run:demo_student`)."""
+    from bootfinetune.demo.task import make_datasets
+
+    return str(build_student(default_cache_dir(), make_datasets()[0])[0])
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(a) for a, _ in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(b) for _, b in rows) + 2) + "+"
@@ -212,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE", "./bootfinetune_runs"),
+    p.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE") or "./bootfinetune_runs",
                    help="where run directories go (default $BOOTFINETUNE_STORAGE or ./bootfinetune_runs)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per model")
     p.add_argument("--gpus", action="store_true", help="train on one GPU per worker")

@@ -122,3 +122,13 @@ def teacher_script(inputs: dict[str, str], outputs: list[str]) -> dict[str, str]
         return {"city": found}
     city = inputs.get("city", "").strip()
     return {"country": CITIES.get(city, "unknown")}
+
+
+def demo_trainset() -> list[dspy.Example]:
+    """The demo's 500 training tickets (for job configs: `trainset: bootfinetune.demo.task:demo_trainset`)."""
+    return make_datasets()[0]
+
+
+def demo_valset() -> list[dspy.Example]:
+    """The demo's 200 validation tickets."""
+    return make_datasets()[1]

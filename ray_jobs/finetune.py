@@ -1,0 +1,19 @@
+"""Finetune a run's models from the data its bootstrap saved (no teacher calls), on Ray Train + DeepSpeed.
+
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python ray_jobs/finetune.py --run-dir s3://my-bucket/bootfinetune-runs/ShippingRouter-1a2b3c4d5e6f \
+        --set num_workers=4 --set use_gpu=true
+
+Only resource options may change (`--set num_workers=...`); the run's own options decide what
+is trained. It writes models/{key}/ and program.json, so `bootfinetune.load(run_dir)` works.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bootfinetune.jobs import main_finetune, run_main  # noqa: E402
+
+if __name__ == "__main__":
+    run_main(main_finetune)

@@ -1,0 +1,116 @@
+"""The README's `ray job submit --working-dir . -- python ray_jobs/compile.py --config ...` against a real head.
+
+The head is `ray start --head --block` on 127.0.0.1 in its own temp dir (so it never meets the
+test session's cluster), stopped by terminating that process. The job compiles the demo task
+from a small JSONL trainset, with the demo config and `--set` overrides.
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bootfinetune.demo.task import make_datasets
+from tests.s3server import free_port
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    temp_dir = tempfile.mkdtemp(prefix="bfjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Token authentication on, as Ray >= 2.59 turns it on for `ray start --head` whenever ~/.ray/auth_token
+    # exists: the head and the CLI share a token file of their own (RAY_AUTH_MODE=token makes the CLI send it).
+    token = os.path.join(temp_dir, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=open(os.path.join(temp_dir, "head.log"), "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (token authentication may refuse us): it is up
+            break
+        except Exception:
+            if head.poll() is not None or time.time() > deadline:
+                head.kill()
+                log = open(os.path.join(temp_dir, "head.log")).read()[-3000:]
+                raise RuntimeError(f"ray start --head did not come up: {log}")
+            time.sleep(1)
+    yield address, env
+    head.terminate()  # --block: the command stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(cmd, env, timeout):
+    """Runs `ray job submit`; retries while the head's job agent is still starting (nothing was submitted)."""
+    deadline = time.time() + 240
+    while True:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
+def test_readme_ray_job_submit_line_compiles(ray_head, tmp_path):
+    address, env = ray_head
+    readme = (REPO / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if l.startswith("ray job submit --working-dir . -- python ray_jobs/compile.py"))
+    assert "--config ray_jobs/configs/demo_cpu.yaml" in line
+    train, val = make_datasets(24, 8)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"message": e.message, "city": e.city, "country": e.country}) + "\n"
+                            for e in train))
+    overrides = ["--set", f"trainset={{path: {data}, inputs: [message]}}", "--set", "valset=null",
+                 "--set", "epochs=2", "--set", f"storage_path={tmp_path / 'runs'}", "--set", "num_actors=1"]
+    cmd = line.split() + overrides
+    cmd[cmd.index("submit") + 1:cmd.index("submit") + 1] = ["--address", address]
+    proc = submit(cmd, {**env, "BOOTFINETUNE_STAGING": str(tmp_path / "staging"),
+                        "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    result = json.loads(re.search(r"BOOTFINETUNE_RESULT (\{.*\})", out).group(1))
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent == tmp_path / "runs"
+    assert (run_dir / "models" / "all" / "manifest.json").exists() and (run_dir / "program.json").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["stages"]["bootstrap"]["examples"] == 24 and report["stages"]["bootstrap"]["teacher_calls"] == 48
+
+
+def test_a_bad_config_fails_the_job_before_any_work(ray_head, tmp_path):
+    address, env = ray_head
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
+           "ray_jobs/compile.py", "--config", "ray_jobs/configs/demo_cpu.yaml", "--set", "epoch=3",
+           "--set", f"storage_path={tmp_path / 'runs'}"]
+    proc = submit(cmd, env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Did you mean 'epochs'" in out
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,64 @@
+"""A compile on a two-node local cluster (`ray.cluster_utils.Cluster`): bootstrap actors and Ray Train
+workers land on both nodes and the run completes.
+
+Each node has 2 CPUs and each actor / worker asks for 1.5, so two of them cannot share a node:
+the placement itself forces both nodes into use, and the run records where each piece ran
+(bootstrap summary `nodes`, the model manifest's `nodes` per rank). It runs in its own process,
+as a second cluster cannot join the test session's.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, sys
+import dspy, ray
+from ray.cluster_utils import Cluster
+from bootfinetune import BootstrapFinetune
+from bootfinetune.teacher_server import TeacherServer
+from bootfinetune.tiny_models import build_tiny_causal
+from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
+
+out = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False,
+         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                   "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
+nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+target = str(build_tiny_causal(out + "/tiny"))
+with TeacherServer(two_step_script) as server:
+    teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="x", cache=False)
+    tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, storage_path=out + "/runs",
+                           num_actors=2, actor_cpus=1.5, num_threads=2, batch_size=4,
+                           num_workers=2, cpus_per_worker=1.5, zero_stage=2, max_tokens=16)
+    compiled = tp.compile(TwoStep(), trainset=two_step_examples(16), target=target, epochs=1, bsize=4, lr=3e-3)
+manifest = json.load(open(tp.run_dir.model_dir("all") / "manifest.json"))
+print("RESULT " + json.dumps({"cluster_nodes": nodes, "bootstrap_nodes": tp.report["stages"]["bootstrap"]["nodes"],
+                              "train_nodes": manifest["nodes"], "world_size": manifest["world_size"],
+                              "kept": tp.report["stages"]["bootstrap"]["kept"]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_bootstrap_actors_and_training_workers_use_both_nodes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert len(result["cluster_nodes"]) == 2
+    assert sorted(result["bootstrap_nodes"]) == result["cluster_nodes"]  # examples ran on both nodes
+    assert sum(result["bootstrap_nodes"].values()) == 16
+    assert result["world_size"] == 2 and sorted(result["train_nodes"]) == result["cluster_nodes"]  # a rank on each
+    assert result["kept"] > 0

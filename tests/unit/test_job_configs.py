@@ -1,0 +1,129 @@
+"""Every YAML in ray_jobs/ and cluster/ loads and validates; bad job configs fail with every problem named."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bootfinetune.errors import ConfigError
+from bootfinetune.jobs import JobConfig, check_environment, load_job_config, parse_job_config
+
+REPO = Path(__file__).resolve().parents[2]
+YAMLS = sorted(p for folder in ("ray_jobs", "cluster") for p in (REPO / folder).rglob("*.y*ml"))
+
+
+def validate_launcher(config: dict) -> None:
+    """Ray's own cluster schema (ray-schema.json), then Ray's filled-in checks."""
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))
+
+
+def validate_kuberay(doc: dict) -> None:
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCluster")
+    cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["shutdownAfterJobFinishes"] is True and doc["spec"]["ttlSecondsAfterFinished"] > 0
+        assert doc["spec"]["entrypoint"].startswith("python ray_jobs/compile.py --config ray_jobs/configs/")
+        assert (REPO / doc["spec"]["entrypoint"].split("--config ")[1].split()[0]).exists()
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]  # a CPU head
+    groups = cluster["workerGroupSpecs"]
+    gpu = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and all(g["minReplicas"] <= g["maxReplicas"] for g in gpu)
+    text = yaml.safe_dump(doc)
+    assert "sk-" not in text and "secretKeyRef" in text or doc["kind"] == "RayCluster" and "secretKeyRef" in text
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_validates(path):
+    doc = yaml.safe_load(path.read_text())
+    rel = path.relative_to(REPO).as_posix()
+    if rel.startswith("ray_jobs/"):
+        job = load_job_config(path)
+        assert isinstance(job, JobConfig) and job.program and job.trainset
+        header = path.read_text().splitlines()[:8]
+        assert any(f"--config {rel}" in line for line in header), "header comment gives the command"
+        if job.teacher is not None and job.teacher.model:
+            assert job.teacher.api_key_env  # a hosted teacher names its key's variable
+    elif rel == "cluster/runtime_env.yaml":
+        from ray.runtime_env import RuntimeEnv
+
+        env = RuntimeEnv(**doc)
+        assert ".venv/" in env["excludes"] and all(v.startswith("${") or "KEY" not in k for k, v in doc["env_vars"].items())
+    elif rel.startswith("cluster/kuberay/"):
+        validate_kuberay(doc)
+    elif rel.startswith("cluster/"):
+        validate_launcher(doc)
+        kinds = doc["available_node_types"]
+        assert "GPU" not in kinds[doc["head_node_type"]]["resources"]
+        assert any(t.get("max_workers", 0) > t.get("min_workers", 0) for n, t in kinds.items() if n != doc["head_node_type"])
+        assert "BOOTFINETUNE_STORAGE=" in " ".join(doc["head_start_ray_commands"])
+    else:  # pragma: no cover - a new folder needs a validator here
+        pytest.fail(f"no validator for {rel}")
+
+
+def test_the_config_folder_holds_cpu_and_gpu_runs():
+    jobs = {p.name: load_job_config(p) for p in (REPO / "ray_jobs" / "configs").glob("*.yaml")}
+    configs = {name: j.config for name, j in jobs.items()}
+    assert any(not c.train.use_gpu for c in configs.values())
+    assert any(c.train.use_gpu and "flan-t5-base" in c.train.target for c in configs.values())
+    assert any(c.train.use_gpu and c.train.zero_stage == 3 and "1B" in c.train.target for c in configs.values())
+
+
+def test_a_launcher_with_a_typo_fails_ray_schema():
+    doc = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    doc["available_node_types"]["gpu_workers"]["max_worker"] = 3
+    with pytest.raises(Exception, match="max_worker"):
+        validate_launcher(doc)
+
+
+def test_bad_job_config_names_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "program": "bootfinetune.demo.task:NoSuchProgram", "trainset": {"path": "t.jsonl"},
+        "teacher": {"model": "openai/gpt-4o-mini", "api_key": "sk-live-123"}, "epoch": 3, "lr": -1,
+        "api_key": "sk-live-456"}))
+    with pytest.raises(ConfigError) as info:
+        load_job_config(bad)
+    text = "\n".join(info.value.problems)
+    assert "NoSuchProgram" in text and "trainset.inputs" in text
+    assert "teacher.api_key must not be written" in text and "api_key must not be written" in text
+    assert "'epoch'" in text and "Did you mean 'epochs'" in text and "lr=-1" in text
+    assert "sk-live" not in text  # the key itself is never echoed
+    assert str(bad) in text
+
+
+def test_overrides_and_missing_file(tmp_path):
+    job = load_job_config(REPO / "ray_jobs" / "configs" / "demo_cpu.yaml",
+                          ["epochs=3", "trainset={path: /tmp/t.jsonl, inputs: [message]}"])
+    assert job.config.train.epochs == 3 and job.trainset == {"path": "/tmp/t.jsonl", "inputs": ["message"]}
+    with pytest.raises(ConfigError, match="no such file"):
+        load_job_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="--set 'epochs'"):
+        load_job_config(REPO / "ray_jobs" / "configs" / "demo_cpu.yaml", ["epochs"])
+
+
+def test_unset_api_key_variable_stops_the_job_before_it_starts(monkeypatch):
+    job = parse_job_config({"program": "tests.programs:TwoStep", "trainset": "tests.programs:two_step_examples",
+                            "teacher": {"model": "openai/gpt-4o-mini", "api_key_env": "BFT_TEST_KEY"},
+                            "storage_path": "/tmp/x"})
+    monkeypatch.delenv("BFT_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="BFT_TEST_KEY is not set"):
+        check_environment(job)
+    monkeypatch.setenv("BFT_TEST_KEY", "sk-value")
+    check_environment(job)
+
+
+def test_empty_storage_variable_counts_as_unset(monkeypatch):
+    from bootfinetune.config import DEFAULT_STORAGE, RunOptions
+
+    monkeypatch.setenv("BOOTFINETUNE_STORAGE", "")  # what a runtime_env "${BOOTFINETUNE_STORAGE}" gives where unset
+    assert RunOptions().storage_path == DEFAULT_STORAGE
+    assert os.environ["BOOTFINETUNE_STORAGE"] == ""
