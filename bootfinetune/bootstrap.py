@@ -294,6 +294,8 @@ def _finish(run: RunDir, paths: dict, results: dict, n_examples: int, started: f
                 summary.per_predictor[call.predictor] = summary.per_predictor.get(call.predictor, 0) + 1
     summary.kept = len(kept_examples)
     summary.failed = len({f.example_index for f in failures})
+    summary.rejected = len({k[0] for k, r in results.items() if "failure" not in r} - kept_examples
+                           - {f.example_index for f in failures})
     summary.calls = len(calls)
     summary.seconds = round(time.time() - started, 3)
     write_jsonl(paths["calls"], (c.to_dict() for c in calls))

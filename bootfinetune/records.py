@@ -74,6 +74,8 @@ class BootstrapSummary:
     """Examples whose trace passed the metric."""
     failed: int = 0
     """Examples that raised."""
+    rejected: int = 0
+    """Examples that ran but whose trace the metric did not keep (examples = kept + rejected + failed)."""
     calls: int = 0
     """Predictor calls recorded."""
     teacher_calls: int = 0

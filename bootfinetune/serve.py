@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -40,6 +41,18 @@ class Completion:
     """Tokens generated."""
     finish_reason: str = "stop"
     """"stop" (the model ended its answer) or "length" (it hit max_tokens)."""
+
+
+class HTTPFault(Exception):
+    """Raised by `complete` to answer with an HTTP error (fault injection: 429, 500, 503...)."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class DropConnection(Exception):
+    """Raised by `complete` to close the connection without any answer (fault injection)."""
 
 
 class BadRequest(ValueError):
@@ -206,6 +219,21 @@ def _handler_class(server: ChatServer) -> type[BaseHTTPRequestHandler]:
                 payload = server.respond(request)
             except BadRequest as exc:
                 self._error(400, str(exc), "invalid_request_error")
+            except HTTPFault as exc:
+                body = json.dumps({"error": {"message": str(exc), "type": "injected_fault"}}).encode()
+                self.send_response(exc.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if exc.retry_after is not None:
+                    self.send_header("Retry-After", f"{exc.retry_after:g}")
+                self.end_headers()
+                self.wfile.write(body)
+            except DropConnection:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             except Exception as exc:  # answering failed: a 500, as a real server would answer
                 self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
             else:

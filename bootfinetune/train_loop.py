@@ -238,7 +238,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                         if on_curve:
                             state.loss_curve.append([step, round(mean, 5)])
                         reporter.report(step, total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
-                if cfg.fail_once_marker and i == 0 and epoch > state.starts[-1]["epoch"]:
+                if cfg.fail_once_marker and i == n_micro // 2 and epoch > state.starts[-1]["epoch"]:
                     _maybe_fail(cfg.fail_once_marker, rank, world)
             train_seconds = time.time() - t0
             mean_loss, answer_toks, toks, padded = _all_reduce(
@@ -434,7 +434,15 @@ def _maybe_fail(marker: str, rank: int, world: int) -> None:
     except FileExistsError:
         return
     os.close(fd)
-    raise RuntimeError(f"injected failure on rank {rank} (test hook fail_once_marker={marker})")
+    # The worker process dies as under an OOM kill or a lost node: no exception, no cleanup. It waits a
+    # few seconds first: Ray Train registers a checkpoint once its controller has polled every rank's
+    # report, and a rank killed within that poll interval takes the last report with it (the run then
+    # restarts from the checkpoint before).
+    import signal
+
+    time.sleep(3)
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rank_nodes(world: int) -> list[str]:

@@ -84,3 +84,24 @@ def rag_script(inputs: dict[str, str], outputs: list[str]) -> dict[str, str]:
 def rag_examples(n: int, offset: int = 0) -> list[dspy.Example]:
     return [dspy.Example(question=f"What color is thing{i}?", answer=COLORS[f"thing{i}"]).with_inputs("question")
             for i in range(offset, offset + n)]
+
+
+class DiesOnce(TwoStep):
+    """TwoStep whose process exits (like a killed actor) the first time it meets `victim`, once per marker file."""
+
+    def __init__(self, marker: str, victim: str = "item 5"):
+        super().__init__()
+        self.marker, self.victim = marker, victim
+
+    def forward(self, text):
+        import os
+
+        if text == self.victim:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(1)  # the actor process dies mid-batch, as under SIGKILL or an OOM kill
+        return super().forward(text)

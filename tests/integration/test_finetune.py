@@ -125,7 +125,7 @@ def test_rerun_of_a_finished_key_trains_nothing(gpt2_run):
 
 
 def test_seq2seq_zero3_worker_failure_resumes_from_the_epoch_checkpoint(ray_cluster, targets, tmp_path):
-    """T5 under ZeRO-3; the last rank fails once during epoch 2 and the group restarts from epoch 1's checkpoint."""
+    """T5 under ZeRO-3; the last rank's process is SIGKILLed mid epoch 2 and the group restarts from epoch 1's checkpoint."""
     run = RunDir(tmp_path / "run")
     job = make_job(run, "all", targets["t5"])
     config = options(targets["t5"], zero_stage=3, max_failures=1)

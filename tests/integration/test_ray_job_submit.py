@@ -43,7 +43,10 @@ def ray_head():
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Its own agent and metrics ports: the test session's cluster already holds Ray's defaults (52365...).
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
         env=env, stdout=open(os.path.join(temp_dir, "head.log"), "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

@@ -1,0 +1,93 @@
+"""Worker and driver faults on a real local Ray cluster.
+
+- A bootstrap actor that dies mid-batch is restarted by Ray Data and its batch re-run: no example
+  lost, none recorded twice, the same records as a run without the fault.
+- A driver killed (SIGKILL) during finetuning, started again with the same compile, calls the
+  teacher zero times and resumes training from the last checkpoint.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import dspy
+import pytest
+
+from bootfinetune.bootstrap import run_bootstrap
+from bootfinetune.config import BootstrapConfig
+from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.teacher_server import TeacherServer
+from bootfinetune.tiny_models import build_tiny_causal
+from tests.programs import DiesOnce, TwoStep, two_step_examples, two_step_metric, two_step_script
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_killed_bootstrap_actor_loses_and_duplicates_nothing(ray_cluster, teacher_lm, tmp_path):
+    examples = two_step_examples(16)
+    config = BootstrapConfig(num_actors=2, num_threads=2, batch_size=4)
+    marker = tmp_path / "died"
+    faulty = run_bootstrap(RunDir(tmp_path / "faulty"), teachers=[DiesOnce(str(marker))], metric=two_step_metric,
+                           examples=examples, config=config, teacher_settings={"lm": teacher_lm})
+    assert marker.exists()  # an actor did die
+    clean = run_bootstrap(RunDir(tmp_path / "clean"), teachers=[TwoStep()], metric=two_step_metric,
+                          examples=examples, config=config, teacher_settings={"lm": teacher_lm})
+    keys = Counter((c.example_index, c.predictor, c.call_index) for c in faulty.calls)
+    assert max(keys.values()) == 1  # nothing recorded twice
+    assert {c.example_index for c in faulty.calls} == set(range(16)) and not faulty.failures  # nothing lost
+    strip = lambda calls: sorted((c.example_index, c.predictor, c.call_index, json.dumps(c.outputs), c.kept)
+                                 for c in calls)
+    assert strip(faulty.calls) == strip(clean.calls)
+    assert faulty.summary.kept == clean.summary.kept and faulty.summary.failed == 0
+
+
+DRIVER = r"""
+import sys, dspy
+from bootfinetune import BootstrapFinetune
+from tests.programs import TwoStep, two_step_examples, two_step_metric
+url, storage, target = sys.argv[1:4]
+teacher = dspy.LM("openai/scripted-teacher", api_base=url, api_key="sk-driver-kill-key", cache=False)
+tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, storage_path=storage,
+                       max_tokens=16, evaluate=False)
+tp.compile(TwoStep(), trainset=two_step_examples(24), target=target, epochs=4, bsize=2, lr=1e-3)
+print("RUN_DIR=" + str(tp.run_dir.root))
+"""
+
+
+def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path):
+    target = str(build_tiny_causal(tmp_path / "tiny"))
+    storage = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with TeacherServer(two_step_script) as server:
+        args = [sys.executable, "-c", DRIVER, server.url, str(storage), target]
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 400
+        while not list(storage.glob("*/checkpoints/all/checkpoint_*")) and not list(
+                storage.glob("*/checkpoints/all/epoch_*")):
+            assert proc.poll() is None, "the driver ended before a checkpoint was written"
+            assert time.time() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster die at once
+        proc.wait()
+        calls_before = server.calls
+        assert calls_before > 0
+        run_root = next(storage.iterdir())
+        assert not (run_root / "models" / "all" / "manifest.json").exists()  # killed before it finished
+
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert server.calls == calls_before  # the bootstrap was read back: zero teacher calls
+    manifest = read_json(run_root / "models" / "all" / "manifest.json")
+    starts = manifest["starts"]
+    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 1  # resumed, not restarted
+    assert len(manifest["losses"]["train"]) == 4
+    for path in run_root.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".html"):
+            assert "sk-driver-kill-key" not in path.read_text(), path
