@@ -19,6 +19,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
+                                 check_target,
                                  lm_identity, program_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
 from bootfinetune.datasets import DataSummary, build_datasets
@@ -229,7 +230,9 @@ class BootstrapFinetune(Teleprompter):
             raise ProgramError("teacher: an empty list; pass a program, a list of programs, or None for the student.")
         plan = check_program(student, list(teachers), target=config.train.target,
                              multitask=config.bootstrap.multitask, teacher_settings=self.teacher_settings)
-        problems = check_examples(trainset, student, "trainset")
+        problems = [p for t in dict.fromkeys(plan.target_of.values())
+                    if (p := check_target(t, config.train.trust_remote_code))]
+        problems += check_examples(trainset, student, "trainset")
         if valset is not None:
             problems += check_examples(valset, student, "valset")
         for i, t in enumerate(teachers):

@@ -135,3 +135,18 @@ def test_unpicklable_attribute_is_named():
 
 def test_valset_overlap_counts_shared_inputs():
     assert valset_overlap(two_step_examples(5), two_step_examples(5, offset=3)) == 2
+
+
+def test_target_path_typo_and_unreachable_hub_id_are_told_apart(tmp_path, monkeypatch):
+    from bootfinetune.checks import check_target
+    from bootfinetune.tiny_models import build_tiny_causal
+
+    real = build_tiny_causal(tmp_path / "tiny-llama")
+    assert check_target(str(real)) is None
+    typo = check_target(str(tmp_path / "tiny-lama"))
+    assert "no such directory" in typo and "Did you mean" in typo and "tiny-llama" in typo
+    (tmp_path / "empty").mkdir()
+    assert "without config.json" in check_target(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no network: nothing is fetched
+    hub = check_target("google/flan-t5-base-not-cached")
+    assert "hub id that cannot be fetched" in hub and "local model directory" in hub
