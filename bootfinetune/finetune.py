@@ -275,6 +275,8 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                         "padding": sum(h["padded_tokens"] for h in history)},
         "seconds": round(state["seconds"], 3),
         "wall_seconds": round(time.time() - started, 3),
+        "started_at": round(started, 3),
+        "finished_at": round(time.time(), 3),
         "truncated": {"train": state["truncated_train"], "eval": state["truncated_eval"],
                       "max_length": config.max_length,
                       # inference cuts a causal prompt to the room training left it beside a typical answer

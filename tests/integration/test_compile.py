@@ -139,6 +139,8 @@ def test_save_and_load_in_a_new_process_give_identical_outputs(per_predictor_com
     inputs = [{"text": "item 901"}, {"text": "skip item 902"}, {"text": "item 77"}]
     expected = greedy_outputs(compiled, inputs)
     compiled.save(str(tmp_path / "pickled"), save_program=True)
+    with pytest.raises(Exception, match="allow_pickle"):  # a pickled program needs DSPy's explicit flag
+        dspy.load(str(tmp_path / "pickled"))
     compiled.save(str(tmp_path / "state.json"))
     paths = {"pickle": tmp_path / "pickled", "json": tmp_path / "state.json", "run_dir": tp.run_dir.root}
     env = {**os.environ, "PYTHONPATH": str(REPO)}

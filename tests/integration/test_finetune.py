@@ -155,6 +155,18 @@ def test_two_keys_side_by_side_and_a_failing_key_raises_naming_it(ray_cluster, t
     assert not (run.model_dir("bad") / "manifest.json").exists()
 
 
+def test_more_models_than_the_cluster_fits_are_queued_not_failed(ray_cluster, targets, tmp_path):
+    run = RunDir(tmp_path / "run")
+    jobs = [make_job(run, key, targets["llama"], n=24) for key in ("first", "second")]
+    cpus = ray_cluster.cluster_resources()["CPU"]
+    # Each job's one worker asks for more than half the cluster: the second must wait for the first.
+    config = options(targets["llama"], epochs=1, num_workers=1, cpus_per_worker=cpus * 0.6)
+    manifests = finetune_models(run, jobs, config)
+    a, b = sorted(manifests.values(), key=lambda m: m["started_at"])
+    assert b["started_at"] >= a["finished_at"] - 1.0  # ran one after the other
+    assert all((run.model_dir(k) / "manifest.json").exists() for k in ("first", "second"))
+
+
 DRIVER = textwrap.dedent("""
     import sys, ray
     from pathlib import Path

@@ -5,6 +5,8 @@ an example whose calls keep failing becomes a failure record; every trainset exa
 exactly one place (a recorded trace, kept or rejected by the metric, or a failure record).
 """
 
+from pathlib import Path
+
 import dspy
 import pytest
 
@@ -61,3 +63,11 @@ def test_transient_faults_are_retried_and_lasting_ones_become_failure_records(ra
     for path in run.root.rglob("*"):
         if path.is_file():
             assert "sk-fault-test-key-42" not in path.read_text(errors="replace"), path
+    # Nor in any log of the Ray session (driver, actors, raylet, dashboard).
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    scanned = [p for p in logs.rglob("*") if p.is_file()]
+    assert scanned
+    for path in scanned:
+        assert b"sk-fault-test-key-42" not in path.read_bytes(), path

@@ -132,3 +132,14 @@ def test_serve_model_starts_one_server_per_directory(models):
         assert serve_model(models["causal"]) is not first
     finally:
         stop_model(models["causal"])
+
+
+def test_servers_bind_loopback_unless_told(tmp_path):
+    from bootfinetune.serve import ChatServer
+    from bootfinetune.teacher_server import TeacherServer
+
+    for server in (TeacherServer(lambda i, o: {}), ChatServer()):
+        try:
+            assert server._httpd.server_address[0] == "127.0.0.1" and "//127.0.0.1:" in server.url
+        finally:
+            server.stop()
