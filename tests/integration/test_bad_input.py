@@ -31,3 +31,38 @@ def test_bad_targets_and_options_fail_before_the_teacher_is_called(tmp_path, mon
             BootstrapFinetune(teacher_settings={"lm": teacher}, num_worker=2)
         assert server.calls == 0
     assert not (tmp_path / "runs").exists()  # nothing written either
+
+
+def test_valset_overlapping_the_trainset_is_a_warning_naming_the_count(s3_server, tmp_path, caplog):
+    real = build_tiny_causal(tmp_path / "tiny")
+    with TeacherServer(two_step_script) as server:
+        teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="x", cache=False)
+        # The bucket does not exist: the compile stops right after the checks, before any teacher call.
+        tp = BootstrapFinetune(teacher_settings={"lm": teacher}, storage_path=s3_server.uri("no-bucket", "r"))
+        with caplog.at_level("WARNING", logger="bootfinetune"), pytest.raises(ConfigError, match="storage_path"):
+            tp.compile(TwoStep(), trainset=two_step_examples(6), valset=two_step_examples(4, offset=3),
+                       target=str(real))
+        assert server.calls == 0
+    assert any("valset: 3 example(s) have the same inputs as trainset examples" in r.message for r in caplog.records)
+
+
+def test_models_load_from_safetensors_only(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bootfinetune.lm import FinetunedLM
+
+    real = build_tiny_causal(tmp_path / "tiny")
+    pickled = tmp_path / "bin-only"
+    import shutil
+
+    import torch
+
+    shutil.copytree(real, pickled)
+    state = AutoModelForCausalLM.from_pretrained(real).state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")  # the same weights as a pickle
+    assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
+    messages = [{"role": "user", "content": "hi"}]
+    assert isinstance(FinetunedLM(str(real), device="cpu", max_tokens=2).generate([messages])[0], str)
+    with pytest.raises(OSError, match="safetensors"):
+        FinetunedLM(str(pickled), device="cpu", max_tokens=2).generate([messages])
