@@ -1,6 +1,9 @@
 """Bootstrapping on a real local Ray cluster against a scripted teacher over HTTP on 127.0.0.1."""
 
+import functools
 import json
+import tempfile
+from pathlib import Path
 
 import dspy
 import pytest
@@ -13,10 +16,18 @@ from tests.programs import TwoStep, two_step_examples, two_step_metric
 pytestmark = pytest.mark.integration
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_target() -> str:
+    """A real (tiny) model folder: prepare() checks the target loads before any teacher call."""
+    from bootfinetune.tiny_models import build_tiny_causal
+
+    return str(build_tiny_causal(Path(tempfile.mkdtemp(prefix="bft-bootstrap-")) / "tiny"))
+
+
 def prepare(teacher_lm, storage, trainset, **options):
     tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher_lm}, storage_path=str(storage),
                            **options)
-    return tp.prepare(TwoStep(), trainset=trainset, target="unused-target")
+    return tp.prepare(TwoStep(), trainset=trainset, target=tiny_target())
 
 
 @pytest.mark.parametrize("multitask", [True, False])
@@ -118,7 +129,7 @@ def test_dspy_configure_settings_reach_the_actors(ray_cluster, teacher_server, t
     trainset = [dspy.Example(text=f"q {i}").with_inputs("text") for i in range(6)]
     with dspy.context(lm=teacher_lm, rm=corpus_rm, adapter=MarkedAdapter()):
         prepared = BootstrapFinetune(storage_path=str(tmp_path)).prepare(Retrieve2(), trainset=trainset,
-                                                                         target="unused")
+                                                                         target=tiny_target())
     assert prepared.bootstrap.summary.kept == 6
     rewritten = [c.outputs["rewritten"] for c in prepared.bootstrap.calls]
     assert "q 0 | passage-0-for-0 passage-1-for-0!" in rewritten
