@@ -24,6 +24,7 @@ starts, before the first teacher call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -36,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bootfinetune.config import FIELD_OWNER, Config
 from bootfinetune.errors import ConfigError, ProgramError
@@ -360,25 +361,33 @@ def _result(kind: str, **fields: Any) -> int:
     return 0
 
 
-def main_compile(argv: list[str] | None = None) -> int:
-    """`ray_jobs/compile.py`: a YAML config -> a compiled program and its run directory."""
-    args = _parser("Compile a DSPy program with bootfinetune (bootstrap, finetune, rebind, evaluate).").parse_args(argv)
+@contextlib.contextmanager
+def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, list, list | None, dict[str, Any]]]:
+    """Checks the config and the environment, connects, loads the data, starts the teacher; yields
+    (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
     _connect(job, args.ray_address)
     check_environment(job)
     from bootfinetune import BootstrapFinetune
 
-    started = time.time()
     trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
     teacher = Teacher(job.teacher)
     try:
         options, train_args = _split_options(job)
         tp = BootstrapFinetune(metric=resolve(job.metric) if job.metric else None,
                                teacher_settings={"lm": teacher.lm} if teacher.lm else {}, **options)
-        tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
+        yield tp, job, trainset, valset, train_args
     finally:
         teacher.close()
+
+
+def main_compile(argv: list[str] | None = None) -> int:
+    """`ray_jobs/compile.py`: a YAML config -> a compiled program and its run directory."""
+    args = _parser("Compile a DSPy program with bootfinetune (bootstrap, finetune, rebind, evaluate).").parse_args(argv)
+    started = time.time()
+    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
+        tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
     return _result("compile", run_dir=tp.run_dir.location, metric=tp.report.get("metric"),
                    seconds=round(time.time() - started, 1))
 
@@ -386,21 +395,8 @@ def main_compile(argv: list[str] | None = None) -> int:
 def main_bootstrap(argv: list[str] | None = None) -> int:
     """`ray_jobs/bootstrap.py`: checks, bootstrapping and the data stage only."""
     args = _parser("Run the teacher over the trainset (Ray Data) and write the finetuning data.").parse_args(argv)
-    _setup_logging()
-    job = load_job_config(args.config, args.set)
-    _connect(job, args.ray_address)
-    check_environment(job)
-    from bootfinetune import BootstrapFinetune
-
-    trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
-    teacher = Teacher(job.teacher)
-    try:
-        options, train_args = _split_options(job)
-        tp = BootstrapFinetune(metric=resolve(job.metric) if job.metric else None,
-                               teacher_settings={"lm": teacher.lm} if teacher.lm else {}, **options)
+    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
         prepared = tp.prepare(_program(job), trainset=trainset, valset=valset, **train_args)
-    finally:
-        teacher.close()
     s = prepared.bootstrap.summary
     return _result("bootstrap", run_dir=prepared.run.location, kept=s.kept, examples=s.examples, failed=s.failed,
                    records={k: d.records for k, d in prepared.data.items()})
