@@ -46,14 +46,23 @@ def line_chart(series: list[dict[str, Any]], *, title: str, x_label: str, y_labe
     left, right, top, bottom = 56, 16, 28, 44
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y_ticks = _nice_ticks(0.0 if min(ys) >= 0 else min(ys), max(ys))
-    y0, y1 = y_ticks[0], y_ticks[-1] if y_ticks[-1] > y_ticks[0] else y_ticks[0] + 1
+    # Losses that fall over two decades or more get a log axis: on a linear one the late curve is a flat line.
+    log = min(ys) > 0 and max(ys) / min(ys) >= 100
+    if log:
+        y0, y1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+        y1 = y1 if y1 > y0 else y0 + 1
+        y_ticks = [10.0 ** k for k in range(y0, y1 + 1)]
+        y_label = f"{y_label} (log scale)"
+    else:
+        y_ticks = _nice_ticks(0.0 if min(ys) >= 0 else min(ys), max(ys))
+        y0, y1 = y_ticks[0], y_ticks[-1] if y_ticks[-1] > y_ticks[0] else y_ticks[0] + 1
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (width - left - right)
 
     def sy(y: float) -> float:
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        v = math.log10(y) if log else y
+        return height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
 
     out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            f'aria-label="{html.escape(title)}">',

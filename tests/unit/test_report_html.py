@@ -47,3 +47,14 @@ def test_report_page_draws_metric_bars_and_loss_curves():
     assert len(paths) == 2 and any("stroke-dasharray" in a for a in paths)  # train curve and dashed eval
     text = " ".join(parsed.text)
     assert "run <x>" in text and "0.900" in text and "0.950" in text and "36" in text
+
+
+def test_losses_spanning_decades_get_a_log_axis():
+    from bootfinetune.report_html import line_chart
+
+    steep = line_chart([{"name": "train", "points": [(0, 6.9), (50, 0.2), (100, 0.001)]}], title="t",
+                       x_label="step", y_label="loss")
+    assert "loss (log scale)" in steep and ">0.001<" in steep and ">10<" in steep
+    flat = line_chart([{"name": "train", "points": [(0, 2.0), (100, 1.0)]}], title="t", x_label="step",
+                      y_label="loss")
+    assert "log scale" not in flat
