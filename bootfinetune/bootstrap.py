@@ -26,6 +26,7 @@ import dspy
 from dspy.utils.callback import BaseCallback
 
 from bootfinetune.config import BootstrapConfig
+from bootfinetune.distributed import node_id
 from bootfinetune.ray_env import WORKER_ENV
 from bootfinetune.errors import BootstrapError
 from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
@@ -72,16 +73,6 @@ class _LMCallCounter(BaseCallback):
         self.count += 1
 
 
-def _node_id() -> str | None:
-    """The Ray node this process runs on (recorded per example in the progress file), or None outside Ray."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:
-        return None
-
-
 class TeacherRunner:
     """The callable class Ray Data runs in each actor: examples in, JSON results out.
 
@@ -116,7 +107,7 @@ class TeacherRunner:
         self.split = split
         self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
-        self.node = _node_id()
+        self.node = node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         jobs = [(int(i), str(e), t) for i, e in zip(batch["example_index"], batch["example"])

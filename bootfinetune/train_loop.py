@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -25,14 +24,14 @@ import math
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.render import Encoded, collate, encode_records, model_kind
 from bootfinetune.rundir import read_jsonl
 
@@ -126,9 +125,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = LoopConfig.from_dict(loop_config)
     tc = TrainConfig(**cfg.train)
     threads = torch.get_num_threads()
-    _set_threads()
+    set_threads()
     try:
-        with _process_group(cfg, tc) as (rank, world, device):
+        with process_group(ray=cfg.ray, use_gpu=tc.use_gpu) as (rank, world, device):
             return _train(cfg, tc, rank, world, device)
     finally:
         torch.set_num_threads(threads)  # a caller's process (one-process mode) gets its setting back
@@ -145,7 +144,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                            f"{cfg.data_hash}); delete it to start over.")
     state.starts.append({"epoch": state.epochs_done, "global_step": state.global_step})
     state.world_size, state.data_hash = world, cfg.data_hash
-    state.nodes = _rank_nodes(world)
+    state.nodes = rank_nodes(world)
 
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
@@ -163,14 +162,14 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     train_ex, trunc_train = encode_records(tokenizer, train_rows, kind, tc.max_length)
     eval_ex, trunc_eval = encode_records(tokenizer, eval_rows, kind, tc.max_length)
     state.truncated_train, state.truncated_eval, n_eval = (
-        int(x) for x in _all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
+        int(x) for x in all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
     if not train_ex:
         raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
     answer_lengths = sorted(sum(1 for t in e.labels if t != -100) for e in train_ex)
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
 
     # Every rank must run the same number of steps (collectives would hang otherwise).
-    n_micro = int(_all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
+    n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
     if cfg.max_steps_per_epoch:
         n_micro = min(n_micro, cfg.max_steps_per_epoch)
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
@@ -241,7 +240,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                 if cfg.fail_once_marker and i == n_micro // 2 and epoch > state.starts[-1]["epoch"]:
                     _maybe_fail(cfg.fail_once_marker, rank, world)
             train_seconds = time.time() - t0
-            mean_loss, answer_toks, toks, padded = _all_reduce(
+            mean_loss, answer_toks, toks, padded = all_reduce(
                 [float(loss_sum) / max(1, n_micro), answer_toks, toks, padded], device, "sum")
             eval_loss = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind) if n_eval else None
             state.epochs_done, state.global_step = epoch + 1, engine.global_steps
@@ -333,7 +332,7 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
     engine.eval()
     order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i].input_ids))
     batches = [order[i:i + tc.bsize] for i in range(0, len(order), tc.bsize)]
-    n = int(_all_reduce([len(batches)], device, "max")[0])
+    n = int(all_reduce([len(batches)], device, "max")[0])
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(n):
@@ -346,7 +345,7 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
             if real:
                 total, count = total + float(loss) * tokens, count + tokens
     engine.train()
-    total, count = _all_reduce([total, count], device, "sum")
+    total, count = all_reduce([total, count], device, "sum")
     return total / max(count, 1)
 
 
@@ -443,89 +442,3 @@ def _maybe_fail(marker: str, rank: int, world: int) -> None:
     time.sleep(3)
 
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank_nodes(world: int) -> list[str]:
-    """Each rank's Ray node id (or host name), gathered on every rank."""
-    import socket
-
-    import torch.distributed as dist
-
-    node = socket.gethostname()
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
-    if world <= 1 or not dist.is_initialized():
-        return [node]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, node)
-    return [str(n) for n in out]
-
-
-def _all_reduce(values: list[float], device: Any, op: str) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return t.tolist()
-
-
-def _set_threads() -> None:
-    """Torch's intra-op threads follow OMP_NUM_THREADS when set (Ray sets it to the worker's CPUs):
-    two workers on two cores must not each start a thread per core."""
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-
-
-@contextlib.contextmanager
-def _process_group(cfg: LoopConfig, tc: TrainConfig) -> Iterator[tuple[int, int, Any]]:
-    """(rank, world size, device) in a process group. Ray Train and torchrun make the group; a
-    plain process gets a world of 1, its env vars set only while the loop runs. That group is
-    kept for the process's life: DeepSpeed caches it, so a destroyed one breaks the next run."""
-    import deepspeed
-    import torch.distributed as dist
-
-    backend = "nccl" if tc.use_gpu else "gloo"
-    alone = not cfg.ray and "RANK" not in os.environ
-    saved = dict(os.environ)
-    if alone:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        yield dist.get_rank(), dist.get_world_size(), _device(cfg, tc)
-    finally:
-        if alone:
-            os.environ.clear()
-            os.environ.update(saved)
-
-
-def _device(cfg: LoopConfig, tc: TrainConfig) -> Any:
-    import torch
-
-    if tc.use_gpu:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if cfg.ray:
-            import ray.train.torch
-
-            device = ray.train.torch.get_device()
-        else:
-            device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-

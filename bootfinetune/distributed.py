@@ -1,0 +1,100 @@
+"""Where a process runs and how the ranks of a training run talk: node ids, the process group, collectives.
+
+Shared by the training loop (under Ray Train, torchrun or one plain process) and the bootstrap
+actors (which record the node they ran on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any, Iterator
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on, or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+def rank_nodes(world: int) -> list[str]:
+    """Each rank's Ray node id (its host name outside Ray), gathered on every rank."""
+    import torch.distributed as dist
+
+    node = node_id() or socket.gethostname()
+    if world <= 1 or not dist.is_initialized():
+        return [node]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, node)
+    return [str(n) for n in out]
+
+
+def all_reduce(values: list[float], device: Any, op: str) -> list[float]:
+    """`values` reduced over the ranks ("sum", "min" or "max"), as floats."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def set_threads() -> None:
+    """Torch's intra-op threads follow OMP_NUM_THREADS when set (Ray sets it to the worker's CPUs):
+    two workers on two cores must not each start a thread per core."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+@contextlib.contextmanager
+def process_group(*, ray: bool, use_gpu: bool) -> Iterator[tuple[int, int, Any]]:
+    """(rank, world size, device) in a process group. Ray Train and torchrun make the group; a
+    plain process gets a world of 1, its env vars set only while the loop runs. That group is
+    kept for the process's life: DeepSpeed caches it, so a destroyed one breaks the next run."""
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if use_gpu else "gloo"
+    alone = not ray and "RANK" not in os.environ
+    saved = dict(os.environ)
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        yield dist.get_rank(), dist.get_world_size(), device(ray=ray, use_gpu=use_gpu)
+    finally:
+        if alone:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def device(*, ray: bool, use_gpu: bool) -> Any:
+    """This rank's torch device (and, on GPU, the current CUDA device set to it)."""
+    import torch
+
+    if use_gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if ray:
+            import ray.train.torch
+
+            dev = ray.train.torch.get_device()
+        else:
+            dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
