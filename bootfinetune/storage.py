@@ -22,12 +22,15 @@ instance profile, workload identity), never from a file bootfinetune writes.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from bootfinetune.rundir import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ MARKERS = ("manifest.json", "summary.json", "program.json", "report.json")
 INDEX = ".bootfinetune_index.json"
 """On the URI: sha256 of every file `push` uploaded (written after them), so `pull` fetches only changes."""
 SYNC_STATE = ".bootfinetune_sync.json"
-"""In the mirror: size and mtime of each file when it was last pulled or pushed (never uploaded)."""
+"""In the mirror, per file at its last pull or push: the local size and mtime, and the URI's version
+(its sha256 from the index, else its size and mtime there). Never uploaded."""
 _SYNC_LOCK = threading.Lock()  # finetune jobs run in threads and sync the same mirror
 REMOTE_ONLY = "checkpoints"
 """Ray Train's checkpoints live only on the URI; the mirror keeps just the job stamps beside them."""
@@ -121,20 +125,10 @@ def _mirrored(rel: str) -> bool:
 
 
 def _read_state(local: Path) -> dict[str, dict]:
-    import json
-
     try:
-        return json.loads((local / SYNC_STATE).read_text())
+        return read_json(local / SYNC_STATE)
     except (OSError, ValueError):
         return {}
-
-
-def _write_state(local: Path, state: dict[str, dict]) -> None:
-    import json
-
-    tmp = local / f".{SYNC_STATE}.tmp"
-    tmp.write_text(json.dumps(state, sort_keys=True))
-    os.replace(tmp, local / SYNC_STATE)
 
 
 def _local_stamp(path: Path) -> list:
@@ -143,8 +137,6 @@ def _local_stamp(path: Path) -> list:
 
 
 def _read_index(fs: Any, base: str) -> dict[str, str]:
-    import json
-
     try:
         with fs.open_input_stream(f"{base}/{INDEX}") as f:
             return json.loads(f.read().decode())
@@ -187,11 +179,11 @@ def _pull(uri: str, local: Path) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.pull.tmp")
         with fs.open_input_stream(f"{base}/{rel}") as src, open(tmp, "wb") as out:
-            digest = _copy(src, out)
+            _copy(src, out)
         os.replace(tmp, dest)
-        state[rel] = {"local": _local_stamp(dest), "remote": index.get(rel) or version, "sha256": digest}
+        state[rel] = {"local": _local_stamp(dest), "remote": version}
         fetched += 1
-    _write_state(local, state)
+    write_json(local / SYNC_STATE, state)
     if fetched:
         log.info("storage: %d file(s) from %s into %s", fetched, redact(uri), local)
     return fetched
@@ -229,12 +221,10 @@ def _push(local: Path, uri: str) -> int:
         with open(path, "rb") as src, fs.open_output_stream(target) as out:
             digest = _copy(src, out)
         index[rel] = digest
-        state[rel] = {"local": stamp, "remote": digest, "sha256": digest}
+        state[rel] = {"local": stamp, "remote": digest}
     with fs.open_output_stream(f"{base}/{INDEX}") as out:
-        import json
-
         out.write(json.dumps(index, sort_keys=True).encode())
-    _write_state(local, state)
+    write_json(local / SYNC_STATE, state)
     log.info("storage: %d file(s) from %s to %s", len(changed), local, redact(uri))
     return len(changed)
 
