@@ -79,6 +79,24 @@ def program_class_path(program: dspy.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def resolve(path: str) -> Any:
+    """The object an import path `package.module:attr.sub` names (as `program_class_path` writes them)."""
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, inference: InferenceConfig,
+               exclude_demos: bool = False) -> dspy.Module:
+    """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys."""
+    keys = described["model_keys"]
+    key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
+    return rebind(program, key_of, {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
+                  inference=inference, sources={k: run.model_uri(k) for k in keys})
+
+
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
@@ -96,21 +114,14 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     described = read_json(run.config_json)
     if program is None:
         path = described.get("program_class", "")
-        module_name, _, qualname = path.partition(":")
-        if module_name in ("", "__main__"):
+        if path.partition(":")[0] in ("", "__main__"):
             raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
                                f"program=YourProgram() to bootfinetune.load.")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        program = obj()
+        program = resolve(path)()
     state = read_json(run.program_json)
     for value in state.values():  # our LMs are rebuilt below from the run's own models
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
     program.load_state(state)
-    key_of = {name: key for key, spec in described["model_keys"].items() for name in spec["predictors"]}
     inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
-    loaded = rebind(program, key_of, {k: str(run.model_dir(k)) for k in described["model_keys"]},
-                    inference=inference, sources={k: run.model_uri(k) for k in described["model_keys"]})
-    return loaded
+    return rebind_run(program, run, described, inference=inference)

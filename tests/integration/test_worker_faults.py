@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import dspy
 import pytest
 
 from bootfinetune.bootstrap import run_bootstrap
