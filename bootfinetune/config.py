@@ -88,6 +88,9 @@ class TrainConfig:
     """Offload parameters to CPU memory (ZeRO-3 only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    answer_logits_only: bool = True
+    """Causal models with a plain LM head: compute logits only at answer positions (the same loss;
+    the head's time and the full-vocabulary logits of the prompt are saved)."""
     seed: int = 0
     """Seed for data order, held-out split and initialisation of new weights."""
     eval_fraction: float = 0.1
@@ -252,6 +255,7 @@ class Config:
         if t.offload_optimizer is True and t.zero_stage not in (1, 2, 3):
             p.append("offload_optimizer=True needs zero_stage 1, 2 or 3; raise zero_stage or turn offload off.")
         boolean("gradient_checkpointing", t.gradient_checkpointing)
+        boolean("answer_logits_only", t.answer_logits_only)
         positive_int("seed", t.seed, minimum=0)
         number("eval_fraction", t.eval_fraction, 0, 0.5)
         positive_int("num_workers", t.num_workers)

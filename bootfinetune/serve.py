@@ -177,6 +177,9 @@ class ChatServer:
 def _handler_class(server: ChatServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle's algorithm on, the body waits for the
+        # client's delayed ACK of the headers (about 40 ms on Linux) on every kept-alive request.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):  # keep test and demo output clean
             pass

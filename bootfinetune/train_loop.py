@@ -106,6 +106,8 @@ class LoopState:
     loss_curve: list[list[float]] = field(default_factory=list)
     """[optimizer step, mean train loss since the previous point] on rank 0, about 100 points a run."""
     kind: str = ""
+    answer_logits_only: bool = False
+    """Whether the head ran on answer positions only (see `answer_logits_only`)."""
     world_size: int = 1
     data_hash: str | None = None
     seconds: float = 0.0
@@ -184,6 +186,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     try:
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         model = auto.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True, **load_kw)
+        if tc.answer_logits_only and kind == "causal":
+            state.answer_logits_only = answer_logits_only(model)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -260,6 +264,52 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     finally:
         if hf_ds is not None:
             unset_hf_deepspeed_config()
+
+
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo",
+                                    "olmo2", "starcoder2", "smollm3"})
+"""Causal architectures whose logits are exactly `lm_head(last hidden state)`: no soft-capping,
+scaling or auxiliary loss (checked against their transformers forward)."""
+
+
+def answer_logits_only(model: Any) -> bool:
+    """Makes `model(input_ids, attention_mask, labels)` run the LM head on answer positions only.
+
+    A finetuning example is mostly prompt, whose labels are -100, yet a plain forward
+    computes (and keeps, for backward) float logits over the whole vocabulary at every
+    position: for a 150k vocabulary that is most of the activation memory and a sixth of the
+    FLOPs of a 1.5B model. This forward takes the base model's hidden states, keeps the
+    positions whose next token is an answer token and applies the head there; the loss is
+    the same mean cross-entropy the full forward gives. It replaces `forward` on this
+    instance only, so DeepSpeed's hooks, saving and generation are untouched, and calls
+    without labels take the original path. Returns False (nothing changed) for architectures
+    outside `PLAIN_HEAD_MODEL_TYPES`.
+    """
+    import torch.nn.functional as F
+
+    head, base = model.get_output_embeddings(), model.base_model
+    if model.config.model_type not in PLAIN_HEAD_MODEL_TYPES or head is None or base is model:
+        return False
+    full_forward = model.forward
+
+    def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return full_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = head(hidden[:, :-1][keep]).float()
+        return AnswerLoss(F.cross_entropy(logits, targets[keep]))
+
+    model.forward = forward
+    return True
+
+
+@dataclass
+class AnswerLoss:
+    """What the answer-only forward returns: the loss, where a model output has it."""
+
+    loss: Any
 
 
 def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:

@@ -113,3 +113,45 @@ def test_lr_warms_up_then_follows_the_schedule(schedule):
 def test_unknown_loop_config_key_is_refused():
     with pytest.raises(ValueError, match="unknown loop_config keys"):
         LoopConfig.from_dict({"target": "x", "train": {}, "bogus": 1})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_logits_only_gives_the_full_forward_loss_and_gradients(tmp_path, arch):
+    """The head on answer positions only: the same loss and gradients as the full forward, on a ragged batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bootfinetune.render import collate, encode_records
+    from bootfinetune.train_loop import answer_logits_only
+
+    target = build_tiny_causal(tmp_path / arch, arch=arch)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    encoded, _ = encode_records(tokenizer, toy_records(5, seed=3), "causal", 256)
+    batch = collate(encoded, tokenizer.pad_token_id or 0)
+    assert (batch["attention_mask"] == 0).any(), "the batch should be ragged (right padding)"
+
+    def loss_and_grads(patch: bool):
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        if patch:
+            assert answer_logits_only(model) is True
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full_loss, full_grads = loss_and_grads(False)
+    fast_loss, fast_grads = loss_and_grads(True)
+    assert torch.allclose(full_loss, fast_loss, atol=1e-5), (full_loss, fast_loss)
+    assert full_grads.keys() == fast_grads.keys()
+    worst = max(float((full_grads[n] - fast_grads[n]).abs().max()) for n in full_grads)
+    assert worst < 1e-5, worst
+
+
+def test_answer_logits_only_leaves_other_heads_alone(tmp_path):
+    """A seq2seq model (or any architecture outside the allowlist) keeps its own forward."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from bootfinetune.train_loop import answer_logits_only
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_t5(tmp_path / "t5"))
+    assert answer_logits_only(model) is False
+    assert "forward" not in vars(model)
