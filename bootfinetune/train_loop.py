@@ -191,9 +191,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                      weight_decay=tc.weight_decay,
-                                      betas=(tc.adam_beta1, tc.adam_beta2))
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
         scheduler = lr_scheduler(optimizer, tc, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
@@ -211,7 +209,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
         curve_every = max(1, total_steps // 100)
         if state.epochs_done == 0 and state.eval_loss_before is None and n_eval:
-            state.eval_loss_before = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind)
+            state.eval_loss_before = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind,
+                                              state.answer_logits_only)
         for epoch in range(state.epochs_done, tc.epochs):
             t0 = time.time()
             engine.train()
@@ -226,7 +225,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                 answer_toks += answers
                 toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
                 padded += batch["input_ids"].numel() - real
-                loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss = engine(**to_device(batch, device, state.answer_logits_only)).loss
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().float()  # no host sync per step
@@ -246,7 +245,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             train_seconds = time.time() - t0
             mean_loss, answer_toks, toks, padded = all_reduce(
                 [float(loss_sum) / max(1, n_micro), answer_toks, toks, padded], device, "sum")
-            eval_loss = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind) if n_eval else None
+            eval_loss = (evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind,
+                                  state.answer_logits_only) if n_eval else None)
             state.epochs_done, state.global_step = epoch + 1, engine.global_steps
             state.history.append({
                 "epoch": epoch + 1, "train_loss": mean_loss / world, "eval_loss": eval_loss,
@@ -292,17 +292,32 @@ def answer_logits_only(model: Any) -> bool:
         return False
     full_forward = model.forward
 
-    def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(input_ids=None, attention_mask=None, labels=None, answer_index=None, **kwargs):
         if labels is None:
             return full_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = head(hidden[:, :-1][keep]).float()
-        return AnswerLoss(F.cross_entropy(logits, targets[keep]))
+        if answer_index is None:  # computed here, a device sync; the loop passes it ready-made
+            answer_index = answer_positions(labels)
+        flat_labels = labels.reshape(-1)
+        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_index)).float()
+        return AnswerLoss(F.cross_entropy(logits, flat_labels.index_select(0, answer_index + 1)))
 
     model.forward = forward
     return True
+
+
+def answer_positions(labels: Any) -> Any:
+    """Flat indices (into batch x sequence) of the positions whose next token is an answer token.
+
+    >>> import torch
+    >>> answer_positions(torch.tensor([[-100, -100, 7, 8], [-100, 9, -100, -100]])).tolist()
+    [1, 2, 4]
+    """
+    import torch
+
+    width = labels.shape[1]
+    rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    return rows * width + cols
 
 
 @dataclass
@@ -310,6 +325,36 @@ class AnswerLoss:
     """What the answer-only forward returns: the loss, where a model output has it."""
 
     loss: Any
+
+
+def make_optimizer(params: list, tc: TrainConfig) -> Any:
+    """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state lives in CPU memory.
+
+    With `offload_optimizer` the step runs on the host over the fp32 master weights; torch's
+    AdamW makes full-size temporaries there (about 8 extra bytes a parameter) and runs slowly,
+    while DeepSpeedCPUAdam updates in place with SIMD on every core. It is a C++ op that
+    DeepSpeed builds with ninja on first use (under a minute; cached in ~/.cache/torch_extensions).
+    """
+    import torch
+
+    kwargs = dict(lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2))
+    if tc.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def to_device(batch: dict[str, Any], device: Any, answer_index: bool) -> dict[str, Any]:
+    """The batch on the device, without a device sync: on a GPU, host tensors are pinned and copied
+    asynchronously (a copy from pageable memory waits for the queued kernels, which would leave the
+    GPU idle while Python prepares the next step). `answer_index` adds the answer positions,
+    computed on the host, for the answer-only head."""
+    if answer_index:
+        batch = {**batch, "answer_index": answer_positions(batch["labels"])}
+    if getattr(device, "type", str(device)) != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -371,7 +416,7 @@ def length_batches(lengths: list[int], bsize: int, seed: int, bucket_factor: int
 
 
 def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: TrainConfig, pad_id: int,
-             multiple: int | None, device: Any, kind: str) -> float:
+             multiple: int | None, device: Any, kind: str, answer_index: bool = False) -> float:
     """Mean loss per answer token over every rank's eval examples.
 
     Ranks may hold different numbers of eval batches; under ZeRO-3 a forward is a
@@ -391,7 +436,7 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
             batch = collate(examples, pad_id, multiple)
             labels = batch["labels"][:, 1:] if kind == "causal" else batch["labels"]
             tokens = int((labels != -100).sum())
-            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss = engine(**to_device(batch, device, answer_index)).loss
             if real:
                 total, count = total + float(loss) * tokens, count + tokens
     engine.train()

@@ -122,7 +122,7 @@ def test_answer_logits_only_gives_the_full_forward_loss_and_gradients(tmp_path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bootfinetune.render import collate, encode_records
-    from bootfinetune.train_loop import answer_logits_only
+    from bootfinetune.train_loop import answer_logits_only, answer_positions
 
     target = build_tiny_causal(tmp_path / arch, arch=arch)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -130,20 +130,22 @@ def test_answer_logits_only_gives_the_full_forward_loss_and_gradients(tmp_path, 
     batch = collate(encoded, tokenizer.pad_token_id or 0)
     assert (batch["attention_mask"] == 0).any(), "the batch should be ragged (right padding)"
 
-    def loss_and_grads(patch: bool):
+    def loss_and_grads(patch: bool, host_index: bool = False):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
         if patch:
             assert answer_logits_only(model) is True
-        loss = model(**batch).loss
+        extra = {"answer_index": answer_positions(batch["labels"])} if host_index else {}
+        loss = model(**batch, **extra).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     full_loss, full_grads = loss_and_grads(False)
-    fast_loss, fast_grads = loss_and_grads(True)
-    assert torch.allclose(full_loss, fast_loss, atol=1e-5), (full_loss, fast_loss)
-    assert full_grads.keys() == fast_grads.keys()
-    worst = max(float((full_grads[n] - fast_grads[n]).abs().max()) for n in full_grads)
-    assert worst < 1e-5, worst
+    for host_index in (False, True):  # the index found on the device, or handed in as the loop does
+        fast_loss, fast_grads = loss_and_grads(True, host_index)
+        assert torch.allclose(full_loss, fast_loss, atol=1e-5), (full_loss, fast_loss)
+        assert full_grads.keys() == fast_grads.keys()
+        worst = max(float((full_grads[n] - fast_grads[n]).abs().max()) for n in full_grads)
+        assert worst < 1e-5, worst
 
 
 def test_answer_logits_only_leaves_other_heads_alone(tmp_path):
