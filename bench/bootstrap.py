@@ -1,7 +1,7 @@
 """Bootstrapping throughput: bootfinetune's Ray Data stage against DSPy's `bootstrap_trace_data`.
 
     python bench/bootstrap.py                          # n = 1,000 and 5,000, one local node
-    python bench/bootstrap.py --nodes 2 --actors 1 2 4 # a two-node local cluster, scaling with actors
+    python bench/bootstrap.py --nodes 2 --n 5000 --actors 1 2 4 --threads-per-actor 16   # two nodes, scaling
     python bench/bootstrap.py --n 200 --repeat 1       # a quick look
 
 Both sides run the same one-predictor program (`question -> answer`) against the same teacher:
@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=32, help="calls in flight on each side")
     ap.add_argument("--actors", type=int, nargs="+", default=[2],
                     help="actor counts to try (threads per actor = in-flight / actors)")
+    ap.add_argument("--threads-per-actor", type=int, default=None,
+                    help="fix the threads per actor instead (calls in flight = actors x threads; DSPy gets as many)")
     ap.add_argument("--batch-size", type=int, default=64, help="examples per Ray Data batch")
     ap.add_argument("--model", default="openai/gpt-4o-mini",
                     help="the teacher's model name (the server answers any; DSPy looks its price up per call)")
@@ -168,21 +170,23 @@ def main() -> None:
     print(json.dumps({"machine": f"{platform.node()} {os.cpu_count()} cores", "python": platform.python_version(),
                       "dspy": dspy.__version__, "ray": ray.__version__, "nodes": args.nodes,
                       "ray_start_seconds": round(ray_seconds, 2), "latency": args.latency,
-                      "in_flight": args.in_flight}), flush=True)
+                      "in_flight": args.in_flight if not args.threads_per_actor else None}), flush=True)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-bootstrap-") as tmp:
+            dspy_times: dict[tuple[int, int], float] = {}
             for n in args.n:
-                limit = n * args.latency / args.in_flight
-                dspy_best = None
-                if not args.skip_dspy:
-                    for r in range(args.repeat):
-                        seconds, kept = run_dspy(lm, examples(n, f"dspy{r}"), args.in_flight)
-                        if kept != n:
-                            raise RuntimeError(f"DSPy kept {kept} of {n}; the teacher or metric is off")
-                        dspy_best = seconds if dspy_best is None else min(dspy_best, seconds)
                 for actors in args.actors:
-                    threads = max(1, args.in_flight // actors)
+                    threads = args.threads_per_actor or max(1, args.in_flight // actors)
+                    in_flight = actors * threads
+                    limit = n * args.latency / in_flight
+                    if not args.skip_dspy and (n, in_flight) not in dspy_times:
+                        for r in range(args.repeat):
+                            seconds, kept = run_dspy(lm, examples(n, f"dspy{in_flight}-{r}"), in_flight)
+                            if kept != n:
+                                raise RuntimeError(f"DSPy kept {kept} of {n}; the teacher or metric is off")
+                            dspy_times[n, in_flight] = min(seconds, dspy_times.get((n, in_flight), seconds))
+                    dspy_best = dspy_times.get((n, in_flight))
                     best = None
                     for r in range(args.repeat):
                         seconds, kept = run_ours(lm, examples(n, f"ours{actors}-{r}"), actors, threads,
@@ -191,7 +195,7 @@ def main() -> None:
                             raise RuntimeError(f"bootfinetune kept {kept} of {n}; the teacher or metric is off")
                         best = seconds if best is None else min(best, seconds)
                     row = {"n": n, "nodes": args.nodes, "actors": actors, "threads_per_actor": threads,
-                           "in_flight": actors * threads, "limit_s": round(limit, 2),
+                           "in_flight": in_flight, "limit_s": round(limit, 2),
                            "ours_s": round(best, 2), "ours_over_limit": round(best / limit, 3),
                            "dspy_s": None if dspy_best is None else round(dspy_best, 2),
                            "dspy_over_limit": None if dspy_best is None else round(dspy_best / limit, 3),

@@ -88,6 +88,19 @@ class TrainConfig:
     """Offload parameters to CPU memory (ZeRO-3 only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    lora: bool = False
+    """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: "all-linear" (every linear layer but the output head) or a list of names."""
+    lora_export: str = "adapter"
+    """"adapter": models/{key}/ holds the PEFT adapter (the base is loaded once and shared between
+    adapters); "merged": the adapter folded into a full model."""
     answer_logits_only: bool = True
     """Causal models with a plain LM head: compute logits only at answer positions (the same loss;
     the head's time and the full-vocabulary logits of the prompt are saved)."""
@@ -256,6 +269,17 @@ class Config:
             p.append("offload_optimizer=True needs zero_stage 1, 2 or 3; raise zero_stage or turn offload off.")
         boolean("gradient_checkpointing", t.gradient_checkpointing)
         boolean("answer_logits_only", t.answer_logits_only)
+        boolean("lora", t.lora)
+        positive_int("lora_r", t.lora_r)
+        number("lora_alpha", t.lora_alpha, 0, None, lo_open=True)
+        number("lora_dropout", t.lora_dropout, 0, 0.9)
+        targets = t.lora_target_modules
+        if not (isinstance(targets, str) and targets) and not (
+                isinstance(targets, list) and targets and all(isinstance(x, str) and x for x in targets)):
+            p.append(f"lora_target_modules={targets!r}: give 'all-linear' or a list of module names "
+                     "such as ['q_proj', 'v_proj'].")
+        if t.lora_export not in ("adapter", "merged"):
+            p.append(f"lora_export={t.lora_export!r}: use 'adapter' (PEFT adapter) or 'merged' (a full model).")
         positive_int("seed", t.seed, minimum=0)
         number("eval_fraction", t.eval_fraction, 0, 0.5)
         positive_int("num_workers", t.num_workers)

@@ -250,7 +250,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     out = run.model_dir(job.key)
     shutil.rmtree(out, ignore_errors=True)
     with best_ckpt.as_directory() as ckpt_dir:
-        export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config)
+        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config)
     tokenizer.save_pretrained(out)
 
     history = state["history"]
@@ -290,6 +290,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "loss_curve": state.get("loss_curve", []),
         "checkpoint": best_ckpt.path,
         "train_config": dataclasses.asdict(config),
+        "lora": lora,
         "job_fingerprint": job_fp,
     }
     write_json(out / MANIFEST, manifest)  # last: its presence means the key is finished
@@ -297,20 +298,30 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     return manifest
 
 
-def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path, config: TrainConfig) -> None:
+def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
+                      config: TrainConfig) -> dict[str, Any] | None:
     """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
 
     The base model is loaded from `target` (for its config and generation config), the
     checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
     (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
+    A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
+    returns the adapter's facts for the manifest; a full finetune returns None.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
+    if config.lora:
+        from bootfinetune.lora import export_lora
+
+        try:
+            return export_lora(state_dict, target, kind, out, config)
+        except ValueError as exc:
+            raise FinetuneError(f"checkpoint {ckpt_dir}: {exc}") from exc
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
                                  trust_remote_code=config.trust_remote_code)
-    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = _tied_names(model)
     if unexpected or set(missing) - tied:
@@ -323,6 +334,7 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
     model.save_pretrained(out)
+    return None
 
 
 def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:

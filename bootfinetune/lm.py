@@ -15,6 +15,7 @@ LMs were restored separately (JSON state) still hold one copy of the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -32,22 +33,82 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load_model(model_dir: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
-    """(model, tokenizer, kind) for a directory, loaded once per process and device."""
+    """(model, tokenizer, kind) for a directory, loaded once per process and device.
+
+    A LoRA adapter directory (see `bootfinetune.lora`) gives its base wrapped in PEFT: every
+    adapter on the same base and device shares that one model, and `adapter_selected` picks
+    the adapter a call runs with.
+    """
+    from bootfinetune.lora import is_adapter
+
     key = (str(model_dir), device)
     with _LOAD_LOCK:
         if key not in _LOADED:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-            kind = model_kind(config)
-            cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model = cls.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
-                                        trust_remote_code=trust_remote_code).to(device).eval()
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-            _LOADED[key] = (model, tokenizer, kind)
+            _LOADED[key] = (_load_adapter if is_adapter(model_dir) else _load_full)(str(model_dir), device,
+                                                                                    trust_remote_code)
         return _LOADED[key]
+
+
+def _load_full(model_dir: str, device: str, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    kind = model_kind(config)
+    cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = cls.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
+                                trust_remote_code=trust_remote_code).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, kind
+
+
+_ADAPTER_BASES: dict[tuple[str, str], tuple[Any, str, threading.Lock]] = {}
+"""(base, device) -> (the PEFT model holding every adapter loaded on that base, kind, its lock)."""
+
+
+def adapter_name(model_dir: str) -> str:
+    """The name an adapter directory's weights carry inside the shared PEFT model."""
+    from bootfinetune.rundir import fingerprint
+
+    return "a" + fingerprint(str(Path(model_dir).resolve()))
+
+
+def _load_adapter(model_dir: str, device: str, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from bootfinetune.lora import adapter_base
+
+    base_dir = adapter_base(model_dir)
+    base_key = (base_dir, device)
+    name = adapter_name(model_dir)
+    if base_key not in _ADAPTER_BASES:
+        # Its own copy of the base: PEFT injects adapter layers into the modules it wraps.
+        base, _, kind = _load_full(base_dir, device, trust_remote_code)
+        model = PeftModel.from_pretrained(base, model_dir, adapter_name=name).eval()
+        _ADAPTER_BASES[base_key] = (model, kind, threading.Lock())
+    model, kind, lock = _ADAPTER_BASES[base_key]
+    with lock:
+        if name not in model.peft_config:
+            model.load_adapter(model_dir, adapter_name=name)
+            model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, kind
+
+
+@contextlib.contextmanager
+def adapter_selected(model_dir: str, device: str):
+    """Holds the shared base's lock with this directory's adapter active (a no-op for full models)."""
+    from bootfinetune.lora import adapter_base, is_adapter
+
+    if not is_adapter(model_dir):
+        yield
+        return
+    model, _, lock = _ADAPTER_BASES[(adapter_base(model_dir), device)]
+    with lock:
+        model.set_adapter(adapter_name(model_dir))
+        yield
 
 
 def unload_model(model_dir: str) -> None:
@@ -210,7 +271,7 @@ class FinetunedLM(dspy.BaseLM):
         gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         gen_kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else \
             gen_kwargs.update(do_sample=False)
-        with torch.no_grad():
+        with torch.no_grad(), adapter_selected(self.model, device):
             output = model.generate(input_ids=torch.tensor(ids, device=device),
                                     attention_mask=torch.tensor(mask, device=device), **gen_kwargs)
         results = []

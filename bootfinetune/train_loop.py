@@ -188,6 +188,10 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         model = auto.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True, **load_kw)
         if tc.answer_logits_only and kind == "causal":
             state.answer_logits_only = answer_logits_only(model)
+        if tc.lora:  # after the head patch: the PEFT wrapper calls the patched forward
+            from bootfinetune.lora import apply_lora
+
+            model = apply_lora(model, tc, kind)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
