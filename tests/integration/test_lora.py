@@ -1,0 +1,100 @@
+"""LoRA end to end: a per-predictor compile on 2 CPU workers gives one adapter per predictor on one base."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dspy
+import pytest
+
+from bootfinetune import BootstrapFinetune
+from bootfinetune.config import InferenceConfig
+from bootfinetune.lm import load_model
+from bootfinetune.lora import adapter_base, is_adapter, merge_adapter
+from bootfinetune.rebind import rebind
+from bootfinetune.rundir import read_json
+from bootfinetune.teacher_server import TeacherServer
+from bootfinetune.tiny_models import build_tiny_causal
+from tests.integration.test_compile import greedy_outputs
+from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+KEYS = ("rewrite", "answer.predict")
+INPUTS = [{"text": "item 901"}, {"text": "item 77"}, {"text": "bad item 3"}]
+
+RSS_SCRIPT = r"""
+import json, sys
+from bootfinetune.lm import FinetunedLM
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+lms = [FinetunedLM(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
+lms[0].generate([[{"role": "user", "content": "warm up"}]])  # torch's own first-use allocations
+import bootfinetune.lm as m
+m._LOADED.clear(); m._ADAPTER_BASES.clear()
+import gc; gc.collect()
+before = rss_kib()
+for lm in lms:
+    lm.generate([[{"role": "user", "content": "hello"}]])
+print("RSS_KIB=" + json.dumps(rss_kib() - before))
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_compile(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    # Big enough (5.3M parameters, 21 MB) that a second copy shows in resident memory.
+    base = build_tiny_causal(root / "base", hidden_size=256, num_layers=4, num_heads=4, vocab_size=4096)
+    with TeacherServer(two_step_script) as server:
+        teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="sk-unused-lora", cache=False)
+        tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, multitask=False,
+                               storage_path=str(root / "runs"), max_tokens=16, num_workers=2, lora=True,
+                               lora_r=8, lora_alpha=16)
+        student = TwoStep()
+        compiled = tp.compile(student, trainset=two_step_examples(24), target=str(base), epochs=4, bsize=4,
+                              lr=1e-2)
+    return tp, student, compiled, base, root
+
+
+def test_one_adapter_per_predictor_trained_on_two_workers(lora_compile):
+    tp, _, compiled, base, _ = lora_compile
+    for key in KEYS:
+        model_dir = tp.run_dir.model_dir(key)
+        assert is_adapter(model_dir) and adapter_base(model_dir) == str(base)
+        assert not (model_dir / "model.safetensors").exists()  # no full copy of the base
+        manifest = read_json(model_dir / "manifest.json")
+        assert manifest["lora"]["export"] == "adapter" and manifest["lora"]["r"] == 8
+        assert manifest["world_size"] == 2 and manifest["predictors"] == [key]
+        assert manifest["losses"]["train"][-1] < manifest["losses"]["train"][0]
+    assert compiled.rewrite.lm is not compiled.answer.predict.lm
+
+
+def test_the_base_is_loaded_once_and_answers_match_the_merged_export(lora_compile, tmp_path):
+    tp, student, compiled, base, _ = lora_compile
+    got = greedy_outputs(compiled, INPUTS)
+    shared = {id(load_model(compiled.rewrite.lm.model, "cpu")[0]),
+              id(load_model(compiled.answer.predict.lm.model, "cpu")[0])}
+    assert len(shared) == 1  # both predictors' adapters live on one loaded base
+
+    merged = {key: str(merge_adapter(tp.run_dir.model_dir(key), tmp_path / key)) for key in KEYS}
+    plain = rebind(student, {k: k for k in KEYS}, merged, inference=InferenceConfig(max_tokens=16))
+    assert not any(is_adapter(p.lm.model) for p in plain.predictors())
+    assert greedy_outputs(plain, INPUTS) == got
+
+    def resident_kib(dirs):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *dirs], capture_output=True, text=True,
+                             cwd=REPO, timeout=300)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS_KIB=")), None)
+        assert line, out.stdout[-2000:] + out.stderr[-2000:]
+        return json.loads(line.split("=", 1)[1])
+
+    adapters = resident_kib([str(tp.run_dir.model_dir(k)) for k in KEYS])
+    full = resident_kib(list(merged.values()))
+    print(f"resident memory for 2 predictors: adapters on one base {adapters} KiB, two merged models {full} KiB")
+    assert full > 20_000  # two 21 MB models (resident: what their loading touched)
+    assert adapters < 0.75 * full
