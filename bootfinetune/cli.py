@@ -4,6 +4,7 @@
         --teacher-model openai/gpt-4o-mini --api-key-env OPENAI_API_KEY --metric my_pkg.rag:exact_match
     bootfinetune teacher-server --script my_pkg.scripts:answer --port 8765
     bootfinetune demo                      # the whole compile on a shipped task, offline
+    bootfinetune serve RUN_DIR --replicas 2  # a run's models on an OpenAI-compatible endpoint (Ray Serve)
 """
 
 from __future__ import annotations
@@ -91,6 +92,29 @@ def cmd_teacher_server(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from bootfinetune.ray_serve import serve_run
+
+    url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
+                    max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                    device=args.device, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    from bootfinetune.ray_serve import model_specs
+    from bootfinetune.rundir import RunDir
+
+    names = sorted(model_specs(RunDir.from_location(args.run_dir)))
+    print(f"serving {args.run_dir} at {url}: models {names} (Ctrl-C to stop)", flush=True)
+    print(f"  dspy.LM('openai/{names[0]}', api_base='{url}', api_key='local')", flush=True)
+    print(f"  bootfinetune.load('{args.run_dir}', serve_url='{url}')", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(d)
     d.set_defaults(func=lambda args: __import__("bootfinetune.demo.run", fromlist=["x"]).run_demo(args))
+
+    s = sub.add_parser("serve", help="serve a run's finetuned models over an OpenAI-compatible endpoint (Ray Serve)")
+    s.add_argument("run_dir", help="a finished compile's run directory (folder or s3:// / gs:// URI)")
+    s.add_argument("--host", default="127.0.0.1", help="where the HTTP proxy listens (0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="copies of the deployment")
+    s.add_argument("--max-batch-size", type=int, default=8, help="most requests one generate answers")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    s.add_argument("--device", default=None, help="cpu, cuda...; default: CUDA when the replica has a GPU")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
     t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")

@@ -97,7 +97,8 @@ def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, 
                   inference=inference, sources={k: run.model_uri(k) for k in keys})
 
 
-def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None) -> dspy.Module:
+def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
+         serve_url: str | None = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
     Args:
@@ -106,6 +107,9 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         program: A fresh instance of the program class; None imports the class recorded in
             config.json and calls it with no arguments.
         device: Where the finetuned models run; None picks CUDA when present.
+        serve_url: The base URL of `bootfinetune serve` for this run (`http://127.0.0.1:8000/v1`):
+            predictors then call `dspy.LM("openai/<model key>", api_base=serve_url)` over HTTP
+            instead of loading the models in this process.
     """
     run = RunDir.from_location(run_dir)
     run.pull()
@@ -124,4 +128,20 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             value["lm"] = None
     program.load_state(state)
     inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
+    if serve_url:
+        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens)
     return rebind_run(program, run, described, inference=inference)
+
+
+def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: str, *,
+                  max_tokens: int = 512) -> dspy.Module:
+    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy)."""
+    keys = described["model_keys"]
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key="local", cache=False,
+                        temperature=0.0, max_tokens=max_tokens) for key in keys}
+    compiled = program.deepcopy()
+    key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
+    for name, predictor in compiled.named_predictors():
+        predictor.lm = lms[key_of[name]]
+    compiled._compiled = True
+    return compiled

@@ -160,18 +160,23 @@ class ChatServer:
             self.calls += 1
             self.requests.append(request["messages"])
         choices = self.complete(request)
-        prompt_tokens = max((c.prompt_tokens for c in choices), default=0)
-        completion_tokens = sum(c.completion_tokens for c in choices)
-        return {
-            "id": f"chatcmpl-{next(self._ids)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": request.get("model") or self.model_name,
-            "choices": [{"index": i, "finish_reason": c.finish_reason,
-                         "message": {"role": "assistant", "content": c.text}} for i, c in enumerate(choices)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+        return completion_body(request.get("model") or self.model_name, choices, f"chatcmpl-{next(self._ids)}")
+
+
+def completion_body(model: str, choices: list[Completion], completion_id: str) -> dict[str, Any]:
+    """An OpenAI `chat.completion` response body."""
+    prompt_tokens = max((c.prompt_tokens for c in choices), default=0)
+    completion_tokens = sum(c.completion_tokens for c in choices)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": i, "finish_reason": c.finish_reason,
+                     "message": {"role": "assistant", "content": c.text}} for i, c in enumerate(choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
 
 
 def _handler_class(server: ChatServer) -> type[BaseHTTPRequestHandler]:

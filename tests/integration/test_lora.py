@@ -98,3 +98,55 @@ def test_the_base_is_loaded_once_and_answers_match_the_merged_export(lora_compil
     print(f"resident memory for 2 predictors: adapters on one base {adapters} KiB, two merged models {full} KiB")
     assert full > 20_000  # two 21 MB models (resident: what their loading touched)
     assert adapters < 0.75 * full
+
+
+def test_served_over_http_through_dspy_lm_gives_the_in_process_answers(lora_compile):
+    """`bootfinetune serve`'s app on Ray Serve: one model name per adapter, batched, same answers via dspy.LM."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    import bootfinetune
+    from bootfinetune.distributed import free_port
+    from bootfinetune.ray_serve import serve_run
+
+    tp, _, compiled, _, _ = lora_compile
+    expected = greedy_outputs(compiled, INPUTS)
+    url = serve_run(tp.run_dir.root, port=free_port(), num_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.05)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+
+        def call(path, body=None):
+            req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, listed = call("/models")
+        assert status == 200 and sorted(m["id"] for m in listed["data"]) == sorted(KEYS)
+
+        served = bootfinetune.load(tp.run_dir.root, TwoStep(), serve_url=url)
+        assert {n: p.lm.model for n, p in served.named_predictors()} == {k: f"openai/{k}" for k in KEYS}
+        assert all(type(p.lm) is dspy.LM for p in served.predictors())  # over HTTP, no model in this process
+        assert greedy_outputs(served, INPUTS) == expected
+
+        # Concurrent requests are answered in shared batches.
+        lm = served.rewrite.lm
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: lm(messages=[{"role": "user", "content": f"hello {i}"}])[0],
+                                    range(8)))
+        assert len(answers) == 8 and all(isinstance(a, str) for a in answers)
+        status, stats = call("/stats")
+        assert status == 200 and stats["largest_batch"] >= 2, stats
+
+        status, body = call("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert status == 404 and "rewrite" in body["error"]["message"]
+        status, body = call("/chat/completions", {"model": "rewrite", "messages": []})
+        assert status == 400 and "messages" in body["error"]["message"]
+    finally:
+        serve.shutdown()
