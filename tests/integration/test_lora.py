@@ -1,4 +1,4 @@
-"""LoRA end to end: a per-predictor compile on 2 CPU workers gives one adapter per predictor on one base."""
+"""LoRA end to end: a per-predictor compile on 2 CPU workers (ZeRO-3) gives one adapter per predictor on one base."""
 
 import json
 import subprocess
@@ -53,7 +53,7 @@ def lora_compile(ray_cluster, tmp_path_factory):
     with TeacherServer(two_step_script) as server:
         teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="sk-unused-lora", cache=False)
         tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, multitask=False,
-                               storage_path=str(root / "runs"), max_tokens=16, num_workers=2, lora=True,
+                               storage_path=str(root / "runs"), max_tokens=16, num_workers=2, zero_stage=3, lora=True,
                                lora_r=8, lora_alpha=16)
         student = TwoStep()
         compiled = tp.compile(student, trainset=two_step_examples(24), target=str(base), epochs=4, bsize=4,
