@@ -18,7 +18,7 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-@pytest.mark.parametrize("kind,zero_stage", [("causal", 2), ("causal", 3), ("seq2seq", 2)])
+@pytest.mark.parametrize("kind,zero_stage", [("causal", 2), ("causal", 3), ("seq2seq", 2), ("seq2seq", 3)])
 def test_lora_trains_adapters_only_and_exports_adapter_and_merged_alike(tmp_path, kind, zero_stage):
     import torch
     from safetensors.torch import load_file
