@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,24 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MEASURE = r"""
-import gc, json, sys
-from bootfinetune.lm import FinetunedLM
-import bootfinetune.lm as m
-
-def rss_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-
-lms = [FinetunedLM(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
-lms[0].generate([[{"role": "user", "content": "warm up"}]])   # torch's first-use allocations
-m._LOADED.clear(); m._ADAPTER_BASES.clear(); gc.collect()
-before = rss_kib()
-for lm in lms:
-    lm.generate([[{"role": "user", "content": "hello"}]])
-print("RSS_KIB=" + json.dumps(rss_kib() - before))
-"""
 
 
 def build(work: Path, args) -> tuple[Path, list[Path], list[Path]]:
@@ -69,15 +49,6 @@ def build(work: Path, args) -> tuple[Path, list[Path], list[Path]]:
     return base, adapters, merged
 
 
-def resident_kib(dirs: list[Path]) -> int:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *map(str, dirs)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS_KIB=")), None)
-    if line is None:
-        raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
-    return json.loads(line.split("=", 1)[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictors", type=int, default=3)
@@ -94,6 +65,8 @@ def main() -> None:
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         adapter_mb = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
+        from bootfinetune.lora import resident_kib
+
         shared = resident_kib(adapters)
         full = resident_kib(merged)
     print(json.dumps({"predictors": args.predictors, "base_parameters": n_params, "adapter_files_mib": round(adapter_mb, 1),

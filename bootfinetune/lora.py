@@ -115,3 +115,44 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     if (adapter_dir / "manifest.json").exists():
         shutil.copy(adapter_dir / "manifest.json", out / "manifest.json")
     return out
+
+
+_RESIDENT_SCRIPT = r"""
+import gc, json, sys
+from bootfinetune.lm import FinetunedLM
+import bootfinetune.lm as lm_module
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+lms = [FinetunedLM(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
+lms[0].generate([[{"role": "user", "content": "warm up"}]])  # torch's own first-use allocations
+lm_module._LOADED.clear(); lm_module._ADAPTER_BASES.clear(); gc.collect()
+before = rss_kib()
+for lm in lms:
+    lm.generate([[{"role": "user", "content": "hello"}]])
+print("RSS_KIB=" + json.dumps(rss_kib() - before))
+"""
+
+
+def resident_kib(model_dirs: list[str | Path]) -> int:
+    """Resident memory (KiB) that loading these model directories adds, as a compiled program loads them.
+
+    A fresh Python process builds a `FinetunedLM` per directory on CPU (adapters on one base share
+    it), answers one prompt with each, and reports VmRSS after minus before (Linux). For comparing
+    adapters on a shared base with full models, as the LoRA test and `bench/lora_memory.py` do.
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", _RESIDENT_SCRIPT, *map(str, model_dirs)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS_KIB=")), None)
+    if line is None:
+        raise RuntimeError("measuring resident memory failed:\n" + out.stdout[-2000:] + out.stderr[-2000:])
+    return json.loads(line.split("=", 1)[1])

@@ -1,9 +1,6 @@
 """LoRA end to end: a per-predictor compile on 2 CPU workers (ZeRO-3) gives one adapter per predictor on one base."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import dspy
 import pytest
@@ -11,7 +8,7 @@ import pytest
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import InferenceConfig
 from bootfinetune.lm import load_model
-from bootfinetune.lora import adapter_base, is_adapter, merge_adapter
+from bootfinetune.lora import adapter_base, is_adapter, merge_adapter, resident_kib
 from bootfinetune.rebind import rebind
 from bootfinetune.rundir import read_json
 from bootfinetune.teacher_server import TeacherServer
@@ -20,29 +17,8 @@ from tests.integration.test_compile import greedy_outputs
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 KEYS = ("rewrite", "answer.predict")
 INPUTS = [{"text": "item 901"}, {"text": "item 77"}, {"text": "bad item 3"}]
-
-RSS_SCRIPT = r"""
-import json, sys
-from bootfinetune.lm import FinetunedLM
-
-def rss_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-
-lms = [FinetunedLM(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
-lms[0].generate([[{"role": "user", "content": "warm up"}]])  # torch's own first-use allocations
-import bootfinetune.lm as m
-m._LOADED.clear(); m._ADAPTER_BASES.clear()
-import gc; gc.collect()
-before = rss_kib()
-for lm in lms:
-    lm.generate([[{"role": "user", "content": "hello"}]])
-print("RSS_KIB=" + json.dumps(rss_kib() - before))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +61,6 @@ def test_the_base_is_loaded_once_and_answers_match_the_merged_export(lora_compil
     plain = rebind(student, {k: k for k in KEYS}, merged, inference=InferenceConfig(max_tokens=16))
     assert not any(is_adapter(p.lm.model) for p in plain.predictors())
     assert greedy_outputs(plain, INPUTS) == got
-
-    def resident_kib(dirs):
-        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *dirs], capture_output=True, text=True,
-                             cwd=REPO, timeout=300)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS_KIB=")), None)
-        assert line, out.stdout[-2000:] + out.stderr[-2000:]
-        return json.loads(line.split("=", 1)[1])
 
     adapters = resident_kib([str(tp.run_dir.model_dir(k)) for k in KEYS])
     full = resident_kib(list(merged.values()))
