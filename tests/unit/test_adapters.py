@@ -152,3 +152,18 @@ def test_adapter_spec_round_trips_and_options_are_checked():
         adapter_option(dspy.JSONAdapter)
     with pytest.raises(ConfigError, match="lacks format"):
         adapter_option("json")
+
+
+def test_a_program_bound_to_served_models_formats_with_the_recorded_adapter():
+    from bootfinetune.rebind import rebind_served
+
+    # config.json as a compile with XMLAdapter writes it; the scripted teacher stands in for `bootfinetune serve`.
+    described = {"model_keys": {"all": {"target": "m", "predictors": ["rewrite", "answer.predict"]}},
+                 "adapter": adapter_spec(dspy.XMLAdapter())}
+    with TeacherServer(two_step_script) as server:
+        served = rebind_served(TwoStep(), described, server.url, max_tokens=64)
+        assert served(text="item 3").answer == "ITEM 3!!"
+        assert server.calls == 3 and all("wrapped in XML tags" in m[-1]["content"] for m in server.requests)
+        as_json = rebind_served(TwoStep(), described, server.url, adapter=dspy.JSONAdapter())
+        assert as_json(text="item 4").answer == "ITEM 4!!"
+        assert "Respond with a JSON object" in server.requests[-1][-1]["content"]
