@@ -127,8 +127,8 @@ def answer_problem(adapter: Any, signature: Any, answer: str, outputs: dict[str,
         return f"{type(adapter).__name__} cannot parse the answer it wrote ({type(exc).__name__}: {str(exc)[:200]})"
     for name in signature.output_fields:
         if name in outputs and _comparable(parsed.get(name)) != _comparable(outputs[name]):
-            return (f"{type(adapter).__name__} reads field {name!r} back as {json.dumps(to_jsonable(parsed.get(name)))[:120]} "
-                    f"instead of {json.dumps(to_jsonable(outputs[name]))[:120]}")
+            got, wanted = json.dumps(to_jsonable(parsed.get(name))), json.dumps(to_jsonable(outputs[name]))
+            return f"{type(adapter).__name__} reads field {name!r} back as {got[:120]} instead of {wanted[:120]}"
     return None
 
 

@@ -78,7 +78,8 @@ def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any
             options[_LOCAL_PROVIDER_KWARGS[name]] = value
         elif name in _NO_EQUIVALENT:
             if not (name in _NO_OP_VALUES and value is _NO_OP_VALUES[name]):
-                problems.append(f"train_kwargs: {name}={value!r} has no bootfinetune equivalent: {_NO_EQUIVALENT[name]}.")
+                problems.append(f"train_kwargs: {name}={value!r} has no bootfinetune equivalent: "
+                                f"{_NO_EQUIVALENT[name]}.")
         else:
             known = sorted(_TRAIN_KWARGS_24 | set(_TRAIN_KWARGS_3X) | set(_LOCAL_PROVIDER_KWARGS))
             problems.append(f"train_kwargs: unknown key {name!r}; known keys: {', '.join(known)} "
@@ -430,8 +431,9 @@ def _check_compile_arguments(student: Any, trainset: Any, teacher: Any, train_kw
     if trainset is None:
         raise ProgramError("trainset: required; compile(student, trainset) or compile(student, trainset=examples).")
     if isinstance(trainset, dspy.Module):
-        raise ProgramError("trainset: got a dspy.Module. compile's positional order is DSPy 3.x's (student, trainset, "
-                           "teacher); pass the teacher by keyword: compile(student, trainset=examples, teacher=program).")
+        raise ProgramError("trainset: got a dspy.Module. compile's positional order is DSPy 3.x's (student, "
+                           "trainset, teacher); pass the teacher by keyword: compile(student, trainset=examples, "
+                           "teacher=program).")
     if isinstance(teacher, (list, tuple)) and teacher and isinstance(teacher[0], dspy.Example):
         raise ProgramError("teacher: got a list of examples. compile's positional order is (student, trainset, "
                            "teacher); pass the examples as trainset.")
