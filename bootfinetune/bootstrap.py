@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import cloudpickle
 import dspy
 from dspy.utils.callback import BaseCallback
 
@@ -36,12 +37,42 @@ from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write
 logger = logging.getLogger(__name__)
 
 DRIVER_SETTINGS = ("lm", "rm", "adapter")
-"""`dspy.configure` settings captured on the driver and applied inside every actor."""
+"""`dspy.configure` settings a program cannot run without: carried to every actor (or the compile stops
+with the reason when one cannot be pickled)."""
+PER_CALL_SETTINGS = ("trace", "usage_tracker", "caller_predict", "caller_modules", "send_stream", "stream_listeners",
+                     "branch_idx")
+"""Settings that belong to one call in progress (set by DSPy as it runs): never carried."""
+_WARNED: set[str] = set()
 
 
 def driver_settings() -> dict[str, Any]:
-    """The driver's `dspy.configure` settings that actors must see too."""
-    return {name: dspy.settings.get(name) for name in DRIVER_SETTINGS if dspy.settings.get(name) is not None}
+    """The driver's `dspy.configure` settings that actors must see too.
+
+    Every setting changed from DSPy's default is carried (callbacks, track_usage, disable_history,
+    max_history_size, provide_traceback, warn_on_type_mismatch, async_max_workers, num_threads,
+    interpreter_factory, and any key of the user's own), except `PER_CALL_SETTINGS` and private
+    `_` keys. One that cannot be pickled stays behind, with a warning naming it; lm, rm and
+    adapter are always carried.
+    """
+    from dspy.dsp.utils.settings import DEFAULT_CONFIG
+
+    carried = {}
+    for name, value in dspy.settings.config.items():
+        if value is None or name in PER_CALL_SETTINGS or name.startswith("_"):
+            continue
+        if name not in DRIVER_SETTINGS:
+            if name in DEFAULT_CONFIG and value == DEFAULT_CONFIG[name]:
+                continue
+            try:
+                cloudpickle.dumps(value)
+            except Exception as exc:  # cloudpickle raises many types; the setting stays behind, said once
+                if name not in _WARNED:
+                    _WARNED.add(name)
+                    logger.warning("dspy.configure(%s=...) cannot be sent to Ray actors (%s: %s); it does not hold "
+                                   "inside them. Make it picklable to carry it.", name, type(exc).__name__, exc)
+                continue
+        carried[name] = value
+    return carried
 
 
 def is_kept(score: Any, threshold: float | None) -> bool:
@@ -85,7 +116,7 @@ class TeacherRunner:
     Args:
         teachers: Teacher programs; each runs every example and their traces are pooled.
         metric: `metric(example, prediction, trace)`, or None to keep every trace.
-        settings: Driver `dspy.configure` settings (lm, rm, adapter) to apply here.
+        settings: Driver `dspy.configure` settings (`driver_settings()`) to apply here.
         teacher_settings: Settings applied while the teacher runs, e.g. {"lm": big_lm}.
         num_threads: Examples in flight at once in this actor.
         metric_threshold: For float scores: keep when score >= threshold.
@@ -124,7 +155,7 @@ class TeacherRunner:
         callbacks = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + [counter]
         stage = "program"
         try:
-            with dspy.context(**self.context, trace=trace, callbacks=callbacks):
+            with dspy.context(**{**self.context, "trace": trace, "callbacks": callbacks}):
                 prediction = teacher(**example.inputs())
                 stage = "metric"
                 score = self.metric(example, prediction, trace) if self.metric else None

@@ -8,6 +8,8 @@ resumes: finished stages are read back, not redone.
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  check_target,
@@ -43,27 +46,74 @@ _TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulati
                     "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm",
                     "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2"}
 _TRAIN_KWARGS_24 = {"bsize", "accumsteps", "lr", "epochs", "bf16"}
+# Keys of DSPy 3.x's local provider (`dspy.clients.lm_local`): an equivalent, or why there is none.
+_LOCAL_PROVIDER_KWARGS = {"use_peft": "lora"}
+_NO_EQUIVALENT = {
+    "output_dir": "bootfinetune writes every run under storage_path/run_name; set storage_path (and run_name) instead",
+    "device": "Ray places the training workers; set use_gpu=True (with num_workers, gpus_per_worker) for GPUs, "
+              "use_gpu=False for CPUs",
+    "packing": "sequence packing is not available in bootfinetune yet (each record is its own padded sequence); "
+               "remove packing or set it to False",
+}
+_NO_OP_VALUES = {"device": None, "packing": False}
+"""Values of those keys that ask for what bootfinetune does anyway: accepted and ignored."""
 
 
 def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """DSPy 3.x `train_kwargs` (2.4 or 3.x names) as our options; unknown names raise.
+    """DSPy `train_kwargs` (2.4, 3.x/TRL or local-provider names) as our options; unknown names raise.
 
-    >>> translate_train_kwargs({"learning_rate": 1e-4, "bsize": 4})
-    {'lr': 0.0001, 'bsize': 4}
+    >>> translate_train_kwargs({"learning_rate": 1e-4, "bsize": 4, "use_peft": True})
+    {'lr': 0.0001, 'bsize': 4, 'lora': True}
     """
+    if train_kwargs is not None and not isinstance(train_kwargs, dict):
+        raise ConfigError([f"train_kwargs={train_kwargs!r}: give a dict of training options, e.g. "
+                           f"{{'learning_rate': 1e-4, 'num_train_epochs': 2}}."])
     options, problems = {}, []
     for name, value in (train_kwargs or {}).items():
         if name in _TRAIN_KWARGS_24:
             options[name] = value
         elif name in _TRAIN_KWARGS_3X:
             options[_TRAIN_KWARGS_3X[name]] = value
+        elif name in _LOCAL_PROVIDER_KWARGS:
+            options[_LOCAL_PROVIDER_KWARGS[name]] = value
+        elif name in _NO_EQUIVALENT:
+            if not (name in _NO_OP_VALUES and value is _NO_OP_VALUES[name]):
+                problems.append(f"train_kwargs: {name}={value!r} has no bootfinetune equivalent: "
+                                f"{_NO_EQUIVALENT[name]}.")
         else:
-            known = sorted(_TRAIN_KWARGS_24 | set(_TRAIN_KWARGS_3X))
+            known = sorted(_TRAIN_KWARGS_24 | set(_TRAIN_KWARGS_3X) | set(_LOCAL_PROVIDER_KWARGS))
             problems.append(f"train_kwargs: unknown key {name!r}; known keys: {', '.join(known)} "
                             f"(or pass any bootfinetune option directly).")
     if problems:
         raise ConfigError(problems)
     return options
+
+
+def train_kwargs_options(train_kwargs: Any) -> tuple[dict[str, Any], list[dspy.BaseLM]]:
+    """(our options, the LMs it is keyed by) for `train_kwargs` as DSPy 2.4 or 3.x give it.
+
+    DSPy 3.x also keys `train_kwargs` by LM, `{student_lm: {...}}`. bootfinetune trains every model
+    of a compile with one set of options, so the LMs' dicts must translate to the same options.
+    """
+    if not isinstance(train_kwargs, dict) or not any(isinstance(k, dspy.BaseLM) for k in train_kwargs):
+        return translate_train_kwargs(train_kwargs), []
+    if not all(isinstance(k, dspy.BaseLM) for k in train_kwargs):
+        raise ConfigError(["train_kwargs: mixes LM keys and option names; key every entry by an LM "
+                           "({lm: {...}}, DSPy 3.x's form) or give one dict of options."])
+    translated, problems = {}, []
+    for lm, kwargs in train_kwargs.items():
+        model = getattr(lm, "model", repr(lm))
+        try:
+            translated[model] = translate_train_kwargs(kwargs)
+        except ConfigError as exc:
+            problems += [p.replace("train_kwargs", f"train_kwargs[{model!r}]", 1) for p in exc.problems]
+    if problems:
+        raise ConfigError(problems)
+    if len({json.dumps(t, sort_keys=True, default=str) for t in translated.values()}) > 1:
+        shown = "; ".join(f"{model}: {t}" for model, t in translated.items())
+        raise ConfigError([f"train_kwargs: different options per LM ({shown}); bootfinetune trains every model of "
+                           f"a compile with the same options. Give one dict, or compile those predictors separately."])
+    return next(iter(translated.values())), list(train_kwargs)
 
 
 def _short(values: list) -> str:
@@ -111,13 +161,21 @@ class Prepared:
 class BootstrapFinetune(Teleprompter):
     """Compiles a DSPy program into one backed by finetuned models, on Ray.
 
+    The positional order is DSPy 2.4's (metric, teacher_settings, multitask); DSPy 3.x's second
+    positional argument, `multitask`, must be given by keyword here, and a non-dict
+    `teacher_settings` raises rather than being misread.
+
     Args:
         metric: `metric(example, prediction, trace)` deciding which teacher traces to keep
             (bool, or float with the `metric_threshold` option); None keeps every trace.
         teacher_settings: Applied with `dspy.context(**teacher_settings)` while the teacher
             runs, e.g. `{"lm": big_lm}`.
         multitask: One shared model for all predictors, else one per predictor.
-        adapter: Formats training prompts (and inference); ChatAdapter by default.
+        train_kwargs: DSPy 3.x training options, 2.4/3.x/TRL/local-provider names (see
+            `translate_train_kwargs`); also keyed by LM, `{student_lm: {...}}`.
+        adapter: The DSPy adapter (ChatAdapter, JSONAdapter, XMLAdapter...) that formats the
+            teacher's prompts, the training records and the compiled program's prompts; default:
+            `dspy.settings.adapter`, else ChatAdapter. DSPy 3.x's `{lm: adapter}` is accepted for one adapter.
         **options: Any field of `Config` (e.g. `num_actors`, `zero_stage`, `storage_path`).
     """
 
@@ -125,10 +183,12 @@ class BootstrapFinetune(Teleprompter):
                  *, train_kwargs: dict[str, Any] | None = None, adapter: Any = None,
                  exclude_demos: bool | None = None, num_threads: int | None = None, **options: Any):
         super().__init__()
+        _check_positional(metric, teacher_settings, multitask)
         self.metric = metric
         self.teacher_settings = dict(teacher_settings or {})
-        self.adapter = adapter
-        self.options = {"multitask": multitask, **translate_train_kwargs(train_kwargs), **options}
+        self.adapter = adapter_option(adapter)
+        train_options, self.train_kwargs_lms = train_kwargs_options(train_kwargs)
+        self.options = {"multitask": multitask, **train_options, **options}
         if exclude_demos is not None:
             self.options["exclude_demos"] = exclude_demos
         if num_threads is not None:
@@ -137,28 +197,33 @@ class BootstrapFinetune(Teleprompter):
         self.run_dir: RunDir | None = None
         self.report: dict[str, Any] = {}
 
-    def compile(self, student: dspy.Module, *, teacher: Any = None, trainset: list, valset: list | None = None,
-                target: str | dict[str, str] = DEFAULT_TARGET, bsize: int = 12, accumsteps: int = 1,
-                lr: float = 5e-5, epochs: int = 1, bf16: bool = False, **options: Any) -> dspy.Module:
+    def compile(self, student: dspy.Module, trainset: list | None = None, teacher: Any = None, *,
+                valset: list | None = None, target: str | dict[str, str] = DEFAULT_TARGET, bsize: int = 12,
+                accumsteps: int = 1, lr: float = 5e-5, epochs: int = 1, bf16: bool = False,
+                **options: Any) -> dspy.Module:
         """Compiles `student` into a new program backed by finetuned models; the student is not modified.
+
+        Both API generations: DSPy 2.4's keywords (`compile(student=..., trainset=..., target=...)`)
+        and DSPy 3.x's positional order (`compile(student, trainset, teacher)`).
 
         Args:
             student: The program to compile.
-            teacher: The program whose traces teach (default: the student), or a list of them.
             trainset: Examples the teacher runs on.
+            teacher: The program whose traces teach (default: the student), or a list of them.
             valset: Held-out examples: eval loss for choosing the epoch, and the metric before/after.
             target: Hugging Face id or local directory to finetune, or {predictor: target}. Left at its
                 default, DSPy 3.x-style programs whose predictors all have LMs finetune what those LMs name.
             bsize: Micro batch per worker. accumsteps: gradient accumulation. lr, epochs, bf16: as named.
+                Left at their defaults, the constructor's options (train_kwargs) decide.
             **options: Any `Config` field, e.g. num_workers=2, zero_stage=3, storage_path="s3://...".
 
         Returns:
             The compiled program. `self.run_dir` is the run directory it came from.
         """
-        if target == DEFAULT_TARGET and all(p.lm is not None for p in student.predictors()):
-            target = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
-        prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, target=target,
-                                bsize=bsize, accumsteps=accumsteps, lr=lr, epochs=epochs, bf16=bf16, **options)
+        _check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
+        documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
+                                        lr=lr, epochs=epochs, bf16=bf16)
+        prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, **documented, **options)
         run, plan, config = prepared.run, prepared.plan, prepared.config
         empty = [k for k, d in prepared.data.items() if d.records == 0]
         if empty:
@@ -182,7 +247,7 @@ class BootstrapFinetune(Teleprompter):
                         _short(m["losses"]["train"]), _short(m["losses"]["eval"]), m["best_epoch"],
                         run.model_dir(key))
         compiled = compiled_program(student, plan, run, exclude_demos=config.bootstrap.exclude_demos,
-                                    inference=config.inference)
+                                    inference=config.inference, adapter=resolve_adapter(self.adapter))
         write_json(run.program_json, program_state(compiled))
         run.sync()
         logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{plan.key_of[name]}"
@@ -214,7 +279,8 @@ class BootstrapFinetune(Teleprompter):
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
-        base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference)
+        base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
+                            adapter=resolve_adapter(self.adapter))
         result["before"] = evaluate_program(base, valset, self.metric, **common).score
         result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
@@ -264,8 +330,10 @@ class BootstrapFinetune(Teleprompter):
         from bootfinetune.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
+        # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
         stage = dict(teachers=list(teachers), metric=self.metric, config=config.bootstrap,
-                     teacher_settings=self.teacher_settings, secrets=secrets)
+                     teacher_settings=self.teacher_settings, secrets=secrets,
+                     settings={**driver_settings(), "adapter": resolve_adapter(self.adapter)})
         logger.info("stage 2/6 bootstrap: the teacher over %d trainset and %d valset examples on %d Ray Data "
                     "actor(s) x %d threads", len(trainset), len(valset or []), config.bootstrap.num_actors,
                     config.bootstrap.num_threads)
@@ -323,7 +391,57 @@ class BootstrapFinetune(Teleprompter):
             "teacher_settings_lm": lm_identity(self.teacher_settings.get("lm")),
             "driver_lm": lm_identity(dspy.settings.lm),
             "metric": callable_identity(self.metric),
+            "adapter": adapter_spec(resolve_adapter(self.adapter)),
         }
+
+
+def documented_options(student: dspy.Module, constructor_options: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """compile()'s documented arguments (target, bsize, accumsteps, lr, epochs, bf16) as options.
+
+    One left at its default does not override the same option given to the constructor
+    (`train_kwargs={"learning_rate": 1e-4}` keeps its lr). A default `target` with an LM on
+    every predictor (DSPy 3.x style) finetunes what those LMs name.
+    """
+    defaults = {k: p.default for k, p in inspect.signature(BootstrapFinetune.compile).parameters.items()}
+    chosen = {k: v for k, v in given.items() if k not in constructor_options or v != defaults[k]}
+    if chosen.get("target") == DEFAULT_TARGET and all(p.lm is not None for p in student.predictors()):
+        chosen["target"] = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
+    return chosen
+
+
+def _check_positional(metric: Any, teacher_settings: Any, multitask: Any) -> None:
+    """DSPy 3.x's positional order (metric, multitask, train_kwargs) must not be misread as 2.4's."""
+    problems = []
+    if teacher_settings is not None and not isinstance(teacher_settings, dict):
+        problems.append(f"teacher_settings={teacher_settings!r}: must be a dict of dspy.context settings, e.g. "
+                        f"{{'lm': big_lm}}. bootfinetune keeps DSPy 2.4's positional order (metric, teacher_settings, "
+                        f"multitask); DSPy 3.x's is (metric, multitask, ...), so pass multitask by keyword: "
+                        f"BootstrapFinetune(metric, multitask={teacher_settings!r}).")
+    if isinstance(multitask, dict):
+        problems.append("multitask: got a dict; in DSPy 3.x's positional order that is train_kwargs. Pass it by "
+                        "keyword: BootstrapFinetune(metric, train_kwargs={...}).")
+    if metric is not None and not callable(metric):
+        problems.append(f"metric={metric!r}: must be a function metric(example, prediction, trace), or None.")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_compile_arguments(student: Any, trainset: Any, teacher: Any, train_kwargs_lms: list) -> None:
+    """A trainset and a teacher in each other's place, or train_kwargs keyed by foreign LMs, raise."""
+    if trainset is None:
+        raise ProgramError("trainset: required; compile(student, trainset) or compile(student, trainset=examples).")
+    if isinstance(trainset, dspy.Module):
+        raise ProgramError("trainset: got a dspy.Module. compile's positional order is DSPy 3.x's (student, "
+                           "trainset, teacher); pass the teacher by keyword: compile(student, trainset=examples, "
+                           "teacher=program).")
+    if isinstance(teacher, (list, tuple)) and teacher and isinstance(teacher[0], dspy.Example):
+        raise ProgramError("teacher: got a list of examples. compile's positional order is (student, trainset, "
+                           "teacher); pass the examples as trainset.")
+    student_lms = {id(p.lm) for p in student.predictors() if p.lm is not None}
+    foreign = [getattr(lm, "model", repr(lm)) for lm in train_kwargs_lms if id(lm) not in student_lms]
+    if foreign:
+        raise ConfigError([f"train_kwargs: keyed by LM(s) {foreign} that no predictor of the student holds; key it "
+                           f"by the student's own LMs (student.predictors()[i].lm), or give one dict of options."])
 
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

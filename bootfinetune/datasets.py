@@ -2,7 +2,8 @@
 
 Each record is written in the prompt form the *student* will see at inference: the
 student's predictor signature and demos (none with `exclude_demos`), formatted by the
-adapter's `format_finetune_data` (ChatAdapter unless one is given or configured).
+adapter in use (see `bootfinetune.adapters`: ChatAdapter, JSONAdapter, XMLAdapter...).
+An answer the adapter does not parse back to the teacher's outputs is dropped and counted.
 Per-predictor and shared models differ only in the key: "all" in multitask mode,
 the predictor's name otherwise.
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import dspy
 
+from bootfinetune.adapters import answer_problem, finetune_messages, resolve_adapter
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.records import CallRecord
 from bootfinetune.rundir import RunDir, write_jsonl
@@ -44,26 +46,18 @@ class DataSummary:
     """Identical records dropped (kept once)."""
     unformattable: int = 0
     """Kept calls the adapter could not format (missing output fields); dropped."""
+    unparseable: int = 0
+    """Kept calls whose formatted answer the adapter does not parse back to the teacher's outputs; dropped."""
     per_predictor: dict[str, int] = field(default_factory=dict)
     """Records written per predictor."""
     path: str = ""
     """Where the file is."""
 
 
-def resolve_adapter(adapter: Any | None) -> Any:
-    """The adapter used for training prompts: the given one, else the configured one, else ChatAdapter."""
-    adapter = adapter or dspy.settings.adapter or dspy.ChatAdapter()
-    if not hasattr(adapter, "format_finetune_data"):
-        raise TypeError(f"adapter {type(adapter).__name__} has no format_finetune_data; use dspy.ChatAdapter().")
-    return adapter
-
-
 def format_call(call: CallRecord, predictor: dspy.Predict, adapter: Any, exclude_demos: bool) -> list[dict]:
     """The chat messages that teach `predictor` to answer `call.inputs` with `call.outputs`."""
     demos = [] if exclude_demos else list(predictor.demos)
-    data = adapter.format_finetune_data(signature=predictor.signature, demos=demos,
-                                        inputs=call.inputs, outputs=call.outputs)
-    return data["messages"]
+    return finetune_messages(adapter, predictor.signature, demos, call.inputs, call.outputs)
 
 
 def data_path(run: RunDir, key: str, split: str) -> Any:
@@ -94,6 +88,11 @@ def build_datasets(run: RunDir, calls: list[CallRecord], plan: ProgramPlan, stud
         except (KeyError, ValueError, TypeError) as exc:
             logger.warning("%s call of example %d not formattable: %s", call.predictor, call.example_index, exc)
             summary.unformattable += 1
+            continue
+        problem = answer_problem(adapter, predictors[call.predictor].signature, messages[-1]["content"], call.outputs)
+        if problem:
+            logger.warning("%s call of example %d dropped: %s", call.predictor, call.example_index, problem)
+            summary.unparseable += 1
             continue
         fingerprint = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if fingerprint in seen[key]:

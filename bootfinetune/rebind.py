@@ -1,8 +1,10 @@
 """Stage 5: a new program whose predictors call their finetuned models; and loading one back.
 
 `rebind` never touches the student: it deep-copies it and sets each predictor's `lm` to
-the `FinetunedLM` of its model key (one shared object in multitask mode).
-`load(run_dir)` rebuilds the compiled program from a run directory alone.
+the `FinetunedLM` of its model key (one shared object in multitask mode), and makes every
+predictor use the adapter the models were trained with (`adapters.scope_adapter`).
+`load(run_dir)` rebuilds the compiled program from a run directory alone, adapter included
+(config.json records it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import dspy
 
+from bootfinetune.adapters import adapter_from_spec, scope_adapter
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
@@ -22,7 +25,7 @@ from bootfinetune.rundir import RunDir, read_json
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
            exclude_demos: bool = False, inference: InferenceConfig | None = None,
-           sources: dict[str, str | None] | None = None) -> dspy.Module:
+           sources: dict[str, str | None] | None = None, adapter: Any = None) -> dspy.Module:
     """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
 
     Args:
@@ -32,6 +35,8 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
         exclude_demos: Drop the predictors' demos, as training did.
         inference: Generation options for the LMs.
         sources: Model key -> the model's cloud URI, for runs on cloud storage (see `FinetunedLM`).
+        adapter: The DSPy adapter the models were trained with; every predictor formats its
+            prompts with it whatever `dspy.settings.adapter` says. None leaves the setting in charge.
     """
     inference = inference or InferenceConfig()
     lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
@@ -42,21 +47,24 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
         predictor.lm = lms[key_of[name]]
         if exclude_demos:
             predictor.demos = []
+    if adapter is not None:
+        scope_adapter(compiled, adapter)
     compiled._compiled = True
     return compiled
 
 
 def compiled_program(student: dspy.Module, plan: ProgramPlan, run: RunDir, *, exclude_demos: bool,
-                     inference: InferenceConfig) -> dspy.Module:
+                     inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
     return rebind(student, plan.key_of, {k: str(run.model_dir(k)) for k in plan.keys()},
                   exclude_demos=exclude_demos, inference=inference,
-                  sources={k: run.model_uri(k) for k in plan.keys()})
+                  sources={k: run.model_uri(k) for k in plan.keys()}, adapter=adapter)
 
 
 def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
-                 inference: InferenceConfig) -> dspy.Module:
+                 inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
     """The student on its base (not finetuned) targets: the 'before' of the report."""
-    return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference)
+    return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference,
+                  adapter=adapter)
 
 
 def program_state(program: dspy.Module) -> dict[str, Any]:
@@ -74,7 +82,8 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
     return state
 
 
-def program_class_path(program: dspy.Module) -> str:
+def program_class_path(program: Any) -> str:
+    """`module:QualName` of a program's (or any object's) class, as `resolve` reads it back."""
     cls = type(program)
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -89,16 +98,20 @@ def resolve(path: str) -> Any:
 
 
 def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, inference: InferenceConfig,
-               exclude_demos: bool = False) -> dspy.Module:
-    """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys."""
+               exclude_demos: bool = False, adapter: Any = None) -> dspy.Module:
+    """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
+
+    The adapter is the one config.json records unless `adapter` is given.
+    """
     keys = described["model_keys"]
     key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
     return rebind(program, key_of, {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
-                  inference=inference, sources={k: run.model_uri(k) for k in keys})
+                  inference=inference, sources={k: run.model_uri(k) for k in keys},
+                  adapter=adapter or adapter_from_spec(described.get("adapter")))
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
-         serve_url: str | None = None) -> dspy.Module:
+         serve_url: str | None = None, adapter: Any = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
     Args:
@@ -110,6 +123,8 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         serve_url: The base URL of `bootfinetune serve` for this run (`http://127.0.0.1:8000/v1`):
             predictors then call `dspy.LM("openai/<model key>", api_base=serve_url)` over HTTP
             instead of loading the models in this process.
+        adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
+            was trained with (recorded in config.json).
     """
     run = RunDir.from_location(run_dir)
     run.pull()
@@ -129,13 +144,16 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     program.load_state(state)
     inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
     if serve_url:
-        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens)
-    return rebind_run(program, run, described, inference=inference)
+        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
+    return rebind_run(program, run, described, inference=inference, adapter=adapter)
 
 
 def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: str, *,
-                  max_tokens: int = 512) -> dspy.Module:
-    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy)."""
+                  max_tokens: int = 512, adapter: Any = None) -> dspy.Module:
+    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
+
+    The adapter is the one config.json records unless `adapter` is given.
+    """
     keys = described["model_keys"]
     lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key="local", cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
@@ -143,5 +161,8 @@ def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: st
     key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
     for name, predictor in compiled.named_predictors():
         predictor.lm = lms[key_of[name]]
+    adapter = adapter or adapter_from_spec(described.get("adapter"))
+    if adapter is not None:
+        scope_adapter(compiled, adapter)
     compiled._compiled = True
     return compiled

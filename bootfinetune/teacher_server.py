@@ -3,8 +3,9 @@
 It stands in for a large model where none can be reached (tests, the offline demo): a
 plain Python function (the *script*) answers each request, and DSPy reaches it exactly
 as it reaches a hosted model, through `dspy.LM("openai/<name>", api_base=server.url)`.
-It is not a language model: it reads the fields DSPy's ChatAdapter wrote into the
-prompt and returns the fields the script computes, in the ChatAdapter's format.
+It is not a language model: it reads the fields a DSPy adapter (ChatAdapter, JSONAdapter
+or XMLAdapter) wrote into the prompt and returns the fields the script computes, in the
+format that adapter asked for.
 The HTTP side (routes, 400s for bad requests, 500 when the script raises) is
 `serve.ChatServer`, shared with the server of finetuned models.
 
@@ -37,12 +38,34 @@ Faults: "429" (rate limited, with Retry-After), "500", "503", "timeout" (answers
 FAULT_KINDS = ("429", "500", "503", "timeout", "garbage", "drop")
 
 _MARKER = re.compile(r"\[\[ ## (\w+) ## \]\]")
+_XML_FIELD = re.compile(r"<(\w+)>\n(.*?)\n</\1>", re.S)
 _OUTPUTS_BLOCK = re.compile(r"Your output fields are:\n(.*?)\nAll interactions", re.S)
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)`", re.M)
+# The last line of the main user message names the answer format (`user_message_output_requirements`).
+_REQUIREMENTS = {"json": "Respond with a JSON object",
+                 "xml": "Respond with the corresponding output fields wrapped in XML tags"}
+
+
+def _text(content: str | list) -> str:
+    if isinstance(content, list):  # content parts
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
+
+
+def answer_format(messages: list[dict]) -> str:
+    """"chat", "json" or "xml": the DSPy adapter (ChatAdapter, JSONAdapter, XMLAdapter) that wrote the request.
+
+    Read from the last user message, where each adapter asks for its own answer format.
+    """
+    user = _text(next(m["content"] for m in reversed(messages) if m.get("role") == "user"))
+    return next((style for style, marker in _REQUIREMENTS.items() if marker in user), "chat")
 
 
 def parse_chat_request(messages: list[dict]) -> tuple[dict[str, str], list[str]]:
-    """Reads input values and output field names from ChatAdapter-formatted messages.
+    """Reads input values and output field names from messages that a DSPy adapter formatted.
+
+    ChatAdapter and JSONAdapter write inputs as `[[ ## name ## ]]` sections, XMLAdapter as
+    `<name>` elements; all three list the output fields in the system message.
 
     Example:
         >>> system = {"role": "system", "content": "Your output fields are:\\n1. `answer` (str):\\nAll interactions"}
@@ -50,21 +73,30 @@ def parse_chat_request(messages: list[dict]) -> tuple[dict[str, str], list[str]]
         >>> parse_chat_request([system, user])
         ({'question': '2+2?'}, ['answer'])
     """
-    system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+    system = _text(next((m["content"] for m in messages if m.get("role") == "system"), ""))
     block = _OUTPUTS_BLOCK.search(system)
     outputs = _FIELD_LINE.findall(block.group(1)) if block else []
-    user = next(m["content"] for m in reversed(messages) if m.get("role") == "user")
-    if isinstance(user, list):  # content parts
-        user = "".join(part.get("text", "") for part in user if isinstance(part, dict))
-    parts = _MARKER.split(user)
-    inputs = {}
-    for name, value in zip(parts[1::2], parts[2::2]):
-        value = value.split("\n\nRespond with the corresponding output fields", 1)[0]
-        inputs[name] = value.strip("\n")
-    return inputs, outputs
+    user = _text(next(m["content"] for m in reversed(messages) if m.get("role") == "user"))
+    if answer_format(messages) == "xml":
+        return {name: value for name, value in _XML_FIELD.findall(user)}, outputs
+    # The closing "Respond with ..." line names the output markers too: cut it before reading inputs.
+    parts = _MARKER.split(user.split("\n\nRespond with ", 1)[0])
+    return {name: value.strip("\n") for name, value in zip(parts[1::2], parts[2::2])}, outputs
 
 
-def format_chat_answer(outputs: dict[str, str]) -> str:
+def format_answer(outputs: dict[str, str], style: str = "chat") -> str:
+    """The answer as the adapter that asked expects it (see `answer_format`).
+
+    >>> print(format_answer({"answer": "a < b"}, "xml"))
+    <answer>
+    a &lt; b
+    </answer>
+    """
+    if style == "json":
+        return json.dumps(outputs, indent=2, ensure_ascii=False)
+    if style == "xml":  # XMLAdapter parses the answer as XML: escape what XML reserves in text
+        return "\n\n".join(f"<{name}>\n{str(value).replace('&', '&amp;').replace('<', '&lt;')}\n</{name}>"
+                           for name, value in outputs.items())
     body = "".join(f"[[ ## {name} ## ]]\n{value}\n\n" for name, value in outputs.items())
     return body + "[[ ## completed ## ]]\n"
 
@@ -121,7 +153,7 @@ class TeacherServer(ChatServer):
 
     def answer(self, messages: list[dict]) -> str:
         inputs, outputs = parse_chat_request(messages)
-        return format_chat_answer(self.script(inputs, outputs))
+        return format_answer(self.script(inputs, outputs), answer_format(messages))
 
     def complete(self, request: dict) -> list[Completion]:
         if self.latency:

@@ -73,8 +73,10 @@ def test_missing_or_broken_model_directory(tmp_path):
 
 def test_unknown_or_bad_train_kwargs_raise_before_training(tiny_causal, tmp_path):
     lm = provider_lm(tiny_causal, tmp_path)
-    with pytest.raises(ConfigError, match="unknown key 'use_peft'"):
-        lm.finetune(chat_rows(), "chat", {"use_peft": True})
+    with pytest.raises(ConfigError, match="unknown key 'use_pef'"):
+        lm.finetune(chat_rows(), "chat", {"use_pef": True})
+    with pytest.raises(ConfigError, match="output_dir='/tmp/x' has no bootfinetune equivalent: .*storage_path"):
+        lm.finetune(chat_rows(), "chat", {"output_dir": "/tmp/x"})
     with pytest.raises(ConfigError, match="lr=-1"):
         lm.finetune(chat_rows(), "chat", {"learning_rate": -1})
     # Called directly (not through dspy.LM), the provider checks the same things.
