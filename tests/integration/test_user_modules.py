@@ -74,7 +74,7 @@ FILES = {
                     .with_inputs("question") for i in range(n)]
         ''',
     "shop/driver.py": '''
-        """Run as `python -m shop.driver OUT ELSEWHERE [compile]`, or through scripts/run.py."""
+        """Run as `python -m shop.driver OUT ELSEWHERE [evaluate|prepare]`, or through scripts/run.py."""
 
         import json
         import os
@@ -96,15 +96,15 @@ FILES = {
             with TeacherServer(teacher_script) as server:
                 teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local", cache=False)
                 result = {"cwd": os.getcwd()}
-                if mode == "compile":
+                if mode == "prepare":  # compile's checks, bootstrap and data stages
                     from bootfinetune import BootstrapFinetune
 
                     tp = BootstrapFinetune(metric=exact_color, teacher_settings={"lm": teacher},
-                                           storage_path=os.path.join(out, "runs"), num_actors=1, num_workers=1)
-                    compiled = tp.compile(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"],
-                                          epochs=1, max_errors=0)
-                    result["bootstrap"] = tp.report["stages"]["bootstrap"]
-                    result["compiled_lm"] = type(compiled.answer.lm).__name__
+                                           storage_path=os.path.join(out, "runs"), num_actors=2, max_errors=0)
+                    prepared = tp.prepare(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"])
+                    s = prepared.bootstrap.summary
+                    result["bootstrap"] = {"examples": s.examples, "kept": s.kept, "failed": s.failed}
+                    result["records"] = sum(1 for _ in open(prepared.run.data_file("all")))
                 else:
                     program = ColorRAG()
                     program.set_lm(teacher)
@@ -165,14 +165,14 @@ def test_python_m_driver_that_changes_directory_evaluates_on_ray_actors(tmp_path
     assert result["failed"] == 0 and result["score"] == 1.0 and result["teacher_calls"] == 12
 
 
-def test_script_in_a_subfolder_compiles_with_its_package_from_another_directory(tmp_path):
+def test_script_in_a_subfolder_bootstraps_with_its_package_from_another_directory(tmp_path):
     from bootfinetune.tiny_models import build_tiny_causal
 
     project = write_project(tmp_path)
     target = build_tiny_causal(tmp_path / "tiny-llama", hidden_size=32, num_layers=1)
     result = run_driver([str(project / "scripts" / "run.py")], cwd=tmp_path / "launch", out=tmp_path,
-                        mode="compile", extra_env={"TINY_TARGET": str(target)})
-    # compile ran bootstrap actors and a training worker; its result records the run of the user's program.
-    assert result["bootstrap"]["examples"] == 8 and result["bootstrap"]["kept"] == 8
-    assert result["bootstrap"]["failed"] == 0 and result["teacher_calls"] == 8
-    assert result["compiled_lm"]
+                        mode="prepare", extra_env={"TINY_TARGET": str(target)})
+    # compile's first stages ran the user's program, retriever and metric in two actors: every trace kept.
+    assert result["cwd"] == str(tmp_path / "elsewhere")
+    assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
+    assert result["records"] == 8
