@@ -74,7 +74,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     if ray.is_initialized():
-        return "Ray: already connected"
+        return f"Ray: already connected: {_describe(ray.cluster_resources())}"
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": log_to_driver}
     resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
     address = address or os.environ.get("RAY_ADDRESS") or None
