@@ -3,7 +3,9 @@
 A `ray start --head` runs in its own temp folder (`RAY_TMPDIR`), ports and HOME, with token
 authentication on as Ray >= 2.59 sets it up where Ray ran before (`~/.ray/auth_token` exists), and
 is stopped by terminating it. Drivers are subprocesses that see only that temp folder, so they
-never meet the test session's cluster or another one on the machine.
+never meet the test session's cluster or another one on the machine. (A stale pointer, left by a
+`ray start` that died, is ignored with a warning: tests/integration/test_user_modules.py, whose driver
+starts its own cluster anyway.)
 """
 
 import os
@@ -104,21 +106,6 @@ def test_a_running_local_cluster_is_joined_where_ray_init_with_num_cpus_raised(l
     assert new.returncode == 0, new.stderr[-3000:]
     assert f"Ray: joined the cluster already running on this machine at {address}" in new.stdout
     assert f"GCS {address}" in new.stdout and "CPUS 1" in new.stdout  # the head's 1 CPU, not the 3 asked
-
-
-def test_a_stale_pointer_is_ignored_with_a_warning_and_a_new_cluster_starts():
-    temp_dir = tempfile.mkdtemp(prefix="bfst", dir="/tmp")
-    try:
-        env = isolated_env(temp_dir)
-        os.makedirs(os.path.join(temp_dir, "ray"))
-        dead = f"127.0.0.1:{free_port()}"  # nothing listens there: a `ray start` that died
-        Path(temp_dir, "ray", "ray_current_cluster").write_text(dead)
-        proc = driver(DEMO_STYLE.format(address=None), env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "Ignoring" in proc.stderr and f"Ray cluster at {dead} that is not running" in proc.stderr
-        assert "Ray: started a new local cluster: 3 CPUs" in proc.stdout and "CPUS 3" in proc.stdout
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_an_explicit_address_wins_over_the_pointer(local_head):

@@ -11,7 +11,7 @@ the workers' path.
 
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,7 +91,7 @@ FILES = {
 
         def main(out, elsewhere, mode):
             os.chdir(elsewhere)  # before Ray starts: the workers get this folder, not the project's
-            ensure_ray(num_cpus=4)
+            print(ensure_ray(num_cpus=4))  # which cluster: joined or started
             dspy.configure(rm=colors_rm)
             with TeacherServer(teacher_script) as server:
                 teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local", cache=False)
@@ -142,24 +142,40 @@ def write_project(root: Path) -> Path:
     return root / "project"
 
 
-def run_driver(args: list[str], cwd: Path, out: Path, mode: str = "evaluate", extra_env: dict | None = None) -> dict:
-    """Runs a driver with its own Ray in an isolated temp folder; returns its result.json."""
+def run_driver(args: list[str], cwd: Path, out: Path, mode: str = "evaluate", extra_env: dict | None = None,
+               stale_pointer: str | None = None) -> tuple[dict, str]:
+    """Runs a driver with its own Ray in an isolated temp folder; returns its result.json and its output.
+
+    `stale_pointer` leaves a `ray_current_cluster` there naming a cluster that is gone.
+    """
     ray_tmp = tempfile.mkdtemp(prefix="bfum", dir="/tmp")  # short: Ray's socket paths have a length limit
+    if stale_pointer:
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        Path(ray_tmp, "ray", "ray_current_cluster").write_text(stale_pointer)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # bootfinetune itself is importable (as if installed); the project is not on any path.
     env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=ray_tmp, TMPDIR=ray_tmp, RAY_DISABLE_USAGE_STATS="1",
                **(extra_env or {}))
-    proc = subprocess.run([sys.executable, *args, str(out), str(out / "elsewhere"), mode], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run([sys.executable, *args, str(out), str(out / "elsewhere"), mode], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "ModuleNotFoundError" not in output, output[-4000:]
-    return json.loads((out / "result.json").read_text())
+    return json.loads((out / "result.json").read_text()), output
 
 
 def test_python_m_driver_that_changes_directory_evaluates_on_ray_actors(tmp_path):
+    from tests.s3server import free_port
+
     project = write_project(tmp_path)
-    result = run_driver(["-m", "shop.driver"], cwd=project, out=tmp_path)
+    # The machine also has a pointer left by a `ray start` that died: ensure_ray ignores it, says so, and starts
+    # a cluster (left to Ray, `ray.init(num_cpus=4)` raised and `ray.init()` hung on it).
+    dead = f"127.0.0.1:{free_port()}"
+    result, output = run_driver(["-m", "shop.driver"], cwd=project, out=tmp_path, stale_pointer=dead)
+    assert f"Ray cluster at {dead} that is not running" in output and "started a new local cluster" in output
     assert result["cwd"] == str(tmp_path / "elsewhere")
     # 12 questions answered by the actors with the user's program, retriever and metric: all right.
     assert result["failed"] == 0 and result["score"] == 1.0 and result["teacher_calls"] == 12
@@ -170,7 +186,7 @@ def test_script_in_a_subfolder_bootstraps_with_its_package_from_another_director
 
     project = write_project(tmp_path)
     target = build_tiny_causal(tmp_path / "tiny-llama", hidden_size=32, num_layers=1)
-    result = run_driver([str(project / "scripts" / "run.py")], cwd=tmp_path / "launch", out=tmp_path,
+    result, _ = run_driver([str(project / "scripts" / "run.py")], cwd=tmp_path / "launch", out=tmp_path,
                         mode="prepare", extra_env={"TINY_TARGET": str(target)})
     # compile's first stages ran the user's program, retriever and metric in two actors: every trace kept.
     assert result["cwd"] == str(tmp_path / "elsewhere")
