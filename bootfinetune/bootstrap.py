@@ -33,6 +33,7 @@ from bootfinetune.errors import BootstrapError
 from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
                                   redact, to_jsonable)
 from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write_jsonl
+from bootfinetune.user_code import ship_user_modules
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +249,11 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
     if todo:
         rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in todo]
         dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), config.num_actors * 4))
-        mapped = dataset.map_batches(
-            TeacherRunner,
-            fn_constructor_kwargs=dict(teachers=teachers, metric=metric,
-                                       settings=driver_settings() if settings is None else settings,
-                                       teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
-                                       metric_threshold=config.metric_threshold, secrets=secrets, split=split),
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-            batch_size=config.batch_size, num_cpus=config.actor_cpus,
-        )
+        mapped = map_teacher_runner(
+            dataset, dict(teachers=teachers, metric=metric, settings=driver_settings() if settings is None else settings,
+                          teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
+                          metric_threshold=config.metric_threshold, secrets=secrets, split=split),
+            num_actors=config.num_actors, batch_size=config.batch_size, num_cpus=config.actor_cpus)
         paths["progress"].parent.mkdir(parents=True, exist_ok=True)
         with open(paths["progress"], "a", encoding="utf-8") as progress:
             for row in mapped.iter_rows():
@@ -270,6 +267,21 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
                     if failures > config.max_errors:
                         raise BootstrapError(_too_many_errors(results, config.max_errors, split))
     return _finish(run, paths, results, len(examples), started)
+
+
+def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
+                       num_cpus: float) -> Any:
+    """`dataset.map_batches(TeacherRunner)` on a pool of actors: where user objects are handed to Ray.
+
+    The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) are
+    registered to travel by value first, so the actors need not find them on their path.
+    """
+    import ray
+
+    ship_user_modules()
+    return dataset.map_batches(TeacherRunner, fn_constructor_kwargs=runner_kwargs,
+                               compute=ray.data.ActorPoolStrategy(size=num_actors),
+                               batch_size=batch_size, num_cpus=num_cpus)
 
 
 def _read_progress(path) -> dict[tuple[int, int], dict]:

@@ -19,6 +19,7 @@ import dspy
 
 from bootfinetune.errors import ProgramError
 from bootfinetune.records import non_json_fields, to_jsonable
+from bootfinetune.user_code import ship_user_modules
 
 MULTITASK_KEY = "all"
 _PROVIDER_PREFIXES = ("openai/", "hosted_vllm/", "huggingface/", "local:")
@@ -246,6 +247,7 @@ def _required_inputs(program: dspy.Module) -> list[str]:
 
 def check_picklable(obj: Any, what: str) -> list[str]:
     """A problem naming the attribute that cannot be sent to Ray workers, if any."""
+    ship_user_modules()  # probe the pickle Ray will make: the user's own modules by value
     try:
         cloudpickle.dumps(obj)
         return []

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import dspy
 
-from bootfinetune.bootstrap import BootstrapResult, TeacherRunner, driver_settings, score_value
+from bootfinetune.bootstrap import BootstrapResult, TeacherRunner, driver_settings, map_teacher_runner, score_value
 from bootfinetune.records import example_to_json
 
 RAY_EVAL_MIN_EXAMPLES = 256
@@ -60,9 +60,8 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
         dataset = ray.data.from_items([{"example_index": i, "example": e}
                                        for i, e in zip(batch["example_index"], batch["example"])],
                                       override_num_blocks=min(len(examples), num_actors * 4))
-        rows = dataset.map_batches(TeacherRunner, fn_constructor_kwargs=kwargs,
-                                   compute=ray.data.ActorPoolStrategy(size=num_actors),
-                                   batch_size=max(num_threads, 8), num_cpus=actor_cpus).take_all()
+        rows = map_teacher_runner(dataset, kwargs, num_actors=num_actors, batch_size=max(num_threads, 8),
+                                  num_cpus=actor_cpus).take_all()
         results = [json.loads(r["result"]) for r in rows]
     else:
         results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]

@@ -76,8 +76,9 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
     """
     import ray
 
-    if not ray.is_initialized():  # the compiler connects first; a stage run alone starts a local Ray
-        ray.init()
+    from bootfinetune.ray_env import ensure_ray
+
+    ensure_ray()  # the compiler connects first; a stage run alone joins or starts Ray the package's way
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise FinetuneError(f"duplicate model keys {sorted(k for k in set(keys) if keys.count(k) > 1)}: one job per key.")

@@ -133,7 +133,8 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
 
 def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None,
-              max_tokens: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0) -> str:
+              max_tokens: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+              ray_address: str | None = None) -> str:
     """Deploys a run's models on Ray Serve and returns the OpenAI base URL (`http://host:port/v1`).
 
     Args:
@@ -144,6 +145,7 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         device: Where replicas run the models; None picks CUDA when the replica has a GPU.
         max_tokens: Default answer length when a request gives none (default: the run's).
         num_cpus, num_gpus: Resources each replica reserves.
+        ray_address: The Ray cluster to serve on (default: `$RAY_ADDRESS`, a running local cluster, else a new one).
     """
     from bootfinetune.ray_env import ensure_ray
 
@@ -153,7 +155,7 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     if not specs:
         raise ProgramError(f"run_dir: {run.location} has no finished model (models/*/manifest.json); "
                            "serve the run directory of a finished compile.")
-    ensure_ray()
+    ensure_ray(ray_address)
     serve.start(http_options={"host": host, "port": port})
     app = ChatDeployment.options(num_replicas=replicas,
                                  ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}) \

@@ -38,7 +38,9 @@ def ray_cluster():
     if not ray.is_initialized():
         # 8 logical CPUs on a 2-core machine: bootstrap actors mostly wait on HTTP, and two
         # training workers plus actors must fit side by side.
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        # address="local": always a cluster of the session's own, even where a `ray start` runs (or left a
+        # stale pointer), which would otherwise be joined or fail the start.
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                                            "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
     yield ray

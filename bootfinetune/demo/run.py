@@ -172,17 +172,11 @@ def _run(args: argparse.Namespace) -> int:
 
     import ray
 
-    if not ray.is_initialized():
-        from bootfinetune.ray_env import WORKER_ENV
+    from bootfinetune.ray_env import ensure_ray
 
-        if args.ray_address:
-            ray.init(address=args.ray_address, runtime_env={"env_vars": dict(WORKER_ENV)})
-        else:
-            # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": dict(WORKER_ENV)})
+    # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
+    say(ensure_ray(args.ray_address, num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False))
     cpus = int(ray.cluster_resources().get("CPU", 2))
-    say(f"ray: {cpus} CPUs{', ' + str(int(ray.cluster_resources().get('GPU', 0))) + ' GPUs' if args.gpus else ''}")
 
     options = dict(storage_path=args.storage, num_workers=args.workers, num_actors=args.num_actors,
                    multitask=not args.per_predictor, seed=args.seed,

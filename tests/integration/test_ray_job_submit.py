@@ -27,18 +27,33 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+def readme_shell_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment the README's line before `ray start --head` leaves in a shell, run as written."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("\nray start --head") - 300:readme.index("\nray start --head")]
+    line = block.splitlines()[-1].split("  #")[0]
+    assert line.startswith("export RAY_AUTH_MODE=token"), line
+    proc = subprocess.run(["bash", "-c", f"{line} && env -0"], env=env, capture_output=True, text=True, check=True)
+    token = open(os.path.join(env["HOME"], ".ray", "auth_token")).read().strip()
+    assert token not in proc.stdout + proc.stderr  # the line keeps the token off the terminal
+    return dict(item.split("=", 1) for item in proc.stdout.split("\0") if "=" in item)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     temp_dir = tempfile.mkdtemp(prefix="bfjob", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # Token authentication on, as Ray >= 2.59 turns it on for `ray start --head` whenever ~/.ray/auth_token
-    # exists: the head and the CLI share a token file of their own (RAY_AUTH_MODE=token makes the CLI send it).
-    token = os.path.join(temp_dir, "auth_token")
-    with open(token, "w") as f:
+    # A machine where Ray has run before: ~/.ray/auth_token exists (any ray.init() writes one), so Ray >= 2.59
+    # turns token authentication on for `ray start --head`. HOME is the test's own.
+    home = os.path.join(temp_dir, "home")
+    os.makedirs(os.path.join(home, ".ray"))
+    with open(os.path.join(home, ".ray", "auth_token"), "w") as f:
         f.write(secrets.token_hex(32))
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
+    env.update(HOME=home)
+    env.pop("RAY_AUTH_MODE", None)
+    env = readme_shell_env(env)
     port, dash = free_port(), free_port()
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
