@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = ["what color is the sky?", "name a color", "which color is calm?"]
 
 
-def train_to_answer(base: Path, out: Path, answer: str, steps: int = 80) -> Path:
+def train_to_answer(base: Path, out: Path, answer: str, steps: int = 80, lr: float = 3e-3) -> Path:
     """`base` finetuned to answer every QUESTIONS prompt with `answer` in ChatAdapter's format."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,7 +41,7 @@ def train_to_answer(base: Path, out: Path, answer: str, steps: int = 80) -> Path
     examples = [encode_example(tokenizer, adapter.format(signature, [], {"question": q})
                                + [{"role": "assistant", "content": reply}], "causal", 1024) for q in QUESTIONS]
     batch = collate(examples, tokenizer.pad_token_id or 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     torch.manual_seed(0)
     model.train()
     for _ in range(steps):
@@ -72,6 +72,13 @@ class Recorder(BaseCallback):
         self.ends.append(exception)
 
 
+async def last_item(stream):
+    item = None
+    async for item in stream:
+        pass
+    return item
+
+
 @pytest.mark.filterwarnings("error::DeprecationWarning")
 def test_predict_answers_through_the_engine_with_history_usage_and_callbacks(models):
     lm = FinetunedLM(str(models["blue"]), max_tokens=24, device="cpu")
@@ -85,19 +92,21 @@ def test_predict_answers_through_the_engine_with_history_usage_and_callbacks(mod
             prediction = predict(question=QUESTIONS[0])
             async_prediction = asyncio.run(predict.acall(question=QUESTIONS[1]))
             text = lm("a plain prompt")
-    assert prediction.answer == "blue" and async_prediction.answer == "blue"
+            streamed = asyncio.run(last_item(dspy.streamify(predict)(question=QUESTIONS[2])))
+    assert prediction.answer == "blue" and async_prediction.answer == "blue" and streamed.answer == "blue"
     assert isinstance(text, list) and isinstance(text[0], str)
-    assert len(lm.history) == 3 and all(entry["model"] == lm.model for entry in lm.history)
+    assert len(lm.history) == 4 and all(entry["model"] == lm.model for entry in lm.history)
     usage = lm.history[0]["usage"]
     assert usage["prompt_tokens"] > 50 and 0 < usage["completion_tokens"] <= 24
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert prediction.get_lm_usage()[lm.model]["prompt_tokens"] == usage["prompt_tokens"]
-    assert recorder.starts[:2] == [lm, lm] and recorder.ends[:2] == [None, None]
+    assert recorder.starts == [lm] * 4 and recorder.ends == [None] * 4
     # The same prompt through the engine's batched helper, outside DSPy: the same text.
     messages = lm.history[0]["messages"]
     assert finetuned_engine(lm).generate([messages], max_tokens=24) == lm.history[0]["outputs"]
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")
 def test_concurrent_calls_are_batched_and_answer_as_alone(models):
     lm = FinetunedLM(str(models["blue"]), max_tokens=24, device="cpu", batch_size=4)
     predict = dspy.Predict("question -> answer")
