@@ -89,8 +89,7 @@ class ChatDeployment:
         if name not in self.lms:
             return _error(404, f"model={request.get('model')!r}: this server has {sorted(self.lms)}; "
                           "set model to one of them.", "model_not_found")
-        lm = self.lms[name]
-        limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or lm.max_tokens)
+        limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.lms[name].max_tokens)
         temperature = float(request.get("temperature") or 0.0)
         item = (name, request["messages"], limit, temperature)
         try:

@@ -196,3 +196,10 @@ def test_engine_pickles_without_its_batcher_and_answers_after(models):
         predict = dspy.Predict("question -> answer")
         predict.lm = copy
         assert predict(question=QUESTIONS[2]).answer == "blue"
+
+
+def test_a_compiled_program_given_as_student_trains_on_from_its_folders(models):
+    from bootfinetune.checks import target_from_lm
+
+    assert target_from_lm(FinetunedLM(str(models["blue"]), device="cpu")) == str(models["blue"])
+    assert target_from_lm(dspy.LM("openai/local:/models/x")) == "/models/x"
