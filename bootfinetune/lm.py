@@ -253,16 +253,21 @@ class FinetunedEngine:
             self.fetch()
             fingerprint = model_fingerprint(self.model)
         self.fingerprint = fingerprint
-        self.max_length = max_length if max_length is not None else self._manifest_max_length()
+        self._trained_length = self._manifest_max_length()
+        self.max_length = max_length if max_length is not None else self._trained_length
         self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
 
     @property
     def model_name(self) -> str:
-        """The `dspy.LM` model string: `bootfinetune/{run}/{key}@{fingerprint}` (DSPy's cache key)."""
+        """The `dspy.LM` model string: `bootfinetune/{run}/{key}@{fingerprint}` (DSPy's cache key).
+
+        A prompt length other than the trained one changes the answers, so it is named too (`~{max_length}`).
+        """
         path = Path(self.model)
         label = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "models" else \
             (path.name if path.is_dir() else self.model)
-        return f"bootfinetune/{label}@{self.fingerprint}"
+        cut = f"~{self.max_length}" if self.max_length != self._trained_length else ""
+        return f"bootfinetune/{label}@{self.fingerprint}{cut}"
 
     def fetch(self) -> None:
         """Downloads the model from `source` when this node lacks its folder (runs on cloud storage)."""

@@ -131,6 +131,7 @@ def test_cache_never_answers_one_model_with_anothers(models, tmp_path):
         shutil.copytree(models["base"], folder)  # trained again: other weights in the same folder
         second = FinetunedLM(str(folder), max_tokens=24, device="cpu", cache=True)
         assert second.model != first.model
+        assert FinetunedLM(str(folder), max_length=64).model == second.model + "~64"  # shorter prompts: other answers
         fresh = finetuned_engine(second).generate([[{"role": "user", "content": prompt}]], max_tokens=24)
         assert second(prompt) == fresh != answer
         assert second.history[-1]["usage"]["completion_tokens"] > 0  # computed, not read from the cache
