@@ -46,11 +46,10 @@ def demo_run(workdir: Path) -> Path:
 
 
 def set_batch_size(program, batch_size: int) -> None:
-    from bootfinetune.lm import _MicroBatcher
+    from bootfinetune.lm import finetuned_engine
 
     for lm in {id(p.lm): p.lm for p in program.predictors()}.values():
-        lm.batch_size = batch_size
-        lm._batcher = _MicroBatcher(lm._generate_batch, max_batch=batch_size)
+        finetuned_engine(lm).set_batch_size(batch_size)
 
 
 def run(program, valset, metric, threads: int) -> tuple[float, float, list]:

@@ -87,8 +87,14 @@ def callable_identity(fn: Callable | None) -> str | None:
 
 
 def target_from_lm(lm: Any) -> str | None:
-    """The Hugging Face id or directory a DSPy 3.x-style predictor LM names (`openai/local:org/model`)."""
-    model = getattr(lm, "model", None)
+    """The Hugging Face id or directory a DSPy 3.x-style predictor LM names (`openai/local:org/model`).
+
+    A `FinetunedLM` (a compiled program given as the student) names its folder: training goes on from it.
+    """
+    from bootfinetune.lm import finetuned_engine
+
+    engine = finetuned_engine(lm)
+    model = engine.model if engine is not None else getattr(lm, "model", None)
     if not isinstance(model, str):
         return None
     for prefix in _PROVIDER_PREFIXES:

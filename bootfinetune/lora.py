@@ -8,7 +8,7 @@ shards and offloads a few megabytes instead of the whole model). The export
 - "adapter": PEFT's own format (`adapter_config.json`, `adapter_model.safetensors`) plus the
   tokenizer and the manifest. `adapter_config.json` names the base (the `target`), so
   `PeftModel.from_pretrained`, `vllm serve --lora-modules` and `FinetunedLM` all load it;
-  `FinetunedLM` loads a base once per process and switches between its adapters.
+  `FinetunedLM` (its `FinetunedEngine`) loads a base once per process and switches between its adapters.
 - "merged": the adapter folded into the base weights: a plain model, like a full finetune's.
 
     merge_adapter("runs/QA-1a2b/models/answer", "answer-merged")   # a full model from an adapter
@@ -119,7 +119,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
 
 _RESIDENT_SCRIPT = r"""
 import gc, json, sys
-from bootfinetune.lm import FinetunedLM
+from bootfinetune.lm import FinetunedEngine
 import bootfinetune.lm as lm_module
 
 def rss_kib():
@@ -127,7 +127,7 @@ def rss_kib():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
 
-lms = [FinetunedLM(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
+lms = [FinetunedEngine(d, max_tokens=4, device="cpu") for d in sys.argv[1:]]
 lms[0].generate([[{"role": "user", "content": "warm up"}]])  # torch's own first-use allocations
 lm_module._LOADED.clear(); lm_module._ADAPTER_BASES.clear(); gc.collect()
 before = rss_kib()
@@ -140,7 +140,7 @@ print("RSS_KIB=" + json.dumps(rss_kib() - before))
 def resident_kib(model_dirs: list[str | Path]) -> int:
     """Resident memory (KiB) that loading these model directories adds, as a compiled program loads them.
 
-    A fresh Python process builds a `FinetunedLM` per directory on CPU (adapters on one base share
+    A fresh Python process builds a `FinetunedEngine` per directory on CPU (adapters on one base share
     it), answers one prompt with each, and reports VmRSS after minus before (Linux). For comparing
     adapters on a shared base with full models, as the LoRA test and `bench/lora_memory.py` do.
     """

@@ -5,7 +5,7 @@
     url = serve_run("runs/TwoStep-1a2b3c")                           # the same, from Python
     program = bootfinetune.load("runs/TwoStep-1a2b3c", serve_url=url)  # predictors call it over HTTP
 
-One deployment (`ChatDeployment`, `--replicas` copies) holds a `FinetunedLM` per model key of
+One deployment (`ChatDeployment`, `--replicas` copies) holds a `FinetunedEngine` per model key of
 the run; the model name a request gives is the key (`GET /v1/models` lists them; with
 `multitask=False` that is one per predictor, and LoRA adapters on a shared base are one name
 each while the replica loads the base once). `POST /v1/chat/completions` renders prompts
@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from bootfinetune.errors import ProgramError
-from bootfinetune.lm import FinetunedLM, _plain_messages, default_device, load_model
+from bootfinetune.lm import FinetunedEngine, _plain_messages
 from bootfinetune.rundir import RunDir, read_json
 from bootfinetune.serve import BadRequest, Completion, check_chat_request, completion_body
 
@@ -51,10 +51,9 @@ class ChatDeployment:
 
     def __init__(self, models: dict[str, dict[str, Any]], max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01):
-        self.lms = {name: FinetunedLM(**spec) for name, spec in models.items()}
-        for lm in self.lms.values():  # load now: a broken model fails the deployment, not a request
-            lm.fetch()
-            load_model(lm.model, lm.device or default_device(), lm.trust_remote_code)
+        self.lms = {name: FinetunedEngine(**spec) for name, spec in models.items()}
+        for engine in self.lms.values():  # load now: a broken model fails the deployment, not a request
+            engine.load()
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.ids = itertools.count(1)
@@ -90,8 +89,7 @@ class ChatDeployment:
         if name not in self.lms:
             return _error(404, f"model={request.get('model')!r}: this server has {sorted(self.lms)}; "
                           "set model to one of them.", "model_not_found")
-        lm = self.lms[name]
-        limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or lm.kwargs["max_tokens"])
+        limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.lms[name].max_tokens)
         temperature = float(request.get("temperature") or 0.0)
         item = (name, request["messages"], limit, temperature)
         try:
@@ -119,7 +117,7 @@ class ChatDeployment:
 
 
 def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None) -> dict[str, dict]:
-    """Model name (the key) -> `FinetunedLM` arguments, for every finished model of a run."""
+    """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run."""
     described = read_json(run.config_json) if run.config_json.exists() else {}
     inference = described.get("options", {}).get("inference", {})
     specs = {}

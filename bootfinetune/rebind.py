@@ -1,8 +1,9 @@
 """Stage 5: a new program whose predictors call their finetuned models; and loading one back.
 
 `rebind` never touches the student: it deep-copies it and sets each predictor's `lm` to
-the `FinetunedLM` of its model key (one shared object in multitask mode), and makes every
-predictor use the adapter the models were trained with (`adapters.scope_adapter`).
+the `FinetunedLM` of its model key, a `dspy.LM` whose engine runs that model (one shared
+object in multitask mode), and makes every predictor use the adapter the models were trained
+with (`adapters.scope_adapter`).
 `load(run_dir)` rebuilds the compiled program from a run directory alone, adapter included
 (config.json records it).
 """

@@ -3,7 +3,7 @@
 `ChatServer` is the HTTP part: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/stats`
 and `GET /health`, each request on its own thread. What answers is one method,
 `complete(request) -> list[Completion]`; `ModelServer` answers with a Hugging Face model
-(through `FinetunedLM`, so concurrent requests share batched `generate` calls), and
+(through `FinetunedEngine`, so concurrent requests share batched `generate` calls), and
 `teacher_server.TeacherServer` with a script.
 
     server = serve_model("runs/Provider-1a2b/models/all")      # once per directory and process
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
-from bootfinetune.lm import FinetunedLM, default_device, load_model, unload_model
+from bootfinetune.lm import FinetunedEngine, unload_model
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def _handler_class(server: ChatServer) -> type[BaseHTTPRequestHandler]:
 class ModelServer(ChatServer):
     """A Hugging Face model directory (a finetuned export or a base model) behind `/v1/chat/completions`.
 
-    Prompts are rendered as in training (`FinetunedLM`); concurrent requests are batched.
+    Prompts are rendered as in training (`FinetunedEngine`); concurrent requests are batched.
     Requests may set `max_tokens` (or `max_completion_tokens`), `temperature` (0 = greedy)
     and `n`; usage counts are the tokenizer's.
 
@@ -272,13 +272,12 @@ class ModelServer(ChatServer):
         super().__init__(host=host, port=port, model_name=str(model_dir))
         self.model_dir = str(model_dir)
         self.max_tokens = max_tokens
-        self.lm = FinetunedLM(self.model_dir, device=device, max_tokens=max_tokens, batch_size=batch_size,
-                              trust_remote_code=trust_remote_code)
+        self.engine = FinetunedEngine(self.model_dir, device=device, max_tokens=max_tokens, batch_size=batch_size,
+                                      trust_remote_code=trust_remote_code)
 
     def start(self) -> Self:
         """Loads the model (so a bad directory fails here, not on the first request), then serves."""
-        self.lm.fetch()
-        load_model(self.model_dir, self.lm.device or default_device(), self.lm.trust_remote_code)
+        self.engine.load()
         return super().start()
 
     def complete(self, request: dict[str, Any]) -> list[Completion]:
@@ -286,7 +285,7 @@ class ModelServer(ChatServer):
         temperature = float(request.get("temperature") or 0.0)
         out = []
         for _ in range(request["n"]):
-            text, prompt_tokens, new_tokens = self.lm.complete(request["messages"], limit, temperature)
+            text, prompt_tokens, new_tokens = self.engine.answer(request["messages"], limit, temperature)
             out.append(Completion(text, prompt_tokens, new_tokens, "length" if new_tokens >= limit else "stop"))
         return out
 

@@ -49,7 +49,7 @@ def test_valset_overlapping_the_trainset_is_a_warning_naming_the_count(s3_server
 def test_models_load_from_safetensors_only(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bootfinetune.lm import FinetunedLM
+    from bootfinetune.lm import FinetunedEngine
 
     real = build_tiny_causal(tmp_path / "tiny")
     pickled = tmp_path / "bin-only"
@@ -63,6 +63,6 @@ def test_models_load_from_safetensors_only(tmp_path):
     torch.save(state, pickled / "pytorch_model.bin")  # the same weights as a pickle
     assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
     messages = [{"role": "user", "content": "hi"}]
-    assert isinstance(FinetunedLM(str(real), device="cpu", max_tokens=2).generate([messages])[0], str)
+    assert isinstance(FinetunedEngine(str(real), device="cpu", max_tokens=2).generate([messages])[0], str)
     with pytest.raises(OSError, match="safetensors"):
-        FinetunedLM(str(pickled), device="cpu", max_tokens=2).generate([messages])
+        FinetunedEngine(str(pickled), device="cpu", max_tokens=2).generate([messages])

@@ -10,6 +10,7 @@ import pytest
 import bootfinetune
 from bootfinetune import BootstrapFinetune
 from bootfinetune.errors import ConfigError
+from bootfinetune.lm import finetuned_engine
 from bootfinetune.rundir import read_json
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
@@ -52,7 +53,7 @@ def test_compile_to_s3_then_load_and_resume_elsewhere(ray_cluster, s3_server, tm
         # Machine b: load from the URI alone; same greedy answers.
         monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
         loaded = bootfinetune.load(run.remote, program=TwoStep())
-        assert loaded.rewrite.lm.model.startswith(str(tmp_path / "machine-b"))
+        assert finetuned_engine(loaded.rewrite.lm).model.startswith(str(tmp_path / "machine-b"))
         assert greedy_outputs(loaded, inputs) == expected
 
         # Machine c: the same compile resumes from the bucket: no teacher call, no training.

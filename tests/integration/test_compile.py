@@ -10,7 +10,8 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from bootfinetune import BootstrapFinetune, FinetunedLM
+from bootfinetune import BootstrapFinetune
+from bootfinetune.lm import finetuned_engine
 from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5
@@ -58,7 +59,7 @@ def test_documented_example(ray_cluster, tiny_t5, tmp_path, monkeypatch):
         assert server.calls == 24  # one chain-of-thought call per example
     assert compiled is not student and student.generate_answer.predict.lm is None
     lm = compiled.generate_answer.predict.lm
-    assert isinstance(lm, FinetunedLM) and Path(lm.model) == teleprompter.run_dir.model_dir("all")
+    assert isinstance(lm, dspy.LM) and Path(finetuned_engine(lm).model) == teleprompter.run_dir.model_dir("all")
     assert len(lm.history) == history_before + 1 or "unparsed" in answer  # the finetuned model answered
     assert answer.get("answer") or answer.get("unparsed")
     run = teleprompter.run_dir
@@ -106,7 +107,7 @@ def test_per_predictor_models_hold_only_their_own_calls(per_predictor_compile):
     assert manifests["answer.predict"]["predictors"] == ["answer.predict"]
     assert manifests["answer.predict"]["model_kind"] == "seq2seq"
     assert compiled.rewrite.lm is not compiled.answer.predict.lm
-    assert Path(compiled.rewrite.lm.model).name == "rewrite"
+    assert Path(finetuned_engine(compiled.rewrite.lm).model).name == "rewrite"
     assert student.rewrite.lm is None and not getattr(student, "_compiled", False)
     report = read_json(run.report_json)
     assert report["metric"]["teacher"] == pytest.approx(7 / 8)  # valset example 504 gets a wrong teacher answer
@@ -129,7 +130,8 @@ elif kind == "json":
     program.load(path, allow_unsafe_lm_state=True)
 else:
     program = bootfinetune.load(path)
-assert isinstance(program.rewrite.lm, bootfinetune.FinetunedLM), type(program.rewrite.lm)
+from bootfinetune.lm import finetuned_engine
+assert type(program.rewrite.lm) is dspy.LM and finetuned_engine(program.rewrite.lm), program.rewrite.lm
 print("OUTPUTS=" + json.dumps(greedy_outputs(program, inputs)))
 """
 

@@ -4,7 +4,7 @@ import dspy
 import pytest
 
 from bootfinetune.evaluate import evaluate_program
-from bootfinetune.lm import FinetunedLM
+from bootfinetune.lm import FinetunedEngine, FinetunedLM
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
@@ -48,14 +48,14 @@ class Echo(dspy.Module):
         self.say.lm = lm
 
     def forward(self, text):
-        return dspy.Prediction(answer=self.say.lm(messages=[{"role": "user", "content": text}])[0])
+        return dspy.Prediction(answer=self.say.lm(text)[0])
 
 
 def test_finetuned_lm_pickles_to_actors_and_loads_there(ray_cluster, tmp_path):
     model_dir = str(build_tiny_causal(tmp_path / "tiny-llama"))
     texts = [f"Repeat the word {w}." for w in ("apple", "river", "stone", "cloud", "maple", "tiger")]
-    local_lm = FinetunedLM(model_dir, max_tokens=8)
-    expected = {t: local_lm.generate([[{"role": "user", "content": t}]])[0] for t in texts}
+    local = FinetunedEngine(model_dir, max_tokens=8)
+    expected = {t: local.generate([[{"role": "user", "content": t}]])[0] for t in texts}
 
     def metric(example, prediction, trace=None):
         return prediction.answer == expected[example.text]

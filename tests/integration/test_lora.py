@@ -7,7 +7,7 @@ import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import InferenceConfig
-from bootfinetune.lm import load_model
+from bootfinetune.lm import finetuned_engine, load_model
 from bootfinetune.lora import adapter_base, is_adapter, merge_adapter, resident_kib
 from bootfinetune.rebind import rebind
 from bootfinetune.rundir import read_json
@@ -53,13 +53,12 @@ def test_one_adapter_per_predictor_trained_on_two_workers(lora_compile):
 def test_the_base_is_loaded_once_and_answers_match_the_merged_export(lora_compile, tmp_path):
     tp, student, compiled, base, _ = lora_compile
     got = greedy_outputs(compiled, INPUTS)
-    shared = {id(load_model(compiled.rewrite.lm.model, "cpu")[0]),
-              id(load_model(compiled.answer.predict.lm.model, "cpu")[0])}
+    shared = {id(load_model(finetuned_engine(p.lm).model, "cpu")[0]) for p in compiled.predictors()}
     assert len(shared) == 1  # both predictors' adapters live on one loaded base
 
     merged = {key: str(merge_adapter(tp.run_dir.model_dir(key), tmp_path / key)) for key in KEYS}
     plain = rebind(student, {k: k for k in KEYS}, merged, inference=InferenceConfig(max_tokens=16))
-    assert not any(is_adapter(p.lm.model) for p in plain.predictors())
+    assert not any(is_adapter(finetuned_engine(p.lm).model) for p in plain.predictors())
     assert greedy_outputs(plain, INPUTS) == got
 
     adapters = resident_kib([str(tp.run_dir.model_dir(k)) for k in KEYS])

@@ -24,7 +24,7 @@ def test_lora_trains_adapters_only_and_exports_adapter_and_merged_alike(tmp_path
     from safetensors.torch import load_file
 
     from bootfinetune.finetune import export_checkpoint
-    from bootfinetune.lm import FinetunedLM, load_model
+    from bootfinetune.lm import FinetunedEngine, load_model
     from bootfinetune.lora import adapter_base, is_adapter
 
     write_jsonl(tmp_path / "train.jsonl", toy_records(40, seed=0))
@@ -62,7 +62,7 @@ def test_lora_trains_adapters_only_and_exports_adapter_and_merged_alike(tmp_path
         AutoTokenizer.from_pretrained(target).save_pretrained(path)
 
     conversations = [r["messages"][:-1] for r in toy_records(6, seed=5)]
-    answers = {how: FinetunedLM(str(path), max_tokens=12).generate(conversations) for how, path in exports.items()}
-    base_answers = FinetunedLM(str(target), max_tokens=12).generate(conversations)
+    answers = {how: FinetunedEngine(str(path), max_tokens=12).generate(conversations) for how, path in exports.items()}
+    base_answers = FinetunedEngine(str(target), max_tokens=12).generate(conversations)
     assert answers["adapter"] == answers["merged"]
     assert answers["adapter"] != base_answers  # the adapter is really applied

@@ -8,7 +8,7 @@ import urllib.request
 import dspy
 import pytest
 
-from bootfinetune.lm import FinetunedLM
+from bootfinetune.lm import FinetunedEngine
 from bootfinetune.serve import ModelServer, serve_model, served_model, stop_model
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
@@ -43,7 +43,7 @@ def prompts(n):
 @pytest.mark.parametrize("kind", ["causal", "t5"])
 def test_concurrent_requests_all_answered_and_greedy_matches_the_lm(models, kind):
     conversations = prompts(6)
-    reference = FinetunedLM(models[kind], max_tokens=10)
+    reference = FinetunedEngine(models[kind], max_tokens=10)
     expected = [reference.generate([c])[0] for c in conversations]  # one at a time: no batch padding
     with ModelServer(models[kind], max_tokens=10, batch_size=4) as server:
         sequential = [post(server.url, {"messages": c}) for c in conversations]
