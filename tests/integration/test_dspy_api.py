@@ -73,7 +73,7 @@ def test_compile_with_json_and_xml_adapters(ray_cluster, tiny_causal, tmp_path, 
         assert asks in messages[-1]["content"] and "thing40" in messages[-1]["content"]
         loaded = bootfinetune.load(run.root)
         loaded_lm = loaded.generate_answer.predict.lm
-        assert Path(loaded_lm.model) == run.model_dir("all")
+        assert Path(bootfinetune.finetuned_engine(loaded_lm).model) == run.model_dir("all")
         assert asks in first_call_messages(loaded, loaded_lm, question="What color is thing41?")[-1]["content"]
 
 
