@@ -163,8 +163,7 @@ def main_finetune(argv: list[str] | None = None) -> int:
                         "--set num_workers=4")
     args = p.parse_args(argv)
     _setup_logging()
-    import yaml
-
+    from bootfinetune.jobconfig import parse_set_value
     from bootfinetune.retrain import retrain
     from bootfinetune.rundir import read_json
 
@@ -173,7 +172,7 @@ def main_finetune(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError([f"--set {item}: write KEY=VALUE, e.g. --set lr=1e-4."])
-        options[key] = yaml.safe_load(value)
+        options[key] = parse_set_value(value)
     run, manifests = retrain(args.run_dir, ray_address=args.ray_address, **options)
     described = read_json(run.config_json)
     config = Config.from_options(**{k: v for group in described["options"].values() for k, v in group.items()})
