@@ -13,7 +13,7 @@ left out: changing them reuses every trace.
 
 ```
 {storage_path}/traces/{Program}-{trace_id}/
-  identity.json    what produced these traces (the parts above)
+  identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
   results.jsonl    one line per (example, teacher), appended as results arrive:
                    {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
 ```
@@ -159,8 +159,9 @@ class TraceStore:
         else:
             store = cls(Path(storage_path).expanduser().resolve() / TRACES_DIR / name)
         store.pull()
-        if not (store.root / IDENTITY).exists():
-            write_json(store.root / IDENTITY, identity)
+        if not (store.root / IDENTITY).exists():  # fingerprints only: an LM's options may hold credentials
+            write_json(store.root / IDENTITY, {"trace_id": trace_id(identity),
+                                               "parts": {part: fingerprint(v) for part, v in identity.items()}})
         return store
 
     @property

@@ -10,7 +10,7 @@ import pytest
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.rundir import RunDir
+from bootfinetune.rundir import RunDir, fingerprint
 from bootfinetune.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
                                  trace_identity)
 from tests.programs import TwoStep, two_step_examples, two_step_metric
@@ -101,7 +101,8 @@ def test_example_keys_and_changes():
 def test_store_and_sibling_locations(tmp_path):
     store = TraceStore.at(str(tmp_path), "TwoStep", {"x": 1})
     assert store.root.parent == tmp_path / "traces" and store.root.name.startswith("TwoStep-")
-    assert json.loads((store.root / "identity.json").read_text()) == {"x": 1}
+    assert json.loads((store.root / "identity.json").read_text()) == {"trace_id": trace_id({"x": 1}),
+                                                                       "parts": {"x": fingerprint(1)}}
     assert RunDir(tmp_path / "A-1").sibling("A-2").root == tmp_path / "A-2"
     remote = RunDir.from_location("s3://b/runs/A-1?endpoint_override=127.0.0.1:9000").sibling("A-2")
     assert remote.remote == "s3://b/runs/A-2?endpoint_override=127.0.0.1:9000"
