@@ -261,8 +261,8 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
 
 
 def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
-    failed = sorted((r["failure"]["example_index"], r["failure"]) for r in results.values() if "failure" in r)
-    shown = "\n".join(f"  example {i}: {f['error_type']}: {f['message'][:300]}" for i, f in failed[:3])
+    failed = sorted((r["failure"] for r in results.values() if "failure" in r), key=lambda f: f["example_index"])
+    shown = "\n".join(f"  example {f['example_index']}: {f['error_type']}: {f['message'][:300]}" for f in failed[:3])
     return (f"bootstrap[{split}] stopped: {len(failed)} examples failed, more than max_errors={max_errors}. "
             f"First failures:\n{shown}\nFix the program or teacher, or raise max_errors to tolerate more.")
 

@@ -3,7 +3,8 @@
 Traces are the expensive part of a compile (a hosted teacher costs money and hours), so
 they are keyed by what produces them, not by how the student is trained:
 
-- the structure of the student and teacher programs (predictors, signatures, demos, LMs),
+- the structure of the teacher programs (predictors, signatures, demos, LMs) and the student's
+  predictors and signatures (its LMs and demos only shape the training data),
 - `teacher_settings`, with LMs by model and options and other objects by class and settings,
 - the driver's `dspy.configure` settings the teacher runs under (lm, rm, adapter),
 - the metric and its threshold.
@@ -98,8 +99,12 @@ def trace_identity(*, student: dspy.Module, teachers: list[dspy.Module], teacher
     Returns:
         {part: description}; `trace_id` hashes it.
     """
+    # The student's LMs and demos shape training data, not traces (its LM is where a 3.x-style program
+    # names its target); what the traces need from it is which predictors exist and their signatures.
+    shape = program_identity(student)
+    shape["predictors"] = [{k: v for k, v in p.items() if k not in ("lm", "demos")} for p in shape["predictors"]]
     return {
-        "student": program_identity(student),
+        "student": shape,
         "teachers": [program_identity(t) for t in teachers],
         "teacher_settings": {k: stable_identity(v) for k, v in sorted(teacher_settings.items())
                              if k not in _OBSERVERS},

@@ -69,6 +69,12 @@ def test_what_changes_the_identity_and_what_does_not():
     threshold = trace_identity(student=TwoStep(), teachers=[TwoStep()], teacher_settings={}, settings={},
                                metric=None, metric_threshold=0.5)
     assert trace_id(threshold) != trace_id(no_metric)
+    # A 3.x-style student names its target through its LM: another target keeps the traces.
+    student = TwoStep()
+    student.set_lm(dspy.LM("openai/local:models/other-target"))
+    retargeted = trace_identity(student=student, teachers=[TwoStep()], teacher_settings={}, settings={},
+                                metric=None, metric_threshold=None)
+    assert trace_id(retargeted) == trace_id(no_metric)
     assert stable_identity(dspy.ChatAdapter()) != stable_identity(dspy.JSONAdapter())
     assert stable_identity(Glossary(["a"])) != stable_identity(Glossary(["b"]))
 
