@@ -158,6 +158,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
     (num_workers, use_gpu, ...) only change where the run's own training happens.
     """
     p = _parser("Finetune the models of a run from its saved data (no teacher calls).", config=False, run_dir=True)
+    p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "
+                                                  "and teacher are not used; bootstrap options must match the run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training, inference or resource option for this job (repeatable), e.g. --set lr=1e-4 "
                         "--set num_workers=4")
@@ -168,6 +170,10 @@ def main_finetune(argv: list[str] | None = None) -> int:
     from bootfinetune.rundir import read_json
 
     options = {}
+    if args.config:
+        options.update(load_job_config(args.config, [], need=()).options)
+        if "target" in options:
+            options["target"] = resolve_target(options["target"])
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

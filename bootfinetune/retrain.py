@@ -53,9 +53,10 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
                            f"first and pass the run directory it printed."])
     described = read_json(run.config_json)
     flat = {k: v for group in described["options"].values() for k, v in group.items()}
-    problems = [f"{k}: a {FIELD_OWNER[k]} option changes the traces or the data, not the training; compile again "
-                f"with it (teacher traces already made are reused)." for k in options
-                if k in FIELD_OWNER and FIELD_OWNER[k] not in RETRAINABLE_GROUPS and k not in _RESOURCE_OPTIONS]
+    problems = [f"{k}={v!r}: a {FIELD_OWNER[k]} option (the run has {flat.get(k)!r}) changes the traces or the "
+                f"data, not the training; compile again with it (teacher traces already made are reused)."
+                for k, v in options.items() if k in FIELD_OWNER and FIELD_OWNER[k] not in RETRAINABLE_GROUPS
+                and k not in _RESOURCE_OPTIONS and flat.get(k) != v]
     if problems:
         raise ConfigError(problems)
     config = Config.from_options(**{**flat, **options})

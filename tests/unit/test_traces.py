@@ -117,3 +117,22 @@ def test_store_and_sibling_locations(tmp_path):
 def test_run_name_traces_is_refused():
     with pytest.raises(ConfigError, match="run_name='traces'"):
         Config.from_options(run_name="traces")
+
+
+def test_retrain_refuses_options_that_change_traces_or_data_before_any_work(tmp_path):
+    from bootfinetune.retrain import retrain
+
+    run = RunDir(tmp_path / "TwoStep-abc")
+    config = Config.from_options(target="some/model")
+    (run.data_dir).mkdir(parents=True)
+    run.data_file("all").write_text("")
+    (run.config_json).write_text(json.dumps({"options": config.to_dict(), "model_keys": {
+        "all": {"target": "some/model", "predictors": ["rewrite"]}}}))
+    with pytest.raises(ConfigError, match=r"metric_threshold=0.5: a bootstrap option \(the run has None\)"):
+        retrain(str(run.root), metric_threshold=0.5)
+    with pytest.raises(ConfigError, match="older bootfinetune"):  # no recorded inputs: no sibling name to give
+        retrain(str(run.root), lr=1e-3)
+    with pytest.raises(ConfigError, match="lrr"):
+        retrain(str(run.root), lrr=1e-3)
+    with pytest.raises(ConfigError, match="no config.json or data/"):
+        retrain(str(tmp_path / "nothing-here"), lr=1e-3)
