@@ -20,8 +20,8 @@ left out: changing them reuses every trace.
 ```
 
 Every run whose traces have the same identity shares the folder, train and val splits alike;
-an example already there is not sent to the teacher again. Failures are not kept, so a rerun
-tries them again. On a cloud `storage_path` the folder is mirrored like a run directory.
+an example already there is not sent to the teacher again. Failures are written (for the
+record) but never reused, so a rerun tries them again. On a cloud `storage_path` the folder is mirrored like a run directory.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ import dspy
 from bootfinetune.checks import callable_identity, lm_identity, program_identity
 from bootfinetune.records import example_to_json
 from bootfinetune.rundir import fingerprint, run_name_for, write_json
-
-logger = logging.getLogger(__name__)
 
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""
