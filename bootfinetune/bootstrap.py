@@ -7,9 +7,11 @@ runs in a pool of actors. Each actor holds the teacher programs and keeps
 trace step is attributed to its predictor by name, so a predictor called twice (a
 loop) gives two records and one never called (a branch) gives none.
 
-Results come back as JSON strings and are appended to a progress file as they
-arrive; a rerun after a crash skips examples already done, and a finished stage
-(its summary written) is read back without calling the teacher at all.
+Results come back as JSON strings and are appended to the trace store
+(`bootfinetune.traces`) as they arrive, keyed by a hash of the example: every run with the
+same trace identity reads them back, so only examples new to the store call the teacher,
+and a rerun after a crash skips the examples already done. A finished stage (its summary
+written in the run directory) is read back without reading the store at all.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bootfinetune.errors import BootstrapError
 from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
                                   redact, to_jsonable)
 from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write_jsonl
+from bootfinetune.traces import TraceStore, example_key, restamp
 from bootfinetune.user_code import ship_user_modules
 
 logger = logging.getLogger(__name__)
@@ -210,14 +213,14 @@ def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
 def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
     d = run.bootstrap_dir
     return {"calls": d / f"{split}.calls.jsonl", "failures": d / f"{split}.failures.jsonl",
-            "summary": d / f"{split}.summary.json", "progress": d / f"{split}.progress.jsonl"}
+            "summary": d / f"{split}.summary.json"}
 
 
 def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[dspy.Example],
                   metric: Callable | None, config: BootstrapConfig, teacher_settings: dict[str, Any] | None = None,
                   settings: dict[str, Any] | None = None, secrets: list[str] | None = None,
-                  split: str = "train") -> BootstrapResult:
-    """Runs the teachers over the examples on Ray Data, or reads a finished run back.
+                  split: str = "train", store: TraceStore | None = None) -> BootstrapResult:
+    """Runs the teachers over the examples the trace store lacks, on Ray Data, or reads a finished run back.
 
     Args:
         run: The run directory; results go to bootstrap/{split}.*.
@@ -229,6 +232,8 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
         settings: Driver settings to apply in actors; defaults to the current dspy.configure ones.
         secrets: Strings to redact from failure messages.
         split: "train" or "val".
+        store: The trace store shared by runs with the same trace identity; None keeps one
+            private to this run directory (bootstrap/store/).
 
     Raises:
         BootstrapError: when more than `config.max_errors` examples failed.
@@ -240,33 +245,47 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
     import ray
 
     started = time.time()
-    paths = bootstrap_paths(run, split)
-    secrets = secrets or []
-    previous = _read_progress(paths["progress"])
-    todo = [i for i in range(len(examples)) if any((i, t) not in previous for t in range(len(teachers)))]
-    results: dict[tuple[int, int], dict] = dict(previous)
-    failures = sum("failure" in r for r in results.values())
-    if todo:
-        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in todo]
+    store = store or TraceStore(run.bootstrap_dir / "store")
+    keys = [example_key(ex) for ex in examples]
+    stored = store.load()
+    teacher_ids = range(len(teachers))
+    first_of: dict[str, int] = {}  # an example given twice runs once
+    for i, key in enumerate(keys):
+        if any((key, t) not in stored for t in teacher_ids):
+            first_of.setdefault(key, i)
+    fresh: dict[tuple[str, int], dict] = {}
+    if first_of:
+        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in first_of.values()]
         dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), config.num_actors * 4))
         mapped = map_teacher_runner(
             dataset, dict(teachers=teachers, metric=metric, settings=driver_settings() if settings is None else settings,
                           teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
-                          metric_threshold=config.metric_threshold, secrets=secrets, split=split),
+                          metric_threshold=config.metric_threshold, secrets=secrets or [], split=split),
             num_actors=config.num_actors, batch_size=config.batch_size, num_cpus=config.actor_cpus)
-        paths["progress"].parent.mkdir(parents=True, exist_ok=True)
-        with open(paths["progress"], "a", encoding="utf-8") as progress:
-            for row in mapped.iter_rows():
-                result = json.loads(row["result"])
-                results[(int(row["example_index"]), int(row["teacher"]))] = result
-                progress.write(json.dumps({"example_index": int(row["example_index"]),
-                                           "teacher": int(row["teacher"]), "result": result}) + "\n")
-                progress.flush()
-                if "failure" in result:
-                    failures += 1
-                    if failures > config.max_errors:
-                        raise BootstrapError(_too_many_errors(results, config.max_errors, split))
-    return _finish(run, paths, results, len(examples), started)
+        failures = 0
+        try:
+            with store.appender() as out:
+                for row in mapped.iter_rows():
+                    result = json.loads(row["result"])
+                    key, teacher = keys[int(row["example_index"])], int(row["teacher"])
+                    if (key, teacher) in stored:  # another teacher's result for this example was missing
+                        continue
+                    fresh[(key, teacher)] = result
+                    out.add(key, teacher, result)
+                    if "failure" in result:
+                        failures += 1
+                        if failures > config.max_errors:
+                            raise BootstrapError(_too_many_errors(fresh, config.max_errors, split))
+        finally:
+            store.sync()
+    results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)
+               for i, key in enumerate(keys) for t in teacher_ids}
+    reused = sum(all((key, t) in stored for t in teacher_ids) for key in keys)
+    if reused:
+        logger.info("bootstrap[%s]: %d of %d example(s) read from the trace store %s; %d sent to the teacher",
+                    split, reused, len(examples), store.location, len(first_of))
+    return _finish(run, paths=bootstrap_paths(run, split), results=results, n_examples=len(examples),
+                   started=started, fresh=set(fresh), keys=keys, reused=reused)
 
 
 def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
@@ -284,35 +303,24 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
                                batch_size=batch_size, num_cpus=num_cpus)
 
 
-def _read_progress(path) -> dict[tuple[int, int], dict]:
-    """Successful results saved by an interrupted run; failed examples are tried again."""
-    if not path.exists():
-        return {}
-    done = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if "failure" not in row["result"]:
-                done[(row["example_index"], row["teacher"])] = row["result"]
-    return done
-
-
 def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
-    failed = sorted((k, r["failure"]) for k, r in results.items() if "failure" in r)
-    shown = "\n".join(f"  example {k[0]}: {f['error_type']}: {f['message'][:300]}" for k, f in failed[:3])
+    failed = sorted((r["failure"] for r in results.values() if "failure" in r), key=lambda f: f["example_index"])
+    shown = "\n".join(f"  example {f['example_index']}: {f['error_type']}: {f['message'][:300]}" for f in failed[:3])
     return (f"bootstrap[{split}] stopped: {len(failed)} examples failed, more than max_errors={max_errors}. "
             f"First failures:\n{shown}\nFix the program or teacher, or raise max_errors to tolerate more.")
 
 
-def _finish(run: RunDir, paths: dict, results: dict, n_examples: int, started: float) -> BootstrapResult:
-    calls, failures, summary = [], [], BootstrapSummary(examples=n_examples)
+def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started: float,
+            fresh: set[tuple[str, int]], keys: list[str], reused: int) -> BootstrapResult:
+    calls, failures, summary = [], [], BootstrapSummary(examples=n_examples, reused=reused)
     kept_examples = set()
+    counted: set[tuple[str, int]] = set()  # an example given twice was asked once
     for key in sorted(results):
         result = results[key]
-        summary.teacher_calls += result.get("teacher_calls", 0)
+        store_key = (keys[key[0]], key[1])
+        if store_key in fresh and store_key not in counted:
+            summary.teacher_calls += result.get("teacher_calls", 0)
+            counted.add(store_key)
         if result.get("node"):
             summary.nodes[result["node"]] = summary.nodes.get(result["node"], 0) + 1
         if "failure" in result:
@@ -335,5 +343,4 @@ def _finish(run: RunDir, paths: dict, results: dict, n_examples: int, started: f
     write_jsonl(paths["calls"], (c.to_dict() for c in calls))
     write_jsonl(paths["failures"], (f.to_dict() for f in failures))
     write_json(paths["summary"], asdict(summary))  # last: its presence marks the stage done
-    paths["progress"].unlink(missing_ok=True)
     return BootstrapResult(calls, failures, summary)

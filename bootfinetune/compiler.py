@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
@@ -22,16 +23,17 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
-                                 check_target,
-                                 lm_identity, program_identity, target_from_lm, valset_overlap)
+                                 check_target, lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
 from bootfinetune.datasets import DataSummary, build_datasets
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
-from bootfinetune.records import collect_secrets, example_to_json
-from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json
+from bootfinetune.records import collect_secrets
+from bootfinetune.rundir import RunDir, fingerprint, read_json, run_name_for, write_json
+from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
+                                 trace_identity)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,60 @@ class Prepared:
     """Eval files per model key built from the valset."""
     valset: list | None = None
     """The valset, when one was given."""
+
+
+def run_name_of(inputs: dict[str, Any]) -> str:
+    """The run name a compile's inputs give: the same inputs, the same run, so a rerun resumes.
+
+    `inputs` is what config.json records under "inputs": the program's name, the trace
+    identity, the examples, the training-data adapter and every option but resources.
+    """
+    return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
+                                            "adapter": inputs["adapter"], "options": inputs["options"]})
+
+
+def invalidate_changed(run: RunDir, previous: dict[str, Any] | None, inputs: dict[str, Any]) -> list[str]:
+    """Drops the bootstrap results of `run` that other inputs produced; returns (and logs) what changed.
+
+    A run directory reached with other inputs (a fixed `run_name`) must not train on its old
+    traces. The bootstrap of a split whose traces' identity or examples changed is redone from
+    the trace store (only examples new to it call the teacher); the data files are always
+    rebuilt, and a model trained on other data or options is retrained by the finetune stage.
+    """
+    changes: list[str] = []
+    stale: set[str] = set()
+    if previous is None:
+        changes.append("its config.json records no inputs (an older bootfinetune): bootstrapping it again")
+        stale = {"train", "val"}
+    else:
+        parts = identity_changes(previous.get("trace_parts", {}), inputs["trace_parts"])
+        if parts:
+            changes.append(f"the teacher traces' inputs changed ({', '.join(parts)}): new trace identity "
+                           f"{inputs['traces']}")
+            stale = {"train", "val"}
+        for split, name in (("train", "trainset"), ("val", "valset")):
+            diff = example_changes(previous.get("examples", {}).get(split, []), inputs["examples"][split])
+            if diff:
+                changes.append(f"{name} changed: {diff}")
+                stale.add(split)
+        if previous.get("adapter") != inputs["adapter"]:
+            changes.append(f"adapter {previous.get('adapter')} -> {inputs['adapter']}: data rebuilt")
+        old_options = previous.get("options", {})
+        options = [f"{k} {old_options.get(k)!r} -> {v!r}" for k, v in inputs["options"].items()
+                   if k in old_options and old_options[k] != v]
+        if options:
+            changes.append(f"options changed: {', '.join(options)}")
+    if not changes:
+        return changes
+    from bootfinetune.bootstrap import bootstrap_paths
+
+    for split in stale:
+        bootstrap_paths(run, split)["summary"].unlink(missing_ok=True)
+    logger.warning("run %s was made from other inputs: %s. %s", run.name, "; ".join(changes),
+                   "Re-bootstrapping " + " and ".join(sorted(stale)) + " from the trace store (only examples "
+                   "new to it call the teacher); models trained on other data or options are retrained."
+                   if stale else "Models trained on other data or options are retrained; the traces are kept.")
+    return changes
 
 
 class BootstrapFinetune(Teleprompter):
@@ -312,7 +368,8 @@ class BootstrapFinetune(Teleprompter):
             logger.warning("valset: %d example(s) have the same inputs as trainset examples; the after-metric "
                            "will overstate generalisation. Hold them out of one set.", overlap)
 
-        run = self._run_dir(config, plan, student, teachers, trainset, valset)
+        identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
+        run = RunDir.at(config.run.storage_path, config.run.run_name or run_name_of(inputs))
         if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
             from bootfinetune.storage import check_writable
 
@@ -321,27 +378,32 @@ class BootstrapFinetune(Teleprompter):
                 raise ConfigError([problem])
             run.pull()
         self.run_dir = run
+        if run.config_json.exists():
+            invalidate_changed(run, read_json(run.config_json).get("inputs"), inputs)
+        store = TraceStore.at(config.run.storage_path, plan.program_name, identity)
         logger.info("stage 1/6 checks: %s, predictors %s -> model(s) %s; run directory %s", plan.program_name,
                     ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.location)
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
-        write_json(run.config_json, self._describe(config, plan, student, teachers))
+        write_json(run.config_json, {**self._describe(config, plan, student, teachers), "inputs": inputs,
+                                     "trace_store": store.location})
         run.sync()
         from bootfinetune.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
         # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
         stage = dict(teachers=list(teachers), metric=self.metric, config=config.bootstrap,
-                     teacher_settings=self.teacher_settings, secrets=secrets,
-                     settings={**driver_settings(), "adapter": resolve_adapter(self.adapter)})
+                     teacher_settings=self.teacher_settings, secrets=secrets, store=store,
+                     settings=self._teacher_settings_in_actors())
         logger.info("stage 2/6 bootstrap: the teacher over %d trainset and %d valset examples on %d Ray Data "
                     "actor(s) x %d threads", len(trainset), len(valset or []), config.bootstrap.num_actors,
                     config.bootstrap.num_threads)
         boot = run_bootstrap(run, examples=list(trainset), split="train", **stage)
         val_boot = run_bootstrap(run, examples=list(valset), split="val", **stage) if valset else None
         s = boot.summary
-        logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %.1fs%s", s.kept, s.examples, s.failed,
-                    s.teacher_calls, s.seconds, " (read back)" if boot.resumed else "")
+        logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %d example(s) from the trace store, "
+                    "%.1fs%s", s.kept, s.examples, s.failed, s.teacher_calls, s.reused, s.seconds,
+                    " (read back)" if boot.resumed else "")
         started = time.time()
         data = build_datasets(run, boot.calls, plan, student, adapter=self.adapter,
                               exclude_demos=config.bootstrap.exclude_demos,
@@ -349,6 +411,8 @@ class BootstrapFinetune(Teleprompter):
         val_data = build_datasets(run, val_boot.calls, plan, student, adapter=self.adapter,
                                   exclude_demos=config.bootstrap.exclude_demos,
                                   drop_duplicates=config.bootstrap.drop_duplicates, split="val") if val_boot else {}
+        if not val_boot:  # eval files of an earlier valset must not reach a later finetune
+            shutil.rmtree(run.data_dir / "val", ignore_errors=True)
         logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
         run.update_report(stages={
             "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
@@ -360,24 +424,26 @@ class BootstrapFinetune(Teleprompter):
         run.sync()
         return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None)
 
-    def _run_dir(self, config: Config, plan: ProgramPlan, student, teachers, trainset, valset) -> RunDir:
-        if config.run.run_name:
-            return RunDir.at(config.run.storage_path, config.run.run_name)
-        options = {k: v for k, v in config.to_flat().items() if k not in _RESOURCE_OPTIONS}
-        settings = driver_settings()
+    def _teacher_settings_in_actors(self) -> dict[str, Any]:
+        """The driver's settings the actors apply, with the adapter in use: what the teacher runs under."""
+        return {**driver_settings(), "adapter": resolve_adapter(self.adapter)}
+
+    def _inputs(self, config: Config, plan: ProgramPlan, student, teachers, trainset,
+                valset) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the trace identity, the run's inputs as config.json records them; see `run_name_of`)."""
+        identity = trace_identity(student=student, teachers=list(teachers), teacher_settings=self.teacher_settings,
+                                  settings=self._teacher_settings_in_actors(), metric=self.metric,
+                                  metric_threshold=config.bootstrap.metric_threshold)
         inputs = {
-            "student": program_identity(student),
-            "teachers": [program_identity(t) for t in teachers],
-            "teacher_settings": {k: lm_identity(v) if k == "lm" else repr(v) for k, v in self.teacher_settings.items()},
-            "settings": {"lm": lm_identity(settings.get("lm")), "rm": callable_identity(settings.get("rm")),
-                         "adapter": type(settings.get("adapter")).__name__ if settings.get("adapter") else None},
+            "program": plan.program_name,
+            "traces": trace_id(identity),
+            "trace_parts": {part: fingerprint(value) for part, value in identity.items()},
+            "examples": {"train": [example_key(ex) for ex in trainset],
+                         "val": [example_key(ex) for ex in valset] if valset else []},
             "adapter": type(self.adapter).__name__ if self.adapter else None,
-            "metric": callable_identity(self.metric),
-            "trainset": fingerprint([example_to_json(ex) for ex in trainset]),
-            "valset": fingerprint([example_to_json(ex) for ex in valset]) if valset else None,
-            "options": options,
+            "options": {k: v for k, v in config.to_flat().items() if k not in _RESOURCE_OPTIONS},
         }
-        return RunDir.at(config.run.storage_path, run_name_for(plan.program_name, inputs))
+        return identity, inputs
 
     def _describe(self, config: Config, plan: ProgramPlan, student, teachers) -> dict[str, Any]:
         """config.json: the resolved options and what the plan decided; never an API key."""

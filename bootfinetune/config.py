@@ -294,6 +294,8 @@ class Config:
         if r.run_name is not None and (not isinstance(r.run_name, str) or not r.run_name
                                        or "/" in r.run_name or r.run_name.startswith(".")):
             p.append(f"run_name={r.run_name!r}: use a plain folder name (no '/', not starting with '.').")
+        elif r.run_name == "traces":
+            p.append("run_name='traces': that folder holds the teacher traces of every run; choose another name.")
         if r.ray_address is not None and not isinstance(r.ray_address, str):
             p.append(f"ray_address={r.ray_address!r}: give an address such as 'auto' or 'ray://host:10001'.")
         positive_int("max_tokens", i.max_tokens)

@@ -6,7 +6,8 @@ cluster has room for their workers and queue otherwise. Each finished key gets
 `models/{key}/`: the best epoch (lowest eval loss) as a consolidated Hugging Face directory
 (safetensors, config, tokenizer, generation config) and `manifest.json`, written last.
 
-Resuming: a key whose manifest is present is not trained again. A key whose driver died
+Resuming: a key whose manifest shows the same target, data and training options is not
+trained again (one that differs is retrained, and the log says what changed). A key whose driver died
 mid-training resumes from its last checkpoint when the same call runs again, because the
 Ray Train run lives at `checkpoints/{key}` (`RunConfig(storage_path, name=key)`), and Ray
 Train V2 restores a run found there. Workers that fail are restarted from the last
@@ -151,8 +152,27 @@ def finished_manifest(run: RunDir, job: FinetuneJob, config: TrainConfig) -> dic
     manifest = read_json(path)
     if manifest.get("job_fingerprint") == _job_fingerprint(job, config):
         return manifest
-    log.warning("model %r in %s was trained on other data or options; training it again", job.key, path.parent)
+    log.warning("models/%s retrained: %s", job.key, "; ".join(retrain_reasons(manifest, job, config)))
     return None
+
+
+def retrain_reasons(manifest: dict[str, Any], job: FinetuneJob, config: TrainConfig) -> list[str]:
+    """What differs between a finished model's manifest and the job now asked for, in words.
+
+    Example: `["all.jsonl changed (now 44 records)", "lr 5e-05 -> 0.0001"]`.
+    """
+    reasons = []
+    if manifest.get("target") != job.target:
+        reasons.append(f"target {manifest.get('target')} -> {job.target}")
+    if manifest.get("data_hash") != data_hash(job.train_file):
+        now = sum(1 for line in Path(job.train_file).read_text(encoding="utf-8").splitlines() if line.strip())
+        reasons.append(f"{Path(job.train_file).name} changed (now {now} records)")
+    if "eval_hash" in manifest and manifest["eval_hash"] != (data_hash(job.eval_file) if job.eval_file else None):
+        reasons.append("eval data changed")
+    old = manifest.get("train_config") or {}
+    reasons += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
+                if k not in _RESOURCE_ONLY and k in old and old[k] != v]
+    return reasons or ["trained on other data or options"]
 
 
 def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -263,6 +283,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "renderer": renderer_identity(tokenizer, kind),
         "data_file": str(job.train_file),
         "data_hash": data_hash(job.train_file),
+        "eval_hash": data_hash(job.eval_file) if job.eval_file else None,
         "train_records": len(train_records),
         "eval_records": len(eval_records),
         "eval_source": eval_source,

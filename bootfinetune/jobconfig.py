@@ -110,8 +110,22 @@ def load_job_config(path: str | os.PathLike, overrides: list[str] | None = None,
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError([f"--set {item!r}: write key=value, e.g. --set epochs=3."])
-        raw[key.strip()] = yaml.safe_load(value)
+        raw[key.strip()] = parse_set_value(value)
     return parse_job_config(raw, where, need=need)
+
+
+def parse_set_value(text: str) -> Any:
+    """The value of a `--set key=value`: YAML, with `1e-4` read as a number (YAML 1.1 wants `1.0e-4`).
+
+    >>> parse_set_value("1e-4"), parse_set_value("3"), parse_set_value("true"), parse_set_value("cosine")
+    (0.0001, 3, True, 'cosine')
+    """
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def parse_job_config(raw: dict[str, Any], where: str = "job config", *,

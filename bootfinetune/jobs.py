@@ -151,49 +151,42 @@ def main_bootstrap(argv: list[str] | None = None) -> int:
 
 
 def main_finetune(argv: list[str] | None = None) -> int:
-    """`ray_jobs/finetune.py`: trains a run's models from the data a bootstrap saved, then writes program.json."""
+    """`ray_jobs/finetune.py`: trains a run's models from the data a bootstrap saved, then writes program.json.
+
+    `--set lr=1e-4` (any training or inference option) trains the same traces with new options
+    into a new run directory beside the old one (`bootfinetune.retrain`); resource options
+    (num_workers, use_gpu, ...) only change where the run's own training happens.
+    """
     p = _parser("Finetune the models of a run from its saved data (no teacher calls).", config=False, run_dir=True)
+    p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "
+                                                  "and teacher are not used; bootstrap options must match the run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a resource option for this job (num_workers, use_gpu, cpus_per_worker, "
-                        "gpus_per_worker, max_failures)")
+                   help="a training, inference or resource option for this job (repeatable), e.g. --set lr=1e-4 "
+                        "--set num_workers=4")
     args = p.parse_args(argv)
     _setup_logging()
-    from bootfinetune.finetune import FinetuneJob, finetune_models
-    from bootfinetune.rundir import RunDir, read_json
+    from bootfinetune.jobconfig import parse_set_value
+    from bootfinetune.retrain import retrain
+    from bootfinetune.rundir import read_json
 
-    run = RunDir.from_location(args.run_dir)
-    run.pull()
-    if not run.config_json.exists() or not run.data_dir.exists():
-        raise ConfigError([f"--run-dir {args.run_dir}: no config.json or data/ there; run ray_jobs/bootstrap.py "
-                           f"(or compile.py) first, and pass the run directory it printed."])
-    described = read_json(run.config_json)
-    flat = {k: v for group in described["options"].values() for k, v in group.items()}
-    allowed = {"num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures"}
-    import yaml
-
+    options = {}
+    if args.config:
+        options.update(load_job_config(args.config, [], need=()).options)
+        if "target" in options:
+            options["target"] = resolve_target(options["target"])
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in allowed:
-            raise ConfigError([f"--set {key}: finetune.py changes only {', '.join(sorted(allowed))}; other options "
-                               f"change what the models are, so compile a new run instead."])
-        flat[key] = yaml.safe_load(value)
-    config = Config.from_options(**flat)
-    _connect(None, args.ray_address)
-    jobs = []
-    for key, spec in described["model_keys"].items():
-        train_file = run.data_file(key)
-        if not train_file.exists():
-            raise ConfigError([f"--run-dir: {train_file} is missing; the bootstrap of this run did not finish."])
-        eval_file = run.data_dir / "val" / f"{key}.jsonl"
-        jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
-                                train_file=train_file, eval_file=eval_file if eval_file.exists() else None))
-    manifests = finetune_models(run, jobs, config.train)
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([f"--set {item}: write KEY=VALUE, e.g. --set lr=1e-4."])
+        options[key] = parse_set_value(value)
+    run, manifests = retrain(args.run_dir, ray_address=args.ray_address, **options)
+    described = read_json(run.config_json)
+    config = Config.from_options(**{k: v for group in described["options"].values() for k, v in group.items()})
     note = _write_program(run, described, config)
-    run.update_report(stages={"finetune": {k: {"best_epoch": m["best_epoch"], "eval_loss": m["losses"]["eval"]}
-                                           for k, m in manifests.items()}})
     run.sync()
     return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in manifests},
-                   best_epoch={k: m["best_epoch"] for k, m in manifests.items()}, program=note)
+                   best_epoch={k: m["best_epoch"] for k, m in manifests.items()}, program=note,
+                   from_run=args.run_dir)
 
 
 def _write_program(run: Any, described: dict, config: Config) -> str:

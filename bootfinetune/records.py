@@ -79,7 +79,9 @@ class BootstrapSummary:
     calls: int = 0
     """Predictor calls recorded."""
     teacher_calls: int = 0
-    """Calls made to the teacher's LM (predictor calls, failures included)."""
+    """Calls made to the teacher's LM by this run (predictor calls, failures included); 0 for reused traces."""
+    reused: int = 0
+    """Examples whose traces were read from the trace store instead of asking the teacher."""
     unattributed: int = 0
     """Trace steps from predictors that are not among the program's named predictors (dropped)."""
     seconds: float = 0.0

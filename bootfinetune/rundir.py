@@ -112,6 +112,19 @@ class RunDir:
             return cls(mirror_of(text), text)
         return cls(Path(text).expanduser().resolve())
 
+    def sibling(self, run_name: str) -> "RunDir":
+        """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
+        if self.remote is None:
+            return RunDir(self.root.parent / run_name)
+        from urllib.parse import urlsplit, urlunsplit
+
+        from bootfinetune.storage import mirror_of
+
+        s = urlsplit(self.remote)
+        parent = s.path.rstrip("/").rpartition("/")[0]
+        remote = urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment))
+        return RunDir(mirror_of(remote), remote)
+
     @property
     def location(self) -> str:
         """Where the run lives for users: its URI, or its folder."""

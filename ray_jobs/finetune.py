@@ -4,8 +4,15 @@
         python ray_jobs/finetune.py --run-dir s3://my-bucket/bootfinetune-runs/ShippingRouter-1a2b3c4d5e6f \
         --set num_workers=4 --set use_gpu=true
 
-Only resource options may change (`--set num_workers=...`); the run's own options decide what
-is trained. It writes models/{key}/ and program.json, so `bootfinetune.load(run_dir)` works.
+Train the same teacher traces with other options, without a teacher call:
+
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python ray_jobs/finetune.py --run-dir s3://my-bucket/bootfinetune-runs/ShippingRouter-1a2b3c4d5e6f \
+        --set lr=1e-4 --set epochs=2
+
+A changed training or inference option writes a new run directory beside the old one (printed
+as `run_dir`); resource options (`num_workers`, `use_gpu`, ...) train the run in place. It writes
+models/{key}/ and program.json, so `bootfinetune.load(run_dir)` works.
 """
 
 import os

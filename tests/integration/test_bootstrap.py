@@ -74,22 +74,21 @@ def test_second_run_calls_the_teacher_zero_times(ray_cluster, teacher_server, te
 def test_interrupted_run_resumes_where_it_stopped(ray_cluster, teacher_server, teacher_lm, tmp_path):
     trainset = two_step_examples(12)
     done = prepare(teacher_lm, tmp_path, trainset)
-    boot = done.run.bootstrap_dir
-    # Turn the finished run into one cut off after 5 examples: keep their results as progress.
-    rows = [json.loads(line) for line in (boot / "train.calls.jsonl").read_text().splitlines()]
-    progress = []
-    for i in range(5):
-        calls = [r for r in rows if r["example_index"] == i]
-        progress.append({"example_index": i, "teacher": 0,
-                         "result": {"calls": calls, "kept": calls[0]["kept"], "teacher_calls": len(calls)}})
-    (boot / "train.summary.json").unlink()
-    (boot / "train.progress.jsonl").write_text("".join(json.dumps(p) + "\n" for p in progress) + '{"cut')
+    store = Path(read_json(done.run.config_json)["trace_store"])
+    lines = (store / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    # Turn the finished run into one cut off after 5 examples, the 6th line half written.
+    (done.run.bootstrap_dir / "train.summary.json").unlink()
+    (store / "results.jsonl").write_text("".join(line + "\n" for line in lines[:5]) + lines[5][:20])
     before = teacher_server.calls
     resumed = prepare(teacher_lm, tmp_path, trainset)
-    expected_calls = sum(3 if e.text[:4] != "skip" else 2 for e in trainset[5:])
+    done_keys = {json.loads(line)["example"] for line in lines[:5]}
+    from bootfinetune.traces import example_key
+
+    expected_calls = sum(3 if e.text[:4] != "skip" else 2 for e in trainset if example_key(e) not in done_keys)
     assert teacher_server.calls - before == expected_calls
+    assert resumed.bootstrap.summary.reused == 5 and resumed.bootstrap.summary.teacher_calls == expected_calls
     assert resumed.run.data_file("all").read_bytes() == done.run.data_file("all").read_bytes()
-    assert not (boot / "train.progress.jsonl").exists()
 
 
 def test_failures_are_counted_below_max_errors_and_stop_above(ray_cluster, teacher_lm, tmp_path):

@@ -77,7 +77,7 @@ def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path)
         proc.wait()
         calls_before = server.calls
         assert calls_before > 0
-        run_root = next(storage.iterdir())
+        run_root = next(p for p in storage.iterdir() if p.name != "traces")
         assert not (run_root / "models" / "all" / "manifest.json").exists()  # killed before it finished
 
         again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
