@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,14 +20,16 @@ def free_port() -> int:
 
 
 class S3Server:
-    """`moto_server` in a subprocess; `uri(bucket, prefix)` names a path on it for pyarrow and Ray."""
+    """moto's server in a subprocess; `uri(bucket, prefix)` names a path on it for pyarrow and Ray."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The moto installed beside the tests (`python -m moto.server`), never a `moto_server`
+        # that happens to come first on PATH: a stray one (say a global moto 5.2.1) answers
+        # CompleteMultipartUpload with the wrong XML root, and every pyarrow write then fails.
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while True:
             try:
@@ -37,7 +37,7 @@ class S3Server:
                 break
             except Exception:
                 if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {self.endpoint}")
+                    raise RuntimeError(f"moto's server did not start on {self.endpoint}")
                 time.sleep(0.2)
 
     def uri(self, bucket: str, prefix: str = "") -> str:
