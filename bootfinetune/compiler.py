@@ -22,10 +22,12 @@ from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples,
                                  check_target,
                                  lm_identity, program_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
-from bootfinetune.datasets import DataSummary, build_datasets
+from bootfinetune.datasets import DataSummary, build_datasets, resolve_adapter
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
+from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+                                        raise_if_unfixable)
 from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
 from bootfinetune.records import collect_secrets, example_to_json
 from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json
@@ -106,6 +108,8 @@ class Prepared:
     """Eval files per model key built from the valset."""
     valset: list | None = None
     """The valset, when one was given."""
+    tokens: dict[str, TokenPlan] = field(default_factory=dict)
+    """Per model key: the tokens its target's tokenizer needs so that every answer survives it."""
 
 
 class BootstrapFinetune(Teleprompter):
@@ -168,7 +172,8 @@ class BootstrapFinetune(Teleprompter):
         jobs = [FinetuneJob(key=key, target=plan.target_of[key], predictors=tuple(plan.predictors_of(key)),
                             train_file=run.data_file(key),
                             eval_file=Path(prepared.val_data[key].path)
-                            if key in prepared.val_data and prepared.val_data[key].records else None)
+                            if key in prepared.val_data and prepared.val_data[key].records else None,
+                            added_tokens=tuple(prepared.tokens[key].added_tokens) if key in prepared.tokens else None)
                 for key in plan.keys()]
         started = time.time()
         t = config.train
@@ -282,15 +287,32 @@ class BootstrapFinetune(Teleprompter):
                                   exclude_demos=config.bootstrap.exclude_demos,
                                   drop_duplicates=config.bootstrap.drop_duplicates, split="val") if val_boot else {}
         logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
+        tokens = self._token_plans(run, plan, student, config, val_data)
         run.update_report(stages={
             "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
                           "val": asdict(val_boot.summary) if val_boot else None},
             "data": {"seconds": round(time.time() - started, 3),
                      "keys": {k: asdict(v) for k, v in data.items()},
-                     "val_keys": {k: asdict(v) for k, v in val_data.items()}},
+                     "val_keys": {k: asdict(v) for k, v in val_data.items()},
+                     "tokens": {k: p.to_report() for k, p in tokens.items()}},
         })
         run.sync()
-        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None)
+        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens)
+
+    def _token_plans(self, run: RunDir, plan: ProgramPlan, student: dspy.Module, config: Config,
+                     val_data: dict[str, DataSummary]) -> dict[str, TokenPlan]:
+        """Checks every answer against its target's tokenizer with the adapter in use; raises before training."""
+        parse = adapter_parse(resolve_adapter(self.adapter), {n: p.signature for n, p in student.named_predictors()})
+        plans = {key: plan_for_files(key, plan.target_of[key],
+                                     [run.data_file(key), val_data[key].path if key in val_data else None], parse,
+                                     trust_remote_code=config.train.trust_remote_code) for key in plan.keys()}
+        raise_if_unfixable(plans.values())
+        check_lora(plans.values(), config.train.lora)
+        for key, p in plans.items():
+            if p.added_tokens:
+                logger.info("  model %s: %d of %d answers need tokens %s added to %s's tokenizer", key, p.needed,
+                            p.answers, p.added_tokens, p.target)
+        return plans
 
     def _run_dir(self, config: Config, plan: ProgramPlan, student, teachers, trainset, valset) -> RunDir:
         if config.run.run_name:
