@@ -154,7 +154,7 @@ def build_tiny_t5(
     Returns:
         The directory, loadable with `AutoModelForSeq2SeqLM.from_pretrained(path)`.
     """
-    args = dict(kind="t5", tokenizer="unigram", corpus=list(corpus), vocab_size=vocab_size, d_model=d_model,
+    args = dict(kind="t5", tokenizer="unigram-words", corpus=list(corpus), vocab_size=vocab_size, d_model=d_model,
                 num_layers=num_layers, num_heads=num_heads, seed=seed)
     path = Path(path)
     if _is_built(path, args):
@@ -186,23 +186,37 @@ def _train_t5_tokenizer(corpus: Sequence[str], vocab_size: int):
     fallback, so a character outside the vocabulary is `<unk>`. Specials pad=0, eos=1, unk=2,
     and `</s>` is appended to every encoded text.
 
+    The pieces are what SentencePiece learns from a large corpus: frequent whole words
+    ("▁answer", "▁##") and every single character, scored by log frequency. (EM training on a
+    corpus this small keeps mostly characters, which no real T5 vocabulary looks like.)
+
     Example:
         "a\n\nb {x}" encodes as ▁a ▁b ▁ <unk> x <unk> and decodes as "a b x" (unk skipped).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    import math
+    from collections import Counter
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    texts = [normalizer.normalize_str("".join(c for c in text if c not in T5_UNKNOWN)) for text in corpus]
+    words = Counter("▁" + w for text in texts for w in text.split())
+    chars = Counter(c for text in texts for c in text.replace(" ", "▁"))
+    total = sum(words.values()) + sum(chars.values())
+    specials = ["<pad>", "</s>", "<unk>"]
+    room = max(0, vocab_size - len(specials) - len(chars))
+    pieces = dict(chars) | dict(words)
+    kept = sorted(chars) + [w for w, _ in sorted(((w, n) for w, n in pieces.items() if w not in chars),
+                                                  key=lambda x: (-x[1], x[0]))[:room]]
+    vocab = [(t, 0.0) for t in specials] + [(t, math.log(pieces[t] / total)) for t in kept]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    specials = ["<pad>", "</s>", "<unk>"]
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                                      show_progress=False)
-    tok.train_from_iterator(["".join(c for c in text if c not in T5_UNKNOWN) for text in corpus], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
