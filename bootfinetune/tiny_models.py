@@ -135,6 +135,7 @@ def build_tiny_t5(
     d_model: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> Path:
     """Builds (or reuses) a tiny T5 (encoder-decoder, tied embeddings) with its tokenizer in `path`.
@@ -149,6 +150,7 @@ def build_tiny_t5(
         d_model: Model width.
         num_layers: Encoder blocks and decoder blocks (each).
         num_heads: Attention heads.
+        dropout: T5's `dropout_rate` (0.1 as in t5/flan-t5); 0 lets a model this small learn in fewer steps.
         seed: Seed for the random weights.
 
     Returns:
@@ -156,6 +158,8 @@ def build_tiny_t5(
     """
     args = dict(kind="t5", tokenizer="unigram-words", corpus=list(corpus), vocab_size=vocab_size, d_model=d_model,
                 num_layers=num_layers, num_heads=num_heads, seed=seed)
+    if dropout != 0.1:  # only when set, so directories built before this option keep their fingerprint
+        args["dropout"] = dropout
     path = Path(path)
     if _is_built(path, args):
         return path
@@ -166,7 +170,7 @@ def build_tiny_t5(
     tokenizer = _train_t5_tokenizer(corpus, vocab_size)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
                       num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads,
-                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                      dropout_rate=dropout, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config)

@@ -18,7 +18,7 @@ from bootfinetune import BootstrapFinetune
 from bootfinetune.representable import roundtrip
 from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_t5
+from bootfinetune.tiny_models import DEFAULT_CORPUS, build_tiny_t5
 from tests.programs import RAG, color_rm, rag_examples, rag_script
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,10 @@ TRAIN, HELD_OUT = 48, 16
 
 @pytest.fixture(scope="module")
 def t5_compile(ray_cluster, tmp_path_factory):
-    target = str(build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5-sp"))
+    # Like a real T5 vocabulary, this one has the task's words whole ("▁green", not g-r-e-e-n, which a
+    # model this small copies badly). No dropout: a 64-wide model then learns the format in 16 short epochs.
+    corpus = DEFAULT_CORPUS + ("What color is the thing? The context says it is red, blue, green or gold.",)
+    target = str(build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5-sp", corpus=corpus, dropout=0.0))
     storage = tmp_path_factory.mktemp("runs")
     with TeacherServer(rag_script) as server:
         teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="sk-unused-t5", cache=False)
@@ -37,7 +40,7 @@ def t5_compile(ray_cluster, tmp_path_factory):
             tp = BootstrapFinetune(teacher_settings=dict({'lm': teacher}), storage_path=str(storage), max_tokens=96)
             started = time.time()
             compiled = tp.compile(student=RAG(), trainset=rag_examples(TRAIN), target=target,
-                                  epochs=8, bsize=4, lr=1e-2)
+                                  epochs=16, bsize=4, lr=1e-2)
             seconds = time.time() - started
             outcomes = []
             for example in rag_examples(HELD_OUT, offset=TRAIN):
