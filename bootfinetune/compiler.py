@@ -308,10 +308,6 @@ class BootstrapFinetune(Teleprompter):
                                      trust_remote_code=config.train.trust_remote_code) for key in plan.keys()}
         raise_if_unfixable(plans.values())
         check_lora(plans.values(), config.train.lora)
-        for key, p in plans.items():
-            if p.added_tokens:
-                logger.info("  model %s: %d of %d answers need tokens %s added to %s's tokenizer", key, p.needed,
-                            p.answers, p.added_tokens, p.target)
         return plans
 
     def _run_dir(self, config: Config, plan: ProgramPlan, student, teachers, trainset, valset) -> RunDir:
