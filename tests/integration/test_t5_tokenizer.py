@@ -55,8 +55,10 @@ def t5_compile(ray_cluster, tmp_path_factory):
 def test_answers_of_the_t5_student_parse(t5_compile):
     _, _, outcomes, _ = t5_compile
     parsed = [o for o in outcomes if o[0] == "parsed"]
-    # Main trains on one-line answers and parses 0 of 16. The format is the same in every answer, so a
-    # model that learned it writes it for nearly every question; 12 of 16 leaves room for a tiny model's slips.
+    # Without the added "\n" the model learns one-line answers and none parses (0 of 16 in the issue). The
+    # format is the same in every answer, so a model that learned it writes it for nearly every question;
+    # 12 of 16 leaves room for slips. What this tests is the format: a model this small mostly does not
+    # copy the right colour from the context, so the parsed values are not checked.
     assert len(parsed) >= 12, outcomes
 
 
