@@ -29,6 +29,8 @@ from bootfinetune.datasets import DataSummary, build_datasets
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
+from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+                                        raise_if_unfixable)
 from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
 from bootfinetune.records import collect_secrets
 from bootfinetune.rundir import RunDir, fingerprint, read_json, run_name_for, write_json
@@ -158,6 +160,8 @@ class Prepared:
     """Eval files per model key built from the valset."""
     valset: list | None = None
     """The valset, when one was given."""
+    tokens: dict[str, TokenPlan] = field(default_factory=dict)
+    """Per model key: the tokens its target's tokenizer needs so that every answer survives it."""
 
 
 def run_name_of(inputs: dict[str, Any]) -> str:
@@ -289,7 +293,8 @@ class BootstrapFinetune(Teleprompter):
         jobs = [FinetuneJob(key=key, target=plan.target_of[key], predictors=tuple(plan.predictors_of(key)),
                             train_file=run.data_file(key),
                             eval_file=Path(prepared.val_data[key].path)
-                            if key in prepared.val_data and prepared.val_data[key].records else None)
+                            if key in prepared.val_data and prepared.val_data[key].records else None,
+                            added_tokens=tuple(prepared.tokens[key].added_tokens) if key in prepared.tokens else None)
                 for key in plan.keys()]
         started = time.time()
         t = config.train
@@ -414,15 +419,28 @@ class BootstrapFinetune(Teleprompter):
         if not val_boot:  # eval files of an earlier valset must not reach a later finetune
             shutil.rmtree(run.data_dir / "val", ignore_errors=True)
         logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
+        tokens = self._token_plans(run, plan, student, config, val_data)
         run.update_report(stages={
             "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
                           "val": asdict(val_boot.summary) if val_boot else None},
             "data": {"seconds": round(time.time() - started, 3),
                      "keys": {k: asdict(v) for k, v in data.items()},
-                     "val_keys": {k: asdict(v) for k, v in val_data.items()}},
+                     "val_keys": {k: asdict(v) for k, v in val_data.items()},
+                     "tokens": {k: p.to_report() for k, p in tokens.items()}},
         })
         run.sync()
-        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None)
+        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens)
+
+    def _token_plans(self, run: RunDir, plan: ProgramPlan, student: dspy.Module, config: Config,
+                     val_data: dict[str, DataSummary]) -> dict[str, TokenPlan]:
+        """Checks every answer against its target's tokenizer with the adapter in use; raises before training."""
+        parse = adapter_parse(resolve_adapter(self.adapter), {n: p.signature for n, p in student.named_predictors()})
+        plans = {key: plan_for_files(key, plan.target_of[key],
+                                     [run.data_file(key), val_data[key].path if key in val_data else None], parse,
+                                     trust_remote_code=config.train.trust_remote_code) for key in plan.keys()}
+        raise_if_unfixable(plans.values())
+        check_lora(plans.values(), config.train.lora)
+        return plans
 
     def _teacher_settings_in_actors(self) -> dict[str, Any]:
         """The driver's settings the actors apply, with the adapter in use: what the teacher runs under."""

@@ -32,6 +32,7 @@ from typing import Any
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.render import model_kind, renderer_identity
+from bootfinetune.representable import add_answer_tokens, fit_embeddings
 from bootfinetune.rundir import RunDir, fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.train_loop import DS_DIR, STATE_FILE, train_loop
 
@@ -56,6 +57,9 @@ class FinetuneJob:
     """data/{key}.jsonl: {"messages": [...], "predictor": name, "example_index": int} per line."""
     eval_file: Path | None = None
     """JSONL of the same shape from the valset; None holds out `eval_fraction` of train_file."""
+    added_tokens: tuple[str, ...] | None = None
+    """Tokens added to the target's tokenizer so every answer survives it (`representable.plan_tokens`);
+    None: not decided yet, `finetune_models` checks the data itself."""
 
 
 def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *,
@@ -74,15 +78,17 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
 
     Raises:
         FinetuneError: naming every key that failed and its cause, after the other jobs finished.
+        ConfigError: before any training, an answer a target's tokenizer cannot write (see `representable`).
     """
     import ray
 
-    from bootfinetune.ray_env import ensure_ray
-
-    ensure_ray()  # the compiler connects first; a stage run alone joins or starts Ray the package's way
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise FinetuneError(f"duplicate model keys {sorted(k for k in set(keys) if keys.count(k) > 1)}: one job per key.")
+    jobs = decide_tokens(jobs, config)  # before Ray: an answer the tokenizer cannot write stops here
+    from bootfinetune.ray_env import ensure_ray
+
+    ensure_ray()  # the compiler connects first; a stage run alone joins or starts Ray the package's way
     manifests: dict[str, dict[str, Any]] = {}
     pending = []
     for job in jobs:
@@ -124,6 +130,23 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
         detail = "; ".join(f"{k!r}: {e}" for k, e in errors.items())
         raise FinetuneError(f"finetuning failed for model key(s) {sorted(errors)}: {detail}") from next(iter(errors.values()))
     return {k: manifests[k] for k in keys}
+
+
+def decide_tokens(jobs: list[FinetuneJob], config: TrainConfig) -> list[FinetuneJob]:
+    """The jobs with `added_tokens` decided, checking the data where the caller did not (layout comparison).
+
+    Raises:
+        ConfigError: an answer the target's tokenizer loses even with added tokens, or LoRA with added tokens.
+    """
+    from bootfinetune.representable import check_lora, plan_for_files, raise_if_unfixable
+
+    plans = {j.key: plan_for_files(j.key, j.target, [j.train_file, j.eval_file],
+                                   trust_remote_code=config.trust_remote_code)
+             for j in jobs if j.added_tokens is None}
+    raise_if_unfixable(plans.values())
+    check_lora(plans.values(), config.lora)
+    return [dataclasses.replace(j, added_tokens=tuple(plans[j.key].added_tokens)) if j.key in plans else j
+            for j in jobs]
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:
@@ -200,8 +223,10 @@ _RESOURCE_ONLY = {"target", "cpus_per_worker", "gpus_per_worker", "max_failures"
 def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:
     options = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESOURCE_ONLY}
     eval_hash = data_hash(job.eval_file) if job.eval_file else None
-    return fingerprint({"target": job.target, "data": data_hash(job.train_file), "eval": eval_hash,
-                        "options": options})
+    identity = {"target": job.target, "data": data_hash(job.train_file), "eval": eval_hash, "options": options}
+    if job.added_tokens:  # only when there are some, so runs without keep their fingerprint
+        identity["added_tokens"] = list(job.added_tokens)
+    return fingerprint(identity)
 
 
 def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +250,8 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     train_records, eval_records, eval_source = load_job_data(job, config)
     kind = model_kind(AutoConfig.from_pretrained(job.target, trust_remote_code=config.trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(job.target, trust_remote_code=config.trust_remote_code)
+    base_vocab = len(tokenizer)
+    add_answer_tokens(tokenizer, job.added_tokens or ())
 
     job_fp = _job_fingerprint(job, config)
     experiment = run.checkpoints_dir() / job.key
@@ -239,7 +266,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     if eval_records:
         datasets["eval"] = _to_dataset(ray, eval_records)
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
-                   "data_hash": data_hash(job.train_file), **hooks}
+                   "data_hash": data_hash(job.train_file), "added_tokens": list(job.added_tokens or ()), **hooks}
     storage_path, storage_fs = run.checkpoint_storage()  # on a cloud URI, workers write checkpoints there
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     keep = (CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
@@ -271,7 +298,8 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     out = run.model_dir(job.key)
     shutil.rmtree(out, ignore_errors=True)
     with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config)
+        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config,
+                                 tokenizer=tokenizer, base_vocab=base_vocab)
     tokenizer.save_pretrained(out)
 
     history = state["history"]
@@ -313,6 +341,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         "checkpoint": best_ckpt.path,
         "train_config": dataclasses.asdict(config),
         "lora": lora,
+        "added_tokens": list(job.added_tokens or ()),
         "job_fingerprint": job_fp,
     }
     write_json(out / MANIFEST, manifest)  # last: its presence means the key is finished
@@ -321,7 +350,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
 
 
 def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
-                      config: TrainConfig) -> dict[str, Any] | None:
+                      config: TrainConfig, *, tokenizer: Any = None, base_vocab: int | None = None) -> dict[str, Any] | None:
     """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
 
     The base model is loaded from `target` (for its config and generation config), the
@@ -329,6 +358,8 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
     (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
     A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
     returns the adapter's facts for the manifest; a full finetune returns None.
+    With `tokenizer` longer than `base_vocab` (tokens added for training), the base's
+    embeddings are fitted to it first, as the training loop did.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -344,6 +375,8 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
                                  trust_remote_code=config.trust_remote_code)
+    if tokenizer is not None and base_vocab is not None and len(tokenizer) > base_vocab:
+        fit_embeddings(model, tokenizer, base_vocab)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = _tied_names(model)
     if unexpected or set(missing) - tied:

@@ -38,7 +38,7 @@ import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from bootfinetune.errors import ProgramError
-from bootfinetune.render import encode_prompt, model_kind
+from bootfinetune.render import decode_answer, encode_prompt, model_kind
 
 _LOADED: dict[tuple[str, str], tuple[Any, Any, str]] = {}
 _LOADED_AS: dict[tuple[str, str], str] = {}
@@ -378,7 +378,7 @@ class FinetunedEngine:
         for prompt, row, (_, limit, _) in zip(prompts, output.tolist(), requests):
             new = row[width:] if left else row[1:]  # seq2seq output starts with the decoder start token
             new = _until_eos(new, tokenizer.eos_token_id, pad)[:limit]  # the batch ran to its longest limit
-            results.append((tokenizer.decode(new, skip_special_tokens=True), len(prompt), len(new)))
+            results.append((decode_answer(tokenizer, new), len(prompt), len(new)))
         return results
 
     # -- pickling -------------------------------------------------------------------------------

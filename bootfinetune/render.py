@@ -170,6 +170,51 @@ def collate(examples: Sequence[Encoded], pad_id: int, pad_to_multiple_of: int | 
     }
 
 
+def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Generated ids as text: the one decode of training checks, `FinetunedLM` and the servers.
+
+    Special tokens are skipped. A SentencePiece-style tokenizer (Metaspace prepending "▁" to
+    every segment, as T5's does) writes a "▁" after each added token, since the text after an
+    added token is a new segment; decoding each segment on its own drops exactly that "▁",
+    so "\n" + "▁blue" reads "\nblue", as it was written. Other tokenizers decode as usual.
+
+    Example (a T5-like tokenizer with "\n" added): ids of "[[ ## answer ## ]]\nblue" decode to
+    "[[ ## answer ## ]]\nblue", where `tokenizer.decode` gives "[[ ## answer ## ]]\n blue".
+    """
+    added = _segment_tokens(tokenizer)
+    if not added or not any(i in added for i in ids):
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    parts, run = [], []
+    for i in ids:
+        if i in added:
+            parts += [tokenizer.decode(run, skip_special_tokens=True), added[i]]
+            run = []
+        else:
+            run.append(i)
+    parts.append(tokenizer.decode(run, skip_special_tokens=True))
+    return "".join(parts)
+
+
+def _segment_tokens(tokenizer: Any) -> dict[int, str]:
+    """Non-special added tokens {id: text} when the pre-tokenizer prefixes every segment, else {}."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return {}
+    stack = [json.loads(pre.__getstate__())]
+    prefixes = False
+    while stack:
+        node = stack.pop()
+        stack += node.get("pretokenizers") or []
+        if node.get("type") == "Metaspace" and (node.get("prepend_scheme") == "always" or node.get("add_prefix_space")):
+            prefixes = True
+    if not prefixes:
+        return {}
+    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+
+
 def renderer_identity(tokenizer: Any, kind: ModelKind) -> dict[str, Any]:
     """What the inference side must match: renderer version, template and its hash, model kind."""
     chat = uses_chat_template(tokenizer)

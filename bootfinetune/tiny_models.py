@@ -1,7 +1,8 @@
 """Tiny models and tokenizers built locally, for tests and the offline demo.
 
 No machine here reaches a model hub, so tests build a model from a config, train a
-byte-level BPE tokenizer on a small corpus, and save both with `save_pretrained`
+tokenizer on a small corpus the way the real family's is built (byte-level BPE for the
+causal models, SentencePiece-style Unigram for T5), and save both with `save_pretrained`
 (safetensors). The result is an ordinary Hugging Face directory: pass it as `target`
 and it goes through the real `from_pretrained` path.
 
@@ -134,24 +135,31 @@ def build_tiny_t5(
     d_model: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> Path:
     """Builds (or reuses) a tiny T5 (encoder-decoder, tied embeddings) with its tokenizer in `path`.
 
+    The tokenizer is built like T5's own (see `_train_t5_tokenizer`): newlines and runs of
+    spaces collapse, and `{`, `}`, `<` are unknown, so it cannot write every answer as given.
+
     Args:
         path: Directory to write; created if missing.
-        corpus: Texts the BPE tokenizer is trained on.
-        vocab_size: Tokenizer vocabulary size.
+        corpus: Texts the Unigram tokenizer is trained on (`{`, `}`, `<` are left out of it).
+        vocab_size: Most tokenizer pieces (the corpus may yield fewer).
         d_model: Model width.
         num_layers: Encoder blocks and decoder blocks (each).
         num_heads: Attention heads.
+        dropout: T5's `dropout_rate` (0.1 as in t5/flan-t5); 0 lets a model this small learn in fewer steps.
         seed: Seed for the random weights.
 
     Returns:
         The directory, loadable with `AutoModelForSeq2SeqLM.from_pretrained(path)`.
     """
-    args = dict(kind="t5", corpus=list(corpus), vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
-                num_heads=num_heads, seed=seed)
+    args = dict(kind="t5", tokenizer="unigram-words", corpus=list(corpus), vocab_size=vocab_size, d_model=d_model,
+                num_layers=num_layers, num_heads=num_heads, seed=seed)
+    if dropout != 0.1:  # only when set, so directories built before this option keep their fingerprint
+        args["dropout"] = dropout
     path = Path(path)
     if _is_built(path, args):
         return path
@@ -159,10 +167,10 @@ def build_tiny_t5(
     import torch
     from transformers import AutoModelForSeq2SeqLM, T5Config
 
-    tokenizer = _train_tokenizer(corpus, vocab_size, SPECIALS, "</s>", add_eos=True)
+    tokenizer = _train_t5_tokenizer(corpus, vocab_size)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
                       num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads,
-                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                      dropout_rate=dropout, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config)
@@ -170,7 +178,53 @@ def build_tiny_t5(
     return path
 
 
-def _train_tokenizer(corpus: Sequence[str], vocab_size: int, specials: list[str], eos: str, add_eos: bool = False,
+T5_UNKNOWN = "{}<"
+"""Characters real T5 vocabularies lack; the tiny T5's tokenizer is trained without them."""
+
+
+def _train_t5_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A SentencePiece-style Unigram tokenizer built the way flan-t5's `tokenizer.json` is.
+
+    Normalizer NFKC, then every run of whitespace (newlines and tabs included) becomes one
+    space; pre-tokenizer WhitespaceSplit + Metaspace ("▁" prepended to every word); no byte
+    fallback, so a character outside the vocabulary is `<unk>`. Specials pad=0, eos=1, unk=2,
+    and `</s>` is appended to every encoded text.
+
+    The pieces are what SentencePiece learns from a large corpus: frequent whole words
+    ("▁answer", "▁##") and every single character, scored by log frequency. (EM training on a
+    corpus this small keeps mostly characters, which no real T5 vocabulary looks like.)
+
+    Example:
+        "a\n\nb {x}" encodes as ▁a ▁b ▁ <unk> x <unk> and decodes as "a b x" (unk skipped).
+    """
+    import math
+    from collections import Counter
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    texts = [normalizer.normalize_str("".join(c for c in text if c not in T5_UNKNOWN)) for text in corpus]
+    words = Counter("▁" + w for text in texts for w in text.split())
+    chars = Counter(c for text in texts for c in text.replace(" ", "▁"))
+    total = sum(words.values()) + sum(chars.values())
+    specials = ["<pad>", "</s>", "<unk>"]
+    room = max(0, vocab_size - len(specials) - len(chars))
+    pieces = dict(chars) | dict(words)
+    kept = sorted(chars) + [w for w, _ in sorted(((w, n) for w, n in pieces.items() if w not in chars),
+                                                  key=lambda x: (-x[1], x[0]))[:room]]
+    vocab = [(t, 0.0) for t in specials] + [(t, math.log(pieces[t] / total)) for t in kept]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _train_tokenizer(corpus: Sequence[str], vocab_size: int, specials: list[str], eos: str,
                      split_spaces: bool = False):
     """A byte-level BPE (any text encodes, no unknowns) wrapped as a transformers fast tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -187,11 +241,7 @@ def _train_tokenizer(corpus: Sequence[str], vocab_size: int, specials: list[str]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(corpus), trainer=trainer)
-    if add_eos:  # T5-style: the encoder input and the target end with </s>
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     extra = [s for s in specials if s not in SPECIALS]
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos, unk_token="<unk>",
                                    bos_token="<s>", additional_special_tokens=extra or None)

@@ -34,6 +34,7 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.answer_head import answer_logits_only, answer_positions
 from bootfinetune.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.representable import add_answer_tokens, fit_embeddings
 from bootfinetune.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class LoopConfig:
     """Without Ray: folder for per-epoch checkpoints (epoch_{n}/), resumed from if present."""
     data_hash: str | None = None
     """Hash of the training data, recorded in the state to catch a resume onto other data."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the target's tokenizer so that every answer survives it (see `representable`)."""
     max_steps_per_epoch: int | None = None
     """Cap on micro batches per epoch (benchmarks)."""
     progress_board: str | None = None
@@ -158,6 +161,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     tokenizer = AutoTokenizer.from_pretrained(cfg.target, **load_kw)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    base_vocab = len(tokenizer)
+    add_answer_tokens(tokenizer, cfg.added_tokens)
     kind = model_kind(AutoConfig.from_pretrained(cfg.target, **load_kw))
     state.kind = kind
 
@@ -187,6 +192,11 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     try:
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         model = auto.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True, **load_kw)
+        if cfg.added_tokens:
+            if tc.lora:
+                raise ValueError(f"lora=True with added tokens {cfg.added_tokens}: LoRA keeps the embeddings "
+                                 "frozen, so the new tokens would never train; train without LoRA.")
+            fit_embeddings(model, tokenizer, base_vocab)
         if tc.answer_logits_only and kind == "causal":
             state.answer_logits_only = answer_logits_only(model)
         if tc.lora:  # after the head patch: the PEFT wrapper calls the patched forward

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, LlamaConfig, PretrainedConfig, T5Config
 
@@ -10,6 +12,7 @@ from bootfinetune.render import (
     IGNORE_INDEX,
     Encoded,
     collate,
+    decode_answer,
     encode_example,
     encode_prompt,
     encode_records,
@@ -17,6 +20,7 @@ from bootfinetune.render import (
     render_prompt_text,
     renderer_identity,
 )
+from bootfinetune.representable import add_answer_tokens
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 MESSAGES = [
@@ -88,7 +92,13 @@ def test_seq2seq_prompt_to_encoder_answer_to_decoder(tokenizers):
     assert enc.input_ids[-1] == tok.eos_token_id  # T5's tokenizer ends the encoder input with </s>
     assert "completed" not in tok.decode(enc.input_ids)
     assert IGNORE_INDEX not in enc.labels and enc.labels[-1] == tok.eos_token_id
-    assert tok.decode(enc.labels, skip_special_tokens=True) == MESSAGES[-1]["content"]
+    # T5's SentencePiece loses the answer's newlines; with "\n" added (see representable) it keeps them.
+    assert decode_answer(tok, enc.labels) == "[[ ## answer ## ]] 4 [[ ## completed ## ]]"
+    extended = copy.deepcopy(tok)
+    add_answer_tokens(extended, ["\n"])
+    labels = encode_example(extended, MESSAGES, kind, max_length=1024).labels
+    assert decode_answer(extended, labels) == MESSAGES[-1]["content"]
+    assert extended.decode(labels, skip_special_tokens=True) == "[[ ## answer ## ]]\n 4\n\n [[ ## completed ## ]]"
 
 
 @pytest.mark.parametrize("name", ["chat", "plain"])
