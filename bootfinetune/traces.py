@@ -6,11 +6,11 @@ they are keyed by what produces them, not by how the student is trained:
 - the structure of the teacher programs (predictors, signatures, demos, LMs) and the student's
   predictors and signatures (its LMs and demos only shape the training data),
 - `teacher_settings`, with LMs by model and options and other objects by class and settings,
-- the driver's `dspy.configure` settings the teacher runs under (lm, rm, adapter),
+- the driver's `dspy.configure` settings the teacher runs under (lm, rm, the other carried settings,
+  and the compile's adapter: the teacher writes its prompts with it),
 - the metric and its threshold.
 
-Training options, the target, the adapter that formats training records and resources are
-left out: changing them reuses every trace.
+Training options, the target, LoRA, ZeRO and resources are left out: changing them reuses every trace.
 
 ```
 {storage_path}/traces/{Program}-{trace_id}/
