@@ -14,7 +14,7 @@ import pytest
 from dspy.utils.exceptions import AdapterParseError
 from transformers import AutoTokenizer
 
-from bootfinetune import BootstrapFinetune
+from bootfinetune import BootstrapFinetune, finetuned_engine
 from bootfinetune.representable import roundtrip
 from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
@@ -75,4 +75,4 @@ def test_the_run_records_the_added_token(t5_compile):
     assert manifest["added_tokens"] == ["\n"]
     exported = AutoTokenizer.from_pretrained(run.model_dir("all"))
     assert len(exported) == len(base) + 1 and all(roundtrip(exported, a) == a for a in answers)
-    assert Path(compiled.generate_answer.predict.lm.model) == run.model_dir("all")  # inference loads this export
+    assert Path(finetuned_engine(compiled.generate_answer.predict.lm).model) == run.model_dir("all")  # inference loads this export
