@@ -9,7 +9,6 @@ resumes: finished stages are read back, not redone.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import shutil
 import time
@@ -26,6 +25,7 @@ from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples,
                                  check_target, lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
 from bootfinetune.datasets import DataSummary, build_datasets
+from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
@@ -41,84 +41,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "t5-large"
 """The documented default `target`."""
-
-# DSPy 3.x `train_kwargs` names (as its local provider and TRL spell them) -> our option names.
-_TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulation_steps": "accumsteps",
-                    "learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length",
-                    "max_length": "max_length", "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay",
-                    "lr_scheduler_type": "lr_schedule", "seed": "seed", "bf16": "bf16",
-                    "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm",
-                    "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2"}
-_TRAIN_KWARGS_24 = {"bsize", "accumsteps", "lr", "epochs", "bf16"}
-# Keys of DSPy 3.x's local provider (`dspy.clients.lm_local`): an equivalent, or why there is none.
-_LOCAL_PROVIDER_KWARGS = {"use_peft": "lora"}
-_NO_EQUIVALENT = {
-    "output_dir": "bootfinetune writes every run under storage_path/run_name; set storage_path (and run_name) instead",
-    "device": "Ray places the training workers; set use_gpu=True (with num_workers, gpus_per_worker) for GPUs, "
-              "use_gpu=False for CPUs",
-    "packing": "sequence packing is not available in bootfinetune yet (each record is its own padded sequence); "
-               "remove packing or set it to False",
-}
-_NO_OP_VALUES = {"device": None, "packing": False}
-"""Values of those keys that ask for what bootfinetune does anyway: accepted and ignored."""
-
-
-def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """DSPy `train_kwargs` (2.4, 3.x/TRL or local-provider names) as our options; unknown names raise.
-
-    >>> translate_train_kwargs({"learning_rate": 1e-4, "bsize": 4, "use_peft": True})
-    {'lr': 0.0001, 'bsize': 4, 'lora': True}
-    """
-    if train_kwargs is not None and not isinstance(train_kwargs, dict):
-        raise ConfigError([f"train_kwargs={train_kwargs!r}: give a dict of training options, e.g. "
-                           f"{{'learning_rate': 1e-4, 'num_train_epochs': 2}}."])
-    options, problems = {}, []
-    for name, value in (train_kwargs or {}).items():
-        if name in _TRAIN_KWARGS_24:
-            options[name] = value
-        elif name in _TRAIN_KWARGS_3X:
-            options[_TRAIN_KWARGS_3X[name]] = value
-        elif name in _LOCAL_PROVIDER_KWARGS:
-            options[_LOCAL_PROVIDER_KWARGS[name]] = value
-        elif name in _NO_EQUIVALENT:
-            if not (name in _NO_OP_VALUES and value is _NO_OP_VALUES[name]):
-                problems.append(f"train_kwargs: {name}={value!r} has no bootfinetune equivalent: "
-                                f"{_NO_EQUIVALENT[name]}.")
-        else:
-            known = sorted(_TRAIN_KWARGS_24 | set(_TRAIN_KWARGS_3X) | set(_LOCAL_PROVIDER_KWARGS))
-            problems.append(f"train_kwargs: unknown key {name!r}; known keys: {', '.join(known)} "
-                            f"(or pass any bootfinetune option directly).")
-    if problems:
-        raise ConfigError(problems)
-    return options
-
-
-def train_kwargs_options(train_kwargs: Any) -> tuple[dict[str, Any], list[dspy.BaseLM]]:
-    """(our options, the LMs it is keyed by) for `train_kwargs` as DSPy 2.4 or 3.x give it.
-
-    DSPy 3.x also keys `train_kwargs` by LM, `{student_lm: {...}}`. bootfinetune trains every model
-    of a compile with one set of options, so the LMs' dicts must translate to the same options.
-    """
-    if not isinstance(train_kwargs, dict) or not any(isinstance(k, dspy.BaseLM) for k in train_kwargs):
-        return translate_train_kwargs(train_kwargs), []
-    if not all(isinstance(k, dspy.BaseLM) for k in train_kwargs):
-        raise ConfigError(["train_kwargs: mixes LM keys and option names; key every entry by an LM "
-                           "({lm: {...}}, DSPy 3.x's form) or give one dict of options."])
-    translated, problems = {}, []
-    for lm, kwargs in train_kwargs.items():
-        model = getattr(lm, "model", repr(lm))
-        try:
-            translated[model] = translate_train_kwargs(kwargs)
-        except ConfigError as exc:
-            problems += [p.replace("train_kwargs", f"train_kwargs[{model!r}]", 1) for p in exc.problems]
-    if problems:
-        raise ConfigError(problems)
-    if len({json.dumps(t, sort_keys=True, default=str) for t in translated.values()}) > 1:
-        shown = "; ".join(f"{model}: {t}" for model, t in translated.items())
-        raise ConfigError([f"train_kwargs: different options per LM ({shown}); bootfinetune trains every model of "
-                           f"a compile with the same options. Give one dict, or compile those predictors separately."])
-    return next(iter(translated.values())), list(train_kwargs)
-
 
 def _short(values: list) -> str:
     shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
@@ -232,7 +154,7 @@ class BootstrapFinetune(Teleprompter):
             runs, e.g. `{"lm": big_lm}`.
         multitask: One shared model for all predictors, else one per predictor.
         train_kwargs: DSPy 3.x training options, 2.4/3.x/TRL/local-provider names (see
-            `translate_train_kwargs`); also keyed by LM, `{student_lm: {...}}`.
+            `dspy_api.translate_train_kwargs`); also keyed by LM, `{student_lm: {...}}`.
         adapter: The DSPy adapter (ChatAdapter, JSONAdapter, XMLAdapter...) that formats the
             teacher's prompts, the training records and the compiled program's prompts; default:
             `dspy.settings.adapter`, else ChatAdapter. DSPy 3.x's `{lm: adapter}` is accepted for one adapter.
@@ -243,7 +165,7 @@ class BootstrapFinetune(Teleprompter):
                  *, train_kwargs: dict[str, Any] | None = None, adapter: Any = None,
                  exclude_demos: bool | None = None, num_threads: int | None = None, **options: Any):
         super().__init__()
-        _check_positional(metric, teacher_settings, multitask)
+        check_positional(metric, teacher_settings, multitask)
         self.metric = metric
         self.teacher_settings = dict(teacher_settings or {})
         self.adapter = adapter_option(adapter)
@@ -280,7 +202,7 @@ class BootstrapFinetune(Teleprompter):
         Returns:
             The compiled program. `self.run_dir` is the run directory it came from.
         """
-        _check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
+        check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
         prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, **documented, **options)
@@ -491,41 +413,6 @@ def documented_options(student: dspy.Module, constructor_options: dict[str, Any]
     if chosen.get("target") == DEFAULT_TARGET and all(p.lm is not None for p in student.predictors()):
         chosen["target"] = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
     return chosen
-
-
-def _check_positional(metric: Any, teacher_settings: Any, multitask: Any) -> None:
-    """DSPy 3.x's positional order (metric, multitask, train_kwargs) must not be misread as 2.4's."""
-    problems = []
-    if teacher_settings is not None and not isinstance(teacher_settings, dict):
-        problems.append(f"teacher_settings={teacher_settings!r}: must be a dict of dspy.context settings, e.g. "
-                        f"{{'lm': big_lm}}. bootfinetune keeps DSPy 2.4's positional order (metric, teacher_settings, "
-                        f"multitask); DSPy 3.x's is (metric, multitask, ...), so pass multitask by keyword: "
-                        f"BootstrapFinetune(metric, multitask={teacher_settings!r}).")
-    if isinstance(multitask, dict):
-        problems.append("multitask: got a dict; in DSPy 3.x's positional order that is train_kwargs. Pass it by "
-                        "keyword: BootstrapFinetune(metric, train_kwargs={...}).")
-    if metric is not None and not callable(metric):
-        problems.append(f"metric={metric!r}: must be a function metric(example, prediction, trace), or None.")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _check_compile_arguments(student: Any, trainset: Any, teacher: Any, train_kwargs_lms: list) -> None:
-    """A trainset and a teacher in each other's place, or train_kwargs keyed by foreign LMs, raise."""
-    if trainset is None:
-        raise ProgramError("trainset: required; compile(student, trainset) or compile(student, trainset=examples).")
-    if isinstance(trainset, dspy.Module):
-        raise ProgramError("trainset: got a dspy.Module. compile's positional order is DSPy 3.x's (student, "
-                           "trainset, teacher); pass the teacher by keyword: compile(student, trainset=examples, "
-                           "teacher=program).")
-    if isinstance(teacher, (list, tuple)) and teacher and isinstance(teacher[0], dspy.Example):
-        raise ProgramError("teacher: got a list of examples. compile's positional order is (student, trainset, "
-                           "teacher); pass the examples as trainset.")
-    student_lms = {id(p.lm) for p in student.predictors() if p.lm is not None}
-    foreign = [getattr(lm, "model", repr(lm)) for lm in train_kwargs_lms if id(lm) not in student_lms]
-    if foreign:
-        raise ConfigError([f"train_kwargs: keyed by LM(s) {foreign} that no predictor of the student holds; key it "
-                           f"by the student's own LMs (student.predictors()[i].lm), or give one dict of options."])
 
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

@@ -37,7 +37,7 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
-from bootfinetune.compiler import translate_train_kwargs
+from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
 from bootfinetune.errors import BootFinetuneError, ConfigError
 from bootfinetune.finetune import FinetuneJob, finetune_models

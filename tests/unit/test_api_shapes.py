@@ -9,7 +9,8 @@ import pytest
 
 from bootfinetune import BootstrapFinetune, ConfigError, ProgramError
 from bootfinetune.bootstrap import TeacherRunner, driver_settings
-from bootfinetune.compiler import documented_options, translate_train_kwargs
+from bootfinetune.compiler import documented_options
+from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.records import example_to_json
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
