@@ -144,9 +144,10 @@ def decide_tokens(jobs: list[FinetuneJob], config: TrainConfig) -> list[Finetune
                                    trust_remote_code=config.trust_remote_code)
              for j in jobs if j.added_tokens is None}
     raise_if_unfixable(plans.values())
-    check_lora(plans.values(), config.lora)
-    return [dataclasses.replace(j, added_tokens=tuple(plans[j.key].added_tokens)) if j.key in plans else j
-            for j in jobs]
+    decided = [dataclasses.replace(j, added_tokens=tuple(plans[j.key].added_tokens)) if j.key in plans else j
+               for j in jobs]
+    check_lora(decided, config.lora)  # the caller's tokens too (a retrain reuses the compile's)
+    return decided
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:

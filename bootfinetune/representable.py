@@ -180,12 +180,15 @@ def raise_if_unfixable(plans: Iterable[TokenPlan]) -> None:
         raise ConfigError(problems)
 
 
-def check_lora(plans: Iterable[TokenPlan], lora: bool) -> None:
-    """Refuses LoRA when tokens must be added: the new embedding rows would not train under frozen base weights."""
+def check_lora(plans: Iterable[Any], lora: bool) -> None:
+    """Refuses LoRA when tokens must be added: the new embedding rows would not train under frozen base weights.
+
+    `plans` are `TokenPlan`s or `FinetuneJob`s: anything with `key`, `target` and `added_tokens`.
+    """
     needing = [p for p in plans if p.added_tokens]
     if lora and needing:
         raise ConfigError([
-            f"lora: target {p.target!r} (model {p.key!r}) needs new tokens {p.added_tokens} so that its answers "
+            f"lora: target {p.target!r} (model {p.key!r}) needs new tokens {list(p.added_tokens)} so that its answers "
             f"survive the tokenizer, and LoRA keeps the embeddings frozen, so they would never learn them. "
             f"Fix: lora=False for this target, or a target whose tokenizer writes these characters."
             for p in needing])

@@ -84,6 +84,9 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
     from bootfinetune.ray_env import ensure_ray
 
     ensure_ray(ray_address or config.run.ray_address)
+    # The tokens compile added (decided with the run's adapter) are reused, so the models of a retrain
+    # tokenize as the compiled run's do; a run recorded without them is checked again in finetune_models.
+    recorded = dest.read_report().get("stages", {}).get("data", {}).get("tokens", {})
     jobs = []
     for key, spec in model_keys.items():
         train_file = dest.data_file(key)
@@ -91,13 +94,21 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
             raise ConfigError([f"run_dir: {train_file} is missing; the bootstrap of this run did not finish."])
         eval_file = dest.data_dir / "val" / f"{key}.jsonl"
         jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
-                                train_file=train_file, eval_file=eval_file if eval_file.exists() else None))
+                                train_file=train_file, eval_file=eval_file if eval_file.exists() else None,
+                                added_tokens=_recorded_tokens(recorded.get(key))))
     manifests = finetune_models(dest, jobs, config.train)
     dest.update_report(stages={"finetune": {k: {"best_epoch": m["best_epoch"], "eval_loss": m["losses"]["eval"]}
                                             for k, m in manifests.items()}},
                        retrained_from=run.location if dest != run else None)
     dest.sync()
     return dest, manifests
+
+
+def _recorded_tokens(plan: dict | None) -> tuple[str, ...] | None:
+    """The tokens a key's data stage added (report.json), or None where the run has no record of them."""
+    if not plan or plan.get("added_tokens") is None:
+        return None
+    return tuple(plan["added_tokens"])
 
 
 def _seed(src: RunDir, dest: RunDir) -> None:

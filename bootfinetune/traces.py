@@ -45,9 +45,12 @@ TRACES_DIR = "traces"
 RESULTS = "results.jsonl"
 IDENTITY = "identity.json"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-# Settings that observe the teacher's calls without changing them: left out of the identity,
-# so adding a logging callback does not re-run the teacher.
-_OBSERVERS = {"callbacks", "track_usage", "usage_tracker", "trace"}
+# Settings that observe the teacher's calls, or set how DSPy runs them (threads, history, error
+# limits), without changing what the teacher answers: left out of the identity, so adding a logging
+# callback or more threads does not re-run the teacher.
+_OBSERVERS = {"callbacks", "track_usage", "usage_tracker", "trace", "num_threads", "async_max_workers",
+              "max_errors", "disable_history", "max_history_size", "max_trace_size", "provide_traceback",
+              "warn_on_type_mismatch"}
 
 
 def stable_identity(value: Any, depth: int = 0) -> Any:
