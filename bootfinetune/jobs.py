@@ -155,7 +155,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
 
     `--set lr=1e-4` (any training or inference option) trains the same traces with new options
     into a new run directory beside the old one (`bootfinetune.retrain`); resource options
-    (num_workers, use_gpu, ...) only change where the run's own training happens.
+    (cpus_per_worker, gpus_per_worker, max_failures, ...) only change where the run's own training
+    happens (num_workers changes the global batch: a new run).
     """
     p = _parser("Finetune the models of a run from its saved data (no teacher calls).", config=False, run_dir=True)
     p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "

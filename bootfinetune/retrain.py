@@ -8,8 +8,9 @@ Options that change what is trained (lr, epochs, bsize, target, LoRA, ZeRO stage
 training or inference option) give a new run directory beside the old one, named as
 `compile` names a compile with those options, so such a compile later finds it finished.
 Its bootstrap/ and data/ are copied from the old run. A run whose name was fixed
-(`run_name`) is trained in place. Resource options (num_workers' neighbours: cpus_per_worker,
-use_gpu, ...) only change where the same training runs. Bootstrap options change the
+(`run_name`) is trained in place. Resource options (cpus_per_worker, gpus_per_worker,
+max_failures, ...) only change where the same training runs; `num_workers` and `use_gpu` are
+training options (the global batch, the precision path) and give a new run. Bootstrap options change the
 traces or the data: those need a compile (which still reuses every trace it can).
 """
 
