@@ -26,6 +26,7 @@ record) but never reused, so a rerun tries them again. On a cloud `storage_path`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -75,6 +76,9 @@ def stable_identity(value: Any, depth: int = 0) -> Any:
         return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
     if isinstance(value, dict):
         return {str(k): stable_identity(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, functools.partial):  # a metric with its threshold bound in: every part counts
+        return {"partial": stable_identity(value.func, depth + 1), "args": stable_identity(value.args, depth + 1),
+                "keywords": stable_identity(value.keywords, depth + 1)}
     if inspect.isroutine(value) or inspect.isclass(value):
         return callable_identity(value)
     described: dict[str, Any] = {"class": callable_identity(type(value))}
@@ -109,7 +113,7 @@ def trace_identity(*, student: dspy.Module, teachers: list[dspy.Module], teacher
         "teacher_settings": {k: stable_identity(v) for k, v in sorted(teacher_settings.items())
                              if k not in _OBSERVERS},
         "settings": {k: stable_identity(v) for k, v in sorted(settings.items()) if k not in _OBSERVERS},
-        "metric": callable_identity(metric),
+        "metric": stable_identity(metric),
         "metric_threshold": metric_threshold,
     }
 

@@ -1,5 +1,6 @@
 """Trace identity and the trace store, without Ray."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -136,3 +137,29 @@ def test_retrain_refuses_options_that_change_traces_or_data_before_any_work(tmp_
         retrain(str(run.root), lrr=1e-3)
     with pytest.raises(ConfigError, match="no config.json or data/"):
         retrain(str(tmp_path / "nothing-here"), lr=1e-3)
+
+
+def close_enough(example, prediction, trace=None, tolerance=0.0):
+    return abs(len(prediction.answer) - len(example.answer)) <= tolerance
+
+
+class LengthMetric:
+    """A callable metric object whose setting lives in an attribute."""
+
+    def __init__(self, tolerance):
+        self.tolerance = tolerance
+
+    def __call__(self, example, prediction, trace=None):
+        return close_enough(example, prediction, trace, self.tolerance)
+
+
+def test_metrics_with_other_bound_settings_have_other_identities():
+    """functools.partial and callable objects: the bound values are part of what keeps a trace."""
+    def ident(metric):
+        return trace_id(trace_identity(student=TwoStep(), teachers=[TwoStep()], teacher_settings={}, settings={},
+                                       metric=metric, metric_threshold=None))
+
+    assert ident(functools.partial(close_enough, tolerance=0)) != ident(functools.partial(close_enough, tolerance=3))
+    assert ident(functools.partial(close_enough, tolerance=3)) == ident(functools.partial(close_enough, tolerance=3))
+    assert ident(LengthMetric(0)) != ident(LengthMetric(3))
+    assert ident(two_step_metric) == ident(two_step_metric)
