@@ -199,4 +199,8 @@ def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
     except (ImportError, AttributeError) as exc:
         raise ProgramError(f"adapter: the run was trained with {spec['class']}, which does not import here ({exc}); "
                            f"pass adapter=YourAdapter() to bootfinetune.load.") from exc
-    return cls(**spec.get("options", {}))
+    try:
+        return cls(**spec.get("options", {}))
+    except TypeError as exc:  # an adapter whose constructor needs objects config.json cannot hold
+        raise ProgramError(f"adapter: {spec['class']} cannot be rebuilt from config.json's options ({exc}); "
+                           f"pass adapter=YourAdapter(...) to bootfinetune.load.") from exc

@@ -12,7 +12,7 @@ from bootfinetune.adapters import (adapter_from_spec, adapter_of, adapter_option
                                    finetune_messages, scope_adapter)
 from bootfinetune.checks import check_program
 from bootfinetune.datasets import build_datasets
-from bootfinetune.errors import ConfigError
+from bootfinetune.errors import ConfigError, ProgramError
 from bootfinetune.records import CallRecord
 from bootfinetune.rundir import RunDir, read_jsonl
 from bootfinetune.teacher_server import TeacherServer, answer_format, parse_chat_request
@@ -144,6 +144,9 @@ def test_adapter_spec_round_trips_and_options_are_checked():
     assert type(restored) is dspy.ChatAdapter and restored.use_json_adapter_fallback is False
     assert type(adapter_from_spec(adapter_spec(dspy.XMLAdapter()))) is dspy.XMLAdapter
     assert adapter_from_spec(None) is None
+    two_step = adapter_spec(dspy.TwoStepAdapter(dspy.LM("openai/extractor", api_key="x")))  # needs an LM to rebuild
+    with pytest.raises(ProgramError, match=r"cannot be rebuilt from config.json's options.*pass adapter="):
+        adapter_from_spec(two_step)
     lm_a, lm_b = dspy.LM("openai/a", api_key="x"), dspy.LM("openai/b", api_key="x")
     assert type(adapter_option({lm_a: dspy.JSONAdapter(), lm_b: dspy.JSONAdapter()})) is dspy.JSONAdapter
     with pytest.raises(ConfigError, match="different adapters per LM"):
