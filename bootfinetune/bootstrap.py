@@ -288,6 +288,9 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
                    started=started, fresh=set(fresh), keys=keys, reused=reused)
 
 
+POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
+
+
 def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
                        num_cpus: float) -> Any:
     """`dataset.map_batches(TeacherRunner)` on a pool of actors: where user objects are handed to Ray.
@@ -298,6 +301,9 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     import ray
 
     ship_user_modules()
+    # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
+    # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
+    dataset.context.wait_for_min_actors_s = max(dataset.context.wait_for_min_actors_s, POOL_START_TIMEOUT_S)
     return dataset.map_batches(TeacherRunner, fn_constructor_kwargs=runner_kwargs,
                                compute=ray.data.ActorPoolStrategy(size=num_actors),
                                batch_size=batch_size, num_cpus=num_cpus)
