@@ -8,17 +8,29 @@ Four groups, one per concern; their field names are unique across groups so that
 - `RunOptions`: where the run lives and which Ray cluster runs it.
 - `InferenceConfig`: how the finetuned LMs generate, and whether the valset is scored.
 
+Each field is the one home of its option: its type (choices as `Literal`), its default, its
+range (`option(at_least=...)`, `option(within=...)`), whether it is resource-only (how fast
+or where a run goes, not what it produces: `RESOURCE_OPTIONS`, left out of every identity)
+and its help (the docstring under it, `FIELD_HELP`). Validation (`Config.problems`), the
+command-line flags (`add_config_arguments`) and the YAML job keys (`bootfinetune.jobconfig`)
+are generated from them.
+
 `Config.from_options(**flat)` routes each name to its group, raises on unknown names
 (with the closest known one), and `Config.validate()` reports every problem at once.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
+import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
 
@@ -26,21 +38,46 @@ DEFAULT_STORAGE = "./bootfinetune_runs"
 STORAGE_ENV = "BOOTFINETUNE_STORAGE"
 
 
+def default_storage() -> str:
+    """$BOOTFINETUNE_STORAGE, else ./bootfinetune_runs.
+
+    An empty variable counts as unset (a runtime_env's "${BOOTFINETUNE_STORAGE}" gives "" where unset).
+    """
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, resource: bool = False,
+           at_least: int | None = None, within: tuple[float, float | None] | None = None, open_low: bool = False,
+           hint: str | None = None) -> Any:
+    """A config field with its rules; a plain default (`multitask: bool = True`) has none but its type's.
+
+    Args:
+        default: The default value (written here only). factory: a function giving it instead.
+        resource: The option changes how fast or where a run goes, not what it produces.
+        at_least: An integer >= this. within: a number in [lo, hi] (hi None: no upper bound).
+        open_low: `within`'s lower bound is excluded. hint: the fix for a value outside a `Literal`.
+    """
+    metadata = {"resource": resource, "at_least": at_least, "within": within, "open_low": open_low, "hint": hint}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class BootstrapConfig:
     """How the teacher program runs over the trainset (Ray Data) and which traces are kept."""
 
-    num_actors: int = 2
+    num_actors: int = option(2, resource=True, at_least=1)
     """Ray Data actors running the teacher program; each holds its own copy of the program."""
-    num_threads: int = 8
+    num_threads: int = option(8, resource=True, at_least=1)
     """Teacher calls each actor keeps in flight at once (teacher calls are I/O-bound)."""
-    actor_cpus: float = 0.5
+    actor_cpus: float = option(0.5, resource=True, within=(0, None), open_low=True)
     """Logical CPUs reserved per bootstrap actor (they mostly wait on the network)."""
-    batch_size: int = 16
+    batch_size: int = option(16, resource=True, at_least=1)
     """Examples handed to an actor at a time; an actor runs a batch's examples concurrently."""
-    max_errors: int = 10
+    max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
-    metric_threshold: float | None = None
+    metric_threshold: float | None = option(None, within=(float("-inf"), None))
     """For float metrics: keep a trace when score >= threshold. None keeps any truthy score."""
     multitask: bool = True
     """One shared model for all predictors (data key "all"), else one model per predictor."""
@@ -56,31 +93,32 @@ class TrainConfig:
 
     target: str | dict[str, str] = "t5-large"
     """Hugging Face model id or local directory; or {predictor_name: target} per predictor."""
-    bsize: int = 12
+    bsize: int = option(12, at_least=1)
     """Micro batch size per worker."""
-    accumsteps: int = 1
+    accumsteps: int = option(1, at_least=1)
     """Gradient accumulation steps."""
-    lr: float = 5e-5
+    lr: float = option(5e-5, within=(0, 1.0), open_low=True)
     """Peak learning rate."""
-    epochs: int = 1
+    epochs: int = option(1, at_least=1)
     """Passes over the finetuning data."""
     bf16: bool = False
     """Train in bfloat16 (mixed precision through DeepSpeed)."""
-    max_length: int = 1024
+    max_length: int = option(1024, at_least=8)
     """Longest tokenized sequence; longer ones are cut from the prompt side and counted."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = option(0.1, within=(0, 1.0))
     """Fraction of optimizer steps spent warming the learning rate up from 0."""
-    lr_schedule: str = "linear"
+    lr_schedule: Literal["linear", "cosine", "constant"] = option(
+        "linear", hint="use 'linear', 'cosine' or 'constant'.")
     """Learning-rate decay after warmup: "linear", "cosine" or "constant"."""
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, within=(0, 1.0))
     """AdamW weight decay."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = option(0.9, within=(0, 1.0))
     """AdamW beta1 (first-moment decay)."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = option(0.999, within=(0, 1.0))
     """AdamW beta2 (second-moment decay); 0.95 adapts faster on small, shifting gradients."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = option(1.0, within=(0, None))
     """Clip gradients to this global norm; 0 turns clipping off."""
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = option(2, hint="DeepSpeed ZeRO stage must be 0, 1, 2 or 3.")
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
     """Offload optimizer state to CPU memory (ZeRO-2/3)."""
@@ -90,33 +128,34 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
-    lora_r: int = 16
+    lora_r: int = option(16, at_least=1)
     """LoRA rank."""
-    lora_alpha: int = 32
+    lora_alpha: int = option(32, within=(0, None), open_low=True)
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = option(0.05, within=(0, 0.9))
     """Dropout on the LoRA branch's input."""
     lora_target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: "all-linear" (every linear layer but the output head) or a list of names."""
-    lora_export: str = "adapter"
+    lora_export: Literal["adapter", "merged"] = option(
+        "adapter", hint="use 'adapter' (PEFT adapter) or 'merged' (a full model).")
     """"adapter": models/{key}/ holds the PEFT adapter (the base is loaded once and shared between
     adapters); "merged": the adapter folded into a full model."""
     answer_logits_only: bool = True
     """Causal models with a plain LM head: compute logits only at answer positions (the same loss;
     the head's time and the full-vocabulary logits of the prompt are saved)."""
-    seed: int = 0
+    seed: int = option(0, at_least=0)
     """Seed for data order, held-out split and initialisation of new weights."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = option(0.1, within=(0, 0.5))
     """Share of the finetuning data held out for eval loss when no valset is given."""
-    num_workers: int = 1
+    num_workers: int = option(1, at_least=1)
     """Ray Train workers per model (data parallel ranks)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = option(1.0, resource=True, within=(0, None))
     """Logical CPUs reserved per training worker."""
-    gpus_per_worker: float = 1.0
+    gpus_per_worker: float = option(1.0, resource=True, within=(0, None), open_low=True)
     """GPUs per training worker when use_gpu is set."""
-    max_failures: int = 2
+    max_failures: int = option(2, resource=True, at_least=0)
     """Times Ray Train restarts failed workers from the last checkpoint before giving up."""
     trust_remote_code: bool = False
     """Allow model code from the target's repository to run. Off unless you trust it."""
@@ -126,12 +165,11 @@ class TrainConfig:
 class RunOptions:
     """Where the run directory lives and which Ray cluster runs the stages."""
 
-    # An empty $BOOTFINETUNE_STORAGE counts as unset (a runtime_env's "${BOOTFINETUNE_STORAGE}" gives "" where unset).
-    storage_path: str = field(default_factory=lambda: os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
+    storage_path: str = option(factory=default_storage, resource=True)
     """Folder (or cloud URI) holding run directories; default $BOOTFINETUNE_STORAGE or ./bootfinetune_runs."""
-    run_name: str | None = None
+    run_name: str | None = option(None, resource=True)
     """Run directory name; None derives it from the inputs so the same compile resumes."""
-    ray_address: str | None = None
+    ray_address: str | None = option(None, resource=True)
     """Ray cluster address; None joins a running cluster or starts a local one."""
 
 
@@ -139,9 +177,9 @@ class RunOptions:
 class InferenceConfig:
     """How the compiled program's finetuned LMs generate, and whether the valset is scored."""
 
-    max_tokens: int = 512
+    max_tokens: int = option(512, at_least=1)
     """Most new tokens per answer."""
-    generate_batch_size: int = 8
+    generate_batch_size: int = option(8, at_least=1)
     """Most prompts per batched `generate` call."""
     device: str | None = None
     """Where the finetuned LMs run ("cpu", "cuda", "cuda:1"); None picks CUDA when present."""
@@ -152,16 +190,36 @@ class InferenceConfig:
 GROUPS: dict[str, type] = {"bootstrap": BootstrapConfig, "train": TrainConfig, "run": RunOptions,
                            "inference": InferenceConfig}
 
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in GROUPS.values() for f in dataclasses.fields(cls)}
+"""Every option's field, by flat name, in group order."""
+FIELD_OWNER: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+"""The group (bootstrap, train, run, inference) each option belongs to."""
+FIELD_TYPES: dict[str, Any] = {name: hint for cls in GROUPS.values()
+                               for name, hint in typing.get_type_hints(cls).items()}
+RESOURCE_OPTIONS: frozenset[str] = frozenset(name for name, f in FIELDS.items() if f.metadata.get("resource"))
+"""Options that change how fast or where a run goes, not what it produces: left out of run names, trace
+and model identities, so a rerun with more actors or workers resumes the same run (num_workers and
+use_gpu are not among them: the global batch and the precision path)."""
 
-def _field_owner() -> dict[str, str]:
-    owner = {}
-    for group, cls in GROUPS.items():
-        for f in dataclasses.fields(cls):
-            owner[f.name] = group
-    return owner
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The docstring under each field of `cls`, by name (the help of its flag)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    helps = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            helps[node.target.id] = " ".join(after.value.value.split())
+    return helps
 
 
-FIELD_OWNER = _field_owner()
+FIELD_HELP: dict[str, str] = {name: text for cls in GROUPS.values() for name, text in _field_help(cls).items()}
+
+
+def identity_options(config: "Config", group: str | None = None) -> dict[str, Any]:
+    """The options of `config` (or of one group) that decide what a run produces: all but `RESOURCE_OPTIONS`."""
+    values = config.to_flat() if group is None else dataclasses.asdict(getattr(config, group))
+    return {k: v for k, v in values.items() if k not in RESOURCE_OPTIONS}
 
 
 @dataclass
@@ -180,20 +238,25 @@ class Config:
     @classmethod
     def from_options(cls, **options: Any) -> "Config":
         """Builds a config from flat option names, checks it, and raises one ConfigError listing every problem."""
+        return cls().replace(**options)
+
+    @classmethod
+    def from_dict(cls, groups: dict[str, dict[str, Any]]) -> "Config":
+        """The config `to_dict` wrote (config.json's "options"), checked; groups it lacks keep their defaults."""
+        return cls.from_options(**{k: v for values in groups.values() for k, v in values.items()})
+
+    def replace(self, **options: Any) -> "Config":
+        """A copy with some flat options changed, checked again (unknown names and bad values in one ConfigError)."""
         problems = unknown_option_problems(options)
         grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
         for name, value in options.items():
             if name in FIELD_OWNER:
                 grouped[FIELD_OWNER[name]][name] = value
-        config = cls(**{g: GROUPS[g](**kw) for g, kw in grouped.items()})
+        config = Config(**{g: dataclasses.replace(getattr(self, g), **kw) for g, kw in grouped.items()})
         problems += config.problems()
         if problems:
             raise ConfigError(problems)
         return config
-
-    def replace(self, **options: Any) -> "Config":
-        """A copy with some flat options changed, checked again."""
-        return Config.from_options(**{**self.to_flat(), **options})
 
     def to_flat(self) -> dict[str, Any]:
         flat = {}
@@ -210,100 +273,99 @@ class Config:
             raise ConfigError(problems)
 
     def problems(self) -> list[str]:
-        """Every problem with the values, each naming the field and the fix."""
-        b, t, r, i = self.bootstrap, self.train, self.run, self.inference
+        """Every problem with the values, each naming the field and the fix (in field order)."""
         p: list[str] = []
-
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                p.append(f"{name}={value!r}: must be an integer >= {minimum}; set {name} to e.g. {max(minimum, 1)}.")
-
-        def number(name: str, value: Any, lo: float, hi: float | None, lo_open: bool = False) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-            if not ok:
-                rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-                p.append(f"{name}={value!r}: must be a number in {rng}; change {name}.")
-
-        def boolean(name: str, value: Any) -> None:
-            if not isinstance(value, bool):
-                p.append(f"{name}={value!r}: must be True or False.")
-
-        positive_int("num_actors", b.num_actors)
-        positive_int("num_threads", b.num_threads)
-        number("actor_cpus", b.actor_cpus, 0, None, lo_open=True)
-        positive_int("batch_size", b.batch_size)
-        positive_int("max_errors", b.max_errors, minimum=0)
-        if b.metric_threshold is not None:
-            number("metric_threshold", b.metric_threshold, float("-inf"), None)
-        boolean("multitask", b.multitask)
-        boolean("exclude_demos", b.exclude_demos)
-        boolean("drop_duplicates", b.drop_duplicates)
-
-        if isinstance(t.target, dict):
-            if not t.target or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in t.target.items()):
-                p.append("target: a dict must map predictor names to non-empty model ids or directories.")
-        elif not isinstance(t.target, str) or not t.target:
-            p.append(f"target={t.target!r}: give a Hugging Face model id or a local model directory.")
-        positive_int("bsize", t.bsize)
-        positive_int("accumsteps", t.accumsteps)
-        number("lr", t.lr, 0, 1.0, lo_open=True)
-        positive_int("epochs", t.epochs)
-        boolean("bf16", t.bf16)
-        positive_int("max_length", t.max_length, minimum=8)
-        number("warmup_ratio", t.warmup_ratio, 0, 1.0)
-        if t.lr_schedule not in ("linear", "cosine", "constant"):
-            p.append(f"lr_schedule={t.lr_schedule!r}: use 'linear', 'cosine' or 'constant'.")
-        number("weight_decay", t.weight_decay, 0, 1.0)
-        number("adam_beta1", t.adam_beta1, 0, 1.0)
-        number("adam_beta2", t.adam_beta2, 0, 1.0)
-        number("max_grad_norm", t.max_grad_norm, 0, None)
-        if t.zero_stage not in (0, 1, 2, 3) or isinstance(t.zero_stage, bool):
-            p.append(f"zero_stage={t.zero_stage!r}: DeepSpeed ZeRO stage must be 0, 1, 2 or 3.")
-        boolean("offload_optimizer", t.offload_optimizer)
-        boolean("offload_params", t.offload_params)
-        if t.offload_params is True and t.zero_stage != 3:
-            p.append("offload_params=True needs zero_stage=3; set zero_stage=3 or offload_params=False.")
-        if t.offload_optimizer is True and t.zero_stage not in (1, 2, 3):
-            p.append("offload_optimizer=True needs zero_stage 1, 2 or 3; raise zero_stage or turn offload off.")
-        boolean("gradient_checkpointing", t.gradient_checkpointing)
-        boolean("answer_logits_only", t.answer_logits_only)
-        boolean("lora", t.lora)
-        positive_int("lora_r", t.lora_r)
-        number("lora_alpha", t.lora_alpha, 0, None, lo_open=True)
-        number("lora_dropout", t.lora_dropout, 0, 0.9)
-        targets = t.lora_target_modules
-        if not (isinstance(targets, str) and targets) and not (
-                isinstance(targets, list) and targets and all(isinstance(x, str) and x for x in targets)):
-            p.append(f"lora_target_modules={targets!r}: give 'all-linear' or a list of module names "
-                     "such as ['q_proj', 'v_proj'].")
-        if t.lora_export not in ("adapter", "merged"):
-            p.append(f"lora_export={t.lora_export!r}: use 'adapter' (PEFT adapter) or 'merged' (a full model).")
-        positive_int("seed", t.seed, minimum=0)
-        number("eval_fraction", t.eval_fraction, 0, 0.5)
-        positive_int("num_workers", t.num_workers)
-        boolean("use_gpu", t.use_gpu)
-        number("cpus_per_worker", t.cpus_per_worker, 0, None)
-        number("gpus_per_worker", t.gpus_per_worker, 0, None, lo_open=True)
-        positive_int("max_failures", t.max_failures, minimum=0)
-        boolean("trust_remote_code", t.trust_remote_code)
-
-        if not isinstance(r.storage_path, str) or not r.storage_path:
-            p.append(f"storage_path={r.storage_path!r}: give a folder or a cloud URI (s3://..., gs://...).")
-        if r.run_name is not None and (not isinstance(r.run_name, str) or not r.run_name
-                                       or "/" in r.run_name or r.run_name.startswith(".")):
-            p.append(f"run_name={r.run_name!r}: use a plain folder name (no '/', not starting with '.').")
-        elif r.run_name == "traces":
-            p.append("run_name='traces': that folder holds the teacher traces of every run; choose another name.")
-        if r.ray_address is not None and not isinstance(r.ray_address, str):
-            p.append(f"ray_address={r.ray_address!r}: give an address such as 'auto' or 'ray://host:10001'.")
-        positive_int("max_tokens", i.max_tokens)
-        positive_int("generate_batch_size", i.generate_batch_size)
-        if i.device is not None and (not isinstance(i.device, str) or not i.device.startswith(("cpu", "cuda"))):
-            p.append(f"device={i.device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically.")
-        boolean("evaluate", i.evaluate)
+        for group in GROUPS:
+            values = getattr(self, group)
+            for name in (f.name for f in dataclasses.fields(values)):
+                value = getattr(values, name)
+                if not (value is None and type(None) in typing.get_args(FIELD_TYPES[name])):
+                    p += _field_problems(name, value)
+                if name in _EXTRA_CHECKS:
+                    p += _EXTRA_CHECKS[name](self, value)
         return p
+
+
+def _field_problems(name: str, value: Any) -> list[str]:
+    """The checks a field's type and `option(...)` rules give."""
+    hint, meta = FIELD_TYPES[name], FIELDS[name].metadata
+    if hint is bool:
+        return [] if isinstance(value, bool) else [f"{name}={value!r}: must be True or False."]
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        ok = value in choices and (not isinstance(value, bool) or any(isinstance(c, bool) for c in choices))
+        return [] if ok else [f"{name}={value!r}: {meta['hint']}"]
+    if meta.get("at_least") is not None:
+        minimum = meta["at_least"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return [f"{name}={value!r}: must be an integer >= {minimum}; set {name} to e.g. {max(minimum, 1)}."]
+    elif meta.get("within") is not None:
+        (lo, hi), lo_open = meta["within"], meta["open_low"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+            return [f"{name}={value!r}: must be a number in {rng}; change {name}."]
+    return []
+
+
+def _target(config: Config, target: Any) -> list[str]:
+    if isinstance(target, dict):
+        if not target or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in target.items()):
+            return ["target: a dict must map predictor names to non-empty model ids or directories."]
+    elif not isinstance(target, str) or not target:
+        return [f"target={target!r}: give a Hugging Face model id or a local model directory."]
+    return []
+
+
+def _offload(config: Config, _: Any) -> list[str]:
+    t, p = config.train, []
+    if t.offload_params is True and t.zero_stage != 3:
+        p.append("offload_params=True needs zero_stage=3; set zero_stage=3 or offload_params=False.")
+    if t.offload_optimizer is True and t.zero_stage not in (1, 2, 3):
+        p.append("offload_optimizer=True needs zero_stage 1, 2 or 3; raise zero_stage or turn offload off.")
+    return p
+
+
+def _lora_targets(config: Config, targets: Any) -> list[str]:
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(x, str) and x for x in targets)):
+        return [f"lora_target_modules={targets!r}: give 'all-linear' or a list of module names "
+                "such as ['q_proj', 'v_proj']."]
+    return []
+
+
+def _storage_path(config: Config, path: Any) -> list[str]:
+    if not isinstance(path, str) or not path:
+        return [f"storage_path={path!r}: give a folder or a cloud URI (s3://..., gs://...)."]
+    return []
+
+
+def _run_name(config: Config, name: Any) -> list[str]:
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+        return [f"run_name={name!r}: use a plain folder name (no '/', not starting with '.')."]
+    if name == "traces":
+        return ["run_name='traces': that folder holds the teacher traces of every run; choose another name."]
+    return []
+
+
+def _ray_address(config: Config, address: Any) -> list[str]:
+    if address is not None and not isinstance(address, str):
+        return [f"ray_address={address!r}: give an address such as 'auto' or 'ray://host:10001'."]
+    return []
+
+
+def _device(config: Config, device: Any) -> list[str]:
+    if device is not None and (not isinstance(device, str) or not device.startswith(("cpu", "cuda"))):
+        return [f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically."]
+    return []
+
+
+_EXTRA_CHECKS: dict[str, Callable[[Config, Any], list[str]]] = {
+    "target": _target, "offload_params": _offload, "lora_target_modules": _lora_targets,
+    "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device}
+"""Rules a field's type and range cannot say, run right after that field's own checks."""
 
 
 def unknown_option_problems(options: dict[str, Any]) -> list[str]:
@@ -314,3 +376,54 @@ def unknown_option_problems(options: dict[str, Any]) -> list[str]:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.append(f"unknown option {name!r}.{hint} Known options: {', '.join(sorted(FIELD_OWNER))}.")
     return problems
+
+
+# -- command-line flags, generated from the fields -------------------------------------------------
+
+def _str_or_list(text: str) -> str | list[str]:
+    """A flag's value for `str | list[str]`: "a,b" is a list, "all-linear" a string."""
+    return [part.strip() for part in text.split(",")] if "," in text else text
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None, *,
+                         defaults: dict[str, Any] | None = None,
+                         aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Adds a `--flag` per config field (`--zero-stage 3`, `--bf16/--no-bf16`), its help the field's docstring.
+
+    A flag left out is absent from the parsed namespace (the config's default applies), unless
+    `defaults` gives the caller's own default for it; `config_arguments` picks the given ones.
+
+    Args:
+        parser: The parser (or argument group) to add to.
+        names: The fields to expose (default: every field).
+        defaults: The caller's own defaults, e.g. the demo's {"epochs": 10}.
+        aliases: Extra flag names per field, e.g. {"storage_path": ("--storage",)}.
+    """
+    defaults, aliases = defaults or {}, aliases or {}
+    for name in names or list(FIELDS):
+        hint = FIELD_TYPES[name]
+        args = typing.get_args(hint)
+        kwargs: dict[str, Any] = {"dest": name, "default": defaults.get(name, argparse.SUPPRESS)}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is Literal:
+            kwargs.update(type=type(args[0]), choices=list(args))
+        elif hint in (int, float):
+            kwargs["type"] = hint
+        elif hint == (float | None):
+            kwargs["type"] = float
+        elif list[str] in args:
+            kwargs["type"] = _str_or_list
+        shown = defaults[name] if name in defaults else _default_of(name)
+        kwargs["help"] = f"{FIELD_HELP.get(name, '')} (default: {shown})".replace("%", "%%")
+        parser.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, ()), **kwargs)
+
+
+def _default_of(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def config_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options a parsed namespace holds (those given, or defaulted by the caller)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
