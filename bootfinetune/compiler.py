@@ -23,7 +23,7 @@ from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  check_target, lm_identity, target_from_lm, valset_overlap)
-from bootfinetune.config import Config
+from bootfinetune.config import Config, TrainConfig, identity_options
 from bootfinetune.datasets import DataSummary, build_datasets
 from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
@@ -39,8 +39,8 @@ from bootfinetune.traces import (TraceStore, example_changes, example_key, ident
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "t5-large"
-"""The documented default `target`."""
+DEFAULT_TARGET = TrainConfig.target
+"""The documented default `target` ("t5-large")."""
 
 def _short(values: list) -> str:
     shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
@@ -55,11 +55,6 @@ def _finetune_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             "eval_loss_before": manifest.get("eval_loss_before"), "loss_curve": manifest.get("loss_curve", []),
             "steps_per_epoch": (manifest.get("history") or [{}])[0].get("steps"),
             "truncated": manifest["truncated"]}
-
-# Options that change how fast or where a run goes, not what it produces: left out of the run name,
-# so a rerun with more actors or workers resumes the same run.
-_RESOURCE_OPTIONS = {"num_actors", "num_threads", "actor_cpus", "batch_size", "max_errors", "cpus_per_worker",
-                     "gpus_per_worker", "max_failures", "storage_path", "run_name", "ray_address"}
 
 
 @dataclass
@@ -175,14 +170,14 @@ class BootstrapFinetune(Teleprompter):
             self.options["exclude_demos"] = exclude_demos
         if num_threads is not None:
             self.options["num_threads"] = num_threads
-        Config.from_options(**self.options)  # unknown or bad options fail here, before any compile
+        self.config = Config.from_options(**self.options)  # unknown or bad options fail here, before any compile
         self.run_dir: RunDir | None = None
         self.report: dict[str, Any] = {}
 
     def compile(self, student: dspy.Module, trainset: list | None = None, teacher: Any = None, *,
-                valset: list | None = None, target: str | dict[str, str] = DEFAULT_TARGET, bsize: int = 12,
-                accumsteps: int = 1, lr: float = 5e-5, epochs: int = 1, bf16: bool = False,
-                **options: Any) -> dspy.Module:
+                valset: list | None = None, target: str | dict[str, str] = DEFAULT_TARGET,
+                bsize: int = TrainConfig.bsize, accumsteps: int = TrainConfig.accumsteps, lr: float = TrainConfig.lr,
+                epochs: int = TrainConfig.epochs, bf16: bool = TrainConfig.bf16, **options: Any) -> dspy.Module:
         """Compiles `student` into a new program backed by finetuned models; the student is not modified.
 
         Both API generations: DSPy 2.4's keywords (`compile(student=..., trainset=..., target=...)`)
@@ -205,7 +200,8 @@ class BootstrapFinetune(Teleprompter):
         check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
-        prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, **documented, **options)
+        config = self.config.replace(**documented, **options)
+        prepared = self._prepare(student, trainset, teacher, valset, config)
         run, plan, config = prepared.run, prepared.plan, prepared.config
         empty = [k for k, d in prepared.data.items() if d.records == 0]
         if empty:
@@ -272,8 +268,14 @@ class BootstrapFinetune(Teleprompter):
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
                 **options: Any) -> Prepared:
-        """Runs checks, bootstrapping and the data stage; returns what finetuning needs."""
-        config = Config.from_options(**{**self.options, **options})
+        """Runs checks, bootstrapping and the data stage; returns what finetuning needs.
+
+        `options` (any `Config` field) override the constructor's for this call.
+        """
+        return self._prepare(student, trainset, teacher, valset, self.config.replace(**options))
+
+    def _prepare(self, student: dspy.Module, trainset: list, teacher: Any, valset: list | None,
+                 config: Config) -> Prepared:
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher if teacher is not None else student]
         if not teachers:
             raise ProgramError("teacher: an empty list; pass a program, a list of programs, or None for the student.")
@@ -381,7 +383,7 @@ class BootstrapFinetune(Teleprompter):
             "examples": {"train": [example_key(ex) for ex in trainset],
                          "val": [example_key(ex) for ex in valset] if valset else []},
             "adapter": type(self.adapter).__name__ if self.adapter else None,
-            "options": {k: v for k, v in config.to_flat().items() if k not in _RESOURCE_OPTIONS},
+            "options": identity_options(config),
         }
         return identity, inputs
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bootfinetune.config import TrainConfig
+from bootfinetune.config import RESOURCE_OPTIONS, TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.render import model_kind, renderer_identity
 from bootfinetune.representable import add_answer_tokens, fit_embeddings
@@ -216,9 +216,10 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-# Options that change where or how safely a job runs, not what it trains: a rerun that changes
-# them keeps the finished model and the checkpoints (num_workers is not here: it is the global batch).
-_RESOURCE_ONLY = {"target", "cpus_per_worker", "gpus_per_worker", "max_failures"}
+# Resource options change where or how safely a job runs, not what it trains: a rerun that changes
+# them keeps the finished model and the checkpoints. The config's target is left out too: the job's
+# own target (one model key's) counts instead.
+_RESOURCE_ONLY = RESOURCE_OPTIONS | {"target"}
 
 
 def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:

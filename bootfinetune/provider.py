@@ -38,7 +38,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.dspy_api import translate_train_kwargs
-from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
+from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
 from bootfinetune.errors import BootFinetuneError, ConfigError
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json, write_jsonl
@@ -56,11 +56,9 @@ LOCAL_API_KEY = "local"
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"target"}
 _SERVE_OPTIONS = {"max_tokens", "generate_batch_size", "device"}
-PROVIDER_OPTIONS = _TRAIN_FIELDS | {"storage_path", "run_name", "ray_address"} | _SERVE_OPTIONS
+PROVIDER_OPTIONS = _TRAIN_FIELDS | {f.name for f in dataclasses.fields(RunOptions)} | _SERVE_OPTIONS
 """Options a provider takes: how to train, where runs go, and how launched models generate."""
 _LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "batch_size", "trust_remote_code"}
-# Options that change where or how safely training runs, not what it learns: left out of the run name.
-_NOT_IN_RUN_NAME = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
 
 
 class TrainDataError(BootFinetuneError, ValueError):
@@ -223,19 +221,19 @@ class RayFinetuneProvider(Provider):
         self.TrainingJob = RayTrainingJob
         problems = [_option_problem(name) for name in options if name not in PROVIDER_OPTIONS]
         try:
-            Config.from_options(**{k: v for k, v in options.items() if k in PROVIDER_OPTIONS})
+            self._config = Config.from_options(**{k: v for k, v in options.items() if k in PROVIDER_OPTIONS})
         except ConfigError as exc:
             problems += exc.problems
         if problems:
             raise ConfigError(problems)
-        self.options = dict(options)
+        self.options = dict(options)  # as given, for repr; self._config is what they make, checked
 
     def __repr__(self) -> str:
         return f"RayFinetuneProvider({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     def config(self, model: str, train_kwargs: dict[str, Any] | None = None) -> Config:
         """The checked configuration training `model` with these `train_kwargs` would use."""
-        return Config.from_options(**train_options(self.options, train_kwargs), target=resolve_base_model(model))
+        return self._config.replace(**train_options({}, train_kwargs), target=resolve_base_model(model))
 
     # -- DSPy's interface -------------------------------------------------------------------
     def finetune(self, job: TrainingJob | None, model: str, train_data: list[dict[str, Any]],
@@ -269,7 +267,7 @@ class RayFinetuneProvider(Provider):
         """`{storage_path}/Provider-{hash of base model, data and training options}` (or `run_name`)."""
         if config.run.run_name:
             return RunDir.at(config.run.storage_path, config.run.run_name)
-        options = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in _NOT_IN_RUN_NAME}
+        options = identity_options(config, "train")  # resource options are left out of the run name
         identity = {"model": config.train.target, "data": fingerprint([row["messages"] for row in train_data]),
                     "options": options}
         return RunDir.at(config.run.storage_path, run_name_for("Provider", identity))
@@ -283,10 +281,9 @@ class RayFinetuneProvider(Provider):
         """
         from bootfinetune.serve import serve_model
 
-        options = {"max_tokens": self.options.get("max_tokens", 512),
-                   "batch_size": self.options.get("generate_batch_size", 8),
-                   "device": self.options.get("device"),
-                   "trust_remote_code": self.options.get("trust_remote_code", False)}
+        inference = self._config.inference
+        options = {"max_tokens": inference.max_tokens, "batch_size": inference.generate_batch_size,
+                   "device": inference.device, "trust_remote_code": self._config.train.trust_remote_code}
         given = dict(launch_kwargs or getattr(lm, "launch_kwargs", None) or {})
         unknown = sorted(set(given) - _LAUNCH_OPTIONS)
         if unknown:

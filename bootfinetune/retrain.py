@@ -20,8 +20,8 @@ import logging
 import shutil
 from typing import Any
 
-from bootfinetune.compiler import _RESOURCE_OPTIONS, run_name_of
-from bootfinetune.config import FIELD_OWNER, Config
+from bootfinetune.compiler import run_name_of
+from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.rundir import RunDir, read_json, write_json
@@ -57,11 +57,11 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
     problems = [f"{k}={v!r}: a {FIELD_OWNER[k]} option (the run has {flat.get(k)!r}) changes the traces or the "
                 f"data, not the training; compile again with it (teacher traces already made are reused)."
                 for k, v in options.items() if k in FIELD_OWNER and FIELD_OWNER[k] not in RETRAINABLE_GROUPS
-                and k not in _RESOURCE_OPTIONS and flat.get(k) != v]
+                and k not in RESOURCE_OPTIONS and flat.get(k) != v]
     if problems:
         raise ConfigError(problems)
     config = Config.from_options(**{**flat, **options})
-    changed = {k: (flat.get(k), v) for k, v in options.items() if k not in _RESOURCE_OPTIONS and flat.get(k) != v}
+    changed = {k: (flat.get(k), v) for k, v in options.items() if k not in RESOURCE_OPTIONS and flat.get(k) != v}
     if isinstance(options.get("target"), dict):
         raise ConfigError(["target: retrain takes one target for every model key; compile again for a "
                            "per-predictor target."])
@@ -74,7 +74,7 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
             raise ConfigError([f"run_dir {run_dir}: made by an older bootfinetune (config.json records no inputs); "
                                f"compile again with the new options."])
         inputs = {**described["inputs"],
-                  "options": {k: v for k, v in config.to_flat().items() if k not in _RESOURCE_OPTIONS}}
+                  "options": identity_options(config)}
         dest = run.sibling(run_name_of(inputs))
         described["inputs"] = inputs
         _seed(run, dest)
