@@ -56,15 +56,13 @@ def cmd_bootstrap(args) -> int:
     program = import_object(args.program)
     student = program() if isinstance(program, type) else program
     metric = import_object(args.metric) if args.metric else None
-    options = {"storage_path": args.storage, "num_actors": args.num_actors, "num_threads": args.num_threads,
-               "multitask": not args.per_predictor, "max_errors": args.max_errors}
-    if args.ray_address:
-        options["ray_address"] = args.ray_address
+    from bootfinetune.config import config_arguments
+
     trainset = load_examples(args.trainset, args.inputs)
     started = time.time()
-    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher_lm(args)}, **options)
+    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher_lm(args)}, **config_arguments(args))
     with dspy.context():
-        prepared = tp.prepare(student, trainset=trainset, target=args.target)
+        prepared = tp.prepare(student, trainset=trainset)
     s = prepared.bootstrap.summary
     print(f"run directory: {prepared.run.root}")
     print(f"bootstrap: {s.examples} examples, {s.kept} kept, {s.failed} failed, {s.teacher_calls} teacher calls, "
@@ -117,6 +115,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bootfinetune.config import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,13 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--api-base", default=None, help="the teacher's OpenAI-compatible base URL")
     b.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
     b.add_argument("--metric", default=None, help="package.module:function(example, prediction, trace)")
-    b.add_argument("--target", default="t5-large", help="model id or directory the student will be finetuned from")
-    b.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE", "./bootfinetune_runs"))
-    b.add_argument("--num-actors", type=int, default=2)
-    b.add_argument("--num-threads", type=int, default=8)
-    b.add_argument("--max-errors", type=int, default=10)
-    b.add_argument("--per-predictor", action="store_true", help="one model per predictor (multitask=False)")
-    b.add_argument("--ray-address", default=None)
+    add_config_arguments(b.add_argument_group("bootfinetune options (the run's config.json; its name is derived "
+                                              "from all but the resource options)"),
+                         aliases={"storage_path": ("--storage",)})
+    b.add_argument("--per-predictor", dest="multitask", action="store_false", default=argparse.SUPPRESS,
+                   help="one model per predictor (--no-multitask)")
     b.set_defaults(func=cmd_bootstrap)
 
     d = sub.add_parser("demo", help="compile a shipped two-predictor program offline, end to end, and report",

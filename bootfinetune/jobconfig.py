@@ -74,15 +74,13 @@ class JobConfig:
     """The teacher LM; None uses the program's own LMs."""
     options: dict[str, Any] = field(default_factory=dict)
     """Every `Config` field the file sets (target, epochs, storage_path, ...)."""
+    config: Config = field(default_factory=Config)
+    """The checked configuration those options make (the rest at their defaults)."""
     source: str | None = None
     """The file it was read from."""
 
-    @property
-    def config(self) -> Config:
-        return Config.from_options(**self.options)
 
-
-JOB_KEYS = {f.name for f in dataclasses.fields(JobConfig)} - {"options", "source"}
+JOB_KEYS = {f.name for f in dataclasses.fields(JobConfig)} - {"options", "config", "source"}
 
 
 def load_job_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
@@ -157,14 +155,15 @@ def parse_job_config(raw: dict[str, Any], where: str = "job config", *,
     target = options.get("target")
     if isinstance(target, str) and IMPORT_PATH.match(target):
         problems += _check_import(where, "target", target)
+    config = None
     try:
-        Config.from_options(**options)
+        config = Config.from_options(**options)
     except ConfigError as e:
         problems += [f"{where}: {p}" for p in e.problems]
-    if problems:
+    if problems or config is None:
         raise ConfigError(problems)
     return JobConfig(program=raw.get("program"), trainset=raw.get("trainset"), valset=raw.get("valset"),
-                     metric=raw.get("metric"), teacher=teacher, options=options, source=where)
+                     metric=raw.get("metric"), teacher=teacher, options=options, config=config, source=where)
 
 
 _EXAMPLES = {"program": "program: mypkg.pipeline:RAG", "trainset": "trainset: {path: data/train.jsonl, inputs: [question]}"}

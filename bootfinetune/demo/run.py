@@ -23,17 +23,19 @@ import sys
 import time
 from pathlib import Path
 
+from bootfinetune.config import FIELDS, TrainConfig, add_config_arguments, config_arguments
+
 STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
 """The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
 Four narrow layers learn to copy the city out of the ticket far sooner than two wide ones."""
 
-DEFAULTS = dict(epochs=10, bsize=8, lr=2e-3, adam_beta2=0.95, warmup_ratio=0.05, max_length=96, max_tokens=24,
-                zero_stage=2)
-"""Training options the demo passes. A model trained from scratch wants a far higher lr than a
-finetune, and beta2=0.95 lets Adam follow the small late gradients. max_length=96 keeps the last
-96 tokens of each prompt and answer: DSPy's ChatAdapter opens every prompt with ~100 tokens of
-instructions that are the same in every call, and a model this small learns several times faster
-without them (the report counts the cut prompts; inference cuts them the same way)."""
+OVERRIDES = dict(epochs=10, bsize=8, lr=2e-3, adam_beta2=0.95, warmup_ratio=0.05, max_length=96, max_tokens=24)
+"""The demo's own option values (flags override them; every other option keeps `Config`'s default).
+A model trained from scratch wants a far higher lr than a finetune, and beta2=0.95 lets Adam
+follow the small late gradients. max_length=96 keeps the last 96 tokens of each prompt and
+answer: DSPy's ChatAdapter opens every prompt with ~100 tokens of instructions that are the same
+in every call, and a model this small learns several times faster without them (the report
+counts the cut prompts; inference cuts them the same way)."""
 
 
 def default_cache_dir() -> Path:
@@ -146,11 +148,12 @@ def _run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"[demo {time.time() - started:6.1f}s] {message}", flush=True)
 
-    trainset, valset = make_datasets(args.train_size, args.val_size, seed=args.seed)
+    options = {**OVERRIDES, **config_arguments(args)}
+    target = options.pop("target", None)  # the demo's own --target: None builds the tiny student
+    trainset, valset = make_datasets(args.train_size, args.val_size, seed=options.get("seed", TrainConfig.seed))
     say(f"task: ShippingRouter (extract -> locate), {len(trainset)} train / {len(valset)} val tickets")
 
-    if args.target:
-        target, reused = args.target, True
+    if target:
         say(f"student: {target}")
     else:
         student_dir, reused = build_student(Path(args.cache_dir), trainset)
@@ -175,21 +178,13 @@ def _run(args: argparse.Namespace) -> int:
     from bootfinetune.ray_env import ensure_ray
 
     # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
-    say(ensure_ray(args.ray_address, num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False))
+    say(ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False))
     cpus = int(ray.cluster_resources().get("CPU", 2))
-
-    options = dict(storage_path=args.storage, num_workers=args.workers, num_actors=args.num_actors,
-                   multitask=not args.per_predictor, seed=args.seed,
-                   adam_beta2=DEFAULTS["adam_beta2"], warmup_ratio=DEFAULTS["warmup_ratio"],
-                   max_length=DEFAULTS["max_length"], max_tokens=DEFAULTS["max_tokens"], zero_stage=args.zero_stage)
-    if args.gpus:
-        options.update(use_gpu=True, gpus_per_worker=1)
-    else:
-        options["cpus_per_worker"] = max(1, cpus // args.workers)
+    if not options.get("use_gpu"):  # the workers share this machine's CPUs
+        options.setdefault("cpus_per_worker", max(1, cpus // options.get("num_workers", TrainConfig.num_workers)))
     try:
         tp = BootstrapFinetune(metric=metric, teacher_settings=dict(lm=teacher), **options)
-        compiled = tp.compile(ShippingRouter(), trainset=trainset, valset=valset, target=target,
-                              epochs=args.epochs, bsize=args.bsize, lr=args.lr)
+        compiled = tp.compile(ShippingRouter(), trainset=trainset, valset=valset, target=target)
     finally:
         if server is not None:
             server.stop()
@@ -213,23 +208,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", default=os.environ.get("BOOTFINETUNE_STORAGE") or "./bootfinetune_runs",
-                   help="where run directories go (default $BOOTFINETUNE_STORAGE or ./bootfinetune_runs)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per model")
-    p.add_argument("--gpus", action="store_true", help="train on one GPU per worker")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--bsize", type=int, default=DEFAULTS["bsize"], help="micro batch per worker")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--zero-stage", type=int, default=DEFAULTS["zero_stage"], help="DeepSpeed ZeRO stage")
-    p.add_argument("--per-predictor", action="store_true", help="one model per predictor (multitask=False)")
+    """The demo's own flags, then one per `Config` field (`--epochs`, `--zero-stage`, ...) at the demo's values.
+
+    `--seed` seeds the task's datasets too; `--target` is the demo's own (default: the tiny student).
+    """
+    p.add_argument("--per-predictor", dest="multitask", action="store_false", default=argparse.SUPPRESS,
+                   help="one model per predictor (--no-multitask)")
     p.add_argument("--train-size", type=int, default=500)
     p.add_argument("--val-size", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-actors", type=int, default=2, help="Ray Data actors running the teacher")
     p.add_argument("--teacher", default=None, help="a real teacher LM (LiteLLM name, e.g. openai/gpt-4o-mini)")
     p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")
     p.add_argument("--teacher-latency", type=float, default=0.02, help="seconds the scripted teacher waits per call")
     p.add_argument("--target", default=None, help="finetune this model (directory or hub id) instead of the tiny one")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the built student is kept")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    add_config_arguments(p.add_argument_group("bootfinetune options"), [n for n in FIELDS if n != "target"],
+                         defaults=OVERRIDES, aliases={"storage_path": ("--storage",), "num_workers": ("--workers",),
+                                                      "use_gpu": ("--gpus",)})
