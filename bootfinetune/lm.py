@@ -37,6 +37,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
+from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.render import decode_answer, encode_prompt, model_kind
 
@@ -239,8 +240,9 @@ class FinetunedEngine:
             weights that changed since it was saved.
     """
 
-    def __init__(self, model: str, *, key: str | None = None, device: str | None = None, max_tokens: int = 512,
-                 batch_size: int = 8, max_length: int | None = None, trust_remote_code: bool = False,
+    def __init__(self, model: str, *, key: str | None = None, device: str | None = None,
+                 max_tokens: int = InferenceConfig.max_tokens, batch_size: int = InferenceConfig.generate_batch_size,
+                 max_length: int | None = None, trust_remote_code: bool = False,
                  source: str | None = None, fingerprint: str | None = None):
         self.model = str(model)
         self.key = key
@@ -422,7 +424,8 @@ class AsyncFinetunedEngine:
 
 
 def FinetunedLM(model: str, *, key: str | None = None, device: str | None = None,  # noqa: N802 (the public name)
-                max_tokens: int = 512, temperature: float = 0.0, batch_size: int = 8, max_length: int | None = None,
+                max_tokens: int = InferenceConfig.max_tokens, temperature: float = 0.0,
+                batch_size: int = InferenceConfig.generate_batch_size, max_length: int | None = None,
                 trust_remote_code: bool = False, source: str | None = None, cache: bool = False,
                 callbacks: list[Any] | None = None) -> dspy.LM:
     """A `dspy.LM` that calls a finetuned Hugging Face model in this process (see `FinetunedEngine`).

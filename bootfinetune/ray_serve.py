@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.lm import FinetunedEngine, _plain_messages
 from bootfinetune.rundir import RunDir, read_json
@@ -124,8 +125,8 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
     for manifest in sorted(run.models_dir.glob("*/manifest.json")):
         key = read_json(manifest)["key"]
         specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device,
-                      "max_tokens": max_tokens or inference.get("max_tokens") or 512,
-                      "batch_size": inference.get("generate_batch_size") or 8, "source": run.model_uri(key)}
+                      "max_tokens": max_tokens or inference.get("max_tokens") or InferenceConfig.max_tokens,
+                      "batch_size": inference.get("generate_batch_size") or InferenceConfig.generate_batch_size, "source": run.model_uri(key)}
     return specs
 
 

@@ -150,7 +150,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
 
 
 def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: str, *,
-                  max_tokens: int = 512, adapter: Any = None) -> dspy.Module:
+                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None) -> dspy.Module:
     """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
 
     The adapter is the one config.json records unless `adapter` is given.

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
+from bootfinetune.config import InferenceConfig
 from bootfinetune.lm import FinetunedEngine, unload_model
 
 
@@ -268,7 +269,8 @@ class ModelServer(ChatServer):
     """
 
     def __init__(self, model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, device: str | None = None,
-                 max_tokens: int = 512, batch_size: int = 8, trust_remote_code: bool = False):
+                 max_tokens: int = InferenceConfig.max_tokens, batch_size: int = InferenceConfig.generate_batch_size,
+                 trust_remote_code: bool = False):
         super().__init__(host=host, port=port, model_name=str(model_dir))
         self.model_dir = str(model_dir)
         self.max_tokens = max_tokens

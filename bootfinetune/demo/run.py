@@ -220,7 +220,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")
     p.add_argument("--teacher-latency", type=float, default=0.02, help="seconds the scripted teacher waits per call")
-    p.add_argument("--target", default=None, help="finetune this model (directory or hub id) instead of the tiny one")
+    p.add_argument("--target", default=argparse.SUPPRESS,
+                   help="finetune this model (directory or hub id) instead of the tiny one")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the built student is kept")
     add_config_arguments(p.add_argument_group("bootfinetune options"), [n for n in FIELDS if n != "target"],
                          defaults=OVERRIDES, aliases={"storage_path": ("--storage",), "num_workers": ("--workers",),

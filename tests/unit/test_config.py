@@ -66,3 +66,60 @@ def test_replace_rechecks():
     assert config.replace(epochs=3).train.bsize == 2
     with pytest.raises(ConfigError):
         config.replace(epochs=0)
+
+
+def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
+    from bootfinetune.config import RESOURCE_OPTIONS, identity_options
+
+    assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "max_errors",
+                                "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
+                                "ray_address"}
+    base = Config.from_options()
+    more = base.replace(num_actors=8, cpus_per_worker=4.0, storage_path="/elsewhere")
+    assert identity_options(more) == identity_options(base)
+    assert identity_options(more, "train") == identity_options(base, "train")
+    assert identity_options(base.replace(num_workers=2)) != identity_options(base)  # the global batch
+
+
+def test_choices_are_literals_and_every_field_has_help():
+    import typing
+
+    from bootfinetune.config import FIELD_HELP, FIELD_TYPES, FIELDS
+
+    assert typing.get_args(FIELD_TYPES["zero_stage"]) == (0, 1, 2, 3)
+    assert typing.get_args(FIELD_TYPES["lr_schedule"]) == ("linear", "cosine", "constant")
+    assert set(FIELD_HELP) == set(FIELDS) and all(FIELD_HELP.values())
+
+
+def test_flags_come_from_the_fields():
+    import argparse
+
+    from bootfinetune.config import add_config_arguments, config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, aliases={"storage_path": ("--storage",)}, defaults={"epochs": 10})
+    args = parser.parse_args(["--zero-stage", "3", "--no-multitask", "--storage", "/tmp/r", "--lr", "1e-4",
+                              "--lora-target-modules", "q_proj,v_proj"])
+    given = config_arguments(args)
+    assert given == {"zero_stage": 3, "multitask": False, "storage_path": "/tmp/r", "lr": 1e-4, "epochs": 10,
+                     "lora_target_modules": ["q_proj", "v_proj"]}
+    config = Config.from_options(**given)
+    assert (config.train.zero_stage, config.bootstrap.multitask, config.train.bsize) == (3, False, 12)
+    assert config_arguments(parser.parse_args([])) == {"epochs": 10}  # the rest keeps Config's defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--zero-stage", "5"])
+    assert "Micro batch size per worker. (default: 12)" in " ".join(parser.format_help().split())
+
+
+def test_the_demo_flags_carry_its_own_values_only():
+    import argparse
+
+    from bootfinetune.config import config_arguments
+    from bootfinetune.demo.run import OVERRIDES, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--workers", "2", "--per-predictor", "--epochs", "3"])
+    assert config_arguments(args) == {**OVERRIDES, "epochs": 3, "num_workers": 2, "multitask": False}
+    assert "target" not in vars(args)  # not given: the demo builds its tiny student
+    Config.from_options(**config_arguments(args))
