@@ -123,3 +123,15 @@ def test_the_demo_flags_carry_its_own_values_only():
     assert config_arguments(args) == {**OVERRIDES, "epochs": 3, "num_workers": 2, "multitask": False}
     assert "target" not in vars(args)  # not given: the demo builds its tiny student
     Config.from_options(**config_arguments(args))
+
+
+def test_the_bootstrap_command_takes_every_option_as_a_flag():
+    from bootfinetune.cli import build_parser
+    from bootfinetune.config import config_arguments
+
+    base = ["bootstrap", "--program", "pkg.mod:Prog", "--trainset", "t.jsonl", "--inputs", "q", "--teacher-model", "m"]
+    args = build_parser().parse_args(base + ["--storage", "/tmp/r", "--per-predictor", "--num-actors", "3",
+                                             "--metric", "pkg.mod:metric", "--zero-stage", "3"])
+    assert config_arguments(args) == {"storage_path": "/tmp/r", "multitask": False, "num_actors": 3, "zero_stage": 3}
+    assert args.metric == "pkg.mod:metric"
+    assert config_arguments(build_parser().parse_args(base)) == {}  # Config's defaults apply
