@@ -410,7 +410,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
             kwargs.update(type=type(args[0]), choices=list(args))
         elif hint in (int, float):
             kwargs["type"] = hint
-        elif hint == (float | None):
+        elif float in args:  # float | None
             kwargs["type"] = float
         elif list[str] in args:
             kwargs["type"] = _str_or_list
