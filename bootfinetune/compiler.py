@@ -29,11 +29,12 @@ from bootfinetune.dspy_api import check_compile_arguments, check_positional, tra
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
+from bootfinetune.jsonio import fingerprint, read_json, write_json
 from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
 from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
 from bootfinetune.records import collect_secrets
-from bootfinetune.rundir import RunDir, fingerprint, read_json, run_name_for, write_json
+from bootfinetune.rundir import RunDir, run_name_for
 from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
                                  trace_identity)
 

@@ -31,9 +31,10 @@ from typing import Any
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
+from bootfinetune.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.render import model_kind, renderer_identity
 from bootfinetune.representable import add_answer_tokens, fit_embeddings
-from bootfinetune.rundir import RunDir, fingerprint, read_json, read_jsonl, write_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.train_loop import DS_DIR, STATE_FILE, train_loop
 
 log = logging.getLogger(__name__)

@@ -167,8 +167,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _setup_logging()
     from bootfinetune.jobconfig import parse_set_value
+    from bootfinetune.jsonio import read_json
     from bootfinetune.retrain import retrain
-    from bootfinetune.rundir import read_json
 
     options = {}
     if args.config:
@@ -192,8 +192,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
 
 def _write_program(run: Any, described: dict, config: Config) -> str:
     """program.json for `bootfinetune.load`, when the program class imports here."""
+    from bootfinetune.jsonio import write_json
     from bootfinetune.rebind import program_state, rebind_run
-    from bootfinetune.rundir import write_json
 
     try:
         program = resolve(described["program_class"])()
@@ -213,7 +213,8 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     _setup_logging()
     from bootfinetune import load
     from bootfinetune.evaluate import evaluate_program
-    from bootfinetune.rundir import RunDir, write_json
+    from bootfinetune.jsonio import write_json
+    from bootfinetune.rundir import RunDir
 
     job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
     if job is None:

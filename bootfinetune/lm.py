@@ -128,7 +128,7 @@ _ADAPTER_NAMES: dict[tuple[str, str], str] = {}
 
 def adapter_name(model_dir: str, files: str) -> str:
     """The name an adapter directory's weights (`files`: their fingerprint) carry in the shared PEFT model."""
-    from bootfinetune.rundir import fingerprint
+    from bootfinetune.jsonio import fingerprint
 
     return "a" + fingerprint([str(Path(model_dir).resolve()), files])
 

@@ -41,7 +41,8 @@ from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
 from bootfinetune.errors import BootFinetuneError, ConfigError
 from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json, write_jsonl
+from bootfinetune.jsonio import fingerprint, write_json, write_jsonl
+from bootfinetune.rundir import RunDir, run_name_for
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from bootfinetune.errors import ProgramError
+from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedEngine, _plain_messages
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.serve import BadRequest, Completion, check_chat_request, completion_body
 
 log = logging.getLogger(__name__)

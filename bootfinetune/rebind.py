@@ -20,8 +20,9 @@ from bootfinetune.adapters import adapter_from_spec, scope_adapter
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
+from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedLM
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.rundir import RunDir
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
-from bootfinetune.rundir import fingerprint
+from bootfinetune.jsonio import fingerprint
 
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt tokens and padding)."""

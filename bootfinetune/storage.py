@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from bootfinetune.rundir import read_json, write_json
+from bootfinetune.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,9 @@ from typing import Any, Callable
 import dspy
 
 from bootfinetune.checks import callable_identity, lm_identity, program_identity
+from bootfinetune.jsonio import fingerprint, write_json
 from bootfinetune.records import example_to_json
-from bootfinetune.rundir import fingerprint, run_name_for, write_json
+from bootfinetune.rundir import run_name_for
 
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""

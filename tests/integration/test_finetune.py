@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.finetune import FinetuneJob, finetune_models, split_records
+from bootfinetune.jsonio import read_json, read_jsonl, write_jsonl
 from bootfinetune.render import collate, encode_prompt, encode_records
-from bootfinetune.rundir import RunDir, read_json, read_jsonl, write_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 pytestmark = pytest.mark.integration
