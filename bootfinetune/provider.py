@@ -39,7 +39,7 @@ from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
-from bootfinetune.errors import BootFinetuneError, ConfigError
+from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.jsonio import fingerprint, write_json, write_jsonl
 from bootfinetune.rundir import RunDir, run_name_for
@@ -62,15 +62,6 @@ PROVIDER_OPTIONS = _TRAIN_FIELDS | {"storage_path", "run_name", "ray_address"} |
 _LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "batch_size", "trust_remote_code"}
 # Options that change where or how safely training runs, not what it learns: left out of the run name.
 _NOT_IN_RUN_NAME = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
-
-
-class TrainDataError(BootFinetuneError, ValueError):
-    """The training data handed to `finetune` cannot be trained on. `problems` lists what is wrong."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} training data problem(s):\n{lines}")
 
 
 def model_path(model: str) -> str:
