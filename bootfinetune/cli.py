@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -20,15 +19,13 @@ from typing import Any
 
 
 def import_object(path: str) -> Any:
-    """Imports `package.module:attr` (attr may be dotted)."""
+    """Imports `package.module:attr` (attr may be dotted), the current folder first on the path."""
+    from bootfinetune.importpath import resolve
+
     if ":" not in path:
         raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
-    module_name, attr = path.split(":", 1)
     sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return resolve(path)
 
 
 def load_examples(path: str, inputs: list[str]):

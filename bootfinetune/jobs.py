@@ -19,9 +19,9 @@ from typing import Any, Iterator
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.importpath import resolve
 from bootfinetune.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
                                     load_job_config, parse_job_config, resolve_target)
-from bootfinetune.rebind import resolve
 
 log = logging.getLogger("bootfinetune")
 

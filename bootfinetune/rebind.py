@@ -10,7 +10,6 @@ with (`adapters.scope_adapter`).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from bootfinetune.adapters import adapter_from_spec, scope_adapter
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
+from bootfinetune.importpath import resolve
 from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedLM
 from bootfinetune.rundir import RunDir
@@ -82,21 +82,6 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
         except TypeError:
             state[name] = param.dump_state()
     return state
-
-
-def program_class_path(program: Any) -> str:
-    """`module:QualName` of a program's (or any object's) class, as `resolve` reads it back."""
-    cls = type(program)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def resolve(path: str) -> Any:
-    """The object an import path `package.module:attr.sub` names (as `program_class_path` writes them)."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, inference: InferenceConfig,
