@@ -22,7 +22,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
-                                 check_target, lm_identity, target_from_lm, valset_overlap)
+                                 lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config
 from bootfinetune.datasets import DataSummary, build_datasets
 from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
@@ -36,6 +36,7 @@ from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, pl
 from bootfinetune.rebind import base_program, compiled_program, program_state
 from bootfinetune.records import collect_secrets
 from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.targets import check_target
 from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
                                  trace_identity)
 

@@ -43,11 +43,10 @@ from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.jsonio import fingerprint, write_json, write_jsonl
 from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.targets import check_target, finetuned_model_id, model_path
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIXES = ("openai/", "hosted_vllm/", "huggingface/", "local:", "bootfinetune:")
-"""Prefixes a DSPy model string may carry before the model directory (stripped in this order)."""
 MODEL_KEY = "all"
 """The model key a provider run trains (one model per call)."""
 PREDICTOR = "lm"
@@ -62,23 +61,6 @@ PROVIDER_OPTIONS = _TRAIN_FIELDS | {"storage_path", "run_name", "ray_address"} |
 _LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "batch_size", "trust_remote_code"}
 # Options that change where or how safely training runs, not what it learns: left out of the run name.
 _NOT_IN_RUN_NAME = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
-
-
-def model_path(model: str) -> str:
-    """The directory (or hub id) a DSPy model string names.
-
-    >>> model_path("openai/local:/models/tiny"), model_path("openai/bootfinetune:runs/x/models/all")
-    ('/models/tiny', 'runs/x/models/all')
-    """
-    for prefix in MODEL_PREFIXES:
-        if model.startswith(prefix):
-            model = model[len(prefix):]
-    return model
-
-
-def finetuned_model_id(model_dir: str | Path) -> str:
-    """The DSPy model string of a finetuned export: `openai/bootfinetune:{dir}`."""
-    return f"openai/bootfinetune:{model_dir}"
 
 
 def resolve_base_model(model: str) -> str:
@@ -247,7 +229,9 @@ class RayFinetuneProvider(Provider):
         """
         check_train_data(train_data, train_data_format)
         config = self.config(model, train_kwargs)
-        _check_loadable(config)
+        problem = check_target(config.train.target, config.train.trust_remote_code)
+        if problem:  # a broken directory or an unreachable hub id fails before Ray and DeepSpeed start
+            raise ConfigError(problem)
         run = self.run_dir(config, train_data)
         if isinstance(job, RayTrainingJob):
             job.run_dir = run.root
@@ -337,16 +321,3 @@ def _option_problem(name: str) -> str:
     close = difflib.get_close_matches(name, PROVIDER_OPTIONS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown option {name!r}.{hint} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."
-
-
-def _check_loadable(config: Config) -> None:
-    """Reads the base model's config, so a broken directory fails before Ray and DeepSpeed start."""
-    from transformers import AutoConfig
-
-    from bootfinetune.render import model_kind
-
-    try:
-        model_kind(AutoConfig.from_pretrained(config.train.target, trust_remote_code=config.train.trust_remote_code))
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... all mean "cannot load"
-        raise ConfigError(f"model {config.train.target!r} cannot be loaded ({type(exc).__name__}: {exc}); give a "
-                          f"Hugging Face model directory or a hub id this machine can reach.") from exc
