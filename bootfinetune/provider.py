@@ -38,6 +38,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.dspy_api import translate_train_kwargs
+from bootfinetune.chat import ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
 from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.finetune import FinetuneJob, finetune_models
@@ -118,12 +119,11 @@ def _row_problem(row: Any) -> str | None:
     if not isinstance(messages, list):
         return (f"needs a 'messages' list (got {type(row).__name__} with keys {sorted(row)[:5]})"
                 if isinstance(row, dict) else f"expected a dict with 'messages', got {type(row).__name__}") + "."
-    for j, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
-            return (f"messages[{j}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}; "
-                    f"got {str(m)[:120]}.")
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+    j = first_bad_message(messages, roles=ROLES)
+    if j is not None:
+        return (f"messages[{j}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}; "
+                f"got {str(messages[j])[:120]}.")
+    if not ends_with_answer(messages):
         return (f"'messages' must end with an assistant message (the answer to learn) after the prompt; "
                 f"got roles {[m['role'] for m in messages]}. Append {{'role': 'assistant', 'content': answer}}.")
     return None
