@@ -34,7 +34,7 @@ from bootfinetune.jsonio import fingerprint, read_json, write_json
 from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
 from bootfinetune.rebind import base_program, compiled_program, program_state
-from bootfinetune.records import collect_secrets
+from bootfinetune.redaction import collect_secrets
 from bootfinetune.rundir import RunDir, run_name_for
 from bootfinetune.targets import check_target
 from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
