@@ -36,19 +36,11 @@ def load_examples(path: str, inputs: list[str]):
     return [dspy.Example(**row).with_inputs(*inputs) for row in rows]
 
 
-def teacher_lm(args):
-    import dspy
-
-    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    if args.api_key_env and not api_key:
-        raise SystemExit(f"error: --api-key-env names {args.api_key_env}, which is not set in the environment")
-    return dspy.LM(args.teacher_model, api_base=args.api_base, api_key=api_key or "unused", cache=False)
-
-
 def cmd_bootstrap(args) -> int:
     import dspy
 
     from bootfinetune import BootstrapFinetune
+    from bootfinetune.teachers import teacher_lm
 
     program = import_object(args.program)
     student = program() if isinstance(program, type) else program
@@ -59,7 +51,9 @@ def cmd_bootstrap(args) -> int:
         options["ray_address"] = args.ray_address
     trainset = load_examples(args.trainset, args.inputs)
     started = time.time()
-    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher_lm(args)}, **options)
+    teacher = teacher_lm(args.teacher_model, api_base=args.api_base, api_key_env=args.api_key_env,
+                         default_key="unused", option="--api-key-env")
+    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher}, **options)
     with dspy.context():
         prepared = tp.prepare(student, trainset=trainset, target=args.target)
     s = prepared.bootstrap.summary

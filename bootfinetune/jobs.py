@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Iterator
@@ -33,7 +32,7 @@ class Teacher:
     """The job's teacher LM, and the scripted server behind it when there is one (stopped by `close`)."""
 
     def __init__(self, spec: TeacherSpec | None):
-        import dspy
+        from bootfinetune.teachers import scripted_teacher_lm, teacher_lm
 
         self.server = None
         self.lm = None
@@ -52,11 +51,10 @@ class Teacher:
                 self.server = TeacherServer(resolve(spec.scripted), host=host, port=port).start()
             except OSError:  # taken: any free port (this run will not share a directory with others)
                 self.server = TeacherServer(resolve(spec.scripted), host=host).start()
-            self.lm = dspy.LM("openai/scripted-teacher", api_base=self.server.url, api_key="scripted", cache=False,
-                              **extra)
+            self.lm = scripted_teacher_lm(self.server.url, **extra)
         else:
-            key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-            self.lm = dspy.LM(spec.model, api_base=spec.api_base, api_key=key, cache=False, **extra)
+            self.lm = teacher_lm(spec.model, api_base=spec.api_base, api_key_env=spec.api_key_env,
+                                 option="teacher.api_key_env", **extra)
 
     def close(self) -> None:
         if self.server is not None:
