@@ -169,13 +169,14 @@ def test_more_models_than_the_cluster_fits_are_queued_not_failed(ray_cluster, ta
 
 
 DRIVER = textwrap.dedent("""
-    import sys, ray
+    import sys
     from pathlib import Path
     from bootfinetune.config import TrainConfig
     from bootfinetune.finetune import FinetuneJob, finetune_models
+    from bootfinetune.ray_env import ensure_ray
     from bootfinetune.rundir import RunDir
     address, root, target = sys.argv[1:4]
-    ray.init(address=address, log_to_driver=False)
+    ensure_ray(address, log_to_driver=False)
     run = RunDir(Path(root))
     config = TrainConfig(**__import__("json").loads(sys.argv[4]))
     finetune_models(run, [FinetuneJob("all", target, ("all",), run.data_file("all"))], config)
