@@ -51,10 +51,7 @@ class RunDir:
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
-        if storage.is_uri(storage_path):
-            remote = storage.join_uri(storage_path, run_name)
-            return cls(storage.mirror_of(remote), remote)
-        return cls(Path(storage_path).expanduser().resolve() / run_name)
+        return cls(*storage.place(storage_path, run_name))
 
     @classmethod
     def from_location(cls, location: str | os.PathLike) -> "RunDir":
