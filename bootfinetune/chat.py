@@ -1,4 +1,5 @@
-"""Chat records: what a message list must hold, for training, for rendering and for serving.
+"""Chat records: what a message list must hold, for training, for rendering and for serving;
+and the placeholder key clients of our OpenAI-compatible chat servers send.
 
 A message is `{"role": str, "content": str}`; a training record's messages end with the
 assistant's answer after at least one prompt message. Each caller words the problem for its
@@ -13,6 +14,9 @@ from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant")
 """The roles DSPy's adapters write into finetuning data."""
+LOCAL_API_KEY = "local"
+"""The api_key a client of our own chat servers sends: they check none, and LiteLLM wants one set
+(too short to be taken for a secret and redacted)."""
 
 
 def is_message(m: Any, *, roles: Sequence[str] | None = None, text_parts: bool = False) -> bool:
@@ -39,6 +43,22 @@ def first_bad_message(messages: Sequence[Any], *, roles: Sequence[str] | None = 
         if not is_message(m, roles=roles, text_parts=text_parts):
             return i
     return None
+
+
+def plain_messages(messages: list[Any]) -> list[dict[str, str]]:
+    """Messages as `{"role": str, "content": str}` dicts, for the renderer: text parts joined, objects read.
+
+    >>> plain_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    [{'role': 'user', 'content': 'hi'}]
+    """
+    plain = []
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", "user")
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", "")
+        if isinstance(content, list):  # content parts: keep the text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        plain.append({"role": str(role), "content": str(content)})
+    return plain
 
 
 def ends_with_answer(messages: Sequence[Any]) -> bool:

@@ -38,7 +38,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.dspy_api import translate_train_kwargs
-from bootfinetune.chat import ROLES, ends_with_answer, first_bad_message
+from bootfinetune.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
 from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.finetune import FinetuneJob, finetune_models
@@ -52,8 +52,6 @@ MODEL_KEY = "all"
 """The model key a provider run trains (one model per call)."""
 PREDICTOR = "lm"
 """The predictor name written into each data row (DSPy hands rows without one)."""
-LOCAL_API_KEY = "local"
-"""The api_key a launched LM carries: the local server checks none, and LiteLLM wants one set."""
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"target"}
 _SERVE_OPTIONS = {"max_tokens", "generate_batch_size", "device"}

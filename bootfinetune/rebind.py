@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 
 from bootfinetune.adapters import adapter_from_spec, scope_adapter
+from bootfinetune.chat import LOCAL_API_KEY
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
@@ -142,7 +143,7 @@ def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: st
     The adapter is the one config.json records unless `adapter` is given.
     """
     keys = described["model_keys"]
-    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key="local", cache=False,
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
     key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from bootfinetune.chat import LOCAL_API_KEY
 from bootfinetune.errors import ConfigError
 
 SCRIPTED_MODEL = "openai/scripted-teacher"
 """The model name a scripted teacher's LM carries (the server answers any name)."""
-SCRIPTED_API_KEY = "local"
-"""The scripted server checks no key, and LiteLLM wants one set; too short to count as a secret."""
 
 
 def api_key_from(api_key_env: str | None, *, option: str = "api_key_env") -> str | None:
@@ -59,4 +58,4 @@ def scripted_teacher_lm(url: str, **options: Any) -> Any:
     """A `dspy.LM` on a scripted teacher server at `url` (`TeacherServer.url`), uncached."""
     import dspy
 
-    return dspy.LM(SCRIPTED_MODEL, api_base=url, api_key=SCRIPTED_API_KEY, cache=False, **options)
+    return dspy.LM(SCRIPTED_MODEL, api_base=url, api_key=LOCAL_API_KEY, cache=False, **options)
