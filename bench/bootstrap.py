@@ -117,13 +117,12 @@ def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path
 def start_ray(nodes: int):
     import ray
 
-    from bootfinetune.ray_env import WORKER_ENV
+    from bootfinetune.ray_env import ensure_ray
 
     started = time.perf_counter()
     cluster = None
-    env = {"env_vars": dict(WORKER_ENV)}
     if nodes == 1:
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=False)
+        ensure_ray(log_to_driver=False)
     else:
         from ray.cluster_utils import Cluster
 
@@ -132,7 +131,7 @@ def start_ray(nodes: int):
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
+        ensure_ray(cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return cluster, time.perf_counter() - started
 

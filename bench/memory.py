@@ -78,7 +78,7 @@ def worker(args) -> None:
     import torch
 
     from bootfinetune.config import TrainConfig
-    from bootfinetune.rundir import write_jsonl
+    from bootfinetune.jsonio import write_jsonl
     from bootfinetune.train_loop import train_loop
 
     work = Path(args.workdir)

@@ -30,7 +30,7 @@ if "bootfinetune" not in sys.modules:
     sys.modules["bootfinetune"] = _pkg
 
 from bootfinetune.config import TrainConfig  # noqa: E402
-from bootfinetune.rundir import write_jsonl  # noqa: E402
+from bootfinetune.jsonio import write_jsonl  # noqa: E402
 from bootfinetune.tiny_models import build_tiny_causal  # noqa: E402
 from bootfinetune.train_loop import train_loop  # noqa: E402
 

@@ -2,9 +2,10 @@
 
 from bootfinetune.compiler import BootstrapFinetune, Prepared
 from bootfinetune.config import BootstrapConfig, Config, RunOptions, TrainConfig
-from bootfinetune.errors import BootFinetuneError, BootstrapError, ConfigError, FinetuneError, ProgramError
+from bootfinetune.errors import (BootFinetuneError, BootstrapError, ConfigError, FinetuneError, ProgramError,
+                                 TrainDataError)
 from bootfinetune.lm import FinetunedEngine, FinetunedLM, finetuned_engine
-from bootfinetune.provider import RayFinetuneProvider, TrainDataError
+from bootfinetune.provider import RayFinetuneProvider
 from bootfinetune.rebind import load
 from bootfinetune.serve import ModelServer, serve_model, stop_model
 

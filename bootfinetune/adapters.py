@@ -37,6 +37,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from bootfinetune.importpath import class_path
 from bootfinetune.records import to_jsonable
 
 _ADAPTER_METHODS = ("format", "format_assistant_message_content", "parse")
@@ -180,11 +181,10 @@ def adapter_spec(adapter: Any) -> dict[str, Any]:
     >>> adapter_spec(dspy.XMLAdapter())["class"]
     'dspy.adapters.xml_adapter:XMLAdapter'
     """
-    cls = type(adapter)
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(type(adapter).__init__).parameters
     options = {name: value for name, value in vars(adapter).items()
                if name in params and (value is None or isinstance(value, (bool, int, float, str)))}
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "options": options}
+    return {"class": class_path(adapter), "options": options}
 
 
 def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
@@ -192,7 +192,7 @@ def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
     if not spec:
         return None
     from bootfinetune.errors import ProgramError
-    from bootfinetune.rebind import resolve
+    from bootfinetune.importpath import resolve
 
     try:
         cls = resolve(spec["class"])

@@ -32,9 +32,11 @@ from bootfinetune.config import BootstrapConfig
 from bootfinetune.distributed import node_id
 from bootfinetune.ray_env import WORKER_ENV
 from bootfinetune.errors import BootstrapError
+from bootfinetune.jsonio import iter_jsonl, read_json, write_json, write_jsonl
 from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
-                                  redact, to_jsonable)
-from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write_jsonl
+                                  to_jsonable)
+from bootfinetune.redaction import redact
+from bootfinetune.rundir import RunDir
 from bootfinetune.traces import TraceStore, example_key, restamp
 from bootfinetune.user_code import ship_user_modules
 

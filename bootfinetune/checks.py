@@ -19,10 +19,10 @@ import dspy
 
 from bootfinetune.errors import ProgramError
 from bootfinetune.records import non_json_fields, to_jsonable
+from bootfinetune.targets import model_path
 from bootfinetune.user_code import ship_user_modules
 
 MULTITASK_KEY = "all"
-_PROVIDER_PREFIXES = ("openai/", "hosted_vllm/", "huggingface/", "local:")
 
 
 @dataclass
@@ -97,10 +97,7 @@ def target_from_lm(lm: Any) -> str | None:
     model = engine.model if engine is not None else getattr(lm, "model", None)
     if not isinstance(model, str):
         return None
-    for prefix in _PROVIDER_PREFIXES:
-        if model.startswith(prefix):
-            model = model[len(prefix):]
-    return model or None
+    return model_path(model) or None
 
 
 def _slug(text: str) -> str:
@@ -279,75 +276,3 @@ def valset_overlap(trainset: list, valset: list) -> int:
     """How many valset examples have the same inputs as a trainset example."""
     seen = {json.dumps(dict(ex.inputs()), sort_keys=True, default=str) for ex in trainset}
     return sum(json.dumps(dict(ex.inputs()), sort_keys=True, default=str) in seen for ex in valset)
-
-
-def check_target(target: str, trust_remote_code: bool = False) -> str | None:
-    """None when `target` names a model that loads here; else one problem telling a path typo from a hub id
-    that cannot be fetched (no network, not in the cache) or does not exist.
-
-    A target is taken as a local path when it exists, starts with /, ./, ../ or ~, or its parent folder
-    exists; otherwise as a Hugging Face hub id. Only the config is read (no weights).
-    """
-    import difflib
-    import os
-    from pathlib import Path
-
-    path = Path(target).expanduser()
-    local = (path.exists() or target.startswith(("/", "./", "../", "~"))
-             or ("/" in target and path.parent != Path(".") and path.parent.is_dir()))
-    if local:
-        if not path.is_dir():
-            siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
-            close = difflib.get_close_matches(path.name, siblings, n=1)
-            hint = f" Did you mean {str(path.parent / close[0])!r}?" if close else ""
-            return (f"target={target!r}: no such directory.{hint} Fix the path, or give a Hugging Face hub id "
-                    f"(e.g. 'Qwen/Qwen2.5-0.5B-Instruct').")
-        if not (path / "config.json").exists():
-            return (f"target={target!r}: a directory without config.json; point it at a model saved with "
-                    f"save_pretrained (config.json, weights, tokenizer).")
-        return None
-    from transformers import AutoConfig
-
-    offline_problem = (f"target={target!r}: a hub id that cannot be fetched here (no network to huggingface.co and "
-                       f"not in the local Hugging Face cache). Download it where there is network "
-                       f"(huggingface-cli download {target}) or pass a local model directory.")
-    if not _in_hf_cache(target) and not _hub_reachable():
-        return offline_problem  # at once, instead of the hub client's retries with backoff
-    try:
-        AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers wraps hub errors in OSError/ValueError with telling messages
-        text = str(e)
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        if offline or any(s in text for s in ("couldn't connect", "offline mode", "Connection", "resolve")):
-            return offline_problem
-        if "trust_remote_code" in text:
-            return (f"target={target!r}: its repository ships its own model code; pass trust_remote_code=True "
-                    f"if you trust it.")
-        return (f"target={target!r}: no such model on the Hugging Face hub ({type(e).__name__}: {text[:160]}); "
-                f"check the id, or pass a local model directory.")
-    return None
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers a TCP connection (False at once under HF_HUB_OFFLINE=1)."""
-    import os
-    import socket
-    from urllib.parse import urlsplit
-
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        return False
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False

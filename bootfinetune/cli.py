@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -20,15 +19,13 @@ from typing import Any
 
 
 def import_object(path: str) -> Any:
-    """Imports `package.module:attr` (attr may be dotted)."""
+    """Imports `package.module:attr` (attr may be dotted), the current folder first on the path."""
+    from bootfinetune.importpath import resolve
+
     if ":" not in path:
         raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
-    module_name, attr = path.split(":", 1)
     sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return resolve(path)
 
 
 def load_examples(path: str, inputs: list[str]):
@@ -39,19 +36,11 @@ def load_examples(path: str, inputs: list[str]):
     return [dspy.Example(**row).with_inputs(*inputs) for row in rows]
 
 
-def teacher_lm(args):
-    import dspy
-
-    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    if args.api_key_env and not api_key:
-        raise SystemExit(f"error: --api-key-env names {args.api_key_env}, which is not set in the environment")
-    return dspy.LM(args.teacher_model, api_base=args.api_base, api_key=api_key or "unused", cache=False)
-
-
 def cmd_bootstrap(args) -> int:
     import dspy
 
     from bootfinetune import BootstrapFinetune
+    from bootfinetune.teachers import teacher_lm
 
     program = import_object(args.program)
     student = program() if isinstance(program, type) else program
@@ -60,7 +49,9 @@ def cmd_bootstrap(args) -> int:
 
     trainset = load_examples(args.trainset, args.inputs)
     started = time.time()
-    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher_lm(args)}, **config_arguments(args))
+    teacher = teacher_lm(args.teacher_model, api_base=args.api_base, api_key_env=args.api_key_env,
+                         default_key="unused", option="--api-key-env")
+    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher}, **config_arguments(args))
     with dspy.context():
         prepared = tp.prepare(student, trainset=trainset)
     s = prepared.bootstrap.summary

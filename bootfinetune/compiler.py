@@ -22,18 +22,21 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
-                                 check_target, lm_identity, target_from_lm, valset_overlap)
+                                 lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config, TrainConfig, identity_options
 from bootfinetune.datasets import DataSummary, build_datasets
 from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
+from bootfinetune.importpath import class_path
+from bootfinetune.jsonio import fingerprint, read_json, write_json
 from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
-from bootfinetune.rebind import base_program, compiled_program, program_class_path, program_state
-from bootfinetune.records import collect_secrets
-from bootfinetune.rundir import RunDir, fingerprint, read_json, run_name_for, write_json
+from bootfinetune.rebind import base_program, compiled_program, program_state
+from bootfinetune.redaction import collect_secrets
+from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.targets import check_target
 from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
                                  trace_identity)
 
@@ -390,7 +393,7 @@ class BootstrapFinetune(Teleprompter):
     def _describe(self, config: Config, plan: ProgramPlan, student, teachers) -> dict[str, Any]:
         """config.json: the resolved options and what the plan decided; never an API key."""
         return {
-            "program_class": program_class_path(student),
+            "program_class": class_path(student),
             "options": config.to_dict(),
             "predictors": plan.predictors,
             "model_keys": {key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}

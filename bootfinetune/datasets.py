@@ -24,8 +24,9 @@ import dspy
 
 from bootfinetune.adapters import answer_problem, finetune_messages, resolve_adapter
 from bootfinetune.checks import ProgramPlan
+from bootfinetune.jsonio import write_jsonl
 from bootfinetune.records import CallRecord
-from bootfinetune.rundir import RunDir, write_jsonl
+from bootfinetune.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

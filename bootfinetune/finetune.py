@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bootfinetune.chat import ends_with_answer
 from bootfinetune.config import RESOURCE_OPTIONS, TrainConfig
 from bootfinetune.errors import FinetuneError
+from bootfinetune.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.render import model_kind, renderer_identity
 from bootfinetune.representable import add_answer_tokens, fit_embeddings
-from bootfinetune.rundir import RunDir, fingerprint, read_json, read_jsonl, write_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.train_loop import DS_DIR, STATE_FILE, train_loop
 
 log = logging.getLogger(__name__)
@@ -448,8 +450,7 @@ def _checked_records(key: str, path: Path) -> list[dict]:
         raise FinetuneError(f"model {key!r}: data file {path} has no records; bootstrapping kept no traces.")
     for i, r in enumerate(records):
         messages = r.get("messages")
-        if not (isinstance(messages, list) and len(messages) >= 2 and isinstance(messages[-1], dict)
-                and messages[-1].get("role") == "assistant"):
+        if not (isinstance(messages, list) and ends_with_answer(messages)):
             raise FinetuneError(f"model {key!r}: {path} line {i + 1} needs 'messages' ending with an assistant turn.")
     return records
 

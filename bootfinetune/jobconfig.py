@@ -34,7 +34,7 @@ from typing import Any
 
 from bootfinetune.config import FIELD_OWNER, Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.rebind import resolve
+from bootfinetune.importpath import resolve
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 TEACHER_KEYS = {"model", "api_base", "api_key_env", "scripted", "temperature", "max_tokens", "num_retries"}

@@ -12,16 +12,15 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Iterator
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.importpath import resolve
 from bootfinetune.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
                                     load_job_config, parse_job_config, resolve_target)
-from bootfinetune.rebind import resolve
 
 log = logging.getLogger("bootfinetune")
 
@@ -33,7 +32,7 @@ class Teacher:
     """The job's teacher LM, and the scripted server behind it when there is one (stopped by `close`)."""
 
     def __init__(self, spec: TeacherSpec | None):
-        import dspy
+        from bootfinetune.teachers import scripted_teacher_lm, teacher_lm
 
         self.server = None
         self.lm = None
@@ -52,11 +51,10 @@ class Teacher:
                 self.server = TeacherServer(resolve(spec.scripted), host=host, port=port).start()
             except OSError:  # taken: any free port (this run will not share a directory with others)
                 self.server = TeacherServer(resolve(spec.scripted), host=host).start()
-            self.lm = dspy.LM("openai/scripted-teacher", api_base=self.server.url, api_key="scripted", cache=False,
-                              **extra)
+            self.lm = scripted_teacher_lm(self.server.url, **extra)
         else:
-            key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-            self.lm = dspy.LM(spec.model, api_base=spec.api_base, api_key=key, cache=False, **extra)
+            self.lm = teacher_lm(spec.model, api_base=spec.api_base, api_key_env=spec.api_key_env,
+                                 option="teacher.api_key_env", **extra)
 
     def close(self) -> None:
         if self.server is not None:
@@ -167,8 +165,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _setup_logging()
     from bootfinetune.jobconfig import parse_set_value
+    from bootfinetune.jsonio import read_json
     from bootfinetune.retrain import retrain
-    from bootfinetune.rundir import read_json
 
     options = {}
     if args.config:
@@ -192,8 +190,8 @@ def main_finetune(argv: list[str] | None = None) -> int:
 
 def _write_program(run: Any, described: dict, config: Config) -> str:
     """program.json for `bootfinetune.load`, when the program class imports here."""
+    from bootfinetune.jsonio import write_json
     from bootfinetune.rebind import program_state, rebind_run
-    from bootfinetune.rundir import write_json
 
     try:
         program = resolve(described["program_class"])()
@@ -213,7 +211,8 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     _setup_logging()
     from bootfinetune import load
     from bootfinetune.evaluate import evaluate_program
-    from bootfinetune.rundir import RunDir, write_json
+    from bootfinetune.jsonio import write_json
+    from bootfinetune.rundir import RunDir
 
     job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
     if job is None:

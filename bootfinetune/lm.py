@@ -38,6 +38,7 @@ import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from bootfinetune.config import InferenceConfig
+from bootfinetune.chat import plain_messages
 from bootfinetune.errors import ProgramError
 from bootfinetune.render import decode_answer, encode_prompt, model_kind
 
@@ -129,7 +130,7 @@ _ADAPTER_NAMES: dict[tuple[str, str], str] = {}
 
 def adapter_name(model_dir: str, files: str) -> str:
     """The name an adapter directory's weights (`files`: their fingerprint) carry in the shared PEFT model."""
-    from bootfinetune.rundir import fingerprint
+    from bootfinetune.jsonio import fingerprint
 
     return "a" + fingerprint([str(Path(model_dir).resolve()), files])
 
@@ -331,14 +332,14 @@ class FinetunedEngine:
                temperature: float | None = None) -> tuple[str, int, int]:
         """One answer: (text, prompt tokens, new tokens). Concurrent callers share batched `generate` calls."""
         limit = int(max_tokens or self.max_tokens)
-        return self._batcher.submit((_plain_messages(messages), limit, float(temperature or 0.0)))
+        return self._batcher.submit((plain_messages(messages), limit, float(temperature or 0.0)))
 
     def generate(self, conversations: list[list[dict]], max_tokens: int | None = None) -> list[str]:
         """Answers many conversations at once (greedy), in batches of `batch_size`."""
         limit = int(max_tokens or self.max_tokens)
         out = []
         for i in range(0, len(conversations), self.batch_size):
-            chunk = [(_plain_messages(c), limit, 0.0) for c in conversations[i:i + self.batch_size]]
+            chunk = [(plain_messages(c), limit, 0.0) for c in conversations[i:i + self.batch_size]]
             out += [text for text, _, _ in self._generate_batch(chunk)]
         return out
 
@@ -462,17 +463,6 @@ def _request_messages(request: Request) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system}] if system is not None else []
     return messages + [{"role": m.role, "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))}
                        for m in request.messages]
-
-
-def _plain_messages(messages: list[Any]) -> list[dict[str, str]]:
-    plain = []
-    for m in messages:
-        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", "user")
-        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", "")
-        if isinstance(content, list):  # content parts: keep the text
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        plain.append({"role": str(role), "content": str(content)})
-    return plain
 
 
 def _until_eos(tokens: list[int], eos: int | None, pad: int | None) -> list[int]:

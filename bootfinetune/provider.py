@@ -38,53 +38,26 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.dspy_api import translate_train_kwargs
+from bootfinetune.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
-from bootfinetune.errors import BootFinetuneError, ConfigError
+from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.rundir import RunDir, fingerprint, run_name_for, write_json, write_jsonl
+from bootfinetune.jsonio import fingerprint, write_json, write_jsonl
+from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.targets import check_target, finetuned_model_id, model_path
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIXES = ("openai/", "hosted_vllm/", "huggingface/", "local:", "bootfinetune:")
-"""Prefixes a DSPy model string may carry before the model directory (stripped in this order)."""
 MODEL_KEY = "all"
 """The model key a provider run trains (one model per call)."""
 PREDICTOR = "lm"
 """The predictor name written into each data row (DSPy hands rows without one)."""
-LOCAL_API_KEY = "local"
-"""The api_key a launched LM carries: the local server checks none, and LiteLLM wants one set."""
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"target"}
 _SERVE_OPTIONS = {"max_tokens", "generate_batch_size", "device"}
 PROVIDER_OPTIONS = _TRAIN_FIELDS | {f.name for f in dataclasses.fields(RunOptions)} | _SERVE_OPTIONS
 """Options a provider takes: how to train, where runs go, and how launched models generate."""
 _LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "batch_size", "trust_remote_code"}
-
-
-class TrainDataError(BootFinetuneError, ValueError):
-    """The training data handed to `finetune` cannot be trained on. `problems` lists what is wrong."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} training data problem(s):\n{lines}")
-
-
-def model_path(model: str) -> str:
-    """The directory (or hub id) a DSPy model string names.
-
-    >>> model_path("openai/local:/models/tiny"), model_path("openai/bootfinetune:runs/x/models/all")
-    ('/models/tiny', 'runs/x/models/all')
-    """
-    for prefix in MODEL_PREFIXES:
-        if model.startswith(prefix):
-            model = model[len(prefix):]
-    return model
-
-
-def finetuned_model_id(model_dir: str | Path) -> str:
-    """The DSPy model string of a finetuned export: `openai/bootfinetune:{dir}`."""
-    return f"openai/bootfinetune:{model_dir}"
 
 
 def resolve_base_model(model: str) -> str:
@@ -142,12 +115,11 @@ def _row_problem(row: Any) -> str | None:
     if not isinstance(messages, list):
         return (f"needs a 'messages' list (got {type(row).__name__} with keys {sorted(row)[:5]})"
                 if isinstance(row, dict) else f"expected a dict with 'messages', got {type(row).__name__}") + "."
-    for j, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
-            return (f"messages[{j}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}; "
-                    f"got {str(m)[:120]}.")
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+    j = first_bad_message(messages, roles=ROLES)
+    if j is not None:
+        return (f"messages[{j}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}; "
+                f"got {str(messages[j])[:120]}.")
+    if not ends_with_answer(messages):
         return (f"'messages' must end with an assistant message (the answer to learn) after the prompt; "
                 f"got roles {[m['role'] for m in messages]}. Append {{'role': 'assistant', 'content': answer}}.")
     return None
@@ -253,7 +225,9 @@ class RayFinetuneProvider(Provider):
         """
         check_train_data(train_data, train_data_format)
         config = self.config(model, train_kwargs)
-        _check_loadable(config)
+        problem = check_target(config.train.target, config.train.trust_remote_code)
+        if problem:  # a broken directory or an unreachable hub id fails before Ray and DeepSpeed start
+            raise ConfigError(problem)
         run = self.run_dir(config, train_data)
         if isinstance(job, RayTrainingJob):
             job.run_dir = run.root
@@ -342,16 +316,3 @@ def _option_problem(name: str) -> str:
     close = difflib.get_close_matches(name, PROVIDER_OPTIONS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown option {name!r}.{hint} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."
-
-
-def _check_loadable(config: Config) -> None:
-    """Reads the base model's config, so a broken directory fails before Ray and DeepSpeed start."""
-    from transformers import AutoConfig
-
-    from bootfinetune.render import model_kind
-
-    try:
-        model_kind(AutoConfig.from_pretrained(config.train.target, trust_remote_code=config.train.trust_remote_code))
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... all mean "cannot load"
-        raise ConfigError(f"model {config.train.target!r} cannot be loaded ({type(exc).__name__}: {exc}); give a "
-                          f"Hugging Face model directory or a hub id this machine can reach.") from exc

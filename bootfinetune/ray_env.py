@@ -57,7 +57,7 @@ def is_reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-               log_to_driver: bool = True) -> str:
+               log_to_driver: bool = True, env_vars: dict[str, str] | None = None) -> str:
     """Connects to Ray once, by the rule in this module's docstring, and says how.
 
     Args:
@@ -65,6 +65,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
             None reads `$RAY_ADDRESS`, then looks for a cluster running on this machine.
         num_cpus, num_gpus: Resources of a new local cluster; ignored (with a log line) when joining one.
         log_to_driver: Whether workers' output is printed by this process.
+        env_vars: More environment for this process's Ray workers, on top of `WORKER_ENV`
+            (tests and benchmarks pin `OMP_NUM_THREADS`, for example).
 
     Returns:
         One line for the user: which cluster this process joined or started (or was already on).
@@ -75,7 +77,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
         os.environ.setdefault(name, value)
     if ray.is_initialized():
         return f"Ray: already connected: {_describe(ray.cluster_resources())}"
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": log_to_driver}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {**WORKER_ENV, **(env_vars or {})}},
+                              "log_to_driver": log_to_driver}
     resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "local":

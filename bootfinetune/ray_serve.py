@@ -27,16 +27,16 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from bootfinetune.config import InferenceConfig
+from bootfinetune.chat import plain_messages
 from bootfinetune.errors import ProgramError
-from bootfinetune.lm import FinetunedEngine, _plain_messages
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.jsonio import read_json
+from bootfinetune.lm import FinetunedEngine
+from bootfinetune.rundir import RunDir
 from bootfinetune.serve import BadRequest, Completion, check_chat_request, completion_body
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "bootfinetune"
-LOCAL_API_KEY = "local"
-"""What a client sends as api_key: the server checks none (it listens on 127.0.0.1 by default)."""
 
 api = FastAPI(title="bootfinetune")
 
@@ -110,7 +110,7 @@ class ChatDeployment:
         for i, item in enumerate(items):
             by_model.setdefault(item[0], []).append(i)
         for name, rows in by_model.items():
-            requests = [(_plain_messages(items[i][1]), items[i][2], items[i][3]) for i in rows]
+            requests = [(plain_messages(items[i][1]), items[i][2], items[i][3]) for i in rows]
             answers = await asyncio.to_thread(self.lms[name]._generate_batch, requests)
             for i, answer in zip(rows, answers):
                 results[i] = answer

@@ -10,18 +10,20 @@ with (`adapters.scope_adapter`).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 import dspy
 
 from bootfinetune.adapters import adapter_from_spec, scope_adapter
+from bootfinetune.chat import LOCAL_API_KEY
 from bootfinetune.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
+from bootfinetune.importpath import resolve
+from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedLM
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.rundir import RunDir
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
@@ -83,21 +85,6 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
     return state
 
 
-def program_class_path(program: Any) -> str:
-    """`module:QualName` of a program's (or any object's) class, as `resolve` reads it back."""
-    cls = type(program)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def resolve(path: str) -> Any:
-    """The object an import path `package.module:attr.sub` names (as `program_class_path` writes them)."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, inference: InferenceConfig,
                exclude_demos: bool = False, adapter: Any = None) -> dspy.Module:
     """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
@@ -156,7 +143,7 @@ def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: st
     The adapter is the one config.json records unless `adapter` is given.
     """
     keys = described["model_keys"]
-    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key="local", cache=False,
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
     key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,27 +128,3 @@ def example_to_json(example: dspy.Example) -> str:
 def example_from_json(text: str) -> dspy.Example:
     data = json.loads(text)
     return dspy.Example(**data["fields"]).with_inputs(*data["inputs"])
-
-
-_SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
-
-
-def collect_secrets(*lms: Any) -> list[str]:
-    """API keys held by LMs, plus values of environment variables named like secrets."""
-    secrets = set()
-    for lm in lms:
-        kwargs = getattr(lm, "kwargs", None) or {}
-        for name in ("api_key", "api_token", "token"):
-            if isinstance(kwargs.get(name), str):
-                secrets.add(kwargs[name])
-    for name, value in os.environ.items():
-        if _SECRET_ENV.search(name) and value:
-            secrets.add(value)
-    return sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True)
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """Replaces every secret in text by `***`."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text

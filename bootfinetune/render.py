@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
-from bootfinetune.rundir import fingerprint
+from bootfinetune.chat import ends_with_answer, first_bad_message
+from bootfinetune.jsonio import fingerprint
 
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt tokens and padding)."""
@@ -266,10 +267,8 @@ def _keep_tail(ids: list[int], n: int) -> list[int]:
 
 
 def _check_messages(messages: Any, need_answer: bool) -> None:
-    if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+    if not isinstance(messages, (list, tuple)) or first_bad_message(messages) is not None:
         raise ValueError("messages must be a list of {'role': str, 'content': str} dicts.")
-    if need_answer and (len(messages) < 2 or messages[-1]["role"] != "assistant"):
+    if need_answer and not ends_with_answer(messages):
         raise ValueError("a training record needs a prompt and a final assistant message (the answer); "
                          f"got roles {[m['role'] for m in messages]}.")

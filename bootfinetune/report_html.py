@@ -204,9 +204,9 @@ table.facts th{font-weight:500;color:#374151}.chart{display:block;margin:8px 0}
 
 def write_report_html(run: RunDir, *, title: str | None = None) -> Path:
     """Writes `report.html` beside `report.json` and returns its path."""
-    from bootfinetune.rundir import _atomic_write
+    from bootfinetune.jsonio import atomic_write
 
     report = {**run.read_report(), "run_dir": str(run.root)}
     path = run.root / "report.html"
-    _atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
+    atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
     return path

@@ -155,7 +155,7 @@ def plan_for_files(key: str, target: str, files: Iterable[Any], parse: Parse = l
 
     from transformers import AutoTokenizer
 
-    from bootfinetune.rundir import read_jsonl
+    from bootfinetune.jsonio import read_jsonl
 
     # a missing file is reported by the stage that needs it; here there is just nothing to check
     records = [r for f in files if f is not None and Path(f).exists() for r in read_jsonl(f)]

@@ -24,7 +24,8 @@ from bootfinetune.compiler import run_name_of
 from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
 from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.rundir import RunDir, read_json, write_json
+from bootfinetune.jsonio import read_json, write_json
+from bootfinetune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

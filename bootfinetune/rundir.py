@@ -11,8 +11,8 @@
   program.json       the compiled program's state
 ```
 
-Files are written to a temporary name and renamed, so a crash never leaves a half file
-where a finished one is expected.
+Files are written to a temporary name and renamed (`bootfinetune.jsonio`), so a crash never
+leaves a half file where a finished one is expected.
 
 `storage_path` may also be a cloud URI (`s3://`, `gs://`): `root` is then a local mirror of
 `{uri}/{run_name}` (see `bootfinetune.storage`), `pull()` fetches the URI's files into it and
@@ -21,20 +21,14 @@ where a finished one is expected.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-
-def fingerprint(value: Any) -> str:
-    """A stable hash of a JSON-able value (keys sorted), 12 hex digits."""
-    blob = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+from bootfinetune import storage
+from bootfinetune.jsonio import fingerprint, read_json, write_json
 
 
 def run_name_for(program_name: str, inputs: Any) -> str:
@@ -47,44 +41,6 @@ def run_name_for(program_name: str, inputs: Any) -> str:
     return f"{slug}-{fingerprint(inputs)}"
 
 
-def write_json(path: Path, value: Any) -> None:
-    _atomic_write(path, json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False, sort_keys=False) for r in rows]
-    _atomic_write(path, "".join(line + "\n" for line in lines))
-    return len(lines)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return list(iter_jsonl(path))
-
-
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class RunDir:
     """Paths inside one run directory. Nothing is created until a stage writes."""
@@ -95,21 +51,14 @@ class RunDir:
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
-        from bootfinetune.storage import is_uri, join_uri, mirror_of
-
-        if is_uri(storage_path):
-            remote = join_uri(storage_path, run_name)
-            return cls(mirror_of(remote), remote)
-        return cls(Path(storage_path).expanduser().resolve() / run_name)
+        return cls(*storage.place(storage_path, run_name))
 
     @classmethod
     def from_location(cls, location: str | os.PathLike) -> "RunDir":
         """A run directory named by its folder or its URI (`s3://bucket/runs/Name-1a2b3c`)."""
-        from bootfinetune.storage import is_uri, mirror_of
-
         text = str(location)
-        if is_uri(text):
-            return cls(mirror_of(text), text)
+        if storage.is_uri(text):
+            return cls(storage.mirror_of(text), text)
         return cls(Path(text).expanduser().resolve())
 
     def sibling(self, run_name: str) -> "RunDir":
@@ -118,12 +67,10 @@ class RunDir:
             return RunDir(self.root.parent / run_name)
         from urllib.parse import urlsplit, urlunsplit
 
-        from bootfinetune.storage import mirror_of
-
         s = urlsplit(self.remote)
         parent = s.path.rstrip("/").rpartition("/")[0]
         remote = urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment))
-        return RunDir(mirror_of(remote), remote)
+        return RunDir(storage.mirror_of(remote), remote)
 
     @property
     def location(self) -> str:
@@ -134,25 +81,19 @@ class RunDir:
         """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""
         if self.remote is None:
             return 0
-        from bootfinetune.storage import pull
-
-        return pull(self.remote, self.root)
+        return storage.pull(self.remote, self.root)
 
     def sync(self) -> int:
         """Uploads what changed in the mirror to the URI (markers last); 0 for a folder."""
         if self.remote is None:
             return 0
-        from bootfinetune.storage import push
-
-        return push(self.root, self.remote)
+        return storage.push(self.root, self.remote)
 
     def checkpoint_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
         if self.remote is None:
             return str(self.checkpoints_dir()), None
-        from bootfinetune.storage import filesystem, join_uri
-
-        fs, path = filesystem(join_uri(self.remote, "checkpoints"))
+        fs, path = storage.filesystem(storage.join_uri(self.remote, "checkpoints"))
         return path, fs
 
     def remove_checkpoints(self, key: str) -> None:
@@ -161,17 +102,13 @@ class RunDir:
 
         shutil.rmtree(self.checkpoints_dir() / key, ignore_errors=True)
         if self.remote is not None:
-            from bootfinetune.storage import join_uri, remove
-
-            remove(join_uri(self.remote, "checkpoints", key))
+            storage.remove(storage.join_uri(self.remote, "checkpoints", key))
 
     def model_uri(self, key: str) -> str | None:
         """models/{key} on the URI, or None for a folder."""
         if self.remote is None:
             return None
-        from bootfinetune.storage import join_uri
-
-        return join_uri(self.remote, "models", key)
+        return storage.join_uri(self.remote, "models", key)
 
     @property
     def name(self) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bootfinetune.config import InferenceConfig
+from bootfinetune.chat import first_bad_message
 from bootfinetune.lm import FinetunedEngine, unload_model
 
 
@@ -76,11 +77,10 @@ def check_chat_request(request: Any) -> dict[str, Any]:
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest('messages: must be a non-empty list of {"role", "content"} objects.')
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), (str, list))):
-            raise BadRequest(f'messages[{i}]: must be an object with a string "role" and a string (or list of '
-                             f'text parts) "content"; got {json.dumps(m)[:200]}.')
+    i = first_bad_message(messages, text_parts=True)
+    if i is not None:
+        raise BadRequest(f'messages[{i}]: must be an object with a string "role" and a string (or list of '
+                         f'text parts) "content"; got {json.dumps(messages[i])[:200]}.')
     n = request.get("n", 1)
     if n is None:
         n = 1

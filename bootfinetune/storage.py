@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from bootfinetune.rundir import read_json, write_json
+from bootfinetune.jsonio import read_json, write_json
+from bootfinetune.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,16 @@ def join_uri(uri: str, *parts: str) -> str:
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
 
 
-def redact(uri: str) -> str:
-    """The URI without its query string (where a careless user might have put a key), for logs."""
-    s = urlsplit(uri)
-    return urlunsplit((s.scheme, s.netloc, s.path, "", ""))
+def place(storage_path: str, *parts: str) -> tuple[Path, str | None]:
+    """(local folder, URI or None) of `parts` under `storage_path`: the folder itself, or a URI's local mirror.
+
+    >>> place("/tmp/runs", "R-1")
+    (PosixPath('/tmp/runs/R-1'), None)
+    """
+    if is_uri(storage_path):
+        remote = join_uri(storage_path, *parts)
+        return mirror_of(remote), remote
+    return Path(storage_path).expanduser().resolve().joinpath(*parts), None
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
@@ -185,7 +192,7 @@ def _pull(uri: str, local: Path) -> int:
         fetched += 1
     write_json(local / SYNC_STATE, state)
     if fetched:
-        log.info("storage: %d file(s) from %s into %s", fetched, redact(uri), local)
+        log.info("storage: %d file(s) from %s into %s", fetched, redact_uri(uri), local)
     return fetched
 
 
@@ -225,7 +232,7 @@ def _push(local: Path, uri: str) -> int:
     with fs.open_output_stream(f"{base}/{INDEX}") as out:
         out.write(json.dumps(index, sort_keys=True).encode())
     write_json(local / SYNC_STATE, state)
-    log.info("storage: %d file(s) from %s to %s", len(changed), local, redact(uri))
+    log.info("storage: %d file(s) from %s to %s", len(changed), local, redact_uri(uri))
     return len(changed)
 
 
@@ -248,6 +255,6 @@ def check_writable(uri: str) -> str | None:
             out.write(b"ok")
         fs.delete_file(probe)
     except Exception as e:  # pyarrow raises OSError/ArrowInvalid variants
-        return (f"storage_path={redact(uri)!r}: cannot write there ({type(e).__name__}: {str(e)[:200]}); check the "
+        return (f"storage_path={redact_uri(uri)!r}: cannot write there ({type(e).__name__}: {str(e)[:200]}); check the "
                 f"bucket name, the endpoint (?endpoint_override=... or AWS_ENDPOINT_URL) and the credentials.")
     return None

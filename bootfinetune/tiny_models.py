@@ -16,7 +16,7 @@ import string
 from pathlib import Path
 from typing import Sequence
 
-from bootfinetune.rundir import fingerprint, read_json, write_json
+from bootfinetune.jsonio import fingerprint, read_json, write_json
 
 STAMP = "bootfinetune_tiny.json"
 """File written last in a built directory: the arguments it was built with."""

@@ -38,8 +38,9 @@ from typing import Any, Callable
 import dspy
 
 from bootfinetune.checks import callable_identity, lm_identity, program_identity
+from bootfinetune.jsonio import fingerprint, write_json
 from bootfinetune.records import example_to_json
-from bootfinetune.rundir import fingerprint, run_name_for, write_json
+from bootfinetune.rundir import run_name_for
 
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""
@@ -159,14 +160,9 @@ class TraceStore:
     @classmethod
     def at(cls, storage_path: str, program_name: str, identity: dict[str, Any]) -> "TraceStore":
         """The store for `identity` under `storage_path`; its identity.json is written when missing."""
-        from bootfinetune.storage import is_uri, join_uri, mirror_of
+        from bootfinetune.storage import place
 
-        name = run_name_for(program_name, identity)
-        if is_uri(storage_path):
-            remote = join_uri(storage_path, TRACES_DIR, name)
-            store = cls(mirror_of(remote), remote)
-        else:
-            store = cls(Path(storage_path).expanduser().resolve() / TRACES_DIR / name)
+        store = cls(*place(storage_path, TRACES_DIR, run_name_for(program_name, identity)))
         store.pull()
         if not (store.root / IDENTITY).exists():  # fingerprints only: an LM's options may hold credentials
             write_json(store.root / IDENTITY, {"trace_id": trace_id(identity),

@@ -33,9 +33,9 @@ from typing import Any
 from bootfinetune.config import TrainConfig
 from bootfinetune.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.answer_head import answer_logits_only, answer_positions
+from bootfinetune.jsonio import read_jsonl
 from bootfinetune.render import Encoded, collate, encode_records, model_kind
 from bootfinetune.representable import add_answer_tokens, fit_embeddings
-from bootfinetune.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def _write_checkpoint(path: Path, engine: Any, state: LoopState, epoch: int, ran
 
     engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
     if rank == 0:  # written last: its presence means the checkpoint is whole
-        from bootfinetune.rundir import write_json
+        from bootfinetune.jsonio import write_json
 
         write_json(path / STATE_FILE, asdict(state))
     dist.barrier()

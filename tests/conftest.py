@@ -35,14 +35,13 @@ def ray_cluster():
     """A local Ray cluster shared by every integration test (starting Ray costs seconds)."""
     import ray
 
-    if not ray.is_initialized():
-        # 8 logical CPUs on a 2-core machine: bootstrap actors mostly wait on HTTP, and two
-        # training workers plus actors must fit side by side.
-        # address="local": always a cluster of the session's own, even where a `ray start` runs (or left a
-        # stale pointer), which would otherwise be joined or fail the start.
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                                           "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
+    from bootfinetune.ray_env import ensure_ray
+
+    # 8 logical CPUs on a 2-core machine: bootstrap actors mostly wait on HTTP, and two
+    # training workers plus actors must fit side by side.
+    # address="local": always a cluster of the session's own, even where a `ray start` runs (or left a
+    # stale pointer), which would otherwise be joined or fail the start.
+    ensure_ray("local", num_cpus=8, log_to_driver=False, env_vars={"OMP_NUM_THREADS": "1"})
     yield ray
     ray.shutdown()
 

@@ -136,14 +136,15 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import dspy
     import transformers
 
     from bootfinetune import BootstrapFinetune
 
     transformers.utils.logging.disable_progress_bar()  # weight loading bars would bury the stage lines
     from bootfinetune.demo.task import ShippingRouter, make_datasets, metric, teacher_script
+    from bootfinetune.errors import ConfigError
     from bootfinetune.teacher_server import TeacherServer
+    from bootfinetune.teachers import scripted_teacher_lm, teacher_lm
 
     def say(message: str) -> None:
         print(f"[demo {time.time() - started:6.1f}s] {message}", flush=True)
@@ -162,15 +163,16 @@ def _run(args: argparse.Namespace) -> int:
 
     server = None
     if args.teacher:
-        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        if args.api_key_env and not api_key:
-            print(f"error: --api-key-env names {args.api_key_env}, which is not set", file=sys.stderr)
+        try:
+            teacher = teacher_lm(args.teacher, api_base=args.api_base, api_key_env=args.api_key_env,
+                                 option="--api-key-env")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        teacher = dspy.LM(args.teacher, api_base=args.api_base, api_key=api_key, cache=False)
         say(f"teacher: {args.teacher}{' at ' + args.api_base if args.api_base else ''}")
     else:
         server = TeacherServer(teacher_script, latency=args.teacher_latency).start()
-        teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local-demo", cache=False)
+        teacher = scripted_teacher_lm(server.url)
         say(f"teacher: scripted stand-in for a large model at {server.url} (an OpenAI-compatible endpoint)")
 
     import ray

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from bootfinetune.config import TrainConfig
-from bootfinetune.rundir import write_jsonl
+from bootfinetune.jsonio import write_jsonl
 from bootfinetune.tiny_models import build_tiny_causal, toy_records
 from bootfinetune.train_loop import train_loop
 

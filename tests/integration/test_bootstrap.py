@@ -10,7 +10,7 @@ import pytest
 from dspy.dsp.utils import dotdict
 
 from bootfinetune import BootstrapError, BootstrapFinetune
-from bootfinetune.rundir import read_json, read_jsonl
+from bootfinetune.jsonio import read_json, read_jsonl
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import pytest
 import bootfinetune
 from bootfinetune import BootstrapFinetune
 from bootfinetune.errors import ConfigError
+from bootfinetune.jsonio import read_json
 from bootfinetune.lm import finetuned_engine
-from bootfinetune.rundir import read_json
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.integration.test_compile import greedy_outputs

@@ -11,8 +11,8 @@ import pytest
 from dspy.utils.exceptions import AdapterParseError
 
 from bootfinetune import BootstrapFinetune
+from bootfinetune.jsonio import read_json, read_jsonl
 from bootfinetune.lm import finetuned_engine
-from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5
 from tests.programs import RAG, TwoStep, color_rm, rag_examples, rag_script, two_step_examples, two_step_metric

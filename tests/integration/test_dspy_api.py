@@ -11,7 +11,7 @@ from dspy.utils.exceptions import AdapterParseError
 import bootfinetune
 from bootfinetune import BootstrapFinetune
 from bootfinetune.adapters import adapter_of
-from bootfinetune.rundir import read_json, read_jsonl
+from bootfinetune.jsonio import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.programs import RAG, TwoStep, color_rm, rag_examples, rag_script, two_step_examples

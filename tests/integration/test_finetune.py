@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.finetune import FinetuneJob, finetune_models, split_records
+from bootfinetune.jsonio import read_json, read_jsonl, write_jsonl
 from bootfinetune.render import collate, encode_prompt, encode_records
-from bootfinetune.rundir import RunDir, read_json, read_jsonl, write_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 pytestmark = pytest.mark.integration
@@ -168,13 +169,14 @@ def test_more_models_than_the_cluster_fits_are_queued_not_failed(ray_cluster, ta
 
 
 DRIVER = textwrap.dedent("""
-    import sys, ray
+    import sys
     from pathlib import Path
     from bootfinetune.config import TrainConfig
     from bootfinetune.finetune import FinetuneJob, finetune_models
+    from bootfinetune.ray_env import ensure_ray
     from bootfinetune.rundir import RunDir
     address, root, target = sys.argv[1:4]
-    ray.init(address=address, log_to_driver=False)
+    ensure_ray(address, log_to_driver=False)
     run = RunDir(Path(root))
     config = TrainConfig(**__import__("json").loads(sys.argv[4]))
     finetune_models(run, [FinetuneJob("all", target, ("all",), run.data_file("all"))], config)

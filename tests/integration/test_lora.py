@@ -7,10 +7,10 @@ import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import InferenceConfig
+from bootfinetune.jsonio import read_json
 from bootfinetune.lm import finetuned_engine, load_model
 from bootfinetune.lora import adapter_base, is_adapter, merge_adapter, resident_kib
 from bootfinetune.rebind import rebind
-from bootfinetune.rundir import read_json
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.integration.test_compile import greedy_outputs

@@ -13,8 +13,8 @@ from dspy.clients.utils_finetune import TrainingStatus
 from dspy.utils.exceptions import AdapterParseError
 
 from bootfinetune import RayFinetuneProvider
+from bootfinetune.jsonio import read_json, read_jsonl
 from bootfinetune.provider import LOCAL_API_KEY, finetuned_model_id, model_path
-from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.serve import served_model, stop_model
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal, toy_records

@@ -15,8 +15,8 @@ from dspy.utils.exceptions import AdapterParseError
 from transformers import AutoTokenizer
 
 from bootfinetune import BootstrapFinetune, finetuned_engine
+from bootfinetune.jsonio import read_json, read_jsonl
 from bootfinetune.representable import roundtrip
-from bootfinetune.rundir import read_json, read_jsonl
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import DEFAULT_CORPUS, build_tiny_t5
 from tests.programs import RAG, color_rm, rag_examples, rag_script

@@ -12,7 +12,8 @@ import pytest
 
 from bootfinetune.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
-from bootfinetune.rundir import RunDir, read_json, read_jsonl
+from bootfinetune.jsonio import read_json, read_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.teacher_server import TeacherServer
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 

@@ -11,7 +11,8 @@ import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.jobs import main_finetune
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.jsonio import read_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 

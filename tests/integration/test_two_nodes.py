@@ -23,6 +23,7 @@ import json, sys
 import dspy, ray
 from ray.cluster_utils import Cluster
 from bootfinetune import BootstrapFinetune
+from bootfinetune.ray_env import ensure_ray
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
@@ -31,9 +32,7 @@ out = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
-ray.init(address=cluster.address, log_to_driver=False,
-         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                                   "LITELLM_LOCAL_MODEL_COST_MAP": "true"}})
+ensure_ray(cluster.address, log_to_driver=False, env_vars={"OMP_NUM_THREADS": "1"})
 nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
 target = str(build_tiny_causal(out + "/tiny"))
 with TeacherServer(two_step_script) as server:

@@ -19,7 +19,8 @@ import pytest
 
 from bootfinetune.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
-from bootfinetune.rundir import RunDir, read_json
+from bootfinetune.jsonio import read_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.teacher_server import TeacherServer
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.programs import DiesOnce, TwoStep, two_step_examples, two_step_metric, two_step_script

@@ -13,8 +13,9 @@ from bootfinetune.adapters import (adapter_from_spec, adapter_of, adapter_option
 from bootfinetune.checks import check_program
 from bootfinetune.datasets import build_datasets
 from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.jsonio import read_jsonl
 from bootfinetune.records import CallRecord
-from bootfinetune.rundir import RunDir, read_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.teacher_server import TeacherServer, answer_format, parse_chat_request
 from tests.programs import TwoStep, two_step_script
 

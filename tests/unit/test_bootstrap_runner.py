@@ -8,8 +8,9 @@ import pytest
 from bootfinetune.bootstrap import TeacherRunner, is_kept
 from bootfinetune.checks import check_program
 from bootfinetune.datasets import build_datasets
+from bootfinetune.jsonio import read_jsonl
 from bootfinetune.records import CallRecord, example_to_json
-from bootfinetune.rundir import RunDir, read_jsonl
+from bootfinetune.rundir import RunDir
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 

@@ -138,7 +138,7 @@ def test_valset_overlap_counts_shared_inputs():
 
 
 def test_target_path_typo_and_unreachable_hub_id_are_told_apart(tmp_path, monkeypatch):
-    from bootfinetune.checks import check_target
+    from bootfinetune.targets import check_target
     from bootfinetune.tiny_models import build_tiny_causal
 
     real = build_tiny_causal(tmp_path / "tiny-llama")

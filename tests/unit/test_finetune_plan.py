@@ -8,7 +8,8 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.finetune import (FinetuneJob, _best_epoch, finished_manifest, fits, load_job_data, split_records,
                                    worker_resources)
-from bootfinetune.rundir import RunDir, write_json, write_jsonl
+from bootfinetune.jsonio import write_json, write_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.tiny_models import toy_records
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bootfinetune.config import TrainConfig
-from bootfinetune.rundir import write_jsonl
+from bootfinetune.jsonio import write_jsonl
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 from bootfinetune.train_loop import train_loop
 

@@ -13,10 +13,11 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import ConfigError
 from bootfinetune.finetune import FinetuneJob, decide_tokens, finetune_models
+from bootfinetune.jsonio import write_jsonl
 from bootfinetune.render import decode_answer
 from bootfinetune.representable import (adapter_parse, add_answer_tokens, check_lora, fit_embeddings, layout_parse,
                                         lost_characters, plan_tokens, raise_if_unfixable, roundtrip)
-from bootfinetune.rundir import RunDir, write_jsonl
+from bootfinetune.rundir import RunDir
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5
 
 SIGNATURE = dspy.ChainOfThought("context, question -> answer").predict.signature

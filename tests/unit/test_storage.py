@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from bootfinetune.rundir import RunDir, read_json, write_json
+from bootfinetune.jsonio import read_json, write_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.storage import filesystem, is_uri, join_uri, mirror_of, pull, push
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.rundir import RunDir, fingerprint
+from bootfinetune.jsonio import fingerprint
+from bootfinetune.rundir import RunDir
 from bootfinetune.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
                                  trace_identity)
 from tests.programs import TwoStep, two_step_examples, two_step_metric
