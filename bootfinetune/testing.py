@@ -5,9 +5,12 @@ its documented seams only:
 
 - `FaultyTeacherServer`: a `TeacherServer` that plays a flaky hosted model (429, 500, 503,
   timeouts, garbage, dropped connections), through `ChatServer.handler_class` and `TeacherServer.answer`;
+- `FailOnce`: a `LoopConfig.on_step` hook that SIGKILLs one training worker once, mid epoch
+  (`finetune_models(..., hooks={"all": {"on_step": FailOnce(marker)}})`);
 - `resident_kib`: the resident memory that loading model directories adds (the LoRA test, `bench/lora_memory.py`).
 
-It lives in the package, not under tests/, because the benchmarks import `resident_kib`.
+It lives in the package, not under tests/, because Ray workers unpickle `FailOnce` and the
+benchmarks import `resident_kib`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from bootfinetune.serve import ChatHandler
 from bootfinetune.teacher_server import Script, TeacherServer, parse_chat_request
+from bootfinetune.train_loop import StepInfo
 
 Faults = Callable[[dict[str, str], int], "str | None"]
 """(input field values, attempt number of this very prompt, from 1) -> a fault to inject, or None.
@@ -112,6 +118,33 @@ class FaultyTeacherServer(TeacherServer):
             time.sleep(self.slow_seconds)
             return super().answer(messages)
         return GARBAGE
+
+
+@dataclass(frozen=True)
+class FailOnce:
+    """A `LoopConfig.on_step` hook: the last rank's worker process dies once, mid epoch, after a checkpoint.
+
+    At the middle micro batch of an epoch after the one this start of the loop began at, the last
+    rank creates `marker` and SIGKILLs its own process, unless `marker` already exists (so it
+    fails once across restarts).
+    """
+
+    marker: str
+
+    def __call__(self, step: StepInfo) -> None:
+        if step.step != step.micro_batches // 2 or step.epoch <= step.start_epoch or step.rank != step.world - 1:
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        # The worker process dies as under an OOM kill or a lost node: no exception, no cleanup. It waits a
+        # few seconds first: Ray Train registers a checkpoint once its controller has polled every rank's
+        # report, and a rank killed within that poll interval takes the last report with it (the run then
+        # restarts from the checkpoint before).
+        time.sleep(3)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _RESIDENT_SCRIPT = r"""

@@ -21,14 +21,13 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.distributed import all_reduce, process_group, rank_nodes, set_threads
@@ -47,9 +46,25 @@ BUCKET_FACTOR = 16
 """Micro batches per length bucket: examples are sorted by length within buckets this big."""
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is, as `LoopConfig.on_step` sees it after each micro batch."""
+
+    epoch: int
+    """The epoch, from 0."""
+    step: int
+    """The micro batch within the epoch, from 0."""
+    micro_batches: int
+    """Micro batches per epoch (the same on every rank)."""
+    start_epoch: int
+    """The epoch this (re)start of the loop began at (0 = from scratch)."""
+    rank: int
+    world: int
+
+
 @dataclass
 class LoopConfig:
-    """What one worker needs. Plain values only: it travels to every Ray Train worker."""
+    """What one worker needs. Plain values (and a picklable `on_step`): it travels to every Ray Train worker."""
 
     target: str
     """Model id or local directory to start from."""
@@ -75,9 +90,9 @@ class LoopConfig:
     """Ray namespace of that actor."""
     progress_key: str = "model"
     """The model key shown beside the progress."""
-    fail_once_marker: str | None = None
-    """Test hook: after the first step following this run's first checkpoint, the last rank
-    creates this file and raises, unless the file already exists (so it fails once)."""
+    on_step: Callable[[StepInfo], None] | None = None
+    """Called on every rank after each micro batch (instrumentation, fault injection: see
+    `testing.FailOnce`); it must pickle, since it travels to every worker."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -255,8 +270,8 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                         if on_curve:
                             state.loss_curve.append([step, round(mean, 5)])
                         reporter.report(step, total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
-                if cfg.fail_once_marker and i == n_micro // 2 and epoch > state.starts[-1]["epoch"]:
-                    _maybe_fail(cfg.fail_once_marker, rank, world)
+                if cfg.on_step is not None:
+                    cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))
             train_seconds = time.time() - t0
             mean_loss, answer_toks, toks, padded = all_reduce(
                 [float(loss_sum) / max(1, n_micro), answer_toks, toks, padded], device, "sum")
@@ -473,21 +488,3 @@ def _normalise(rows: list[dict]) -> list[dict]:
         out.append({"messages": messages, "row": int(r.get("row", i))})
     return sorted(out, key=lambda r: r["row"])
 
-
-def _maybe_fail(marker: str, rank: int, world: int) -> None:
-    if rank != world - 1:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    # The worker process dies as under an OOM kill or a lost node: no exception, no cleanup. It waits a
-    # few seconds first: Ray Train registers a checkpoint once its controller has polled every rank's
-    # report, and a rank killed within that poll interval takes the last report with it (the run then
-    # restarts from the checkpoint before).
-    import signal
-
-    time.sleep(3)
-
-    os.kill(os.getpid(), signal.SIGKILL)
