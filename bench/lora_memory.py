@@ -65,7 +65,7 @@ def main() -> None:
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         adapter_mb = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
-        from bootfinetune.lora import resident_kib
+        from bootfinetune.testing import resident_kib
 
         shared = resident_kib(adapters)
         full = resident_kib(merged)

@@ -72,8 +72,8 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
         run: The run directory (checkpoints/ and models/ are written).
         jobs: One job per model key.
         config: Training options, shared by every job (each job has its own target).
-        hooks: Test hooks per key, merged into that key's loop config (e.g.
-            `{"all": {"fail_once_marker": "/tmp/x"}}`); not for normal use.
+        hooks: Extra `LoopConfig` fields per key, merged into that key's loop config (e.g.
+            `{"all": {"on_step": testing.FailOnce("/tmp/x")}}` in the fault tests); not for normal use.
 
     Returns:
         Each key's manifest.

@@ -10,14 +10,14 @@ and `GET /health`, each request on its own thread. What answers is one method,
     lm = dspy.LM("openai/bootfinetune:runs/...", api_base=server.url, api_key="local")
 
 A request that cannot be answered as sent (bad JSON, no messages, a bad `n`) gets a 400
-naming the field; a failure while answering gets a 500 with the error.
+naming the field; a failure while answering gets a 500 with the error. A subclass answers other
+failures its own way through `ChatServer.handler_class` (`bootfinetune.testing` injects faults so).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import socket
 import threading
 import time
 from collections import deque
@@ -43,18 +43,6 @@ class Completion:
     """Tokens generated."""
     finish_reason: str = "stop"
     """"stop" (the model ended its answer) or "length" (it hit max_tokens)."""
-
-
-class HTTPFault(Exception):
-    """Raised by `complete` to answer with an HTTP error (fault injection: 429, 500, 503...)."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
-
-
-class DropConnection(Exception):
-    """Raised by `complete` to close the connection without any answer (fault injection)."""
 
 
 class BadRequest(ValueError):
@@ -99,6 +87,73 @@ def check_chat_request(request: Any) -> dict[str, Any]:
     return {**request, "n": n}
 
 
+class ChatHandler(BaseHTTPRequestHandler):
+    """The HTTP side of a `ChatServer`: routes, JSON bodies and status codes.
+
+    Each server serves a subclass bound to itself (`chat`). `send_failure` decides how a request
+    whose answer raised is answered; a subclass may override it (see `ChatServer.handler_class`).
+    """
+
+    chat: ChatServer
+    """The server whose `respond` answers chat requests."""
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle's algorithm on, the body waits for the
+    # client's delayed ACK of the headers (about 40 ms on Linux) on every kept-alive request.
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):  # keep test and demo output clean
+        pass
+
+    def _send(self, code: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, code: int, message: str, kind: str) -> None:
+        self._send(code, {"error": {"message": message, "type": kind}})
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path.endswith("/models"):
+            self._send(200, {"object": "list", "data": [{"id": self.chat.model_name, "object": "model"}]})
+        elif path.endswith("/stats"):
+            self._send(200, self.chat.stats())
+        elif path.endswith("/health"):
+            self._send(200, {"status": "ok"})
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)  # read it all, so the connection stays usable after an error
+        if not self.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions"):
+            self._error(404, f"no route {self.path}; POST /v1/chat/completions", "not_found")
+            return
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError as exc:
+            self._error(400, f"the body is not valid JSON ({exc}); send a chat.completions request.",
+                        "invalid_request_error")
+            return
+        try:
+            payload = self.chat.respond(request)
+        except Exception as exc:
+            self.send_failure(exc)
+        else:
+            self._send(200, payload)
+
+    def send_failure(self, exc: Exception) -> None:
+        """Answers a request whose `respond` raised: a 400 for `BadRequest`, else a 500 with the error,
+        as a real server would answer."""
+        if isinstance(exc, BadRequest):
+            self._error(400, str(exc), "invalid_request_error")
+        else:
+            self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
 class ChatServer:
     """An OpenAI-compatible chat endpoint on a background thread; `complete` decides the answers.
 
@@ -108,6 +163,10 @@ class ChatServer:
         model_name: Name listed by `/v1/models` and reported when a request names none.
     """
 
+    handler_class: type[ChatHandler] = ChatHandler
+    """The request handler; a subclass may name its own, e.g. to answer some exceptions from
+    `complete` with other status codes."""
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "model"):
         self.model_name = model_name
         self.calls = 0
@@ -116,7 +175,7 @@ class ChatServer:
         """The messages of the latest accepted requests, newest last (for tests and debugging)."""
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
+        self._httpd = ThreadingHTTPServer((host, port), type("Handler", (self.handler_class,), {"chat": self}))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -178,77 +237,6 @@ def completion_body(model: str, choices: list[Completion], completion_id: str) -
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
-
-
-def _handler_class(server: ChatServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; with Nagle's algorithm on, the body waits for the
-        # client's delayed ACK of the headers (about 40 ms on Linux) on every kept-alive request.
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args):  # keep test and demo output clean
-            pass
-
-        def _send(self, code: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _error(self, code: int, message: str, kind: str) -> None:
-            self._send(code, {"error": {"message": message, "type": kind}})
-
-        def do_GET(self):
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path.endswith("/models"):
-                self._send(200, {"object": "list", "data": [{"id": server.model_name, "object": "model"}]})
-            elif path.endswith("/stats"):
-                self._send(200, server.stats())
-            elif path.endswith("/health"):
-                self._send(200, {"status": "ok"})
-            else:
-                self._error(404, f"no route {self.path}", "not_found")
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length)  # read it all, so the connection stays usable after an error
-            if not self.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions"):
-                self._error(404, f"no route {self.path}; POST /v1/chat/completions", "not_found")
-                return
-            try:
-                request = json.loads(body or b"{}")
-            except ValueError as exc:
-                self._error(400, f"the body is not valid JSON ({exc}); send a chat.completions request.",
-                            "invalid_request_error")
-                return
-            try:
-                payload = server.respond(request)
-            except BadRequest as exc:
-                self._error(400, str(exc), "invalid_request_error")
-            except HTTPFault as exc:
-                body = json.dumps({"error": {"message": str(exc), "type": "injected_fault"}}).encode()
-                self.send_response(exc.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if exc.retry_after is not None:
-                    self.send_header("Retry-After", f"{exc.retry_after:g}")
-                self.end_headers()
-                self.wfile.write(body)
-            except DropConnection:
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            except Exception as exc:  # answering failed: a 500, as a real server would answer
-                self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
-            else:
-                self._send(200, payload)
-
-    return Handler
 
 
 class ModelServer(ChatServer):

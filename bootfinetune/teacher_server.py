@@ -7,7 +7,8 @@ It is not a language model: it reads the fields a DSPy adapter (ChatAdapter, JSO
 or XMLAdapter) wrote into the prompt and returns the fields the script computes, in the
 format that adapter asked for.
 The HTTP side (routes, 400s for bad requests, 500 when the script raises) is
-`serve.ChatServer`, shared with the server of finetuned models.
+`serve.ChatServer`, shared with the server of finetuned models. Tests that play a flaky hosted
+model use `bootfinetune.testing.FaultyTeacherServer`, a subclass that injects faults.
 
 Example:
     >>> def script(inputs, outputs):
@@ -18,24 +19,15 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
 from typing import Callable
 
-from bootfinetune.serve import ChatServer, Completion, DropConnection, HTTPFault
+from bootfinetune.serve import ChatServer, Completion
 
 Script = Callable[[dict[str, str], list[str]], dict[str, str]]
 """(input field values as the prompt shows them, output field names) -> output field values."""
-
-Faults = Callable[[dict[str, str], int], "str | None"]
-"""(input field values, attempt number of this very prompt, from 1) -> a fault to inject, or None.
-
-Faults: "429" (rate limited, with Retry-After), "500", "503", "timeout" (answers after
-`slow_seconds`, past a client's timeout), "garbage" (200 with text no adapter parses),
-"drop" (the connection closes with no answer)."""
-FAULT_KINDS = ("429", "500", "503", "timeout", "garbage", "drop")
 
 _MARKER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _XML_FIELD = re.compile(r"<(\w+)>\n(.*?)\n</\1>", re.S)
@@ -110,48 +102,16 @@ class TeacherServer(ChatServer):
         port: 0 picks a free port.
         latency: Seconds each answer waits, to stand in for a remote model.
         model_name: Name reported in responses.
-        faults: Decides, per request, a fault to inject instead of the answer (see `Faults`);
-            tests use it to play a flaky hosted model.
-        slow_seconds: How long a "timeout" fault waits before it answers.
     """
 
     def __init__(self, script: Script, host: str = "127.0.0.1", port: int = 0,
-                 latency: float = 0.0, model_name: str = "scripted-teacher", faults: Faults | None = None,
-                 slow_seconds: float = 5.0):
+                 latency: float = 0.0, model_name: str = "scripted-teacher"):
         super().__init__(host=host, port=port, model_name=model_name)
         self.script = script
         self.latency = latency
-        self.faults = faults
-        self.slow_seconds = slow_seconds
-        self.attempts: dict[str, int] = {}
-        """Requests seen per prompt (hash of the messages)."""
-        self.injected: dict[str, int] = {}
-        """Faults injected, per kind."""
-
-    def _inject(self, messages: list[dict]) -> None:
-        key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-        with self._lock:
-            attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
-        inputs, _ = parse_chat_request(messages)
-        kind = self.faults(inputs, attempt)
-        if kind is None:
-            return
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"faults returned {kind!r}; use one of {FAULT_KINDS} or None")
-        with self._lock:
-            self.injected[kind] = self.injected.get(kind, 0) + 1
-        if kind == "429":
-            raise HTTPFault(429, "rate limit reached (injected)", retry_after=0.1)
-        if kind in ("500", "503"):
-            raise HTTPFault(int(kind), f"upstream error {kind} (injected)")
-        if kind == "drop":
-            raise DropConnection()
-        if kind == "timeout":
-            time.sleep(self.slow_seconds)
-        if kind == "garbage":
-            raise _Garbage()
 
     def answer(self, messages: list[dict]) -> str:
+        """The assistant's message for a request's messages (a subclass may answer otherwise)."""
         inputs, outputs = parse_chat_request(messages)
         return format_answer(self.script(inputs, outputs), answer_format(messages))
 
@@ -159,16 +119,8 @@ class TeacherServer(ChatServer):
         if self.latency:
             time.sleep(self.latency)
         messages = request["messages"]
-        try:
-            if self.faults is not None:
-                self._inject(messages)
-            content = self.answer(messages)
-        except _Garbage:
-            content = "I am not sure what you mean. Could you rephrase the question?"  # a failing script becomes a 500, as a real server would answer
+        content = self.answer(messages)  # a failing script becomes a 500, as a real server would answer
         # Rough counts (4 characters a token): the script has no tokenizer.
         prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
         return [Completion(content, prompt_chars // 4, len(content) // 4)] * request["n"]
 
-
-class _Garbage(Exception):
-    """Internal: answer 200 with text no adapter parses."""

@@ -13,6 +13,10 @@
 `ray` is imported only in the first case. A checkpoint directory holds
 `deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`) and `trainer_state.json`
 (epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
+
+Each (re)start runs `_prepare` (tokenizer, this rank's encoded data, step counts), then
+`train_engine.build_engine` (model, LoRA, optimizer, DeepSpeed), then per epoch `_train_epoch`
+(the steps) and `_finish_epoch` (evaluation, history, checkpoint).
 """
 
 from __future__ import annotations
@@ -21,21 +25,21 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.distributed import all_reduce, process_group, rank_nodes, set_threads
-from bootfinetune.answer_head import answer_logits_only, answer_positions
+from bootfinetune.answer_head import answer_positions
 from bootfinetune.jsonio import read_jsonl
 from bootfinetune.render import Encoded, collate, encode_records, model_kind
-from bootfinetune.representable import add_answer_tokens, fit_embeddings
+from bootfinetune.representable import add_answer_tokens
+from bootfinetune.train_engine import build_engine, deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,25 @@ BUCKET_FACTOR = 16
 """Micro batches per length bucket: examples are sorted by length within buckets this big."""
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is, as `LoopConfig.on_step` sees it after each micro batch."""
+
+    epoch: int
+    """The epoch, from 0."""
+    step: int
+    """The micro batch within the epoch, from 0."""
+    micro_batches: int
+    """Micro batches per epoch (the same on every rank)."""
+    start_epoch: int
+    """The epoch this (re)start of the loop began at (0 = from scratch)."""
+    rank: int
+    world: int
+
+
 @dataclass
 class LoopConfig:
-    """What one worker needs. Plain values only: it travels to every Ray Train worker."""
+    """What one worker needs. Plain values (and a picklable `on_step`): it travels to every Ray Train worker."""
 
     target: str
     """Model id or local directory to start from."""
@@ -75,9 +95,9 @@ class LoopConfig:
     """Ray namespace of that actor."""
     progress_key: str = "model"
     """The model key shown beside the progress."""
-    fail_once_marker: str | None = None
-    """Test hook: after the first step following this run's first checkpoint, the last rank
-    creates this file and raises, unless the file already exists (so it fails once)."""
+    on_step: Callable[[StepInfo], None] | None = None
+    """Called on every rank after each micro batch (instrumentation, fault injection: see
+    `testing.FailOnce`); it must pickle, since it travels to every worker."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -139,9 +159,29 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         torch.set_num_threads(threads)  # a caller's process (one-process mode) gets its setting back
 
 
-def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
-    import torch
+@dataclass
+class Prepared:
+    """What one (re)start of the loop prepares before the model: tokenizer, this rank's data, step counts."""
 
+    kind: str
+    """"causal" or "seq2seq"."""
+    tokenizer: Any
+    base_vocab: int
+    """The tokenizer's size before the added tokens."""
+    train_ex: list[Encoded]
+    eval_ex: list[Encoded]
+    n_eval: int
+    """Eval examples over all ranks."""
+    n_micro: int
+    """Micro batches per epoch, the same on every rank."""
+    steps_per_epoch: int
+    total_steps: int
+    pad_id: int
+    multiple: int | None
+    """Batches are padded to a multiple of this (on a GPU)."""
+
+
+def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
     resume_dir, state = _find_resume(cfg)
     if state.epochs_done >= tc.epochs:
         return asdict(state) if rank == 0 else None
@@ -152,11 +192,46 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     state.world_size, state.data_hash = world, cfg.data_hash
     state.nodes = rank_nodes(world)
 
-    import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     set_seed(tc.seed)
+    data = _prepare(cfg, tc, state, rank, world, device)
+    ds_config = deepspeed_config(tc, world)
+    # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
+    # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
+    hf_ds = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 and importlib.util.find_spec("accelerate") else None
+    try:
+        engine, head_only = build_engine(cfg.target, tc, data.kind, data.tokenizer, data.base_vocab,
+                                         cfg.added_tokens, data.total_steps, ds_config)
+        if head_only is not None:
+            state.answer_logits_only = head_only
+        if resume_dir is not None:
+            engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        if rank == 0:
+            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
+                     data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
+                     state.epochs_done + 1)
+        reporter = None
+        if rank == 0:
+            from bootfinetune.progress import Reporter
+
+            reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
+        if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:
+            state.eval_loss_before = _evaluate(engine, data, tc, device, state)
+        for epoch in range(state.epochs_done, tc.epochs):
+            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device)
+            _finish_epoch(cfg, tc, engine, data, state, epoch, sums, rank, world, device)
+        return asdict(state) if rank == 0 else None
+    finally:
+        if hf_ds is not None:
+            unset_hf_deepspeed_config()
+
+
+def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, world: int, device: Any) -> Prepared:
+    """Loads the tokenizer and this rank's rows, encodes them, and agrees with the other ranks on the steps."""
+    from transformers import AutoConfig, AutoTokenizer
+
     load_kw = dict(trust_remote_code=tc.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.target, **load_kw)
     if tokenizer.pad_token_id is None:
@@ -183,120 +258,79 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
         n_micro -= n_micro % tc.accumsteps
     steps_per_epoch = max(1, n_micro // tc.accumsteps)
-    total_steps = steps_per_epoch * tc.epochs
-
-    ds_config = deepspeed_config(tc, world)
-    # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
-    # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
-    hf_ds = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 and importlib.util.find_spec("accelerate") else None
-    try:
-        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-        model = auto.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True, **load_kw)
-        if cfg.added_tokens:
-            if tc.lora:
-                raise ValueError(f"lora=True with added tokens {cfg.added_tokens}: LoRA keeps the embeddings "
-                                 "frozen, so the new tokens would never train; train without LoRA.")
-            fit_embeddings(model, tokenizer, base_vocab)
-        if tc.answer_logits_only and kind == "causal":
-            state.answer_logits_only = answer_logits_only(model)
-        if tc.lora:  # after the head patch: the PEFT wrapper calls the patched forward
-            from bootfinetune.lora import apply_lora
-
-            model = apply_lora(model, tc, kind)
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
-        scheduler = lr_scheduler(optimizer, tc, total_steps)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config, dist_init_required=False)
-        if resume_dir is not None:
-            engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
-        if rank == 0:
-            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
-                     kind, cfg.target, len(train_ex), len(eval_ex), n_micro, state.epochs_done + 1)
-        pad_id = tokenizer.pad_token_id
-        multiple = 8 if tc.use_gpu else None
-        reporter = None
-        if rank == 0:
-            from bootfinetune.progress import Reporter
-
-            reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
-        curve_every = max(1, total_steps // 100)
-        if state.epochs_done == 0 and state.eval_loss_before is None and n_eval:
-            state.eval_loss_before = evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind,
-                                              state.answer_logits_only)
-        for epoch in range(state.epochs_done, tc.epochs):
-            t0 = time.time()
-            engine.train()
-            batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
-            state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
-            loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
-            window, window_n = torch.zeros((), device=device), 0
-            for i, idx in enumerate(batches[:n_micro]):
-                batch = collate([train_ex[j] for j in idx], pad_id, multiple)
-                answers = int((batch["labels"] != -100).sum())
-                real = int(batch["attention_mask"].sum())
-                answer_toks += answers
-                toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
-                padded += batch["input_ids"].numel() - real
-                loss = engine(**to_device(batch, device, state.answer_logits_only)).loss
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()  # no host sync per step
-                window += loss.detach().float()
-                window_n += 1
-                if reporter is not None and (i + 1) % tc.accumsteps == 0:
-                    step = engine.global_steps
-                    on_curve = step % curve_every == 0
-                    if on_curve or reporter.due():  # the host sync happens only here
-                        mean = float(window) / window_n
-                        window, window_n = torch.zeros((), device=device), 0
-                        if on_curve:
-                            state.loss_curve.append([step, round(mean, 5)])
-                        reporter.report(step, total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
-                if cfg.fail_once_marker and i == n_micro // 2 and epoch > state.starts[-1]["epoch"]:
-                    _maybe_fail(cfg.fail_once_marker, rank, world)
-            train_seconds = time.time() - t0
-            mean_loss, answer_toks, toks, padded = all_reduce(
-                [float(loss_sum) / max(1, n_micro), answer_toks, toks, padded], device, "sum")
-            eval_loss = (evaluate(engine, eval_ex, train_ex, tc, pad_id, multiple, device, kind,
-                                  state.answer_logits_only) if n_eval else None)
-            state.epochs_done, state.global_step = epoch + 1, engine.global_steps
-            state.history.append({
-                "epoch": epoch + 1, "train_loss": mean_loss / world, "eval_loss": eval_loss,
-                "answer_tokens": int(answer_toks), "tokens": int(toks), "padded_tokens": int(padded),
-                "steps": steps_per_epoch, "train_seconds": round(train_seconds, 3),
-                "tokens_per_second": round(toks / max(train_seconds, 1e-9), 1),
-                "lr": float(engine.get_lr()[0]),
-            })
-            state.seconds += time.time() - t0
-            if rank == 0:
-                log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
-                         eval_loss, toks / max(train_seconds, 1e-9))
-            _save_and_report(cfg, engine, state, epoch + 1, rank)
-        return asdict(state) if rank == 0 else None
-    finally:
-        if hf_ds is not None:
-            unset_hf_deepspeed_config()
+    return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
+                    n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
+                    total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
+                    multiple=8 if tc.use_gpu else None)
 
 
-def make_optimizer(params: list, tc: TrainConfig) -> Any:
-    """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state lives in CPU memory.
-
-    With `offload_optimizer` the step runs on the host over the fp32 master weights; torch's
-    AdamW makes full-size temporaries there (about 8 extra bytes a parameter) and runs slowly,
-    while DeepSpeedCPUAdam updates in place with SIMD on every core. It is a C++ op that
-    DeepSpeed builds with ninja on first use (under a minute; cached in ~/.cache/torch_extensions).
-    """
+def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+                 reporter: Any, rank: int, world: int, device: Any) -> tuple[Any, int, int, int, float]:
+    """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding and seconds."""
     import torch
 
-    kwargs = dict(lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2))
-    if tc.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    t0 = time.time()
+    engine.train()
+    kind, n_micro, train_ex = data.kind, data.n_micro, data.train_ex
+    curve_every = max(1, data.total_steps // 100)
+    batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
+    state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
+    loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
+    window, window_n = torch.zeros((), device=device), 0
+    for i, idx in enumerate(batches[:n_micro]):
+        batch = collate([train_ex[j] for j in idx], data.pad_id, data.multiple)
+        answers = int((batch["labels"] != -100).sum())
+        real = int(batch["attention_mask"].sum())
+        answer_toks += answers
+        toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
+        padded += batch["input_ids"].numel() - real
+        loss = engine(**to_device(batch, device, state.answer_logits_only)).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()  # no host sync per step
+        window += loss.detach().float()
+        window_n += 1
+        if reporter is not None and (i + 1) % tc.accumsteps == 0:
+            step = engine.global_steps
+            on_curve = step % curve_every == 0
+            if on_curve or reporter.due():  # the host sync happens only here
+                mean = float(window) / window_n
+                window, window_n = torch.zeros((), device=device), 0
+                if on_curve:
+                    state.loss_curve.append([step, round(mean, 5)])
+                reporter.report(step, data.total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
+        if cfg.on_step is not None:
+            cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))
+    return loss_sum, answer_toks, toks, padded, time.time() - t0
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+
+def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+                  sums: tuple[Any, int, int, int, float], rank: int, world: int, device: Any) -> None:
+    """Evaluates, records the epoch in the state (summed over ranks), and writes and reports the checkpoint."""
+    t0 = time.time()
+    loss_sum, answer_toks, toks, padded, train_seconds = sums
+    mean_loss, answer_toks, toks, padded = all_reduce(
+        [float(loss_sum) / max(1, data.n_micro), answer_toks, toks, padded], device, "sum")
+    eval_loss = _evaluate(engine, data, tc, device, state) if data.n_eval else None
+    state.epochs_done, state.global_step = epoch + 1, engine.global_steps
+    state.history.append({
+        "epoch": epoch + 1, "train_loss": mean_loss / world, "eval_loss": eval_loss,
+        "answer_tokens": int(answer_toks), "tokens": int(toks), "padded_tokens": int(padded),
+        "steps": data.steps_per_epoch, "train_seconds": round(train_seconds, 3),
+        "tokens_per_second": round(toks / max(train_seconds, 1e-9), 1),
+        "lr": float(engine.get_lr()[0]),
+    })
+    state.seconds += train_seconds + time.time() - t0
+    if rank == 0:
+        log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
+                 eval_loss, toks / max(train_seconds, 1e-9))
+    _save_and_report(cfg, engine, state, epoch + 1, rank)
+
+
+def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
+    """`evaluate` on this start's eval examples."""
+    return evaluate(engine, data.eval_ex, data.train_ex, tc, data.pad_id, data.multiple, device, data.kind,
+                    state.answer_logits_only)
 
 
 def to_device(batch: dict[str, Any], device: Any, answer_index: bool) -> dict[str, Any]:
@@ -309,42 +343,6 @@ def to_device(batch: dict[str, Any], device: Any, answer_index: bool) -> dict[st
     if getattr(device, "type", str(device)) != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for the options: batch sizes, precision, ZeRO stage and offload.
-
-    The optimizer and scheduler are torch objects handed to `deepspeed.initialize`, so the
-    config has no `optimizer`/`scheduler` block (see `make_optimizer` for which optimizer runs).
-    """
-    zero: dict[str, Any] = {"stage": tc.zero_stage}
-    if tc.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
-    if tc.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
-    if tc.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": tc.bsize,
-        "gradient_accumulation_steps": tc.accumsteps,
-        "train_batch_size": tc.bsize * tc.accumsteps * world_size,
-        "gradient_clipping": tc.max_grad_norm,
-        "bf16": {"enabled": tc.bf16},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def lr_scheduler(optimizer: Any, tc: TrainConfig, total_steps: int) -> Any:
-    """Warmup over `warmup_ratio` of the optimizer steps, then linear/cosine decay or constant."""
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.lr_schedule]
-    warmup = math.ceil(tc.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def length_batches(lengths: list[int], bsize: int, seed: int, bucket_factor: int = BUCKET_FACTOR) -> list[list[int]]:
@@ -473,21 +471,3 @@ def _normalise(rows: list[dict]) -> list[dict]:
         out.append({"messages": messages, "row": int(r.get("row", i))})
     return sorted(out, key=lambda r: r["row"])
 
-
-def _maybe_fail(marker: str, rank: int, world: int) -> None:
-    if rank != world - 1:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    # The worker process dies as under an OOM kill or a lost node: no exception, no cleanup. It waits a
-    # few seconds first: Ray Train registers a checkpoint once its controller has polled every rank's
-    # report, and a rank killed within that poll interval takes the last report with it (the run then
-    # restarts from the checkpoint before).
-    import signal
-
-    time.sleep(3)
-
-    os.kill(os.getpid(), signal.SIGKILL)

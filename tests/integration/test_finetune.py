@@ -22,6 +22,7 @@ from bootfinetune.finetune import FinetuneJob, finetune_models, split_records
 from bootfinetune.jsonio import read_json, read_jsonl, write_jsonl
 from bootfinetune.render import collate, encode_prompt, encode_records
 from bootfinetune.rundir import RunDir
+from bootfinetune.testing import FailOnce
 from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 pytestmark = pytest.mark.integration
@@ -131,7 +132,7 @@ def test_seq2seq_zero3_worker_failure_resumes_from_the_epoch_checkpoint(ray_clus
     job = make_job(run, "all", targets["t5"])
     config = options(targets["t5"], zero_stage=3, max_failures=1)
     marker = tmp_path / "failed-once"
-    manifest = finetune_models(run, [job], config, hooks={"all": {"fail_once_marker": str(marker)}})["all"]
+    manifest = finetune_models(run, [job], config, hooks={"all": {"on_step": FailOnce(str(marker))}})["all"]
     assert marker.exists()  # the hook did fire
     steps = manifest["history"][0]["steps"]
     assert manifest["starts"] == [{"epoch": 0, "global_step": 0}, {"epoch": 1, "global_step": steps}]

@@ -9,9 +9,10 @@ from bootfinetune import BootstrapFinetune
 from bootfinetune.config import InferenceConfig
 from bootfinetune.jsonio import read_json
 from bootfinetune.lm import finetuned_engine, load_model
-from bootfinetune.lora import adapter_base, is_adapter, merge_adapter, resident_kib
+from bootfinetune.lora import adapter_base, is_adapter, merge_adapter
 from bootfinetune.rebind import rebind
 from bootfinetune.teacher_server import TeacherServer
+from bootfinetune.testing import resident_kib
 from bootfinetune.tiny_models import build_tiny_causal
 from tests.integration.test_compile import greedy_outputs
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script

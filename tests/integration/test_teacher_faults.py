@@ -14,7 +14,7 @@ from bootfinetune.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
 from bootfinetune.jsonio import read_json, read_jsonl
 from bootfinetune.rundir import RunDir
-from bootfinetune.teacher_server import TeacherServer
+from bootfinetune.testing import FaultyTeacherServer
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def faults(inputs, attempt):
 
 def test_transient_faults_are_retried_and_lasting_ones_become_failure_records(ray_cluster, tmp_path):
     examples = two_step_examples(12)
-    with TeacherServer(two_step_script, faults=faults, slow_seconds=4.0) as server:
+    with FaultyTeacherServer(two_step_script, faults=faults, slow_seconds=4.0) as server:
         teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="sk-fault-test-key-42",
                           cache=False, num_retries=2, timeout=1.5)
         run = RunDir(tmp_path / "run")
