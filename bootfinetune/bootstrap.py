@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
@@ -32,9 +32,9 @@ from bootfinetune.config import BootstrapConfig
 from bootfinetune.distributed import node_id
 from bootfinetune.ray_env import WORKER_ENV
 from bootfinetune.errors import BootstrapError
-from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
-                                  redact, to_jsonable)
-from bootfinetune.rundir import RunDir, iter_jsonl, read_json, write_json, write_jsonl
+from bootfinetune.records import CallRecord, FailureRecord, example_from_json, example_to_json, redact, to_jsonable
+from bootfinetune.rundir import RunDir, iter_jsonl, write_json, write_jsonl
+from bootfinetune.runfiles import BootstrapSummary, read_record
 from bootfinetune.traces import TraceStore, example_key, restamp
 from bootfinetune.user_code import ship_user_modules
 
@@ -207,7 +207,7 @@ def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
         return None
     calls = [CallRecord(**r) for r in iter_jsonl(paths["calls"])]
     failures = [FailureRecord(**r) for r in iter_jsonl(paths["failures"])]
-    return BootstrapResult(calls, failures, BootstrapSummary(**read_json(paths["summary"])), resumed=True)
+    return BootstrapResult(calls, failures, read_record(BootstrapSummary, paths["summary"]), resumed=True)
 
 
 def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
@@ -348,5 +348,5 @@ def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started
     summary.seconds = round(time.time() - started, 3)
     write_jsonl(paths["calls"], (c.to_dict() for c in calls))
     write_jsonl(paths["failures"], (f.to_dict() for f in failures))
-    write_json(paths["summary"], asdict(summary))  # last: its presence marks the stage done
+    write_json(paths["summary"], summary.to_json())  # last: its presence marks the stage done
     return BootstrapResult(calls, failures, summary)
