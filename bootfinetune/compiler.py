@@ -213,7 +213,7 @@ class BootstrapFinetune(Teleprompter):
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
         prepared = self.prepare(student, trainset=trainset, teacher=teacher, valset=valset, **documented, **options)
-        run, plan, config = prepared.run, prepared.plan, prepared.config
+        run, config = prepared.run, prepared.config
         empty = [k for k, d in prepared.data.items() if d.records == 0]
         if empty:
             raise FinetuneError(f"no finetuning records for model key(s) {empty}: the metric kept "

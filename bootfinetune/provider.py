@@ -36,6 +36,7 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
+from bootfinetune.compiler import run_stages
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.config import FIELD_OWNER, Config, TrainConfig
 from bootfinetune.errors import BootFinetuneError, ConfigError
@@ -317,8 +318,6 @@ def _run_lock(run: RunDir) -> threading.Lock:
 
 def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> ModelManifest:
     """Writes the data and config.json, trains key "all" (or finds it trained), and returns its manifest."""
-    from bootfinetune.compiler import run_stages
-
     rows = [{"messages": row["messages"], "predictor": PREDICTOR, "example_index": i}
             for i, row in enumerate(train_data)]
     write_jsonl(run.data_file(MODEL_KEY), rows)
