@@ -35,8 +35,9 @@ class RunFileError(ConfigError):
     """A run-directory file this bootfinetune cannot read (a newer version, or not a JSON object)."""
 
 
-def _known(cls: type, data: Any, source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the record's fields, the other keys) of a file's dict, after checking its version."""
+def _fields(cls: type, data: Any, source: Any) -> dict[str, Any]:
+    """The record's constructor arguments from a file's dict, after checking its version; the keys it
+    does not know go to `extra` where the record keeps them."""
     name = getattr(cls, "FILE", cls.__name__)
     if not isinstance(data, dict):
         raise RunFileError(f"{source}: a {name} must hold a JSON object, not {type(data).__name__}; the file is "
@@ -46,9 +47,11 @@ def _known(cls: type, data: Any, source: Any) -> tuple[dict[str, Any], dict[str,
         raise RunFileError(f"{source}: {name} version {version!r} was written by a newer bootfinetune (this one "
                            f"reads versions up to {RUN_FILES_VERSION}); upgrade bootfinetune "
                            f"(pip install -U bootfinetune) or compile again into a new run directory.")
-    names = {f.name for f in dataclasses.fields(cls)} - {"version", "extra"}
-    return ({k: v for k, v in data.items() if k in names},
-            {k: v for k, v in data.items() if k not in names and k != "version"})
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in data.items() if k in names}
+    if any(f.name == "extra" for f in dataclasses.fields(cls)):
+        known["extra"] = {k: v for k, v in data.items() if k not in names and k != "version"}
+    return known
 
 
 def _to_json(record: Any) -> dict[str, Any]:
@@ -120,8 +123,7 @@ class RunDescription:
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "RunDescription":
-        known, extra = _known(cls, data, source)
-        return cls(**known, extra=extra)
+        return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
@@ -166,8 +168,7 @@ class BootstrapSummary:
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "BootstrapSummary":
-        known, _ = _known(cls, data, source)
-        return cls(**known)
+        return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
         """The summary file's dict (with `version`); report.json holds `dataclasses.asdict` of it."""
@@ -275,8 +276,7 @@ class ModelManifest:
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "ModelManifest":
-        known, extra = _known(cls, data, source)
-        return cls(**known, extra=extra)
+        return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
@@ -315,8 +315,7 @@ class RunReport:
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "RunReport":
-        known, extra = _known(cls, data, source)
-        return cls(**known, extra=extra)
+        return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
         """The file's dict; metric and retrained_from are left out while None, as before records."""
