@@ -6,7 +6,8 @@ Each record is a dataclass with `to_json()` (the dict written to the file) and
 (`RUN_FILES_VERSION`); a file without one was written before records had versions and
 is read as version 0 (the same fields, some of them missing: they take their defaults).
 A file from a newer bootfinetune raises `RunFileError` naming the file and the fix.
-Keys a record does not know are kept (`extra`) and written back, so nothing is lost.
+Keys config.json, a manifest or the report holds that their record does not know are kept
+(`extra`) and written back, so nothing is lost.
 
 This module depends on nothing of ours but `errors`: it reads JSON with the standard
 library, and the run directory (`rundir.RunDir`) writes the records' dicts atomically.
@@ -58,7 +59,7 @@ def _to_json(record: Any) -> dict[str, Any]:
     """`version` first, then the fields in their declared order, then the keys kept from the file."""
     out: dict[str, Any] = {"version": RUN_FILES_VERSION}
     for f in dataclasses.fields(record):
-        if f.name not in ("version", "extra"):
+        if f.name != "extra":
             out[f.name] = _plain(getattr(record, f.name))
     out.update(getattr(record, "extra", {}))
     return out
