@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
@@ -32,12 +32,12 @@ from bootfinetune.config import BootstrapConfig
 from bootfinetune.distributed import node_id
 from bootfinetune.ray_env import WORKER_ENV
 from bootfinetune.errors import BootstrapError
-from bootfinetune.jsonio import iter_jsonl, read_json, write_json, write_jsonl
-from bootfinetune.records import (BootstrapSummary, CallRecord, FailureRecord, example_from_json, example_to_json,
-                                  to_jsonable)
+from bootfinetune.jsonio import iter_jsonl, write_json, write_jsonl
+from bootfinetune.records import CallRecord, FailureRecord, example_from_json, example_to_json, to_jsonable
 from bootfinetune.redaction import redact
 from bootfinetune.rundir import RunDir
-from bootfinetune.traces import TraceStore, example_key, restamp
+from bootfinetune.runfiles import BootstrapSummary, read_record
+from bootfinetune.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.user_code import ship_user_modules
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
         return None
     calls = [CallRecord(**r) for r in iter_jsonl(paths["calls"])]
     failures = [FailureRecord(**r) for r in iter_jsonl(paths["failures"])]
-    return BootstrapResult(calls, failures, BootstrapSummary(**read_json(paths["summary"])), resumed=True)
+    return BootstrapResult(calls, failures, read_record(BootstrapSummary, paths["summary"]), resumed=True)
 
 
 def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
@@ -350,5 +350,47 @@ def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started
     summary.seconds = round(time.time() - started, 3)
     write_jsonl(paths["calls"], (c.to_dict() for c in calls))
     write_jsonl(paths["failures"], (f.to_dict() for f in failures))
-    write_json(paths["summary"], asdict(summary))  # last: its presence marks the stage done
+    write_json(paths["summary"], summary.to_json())  # last: its presence marks the stage done
     return BootstrapResult(calls, failures, summary)
+
+
+def invalidate_changed(run: RunDir, previous: dict[str, Any] | None, inputs: dict[str, Any]) -> list[str]:
+    """Drops the bootstrap results of `run` that other inputs produced; returns (and logs) what changed.
+
+    A run directory reached with other inputs (a fixed `run_name`) must not train on its old
+    traces. The bootstrap of a split whose traces' identity or examples changed is redone from
+    the trace store (only examples new to it call the teacher); the data files are always
+    rebuilt, and a model trained on other data or options is retrained by the finetune stage.
+    """
+    changes: list[str] = []
+    stale: set[str] = set()
+    if previous is None:
+        changes.append("its config.json records no inputs (an older bootfinetune): bootstrapping it again")
+        stale = {"train", "val"}
+    else:
+        parts = identity_changes(previous.get("trace_parts", {}), inputs["trace_parts"])
+        if parts:
+            changes.append(f"the teacher traces' inputs changed ({', '.join(parts)}): new trace identity "
+                           f"{inputs['traces']}")
+            stale = {"train", "val"}
+        for split, name in (("train", "trainset"), ("val", "valset")):
+            diff = example_changes(previous.get("examples", {}).get(split, []), inputs["examples"][split])
+            if diff:
+                changes.append(f"{name} changed: {diff}")
+                stale.add(split)
+        if previous.get("adapter") != inputs["adapter"]:
+            changes.append(f"adapter {previous.get('adapter')} -> {inputs['adapter']}: data rebuilt")
+        old_options = previous.get("options", {})
+        options = [f"{k} {old_options.get(k)!r} -> {v!r}" for k, v in inputs["options"].items()
+                   if k in old_options and old_options[k] != v]
+        if options:
+            changes.append(f"options changed: {', '.join(options)}")
+    if not changes:
+        return changes
+    for split in stale:
+        bootstrap_paths(run, split)["summary"].unlink(missing_ok=True)
+    logger.warning("run %s was made from other inputs: %s. %s", run.name, "; ".join(changes),
+                   "Re-bootstrapping " + " and ".join(sorted(stale)) + " from the trace store (only examples "
+                   "new to it call the teacher); models trained on other data or options are retrained."
+                   if stale else "Models trained on other data or options are retrained; the traces are kept.")
+    return changes

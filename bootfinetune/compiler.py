@@ -2,8 +2,11 @@
 
     checks -> bootstrap (Ray Data) -> data -> finetune (Ray Train) -> rebind -> evaluate
 
-Each stage reads and writes the run directory, so running the same compile again
-resumes: finished stages are read back, not redone.
+Each stage reads and writes the run directory (its files are the records of
+`bootfinetune.runfiles`), so running the same compile again resumes: finished stages are
+read back, not redone. `BootstrapFinetune.prepare` runs stages 1-3 and `compile` all six;
+the entries that start from a run directory call this module too: `run_stages` (stages 4-5:
+the finetune-only job, `retrain`, the DSPy provider) and `evaluate_run` (the evaluate job).
 """
 
 from __future__ import annotations
@@ -20,24 +23,26 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
-from bootfinetune.bootstrap import BootstrapResult, driver_settings, run_bootstrap
+from bootfinetune.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap
 from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config, TrainConfig, identity_options
-from bootfinetune.datasets import DataSummary, build_datasets
+from bootfinetune.datasets import build_datasets
 from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.evaluate import evaluate_program, teacher_score
 from bootfinetune.finetune import FinetuneJob, finetune_models
 from bootfinetune.importpath import class_path
-from bootfinetune.jsonio import fingerprint, read_json, write_json
+from bootfinetune.jsonio import fingerprint, write_json
 from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
-from bootfinetune.rebind import base_program, compiled_program, program_state
+from bootfinetune.importpath import resolve
+from bootfinetune.rebind import base_program, program_state, rebind_run
 from bootfinetune.redaction import collect_secrets
 from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.targets import check_target
-from bootfinetune.traces import (TraceStore, example_changes, example_key, identity_changes, trace_id,
+from bootfinetune.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
 
 logger = logging.getLogger(__name__)
@@ -50,14 +55,6 @@ def _short(values: list) -> str:
     return "[" + ", ".join(shown if len(shown) <= 4 else shown[:2] + ["..."] + shown[-2:]) + "]"
 
 
-def _finetune_summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The report's view of a model's manifest."""
-    return {"seconds": manifest["seconds"], "tokens": manifest["tokens_seen"]["total"],
-            "answer_tokens": manifest["tokens_seen"]["answer"], "train_loss": manifest["losses"]["train"],
-            "eval_loss": manifest["losses"]["eval"], "best_epoch": manifest["best_epoch"],
-            "eval_loss_before": manifest.get("eval_loss_before"), "loss_curve": manifest.get("loss_curve", []),
-            "steps_per_epoch": (manifest.get("history") or [{}])[0].get("steps"),
-            "truncated": manifest["truncated"]}
 
 
 @dataclass
@@ -82,6 +79,18 @@ class Prepared:
     """The valset, when one was given."""
     tokens: dict[str, TokenPlan] = field(default_factory=dict)
     """Per model key: the tokens its target's tokenizer needs so that every answer survives it."""
+    described: RunDescription = field(default_factory=RunDescription)
+    """config.json: the options and the model keys the later stages read."""
+
+    def finetune_jobs(self) -> list[FinetuneJob]:
+        """Stage 4's input: one job per model key, its data files and the tokens its tokenizer needs."""
+        run, plan = self.run, self.plan
+        return [FinetuneJob(key=key, target=plan.target_of[key], predictors=tuple(plan.predictors_of(key)),
+                            train_file=run.data_file(key),
+                            eval_file=Path(self.val_data[key].path)
+                            if key in self.val_data and self.val_data[key].records else None,
+                            added_tokens=tuple(self.tokens[key].added_tokens) if key in self.tokens else None)
+                for key in plan.keys()]
 
 
 def run_name_of(inputs: dict[str, Any]) -> str:
@@ -92,50 +101,6 @@ def run_name_of(inputs: dict[str, Any]) -> str:
     """
     return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
                                             "adapter": inputs["adapter"], "options": inputs["options"]})
-
-
-def invalidate_changed(run: RunDir, previous: dict[str, Any] | None, inputs: dict[str, Any]) -> list[str]:
-    """Drops the bootstrap results of `run` that other inputs produced; returns (and logs) what changed.
-
-    A run directory reached with other inputs (a fixed `run_name`) must not train on its old
-    traces. The bootstrap of a split whose traces' identity or examples changed is redone from
-    the trace store (only examples new to it call the teacher); the data files are always
-    rebuilt, and a model trained on other data or options is retrained by the finetune stage.
-    """
-    changes: list[str] = []
-    stale: set[str] = set()
-    if previous is None:
-        changes.append("its config.json records no inputs (an older bootfinetune): bootstrapping it again")
-        stale = {"train", "val"}
-    else:
-        parts = identity_changes(previous.get("trace_parts", {}), inputs["trace_parts"])
-        if parts:
-            changes.append(f"the teacher traces' inputs changed ({', '.join(parts)}): new trace identity "
-                           f"{inputs['traces']}")
-            stale = {"train", "val"}
-        for split, name in (("train", "trainset"), ("val", "valset")):
-            diff = example_changes(previous.get("examples", {}).get(split, []), inputs["examples"][split])
-            if diff:
-                changes.append(f"{name} changed: {diff}")
-                stale.add(split)
-        if previous.get("adapter") != inputs["adapter"]:
-            changes.append(f"adapter {previous.get('adapter')} -> {inputs['adapter']}: data rebuilt")
-        old_options = previous.get("options", {})
-        options = [f"{k} {old_options.get(k)!r} -> {v!r}" for k, v in inputs["options"].items()
-                   if k in old_options and old_options[k] != v]
-        if options:
-            changes.append(f"options changed: {', '.join(options)}")
-    if not changes:
-        return changes
-    from bootfinetune.bootstrap import bootstrap_paths
-
-    for split in stale:
-        bootstrap_paths(run, split)["summary"].unlink(missing_ok=True)
-    logger.warning("run %s was made from other inputs: %s. %s", run.name, "; ".join(changes),
-                   "Re-bootstrapping " + " and ".join(sorted(stale)) + " from the trace store (only examples "
-                   "new to it call the teacher); models trained on other data or options are retrained."
-                   if stale else "Models trained on other data or options are retrained; the traces are kept.")
-    return changes
 
 
 class BootstrapFinetune(Teleprompter):
@@ -205,49 +170,23 @@ class BootstrapFinetune(Teleprompter):
                                         lr=lr, epochs=epochs, bf16=bf16)
         config = self.config.replace(**documented, **options)
         prepared = self._prepare(student, trainset, teacher, valset, config)
-        run, plan, config = prepared.run, prepared.plan, prepared.config
+        run, config = prepared.run, prepared.config
         empty = [k for k, d in prepared.data.items() if d.records == 0]
         if empty:
             raise FinetuneError(f"no finetuning records for model key(s) {empty}: the metric kept "
                                 f"{prepared.bootstrap.summary.kept} of {prepared.bootstrap.summary.examples} "
                                 f"examples (failed: {prepared.bootstrap.summary.failed}); see {run.bootstrap_dir}.")
-        jobs = [FinetuneJob(key=key, target=plan.target_of[key], predictors=tuple(plan.predictors_of(key)),
-                            train_file=run.data_file(key),
-                            eval_file=Path(prepared.val_data[key].path)
-                            if key in prepared.val_data and prepared.val_data[key].records else None,
-                            added_tokens=tuple(prepared.tokens[key].added_tokens) if key in prepared.tokens else None)
-                for key in plan.keys()]
-        started = time.time()
-        t = config.train
-        logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%d, %d epoch(s), "
-                    "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
-                    t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
-        manifests = finetune_models(run, jobs, config.train)
-        finetune_seconds = round(time.time() - started, 3)
-        for key, m in manifests.items():
-            logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s", key,
-                        _short(m["losses"]["train"]), _short(m["losses"]["eval"]), m["best_epoch"],
-                        run.model_dir(key))
-        compiled = compiled_program(student, plan, run, exclude_demos=config.bootstrap.exclude_demos,
-                                    inference=config.inference, adapter=resolve_adapter(self.adapter))
-        write_json(run.program_json, program_state(compiled))
-        run.sync()
-        logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{plan.key_of[name]}"
-                                                      for name in plan.predictors))
-        metric_report, eval_seconds = self._evaluate(prepared, student, compiled)
-        self.report = run.update_report(
-            metric=metric_report,
-            stages={"finetune": {"seconds": finetune_seconds,
-                                 **{key: _finetune_summary(m) for key, m in manifests.items()}},
-                    "evaluate": {"seconds": eval_seconds}},
-        )
+        trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
+                             adapter=resolve_adapter(self.adapter))
+        metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
+        self.report = run.update_report(metric=metric_report, stages={"evaluate": {"seconds": eval_seconds}}).to_json()
         from bootfinetune.report_html import write_report_html
 
         html_path = write_report_html(run)
         run.sync()
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
-        return compiled
+        return trained.compiled
 
     def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
         """metric.{before, after, teacher} on the valset (None without a valset or a metric)."""
@@ -311,14 +250,14 @@ class BootstrapFinetune(Teleprompter):
             run.pull()
         self.run_dir = run
         if run.config_json.exists():
-            invalidate_changed(run, read_json(run.config_json).get("inputs"), inputs)
+            invalidate_changed(run, run.read_description().inputs, inputs)
         store = TraceStore.at(config.run.storage_path, plan.program_name, identity)
         logger.info("stage 1/6 checks: %s, predictors %s -> model(s) %s; run directory %s", plan.program_name,
                     ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.location)
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
-        write_json(run.config_json, {**self._describe(config, plan, student, teachers), "inputs": inputs,
-                                     "trace_store": store.location})
+        described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
+        run.write_description(described)
         run.sync()
         from bootfinetune.ray_env import ensure_ray
 
@@ -356,7 +295,8 @@ class BootstrapFinetune(Teleprompter):
                      "tokens": {k: p.to_report() for k, p in tokens.items()}},
         })
         run.sync()
-        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens)
+        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
+                        described)
 
     def _token_plans(self, run: RunDir, plan: ProgramPlan, student: dspy.Module, config: Config,
                      val_data: dict[str, DataSummary]) -> dict[str, TokenPlan]:
@@ -390,20 +330,114 @@ class BootstrapFinetune(Teleprompter):
         }
         return identity, inputs
 
-    def _describe(self, config: Config, plan: ProgramPlan, student, teachers) -> dict[str, Any]:
+    def _describe(self, config: Config, plan: ProgramPlan, student, teachers, **more: Any) -> RunDescription:
         """config.json: the resolved options and what the plan decided; never an API key."""
-        return {
-            "program_class": class_path(student),
-            "options": config.to_dict(),
-            "predictors": plan.predictors,
-            "model_keys": {key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
-                           for key in plan.keys()},
-            "teachers": [{p: lm_identity(pred.lm) for p, pred in t.named_predictors()} for t in teachers],
-            "teacher_settings_lm": lm_identity(self.teacher_settings.get("lm")),
-            "driver_lm": lm_identity(dspy.settings.lm),
-            "metric": callable_identity(self.metric),
-            "adapter": adapter_spec(resolve_adapter(self.adapter)),
-        }
+        return RunDescription(
+            program_class=class_path(student),
+            options=config.to_dict(),
+            predictors=plan.predictors,
+            model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
+                        for key in plan.keys()},
+            teachers=[{p: lm_identity(pred.lm) for p, pred in t.named_predictors()} for t in teachers],
+            teacher_settings_lm=lm_identity(self.teacher_settings.get("lm")),
+            driver_lm=lm_identity(dspy.settings.lm),
+            metric=callable_identity(self.metric),
+            adapter=adapter_spec(resolve_adapter(self.adapter)),
+            **more,
+        )
+
+
+@dataclass
+class Trained:
+    """Stages 4-5 done: each model key's manifest, and the program bound to the models when one was rebound."""
+
+    manifests: dict[str, ModelManifest]
+    """Each model key's manifest."""
+    seconds: float
+    """Wall time of the finetune stage."""
+    compiled: dspy.Module | None = None
+    """The program bound to the finetuned models (program.json written), None when not rebound."""
+    program_note: str = "not rebound"
+    """"written", or why program.json was not written."""
+
+
+STAGES = ("checks", "bootstrap", "data", "finetune", "rebind", "evaluate")
+"""The stages, in the one order they run."""
+
+
+def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: list[FinetuneJob], *,
+               to_stage: str = "rebind", program: dspy.Module | None = None, adapter: Any = None,
+               ray_address: str | None = None) -> Trained:
+    """Stage 4 (finetune, report.json's finetune section) then stage 5 (rebind, program.json), in order.
+
+    Args:
+        run: The run directory: data/ written, config.json being `described`.
+        config: The run's configuration.
+        described: config.json's record (model keys, adapter, program class).
+        jobs: One finetune job per model key.
+        to_stage: "finetune" stops after training; "rebind" also writes program.json.
+        program: The program to bind (a compile's student); None imports `described.program_class`
+            and skips the rebind, saying why, when it does not import here.
+        adapter: The adapter the models were trained with; None: the one config.json records.
+        ray_address: The Ray cluster to join (default: the config's, else the usual rule).
+    """
+    if to_stage not in ("finetune", "rebind"):
+        raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
+    from bootfinetune.ray_env import ensure_ray
+
+    ensure_ray(ray_address or config.run.ray_address)
+    started = time.time()
+    t = config.train
+    logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%d, %d epoch(s), "
+                "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
+                t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
+    manifests = finetune_models(run, jobs, config.train)
+    seconds = round(time.time() - started, 3)
+    for key, m in manifests.items():
+        logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s", key,
+                    _short(m.losses["train"]), _short(m.losses["eval"]), m.best_epoch, run.model_dir(key))
+    run.update_report(stages={"finetune": {"seconds": seconds, **{k: m.summary() for k, m in manifests.items()}}})
+    trained = Trained(manifests, seconds)
+    if to_stage == "rebind":
+        trained.compiled, trained.program_note = rebind_stage(run, config, described, program, adapter)
+    run.sync()
+    return trained
+
+
+def rebind_stage(run: RunDir, config: Config, described: RunDescription, program: dspy.Module | None,
+                 adapter: Any = None) -> tuple[dspy.Module | None, str]:
+    """Stage 5: `program` bound to the run's models and saved as program.json; (it, "written") or (None, why not)."""
+    if program is None:
+        try:
+            program = resolve(described.program_class or "")()
+        except Exception as e:  # any import or constructor failure: the models stand, without program.json
+            return None, f"program.json not written: {described.program_class} does not import here ({e})"
+    compiled = rebind_run(program, run, described, inference=config.inference,
+                          exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
+    write_json(run.program_json, program_state(compiled))
+    key_of = described.key_of()
+    logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{key_of[name]}"
+                                                  for name in described.predictors or key_of))
+    return compiled, "written"
+
+
+def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 8,
+                 num_actors: int = 2, about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
+
+    Writes `evaluations/{name}.json` in the run directory and returns what it holds: score,
+    examples, failed, seconds, then `about` (what the caller names the valset and metric by).
+    """
+    from bootfinetune.rebind import load
+
+    run = RunDir.from_location(run_dir)
+    program = load(run_dir)
+    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
+    out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
+           **(about or {})}
+    write_json(run.root / "evaluations" / f"{name}.json", out)
+    run.sync()
+    return out
 
 
 def documented_options(student: dspy.Module, constructor_options: dict[str, Any], **given: Any) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -27,32 +26,9 @@ from bootfinetune.checks import ProgramPlan
 from bootfinetune.jsonio import write_jsonl
 from bootfinetune.records import CallRecord
 from bootfinetune.rundir import RunDir
+from bootfinetune.runfiles import DataSummary
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataSummary:
-    """What went into one model key's finetuning file."""
-
-    key: str
-    """The model key ("all" or a predictor name)."""
-    predictors: list[str]
-    """Predictors this key's model serves."""
-    records: int = 0
-    """Records written."""
-    duplicates: int = 0
-    """Records identical to an earlier one."""
-    duplicates_dropped: int = 0
-    """Identical records dropped (kept once)."""
-    unformattable: int = 0
-    """Kept calls the adapter could not format (missing output fields); dropped."""
-    unparseable: int = 0
-    """Kept calls whose formatted answer the adapter does not parse back to the teacher's outputs; dropped."""
-    per_predictor: dict[str, int] = field(default_factory=dict)
-    """Records written per predictor."""
-    path: str = ""
-    """Where the file is."""
 
 
 def format_call(call: CallRecord, predictor: dspy.Predict, adapter: Any, exclude_demos: bool) -> list[dict]:

@@ -36,11 +36,12 @@ from bootfinetune.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.render import model_kind, renderer_identity
 from bootfinetune.representable import add_answer_tokens, fit_embeddings
 from bootfinetune.rundir import RunDir
+from bootfinetune.runfiles import ModelManifest
 from bootfinetune.train_loop import DS_DIR, STATE_FILE, train_loop
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = ModelManifest.FILE
 JOB_STAMP = "bootfinetune_job.json"
 """Inside checkpoints/{key}: what the checkpoints there were trained on (a mismatch starts over)."""
 
@@ -65,7 +66,7 @@ class FinetuneJob:
 
 
 def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *,
-                    hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+                    hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, ModelManifest]:
     """Finetunes every job (side by side when the cluster has room) and exports each model.
 
     Args:
@@ -76,7 +77,7 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
             `{"all": {"on_step": testing.FailOnce("/tmp/x")}}` in the fault tests); not for normal use.
 
     Returns:
-        Each key's manifest.
+        Each key's manifest (the record models/{key}/manifest.json holds).
 
     Raises:
         FinetuneError: naming every key that failed and its cause, after the other jobs finished.
@@ -91,7 +92,7 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
     from bootfinetune.ray_env import ensure_ray
 
     ensure_ray()  # the compiler connects first; a stage run alone joins or starts Ray the package's way
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, ModelManifest] = {}
     pending = []
     for job in jobs:
         done = finished_manifest(run, job, config)
@@ -170,32 +171,31 @@ def data_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def finished_manifest(run: RunDir, job: FinetuneJob, config: TrainConfig) -> dict[str, Any] | None:
+def finished_manifest(run: RunDir, job: FinetuneJob, config: TrainConfig) -> ModelManifest | None:
     """The key's manifest if it was finished on the same data, target and options, else None."""
-    path = run.model_dir(job.key) / MANIFEST
-    if not path.exists():
+    manifest = run.read_manifest(job.key)
+    if manifest is None:
         return None
-    manifest = read_json(path)
-    if manifest.get("job_fingerprint") == _job_fingerprint(job, config):
+    if manifest.job_fingerprint == _job_fingerprint(job, config):
         return manifest
     log.warning("models/%s retrained: %s", job.key, "; ".join(retrain_reasons(manifest, job, config)))
     return None
 
 
-def retrain_reasons(manifest: dict[str, Any], job: FinetuneJob, config: TrainConfig) -> list[str]:
+def retrain_reasons(manifest: ModelManifest, job: FinetuneJob, config: TrainConfig) -> list[str]:
     """What differs between a finished model's manifest and the job now asked for, in words.
 
     Example: `["all.jsonl changed (now 44 records)", "lr 5e-05 -> 0.0001"]`.
     """
     reasons = []
-    if manifest.get("target") != job.target:
-        reasons.append(f"target {manifest.get('target')} -> {job.target}")
-    if manifest.get("data_hash") != data_hash(job.train_file):
+    if manifest.target != job.target:
+        reasons.append(f"target {manifest.target} -> {job.target}")
+    if manifest.data_hash != data_hash(job.train_file):
         now = sum(1 for line in Path(job.train_file).read_text(encoding="utf-8").splitlines() if line.strip())
         reasons.append(f"{Path(job.train_file).name} changed (now {now} records)")
-    if "eval_hash" in manifest and manifest["eval_hash"] != (data_hash(job.eval_file) if job.eval_file else None):
+    if manifest.eval_hash != (data_hash(job.eval_file) if job.eval_file else None):
         reasons.append("eval data changed")
-    old = manifest.get("train_config") or {}
+    old = manifest.train_config
     reasons += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                 if k not in _RESOURCE_ONLY and k in old and old[k] != v]
     return reasons or ["trained on other data or options"]
@@ -233,7 +233,7 @@ def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:
     return fingerprint(identity)
 
 
-def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> dict[str, Any]:
+def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> ModelManifest:
     """Trains one key and exports it. Every failure comes out as a FinetuneError naming the key."""
     try:
         return _train_and_export(run, job, config, hooks)
@@ -244,7 +244,7 @@ def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str
                             f"{type(e).__name__}: {e}") from e
 
 
-def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> dict[str, Any]:
+def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> ModelManifest:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -307,48 +307,48 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     tokenizer.save_pretrained(out)
 
     history = state["history"]
-    manifest = {
-        "key": job.key,
-        "target": job.target,
-        "predictors": list(job.predictors),
-        "model_kind": kind,
-        "renderer": renderer_identity(tokenizer, kind),
-        "data_file": str(job.train_file),
-        "data_hash": data_hash(job.train_file),
-        "eval_hash": data_hash(job.eval_file) if job.eval_file else None,
-        "train_records": len(train_records),
-        "eval_records": len(eval_records),
-        "eval_source": eval_source,
-        "epochs": config.epochs,
-        "losses": {"train": [h["train_loss"] for h in history], "eval": [h["eval_loss"] for h in history]},
-        "eval_loss_before": state["eval_loss_before"],
-        "best_epoch": best,
-        "best_eval_loss": history[best - 1]["eval_loss"],
-        "tokens_seen": {"answer": sum(h["answer_tokens"] for h in history),
-                        "total": sum(h["tokens"] for h in history),
-                        "padding": sum(h["padded_tokens"] for h in history)},
-        "seconds": round(state["seconds"], 3),
-        "wall_seconds": round(time.time() - started, 3),
-        "started_at": round(started, 3),
-        "finished_at": round(time.time(), 3),
-        "truncated": {"train": state["truncated_train"], "eval": state["truncated_eval"],
-                      "max_length": config.max_length,
-                      # inference cuts a causal prompt to the room training left it beside a typical answer
-                      "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
-                                                                 if kind == "causal" else 0)},
-        "dropped_per_epoch": state["dropped_per_epoch"],
-        "world_size": state["world_size"],
-        "nodes": state.get("nodes", []),
-        "starts": state["starts"],
-        "history": history,
-        "loss_curve": state.get("loss_curve", []),
-        "checkpoint": best_ckpt.path,
-        "train_config": dataclasses.asdict(config),
-        "lora": lora,
-        "added_tokens": list(job.added_tokens or ()),
-        "job_fingerprint": job_fp,
-    }
-    write_json(out / MANIFEST, manifest)  # last: its presence means the key is finished
+    manifest = ModelManifest(
+        key=job.key,
+        target=job.target,
+        predictors=list(job.predictors),
+        model_kind=kind,
+        renderer=renderer_identity(tokenizer, kind),
+        data_file=str(job.train_file),
+        data_hash=data_hash(job.train_file),
+        eval_hash=data_hash(job.eval_file) if job.eval_file else None,
+        train_records=len(train_records),
+        eval_records=len(eval_records),
+        eval_source=eval_source,
+        epochs=config.epochs,
+        losses={"train": [h["train_loss"] for h in history], "eval": [h["eval_loss"] for h in history]},
+        eval_loss_before=state["eval_loss_before"],
+        best_epoch=best,
+        best_eval_loss=history[best - 1]["eval_loss"],
+        tokens_seen={"answer": sum(h["answer_tokens"] for h in history),
+                     "total": sum(h["tokens"] for h in history),
+                     "padding": sum(h["padded_tokens"] for h in history)},
+        seconds=round(state["seconds"], 3),
+        wall_seconds=round(time.time() - started, 3),
+        started_at=round(started, 3),
+        finished_at=round(time.time(), 3),
+        truncated={"train": state["truncated_train"], "eval": state["truncated_eval"],
+                   "max_length": config.max_length,
+                   # inference cuts a causal prompt to the room training left it beside a typical answer
+                   "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
+                                                              if kind == "causal" else 0)},
+        dropped_per_epoch=state["dropped_per_epoch"],
+        world_size=state["world_size"],
+        nodes=state.get("nodes", []),
+        starts=state["starts"],
+        history=history,
+        loss_curve=state.get("loss_curve", []),
+        checkpoint=best_ckpt.path,
+        train_config=dataclasses.asdict(config),
+        lora=lora,
+        added_tokens=list(job.added_tokens or ()),
+        job_fingerprint=job_fp,
+    )
+    run.write_manifest(manifest)  # last: its presence means the key is finished
     run.sync()
     return manifest
 

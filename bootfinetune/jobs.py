@@ -16,11 +16,11 @@ import sys
 import time
 from typing import Any, Iterator
 
-from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError, ProgramError
 from bootfinetune.importpath import resolve
 from bootfinetune.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
                                     load_job_config, parse_job_config, resolve_target)
+from bootfinetune.rundir import RunDir
 
 log = logging.getLogger("bootfinetune")
 
@@ -164,9 +164,9 @@ def main_finetune(argv: list[str] | None = None) -> int:
                         "--set num_workers=4")
     args = p.parse_args(argv)
     _setup_logging()
+    from bootfinetune.compiler import run_stages
     from bootfinetune.jobconfig import parse_set_value
-    from bootfinetune.jsonio import read_json
-    from bootfinetune.retrain import retrain
+    from bootfinetune.retrain import prepare_retrain
 
     options = {}
     if args.config:
@@ -178,29 +178,13 @@ def main_finetune(argv: list[str] | None = None) -> int:
         if not sep:
             raise ConfigError([f"--set {item}: write KEY=VALUE, e.g. --set lr=1e-4."])
         options[key] = parse_set_value(value)
-    run, manifests = retrain(args.run_dir, ray_address=args.ray_address, **options)
-    described = read_json(run.config_json)
-    config = Config.from_options(**{k: v for group in described["options"].values() for k, v in group.items()})
-    note = _write_program(run, described, config)
-    run.sync()
-    return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in manifests},
-                   best_epoch={k: m["best_epoch"] for k, m in manifests.items()}, program=note,
+    ready = prepare_retrain(args.run_dir, **options)
+    trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+                         ray_address=args.ray_address)
+    run = ready.run
+    return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},
+                   best_epoch={k: m.best_epoch for k, m in trained.manifests.items()}, program=trained.program_note,
                    from_run=args.run_dir)
-
-
-def _write_program(run: Any, described: dict, config: Config) -> str:
-    """program.json for `bootfinetune.load`, when the program class imports here."""
-    from bootfinetune.jsonio import write_json
-    from bootfinetune.rebind import program_state, rebind_run
-
-    try:
-        program = resolve(described["program_class"])()
-    except Exception as e:
-        return f"program.json not written: {described.get('program_class')} does not import here ({e})"
-    compiled = rebind_run(program, run, described, inference=config.inference,
-                          exclude_demos=config.bootstrap.exclude_demos)
-    write_json(run.program_json, program_state(compiled))
-    return "written"
 
 
 def main_evaluate(argv: list[str] | None = None) -> int:
@@ -209,27 +193,18 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="eval", help="name of the evaluation in the run's evaluations/ folder")
     args = p.parse_args(argv)
     _setup_logging()
-    from bootfinetune import load
-    from bootfinetune.evaluate import evaluate_program
-    from bootfinetune.jsonio import write_json
-    from bootfinetune.rundir import RunDir
+    from bootfinetune.compiler import evaluate_run
 
     job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
     if job is None:
         raise ConfigError(["--config: evaluate.py needs a job YAML naming valset and metric."])
     _connect(job, args.ray_address)
-    run = RunDir.from_location(args.run_dir)
-    program = load(args.run_dir)
     valset = load_dataset(job.valset)
     b = job.config.bootstrap
-    result = evaluate_program(program, valset, resolve(job.metric), num_threads=b.num_threads,
-                              num_actors=b.num_actors)
-    out = {"score": result.score, "examples": len(valset), "failed": result.failed,
-           "seconds": result.seconds, "valset": job.valset, "metric": job.metric}
-    write_json(run.root / "evaluations" / f"{args.name}.json", out)
-    run.sync()
-    log.info("evaluate: %s on %d examples", result.score, len(valset))
-    return _result("evaluate", run_dir=run.location, **out)
+    out = evaluate_run(args.run_dir, valset, resolve(job.metric), name=args.name, num_threads=b.num_threads,
+                       num_actors=b.num_actors, about={"valset": job.valset, "metric": job.metric})
+    log.info("evaluate: %s on %d examples", out["score"], len(valset))
+    return _result("evaluate", run_dir=RunDir.from_location(args.run_dir).location, **out)
 
 
 COMPILE_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")

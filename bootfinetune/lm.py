@@ -41,6 +41,7 @@ from bootfinetune.config import InferenceConfig
 from bootfinetune.chat import plain_messages
 from bootfinetune.errors import ProgramError
 from bootfinetune.render import decode_answer, encode_prompt, model_kind
+from bootfinetune.runfiles import ModelManifest, read_record
 
 _LOADED: dict[tuple[str, str], tuple[Any, Any, str]] = {}
 _LOADED_AS: dict[tuple[str, str], str] = {}
@@ -274,7 +275,7 @@ class FinetunedEngine:
 
     def fetch(self) -> None:
         """Downloads the model from `source` when this node lacks its folder (runs on cloud storage)."""
-        if self.source and not (Path(self.model) / "manifest.json").exists():
+        if self.source and not (Path(self.model) / ModelManifest.FILE).exists():
             from bootfinetune.storage import pull
 
             pull(self.source, Path(self.model))
@@ -290,11 +291,8 @@ class FinetunedEngine:
         self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
 
     def _manifest_max_length(self) -> int | None:
-        manifest = Path(self.model) / "manifest.json"
-        if manifest.exists():
-            truncated = json.loads(manifest.read_text()).get("truncated", {})
-            return truncated.get("prompt_max_length") or truncated.get("max_length")
-        return None
+        manifest = Path(self.model) / ModelManifest.FILE
+        return read_record(ModelManifest, manifest).prompt_max_length() if manifest.exists() else None
 
     # -- DSPy's engine interface --------------------------------------------------------------
     def complete(self, request: Request) -> Response:

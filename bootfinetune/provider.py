@@ -30,20 +30,21 @@ import dataclasses
 import difflib
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
+from bootfinetune.compiler import run_stages
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
 from bootfinetune.errors import ConfigError, TrainDataError
-from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.jsonio import fingerprint, write_json, write_jsonl
+from bootfinetune.finetune import FinetuneJob
+from bootfinetune.jsonio import fingerprint, write_jsonl
 from bootfinetune.rundir import RunDir, run_name_for
+from bootfinetune.runfiles import ModelManifest, RunDescription
 from bootfinetune.targets import check_target, finetuned_model_id, model_path
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class RayTrainingJob(TrainingJob):
         resolve_base_model(self.model or "")
         Config.from_options(**train_options({}, self.train_kwargs))
         self.run_dir: Path | None = None
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: dict[str, Any] | None = None  # models/all/manifest.json's dict, as the file holds it
 
     def status(self) -> TrainingStatus:
         if self.cancelled():
@@ -234,7 +235,7 @@ class RayFinetuneProvider(Provider):
         with _run_lock(run):  # the same call from two threads trains once; the second finds the manifest
             manifest = _train(run, config, train_data)
         if isinstance(job, RayTrainingJob):
-            job.manifest = manifest
+            job.manifest = manifest.to_json()
         return finetuned_model_id(run.model_dir(MODEL_KEY))
 
     def run_dir(self, config: Config, train_data: list[dict[str, Any]]) -> RunDir:
@@ -286,25 +287,20 @@ def _run_lock(run: RunDir) -> threading.Lock:
         return _RUN_LOCKS.setdefault(run.root, threading.Lock())
 
 
-def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> dict[str, Any]:
+def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> ModelManifest:
     """Writes the data and config.json, trains key "all" (or finds it trained), and returns its manifest."""
-    from bootfinetune.ray_env import ensure_ray
-
     rows = [{"messages": row["messages"], "predictor": PREDICTOR, "example_index": i}
             for i, row in enumerate(train_data)]
     write_jsonl(run.data_file(MODEL_KEY), rows)
     options = config.to_dict()
-    write_json(run.config_json, {"provider": RayFinetuneProvider.__name__, "base_model": config.train.target,
-                                 "train_data_format": "chat", "records": len(rows),
-                                 "options": {"train": options["train"], "run": options["run"]}})
-    ensure_ray(config.run.ray_address)
-    started = time.time()
+    described = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
+                               model_keys={MODEL_KEY: {"target": config.train.target, "predictors": [PREDICTOR]}},
+                               provider=RayFinetuneProvider.__name__, base_model=config.train.target,
+                               train_data_format="chat", records=len(rows))
+    run.write_description(described)
     job = FinetuneJob(key=MODEL_KEY, target=config.train.target, predictors=(PREDICTOR,),
                       train_file=run.data_file(MODEL_KEY))
-    manifest = finetune_models(run, [job], config.train)[MODEL_KEY]
-    run.update_report(stages={"finetune": {"seconds": round(time.time() - started, 3), MODEL_KEY: {
-        "train_loss": manifest["losses"]["train"], "eval_loss": manifest["losses"]["eval"],
-        "best_epoch": manifest["best_epoch"], "train_seconds": manifest["seconds"]}}})
+    manifest = run_stages(run, config, described, [job], to_stage="finetune").manifests[MODEL_KEY]
     log.info("model %s finetuned on %d rows: %s", config.train.target, len(rows), run.model_dir(MODEL_KEY))
     return manifest
 

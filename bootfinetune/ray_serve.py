@@ -29,9 +29,9 @@ from ray import serve
 from bootfinetune.config import InferenceConfig
 from bootfinetune.chat import plain_messages
 from bootfinetune.errors import ProgramError
-from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedEngine
 from bootfinetune.rundir import RunDir
+from bootfinetune.runfiles import RunDescription
 from bootfinetune.serve import BadRequest, Completion, check_chat_request, completion_body
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,10 @@ class ChatDeployment:
 
 def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None) -> dict[str, dict]:
     """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run."""
-    described = read_json(run.config_json) if run.config_json.exists() else {}
-    inference = described.get("options", {}).get("inference", {})
+    described = run.read_description() if run.config_json.exists() else RunDescription()
+    inference = described.options.get("inference", {})
     specs = {}
-    for manifest in sorted(run.models_dir.glob("*/manifest.json")):
-        key = read_json(manifest)["key"]
+    for key in run.finished_models():
         specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device,
                       "max_tokens": max_tokens or inference.get("max_tokens") or InferenceConfig.max_tokens,
                       "batch_size": inference.get("generate_batch_size") or InferenceConfig.generate_batch_size, "source": run.model_uri(key)}

@@ -24,6 +24,7 @@ from bootfinetune.importpath import resolve
 from bootfinetune.jsonio import read_json
 from bootfinetune.lm import FinetunedLM
 from bootfinetune.rundir import RunDir
+from bootfinetune.runfiles import RunDescription
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
@@ -56,13 +57,6 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
     return compiled
 
 
-def compiled_program(student: dspy.Module, plan: ProgramPlan, run: RunDir, *, exclude_demos: bool,
-                     inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
-    return rebind(student, plan.key_of, {k: str(run.model_dir(k)) for k in plan.keys()},
-                  exclude_demos=exclude_demos, inference=inference,
-                  sources={k: run.model_uri(k) for k in plan.keys()}, adapter=adapter)
-
-
 def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
                  inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
     """The student on its base (not finetuned) targets: the 'before' of the report."""
@@ -85,17 +79,16 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
     return state
 
 
-def rebind_run(program: dspy.Module, run: RunDir, described: dict[str, Any], *, inference: InferenceConfig,
+def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, inference: InferenceConfig,
                exclude_demos: bool = False, adapter: Any = None) -> dspy.Module:
     """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
 
     The adapter is the one config.json records unless `adapter` is given.
     """
-    keys = described["model_keys"]
-    key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
-    return rebind(program, key_of, {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
+    keys = described.model_keys
+    return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
                   inference=inference, sources={k: run.model_uri(k) for k in keys},
-                  adapter=adapter or adapter_from_spec(described.get("adapter")))
+                  adapter=adapter or adapter_from_spec(described.adapter))
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
@@ -118,9 +111,9 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     run.pull()
     if not run.program_json.exists():
         raise ProgramError(f"run_dir: {run.location} has no program.json; is it a finished compile's run directory?")
-    described = read_json(run.config_json)
+    described = run.read_description()
     if program is None:
-        path = described.get("program_class", "")
+        path = described.program_class or ""
         if path.partition(":")[0] in ("", "__main__"):
             raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
                                f"program=YourProgram() to bootfinetune.load.")
@@ -130,26 +123,26 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
     program.load_state(state)
-    inference = InferenceConfig(**{**described["options"].get("inference", {}), "device": device})
+    inference = InferenceConfig(**{**described.options.get("inference", {}), "device": device})
     if serve_url:
         return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
     return rebind_run(program, run, described, inference=inference, adapter=adapter)
 
 
-def rebind_served(program: dspy.Module, described: dict[str, Any], serve_url: str, *,
+def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,
                   max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None) -> dspy.Module:
     """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
 
     The adapter is the one config.json records unless `adapter` is given.
     """
-    keys = described["model_keys"]
+    keys = described.model_keys
     lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
-    key_of = {name: key for key, spec in keys.items() for name in spec["predictors"]}
+    key_of = described.key_of()
     for name, predictor in compiled.named_predictors():
         predictor.lm = lms[key_of[name]]
-    adapter = adapter or adapter_from_spec(described.get("adapter"))
+    adapter = adapter or adapter_from_spec(described.adapter)
     if adapter is not None:
         scope_adapter(compiled, adapter)
     compiled._compiled = True

@@ -1,14 +1,15 @@
 """The plain records that cross process boundaries and land in the run directory.
 
 No live DSPy object crosses from a Ray actor to the driver: examples travel as JSON
-strings, and each teacher call comes back as a `CallRecord` of JSON values.
+strings, and each teacher call comes back as a `CallRecord` of JSON values. The run
+directory's own files (config.json, summaries, manifests, report.json) are `bootfinetune.runfiles`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import dspy
@@ -60,34 +61,6 @@ class FailureRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class BootstrapSummary:
-    """What one bootstrap run did; saved as bootstrap/summary.json when it is done."""
-
-    examples: int = 0
-    """Examples run (per split)."""
-    kept: int = 0
-    """Examples whose trace passed the metric."""
-    failed: int = 0
-    """Examples that raised."""
-    rejected: int = 0
-    """Examples that ran but whose trace the metric did not keep (examples = kept + rejected + failed)."""
-    calls: int = 0
-    """Predictor calls recorded."""
-    teacher_calls: int = 0
-    """Calls made to the teacher's LM by this run (predictor calls, failures included); 0 for reused traces."""
-    reused: int = 0
-    """Examples whose traces were read from the trace store instead of asking the teacher."""
-    unattributed: int = 0
-    """Trace steps from predictors that are not among the program's named predictors (dropped)."""
-    seconds: float = 0.0
-    """Wall time of the stage."""
-    per_predictor: dict[str, int] = field(default_factory=dict)
-    """Kept calls per predictor name."""
-    nodes: dict[str, int] = field(default_factory=dict)
-    """Examples run per Ray node id (where the bootstrap actors ran)."""
 
 
 def to_jsonable(value: Any) -> Any:

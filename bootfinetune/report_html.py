@@ -206,7 +206,7 @@ def write_report_html(run: RunDir, *, title: str | None = None) -> Path:
     """Writes `report.html` beside `report.json` and returns its path."""
     from bootfinetune.jsonio import atomic_write
 
-    report = {**run.read_report(), "run_dir": str(run.root)}
+    report = {**run.read_report().to_json(), "run_dir": str(run.root)}
     path = run.root / "report.html"
     atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
     return path

@@ -20,12 +20,14 @@ import logging
 import shutil
 from typing import Any
 
-from bootfinetune.compiler import run_name_of
+from dataclasses import dataclass, replace
+
+from bootfinetune.compiler import run_name_of, run_stages
 from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
-from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.jsonio import read_json, write_json
+from bootfinetune.finetune import FinetuneJob
 from bootfinetune.rundir import RunDir
+from bootfinetune.runfiles import ModelManifest, RunDescription
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,21 @@ RETRAINABLE_GROUPS = ("train", "inference")
 """Config groups whose options `retrain` may change."""
 
 
-def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> tuple[RunDir, dict[str, dict]]:
+@dataclass
+class Retrain:
+    """A retrain made ready: where it trains, with what, and the jobs (`compiler.run_stages` runs them)."""
+
+    run: RunDir
+    """The run directory the models are written to (the old one, or a new one beside it)."""
+    config: Config
+    """The configuration with the options changed."""
+    described: RunDescription
+    """Its config.json (written)."""
+    jobs: list[FinetuneJob]
+    """One job per model key, on the run's saved data."""
+
+
+def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> tuple[RunDir, dict[str, ModelManifest]]:
     """Finetunes a run's models from its saved data with `options` changed; the teacher is not called.
 
     Args:
@@ -48,13 +64,25 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
     Raises:
         ConfigError: when the run has no data yet, or an option is not a training option.
     """
+    ready = prepare_retrain(run_dir, **options)
+    trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
+                         ray_address=ray_address)
+    return ready.run, trained.manifests
+
+
+def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
+    """Checks `options`, picks the run directory (seeded from the old one when new), writes its config.json.
+
+    Raises:
+        ConfigError: when the run has no data yet, or an option is not a training option.
+    """
     run = RunDir.from_location(run_dir)
     run.pull()
     if not run.config_json.exists() or not run.data_dir.exists():
         raise ConfigError([f"run_dir {run_dir}: no config.json or data/ there; run the bootstrap (or compile) "
                            f"first and pass the run directory it printed."])
-    described = read_json(run.config_json)
-    flat = {k: v for group in described["options"].values() for k, v in group.items()}
+    described = run.read_description()
+    flat = described.flat_options()
     problems = [f"{k}={v!r}: a {FIELD_OWNER[k]} option (the run has {flat.get(k)!r}) changes the traces or the "
                 f"data, not the training; compile again with it (teacher traces already made are reused)."
                 for k, v in options.items() if k in FIELD_OWNER and FIELD_OWNER[k] not in RETRAINABLE_GROUPS
@@ -67,28 +95,25 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
         raise ConfigError(["target: retrain takes one target for every model key; compile again for a "
                            "per-predictor target."])
     model_keys = {key: {**spec, "target": options["target"]} if "target" in options else spec
-                  for key, spec in described["model_keys"].items()}
-    described = {**described, "options": config.to_dict(), "model_keys": model_keys}
+                  for key, spec in described.model_keys.items()}
+    described = replace(described, options=config.to_dict(), model_keys=model_keys)
     dest = run
     if changed and not flat.get("run_name"):
-        if "inputs" not in described:
+        if described.inputs is None:
             raise ConfigError([f"run_dir {run_dir}: made by an older bootfinetune (config.json records no inputs); "
                                f"compile again with the new options."])
-        inputs = {**described["inputs"],
+        inputs = {**described.inputs,
                   "options": identity_options(config)}
         dest = run.sibling(run_name_of(inputs))
-        described["inputs"] = inputs
+        described.inputs = inputs
         _seed(run, dest)
     if changed:
         log.info("training the traces of %s with %s into %s (no teacher call)", run.name,
                  ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), dest.location)
-    write_json(dest.config_json, described)
-    from bootfinetune.ray_env import ensure_ray
-
-    ensure_ray(ray_address or config.run.ray_address)
+    dest.write_description(described)
     # The tokens compile added (decided with the run's adapter) are reused, so the models of a retrain
     # tokenize as the compiled run's do; a run recorded without them is checked again in finetune_models.
-    recorded = dest.read_report().get("stages", {}).get("data", {}).get("tokens", {})
+    report = dest.update_report(retrained_from=run.location if dest != run else None)
     jobs = []
     for key, spec in model_keys.items():
         train_file = dest.data_file(key)
@@ -97,20 +122,8 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
         eval_file = dest.data_dir / "val" / f"{key}.jsonl"
         jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
                                 train_file=train_file, eval_file=eval_file if eval_file.exists() else None,
-                                added_tokens=_recorded_tokens(recorded.get(key))))
-    manifests = finetune_models(dest, jobs, config.train)
-    dest.update_report(stages={"finetune": {k: {"best_epoch": m["best_epoch"], "eval_loss": m["losses"]["eval"]}
-                                            for k, m in manifests.items()}},
-                       retrained_from=run.location if dest != run else None)
-    dest.sync()
-    return dest, manifests
-
-
-def _recorded_tokens(plan: dict | None) -> tuple[str, ...] | None:
-    """The tokens a key's data stage added (report.json), or None where the run has no record of them."""
-    if not plan or plan.get("added_tokens") is None:
-        return None
-    return tuple(plan["added_tokens"])
+                                added_tokens=report.data_tokens(key)))
+    return Retrain(dest, config, described, jobs)
 
 
 def _seed(src: RunDir, dest: RunDir) -> None:
@@ -118,5 +131,5 @@ def _seed(src: RunDir, dest: RunDir) -> None:
     for sub in ("bootstrap", "data"):
         if (src.root / sub).exists():
             shutil.copytree(src.root / sub, dest.root / sub, dirs_exist_ok=True)
-    stages = src.read_report().get("stages", {})
+    stages = src.read_report().stages
     dest.update_report(stages={k: stages[k] for k in ("bootstrap", "data") if k in stages})

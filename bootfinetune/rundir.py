@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune import storage
-from bootfinetune.jsonio import fingerprint, read_json, write_json
+from bootfinetune.jsonio import fingerprint, write_json
+from bootfinetune.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
 
 def run_name_for(program_name: str, inputs: Any) -> str:
@@ -159,16 +160,36 @@ class RunDir:
     def program_json(self) -> Path:
         return self.root / "program.json"
 
-    def read_report(self) -> dict[str, Any]:
-        return read_json(self.report_json) if self.report_json.exists() else {}
+    def manifest_json(self, key: str) -> Path:
+        """models/{key}/manifest.json: written last, its presence means the model is finished."""
+        return self.model_dir(key) / ModelManifest.FILE
 
-    def update_report(self, **sections: Any) -> dict[str, Any]:
+    def read_description(self) -> RunDescription:
+        """config.json as its record (FileNotFoundError when the run has none)."""
+        return read_record(RunDescription, self.config_json)
+
+    def write_description(self, description: RunDescription) -> None:
+        write_json(self.config_json, description.to_json())
+
+    def read_manifest(self, key: str) -> ModelManifest | None:
+        """The manifest of model `key`, or None while it is not finished."""
+        path = self.manifest_json(key)
+        return read_record(ModelManifest, path) if path.exists() else None
+
+    def finished_models(self) -> dict[str, ModelManifest]:
+        """Every finished model's manifest, by key (models/*/manifest.json)."""
+        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}")))
+        return {m.key: m for m in manifests}
+
+    def write_manifest(self, manifest: ModelManifest) -> None:
+        write_json(self.manifest_json(manifest.key), manifest.to_json())
+
+    def read_report(self) -> RunReport:
+        """report.json as its record (an empty one before any stage wrote it)."""
+        return read_record(RunReport, self.report_json) if self.report_json.exists() else RunReport()
+
+    def update_report(self, **sections: Any) -> RunReport:
         """Merges top-level sections into report.json (dicts merge one level deep)."""
-        report = self.read_report()
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(report.get(key), dict):
-                report[key] = {**report[key], **value}
-            else:
-                report[key] = value
-        write_json(self.report_json, report)
+        report = self.read_report().merge(**sections)
+        write_json(self.report_json, report.to_json())
         return report

@@ -60,7 +60,7 @@ def gpt2_run(ray_cluster, targets, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("gpt2-run") / "run")
     job = make_job(run, "all", targets["gpt2"])
     config = options(targets["gpt2"], zero_stage=2)
-    return run, job, config, finetune_models(run, [job], config)["all"]
+    return run, job, config, finetune_models(run, [job], config)["all"].to_json()
 
 
 def check_export(run: RunDir, job: FinetuneJob, config: TrainConfig, manifest: dict, kind: str) -> None:
@@ -120,7 +120,7 @@ def test_rerun_of_a_finished_key_trains_nothing(gpt2_run):
     weights = run.model_dir("all") / "model.safetensors"
     before = (weights.stat().st_mtime_ns, sorted(p.name for p in (run.checkpoints_dir() / "all").iterdir()))
     started = time.time()
-    again = finetune_models(run, [job], config)["all"]
+    again = finetune_models(run, [job], config)["all"].to_json()
     assert again == manifest
     assert time.time() - started < 5
     assert (weights.stat().st_mtime_ns, sorted(p.name for p in (run.checkpoints_dir() / "all").iterdir())) == before
@@ -132,7 +132,7 @@ def test_seq2seq_zero3_worker_failure_resumes_from_the_epoch_checkpoint(ray_clus
     job = make_job(run, "all", targets["t5"])
     config = options(targets["t5"], zero_stage=3, max_failures=1)
     marker = tmp_path / "failed-once"
-    manifest = finetune_models(run, [job], config, hooks={"all": {"on_step": FailOnce(str(marker))}})["all"]
+    manifest = finetune_models(run, [job], config, hooks={"all": {"on_step": FailOnce(str(marker))}})["all"].to_json()
     assert marker.exists()  # the hook did fire
     steps = manifest["history"][0]["steps"]
     assert manifest["starts"] == [{"epoch": 0, "global_step": 0}, {"epoch": 1, "global_step": steps}]
@@ -163,7 +163,7 @@ def test_more_models_than_the_cluster_fits_are_queued_not_failed(ray_cluster, ta
     cpus = ray_cluster.cluster_resources()["CPU"]
     # Each job's one worker asks for more than half the cluster: the second must wait for the first.
     config = options(targets["llama"], epochs=1, num_workers=1, cpus_per_worker=cpus * 0.6)
-    manifests = finetune_models(run, jobs, config)
+    manifests = {k: m.to_json() for k, m in finetune_models(run, jobs, config).items()}
     a, b = sorted(manifests.values(), key=lambda m: m["started_at"])
     assert b["started_at"] >= a["finished_at"] - 1.0  # ran one after the other
     assert all((run.model_dir(k) / "manifest.json").exists() for k in ("first", "second"))
@@ -206,7 +206,7 @@ def test_driver_killed_mid_training_resumes_from_last_checkpoint(ray_cluster, ta
         proc.wait()
     assert not (run.model_dir("all") / "manifest.json").exists()
 
-    manifest = finetune_models(run, [job], config)["all"]
+    manifest = finetune_models(run, [job], config)["all"].to_json()
     assert len(manifest["starts"]) == 2 and manifest["starts"][0] == {"epoch": 0, "global_step": 0}
     resumed = manifest["starts"][1]
     assert 1 <= resumed["epoch"] < config.epochs

@@ -160,10 +160,11 @@ def test_adapter_spec_round_trips_and_options_are_checked():
 
 def test_a_program_bound_to_served_models_formats_with_the_recorded_adapter():
     from bootfinetune.rebind import rebind_served
+    from bootfinetune.runfiles import RunDescription
 
     # config.json as a compile with XMLAdapter writes it; the scripted teacher stands in for `bootfinetune serve`.
-    described = {"model_keys": {"all": {"target": "m", "predictors": ["rewrite", "answer.predict"]}},
-                 "adapter": adapter_spec(dspy.XMLAdapter())}
+    described = RunDescription.from_json({"model_keys": {"all": {"target": "m", "predictors": ["rewrite", "answer.predict"]}},
+                                          "adapter": adapter_spec(dspy.XMLAdapter())})
     with TeacherServer(two_step_script) as server:
         served = rebind_served(TwoStep(), described, server.url, max_tokens=64)
         assert served(text="item 3").answer == "ITEM 3!!"

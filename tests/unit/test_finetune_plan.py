@@ -61,7 +61,7 @@ def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path
     config = TrainConfig(epochs=2)
     assert finished_manifest(run, job, config) is None
     write_json(run.model_dir("all") / "manifest.json", {"key": "all", "job_fingerprint": _job_fingerprint(job, config)})
-    assert finished_manifest(run, job, config)["key"] == "all"
+    assert finished_manifest(run, job, config).key == "all"
     assert finished_manifest(run, job, TrainConfig(epochs=3)) is None
     assert finished_manifest(run, job, TrainConfig(epochs=2, max_failures=5, cpus_per_worker=4.0)) is not None
     write_jsonl(run.data_file("all"), toy_records(11))

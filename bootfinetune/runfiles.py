@@ -1,0 +1,351 @@
+"""The run directory's files as typed records: config.json, the bootstrap and data summaries,
+each model's manifest.json, and report.json.
+
+Each record is a dataclass with `to_json()` (the dict written to the file) and
+`from_json(data, source)` (the dict read back). Every file carries `version`
+(`RUN_FILES_VERSION`); a file without one was written before records had versions and
+is read as version 0 (the same fields, some of them missing: they take their defaults).
+A file from a newer bootfinetune raises `RunFileError` naming the file and the fix.
+Keys config.json, a manifest or the report holds that their record does not know are kept
+(`extra`) and written back, so nothing is lost.
+
+This module depends on nothing of ours but `errors`: it reads JSON with the standard
+library, and the run directory (`rundir.RunDir`) writes the records' dicts atomically.
+
+    >>> ModelManifest.from_json({"key": "all", "best_epoch": 2}, "manifest.json").best_epoch
+    2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bootfinetune.errors import ConfigError
+
+RUN_FILES_VERSION = 1
+"""The version every run file is written with; files up to it are read."""
+
+_R = TypeVar("_R")
+
+
+class RunFileError(ConfigError):
+    """A run-directory file this bootfinetune cannot read (a newer version, or not a JSON object)."""
+
+
+def _fields(cls: type, data: Any, source: Any) -> dict[str, Any]:
+    """The record's constructor arguments from a file's dict, after checking its version; the keys it
+    does not know go to `extra` where the record keeps them."""
+    name = getattr(cls, "FILE", cls.__name__)
+    if not isinstance(data, dict):
+        raise RunFileError(f"{source}: a {name} must hold a JSON object, not {type(data).__name__}; the file is "
+                           f"damaged: run the stage that writes it again (compile again into this run directory).")
+    version = data.get("version", 0)
+    if not isinstance(version, int) or version > RUN_FILES_VERSION:
+        raise RunFileError(f"{source}: {name} version {version!r} was written by a newer bootfinetune (this one "
+                           f"reads versions up to {RUN_FILES_VERSION}); upgrade bootfinetune "
+                           f"(pip install -U bootfinetune) or compile again into a new run directory.")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in data.items() if k in names}
+    if any(f.name == "extra" for f in dataclasses.fields(cls)):
+        known["extra"] = {k: v for k, v in data.items() if k not in names and k != "version"}
+    return known
+
+
+def _to_json(record: Any) -> dict[str, Any]:
+    """`version` first, then the fields in their declared order, then the keys kept from the file."""
+    out: dict[str, Any] = {"version": RUN_FILES_VERSION}
+    for f in dataclasses.fields(record):
+        if f.name != "extra":
+            out[f.name] = _plain(getattr(record, f.name))
+    out.update(getattr(record, "extra", {}))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Nested dataclasses (summaries inside the report) as dicts; everything else as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_record(cls: type[_R], path: str | Path) -> _R:
+    """The record `cls` read from the JSON file at `path` (see `from_json`)."""
+    return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")), path)  # type: ignore[attr-defined]
+
+
+@dataclass
+class RunDescription:
+    """config.json: the resolved options and what the run trains; never an API key.
+
+    One record for both writers: a compile fills the program's fields, a provider run
+    (`RayFinetuneProvider`) the provider's; each leaves the other's at None.
+    """
+
+    FILE = "config.json"
+
+    program_class: str | None = None
+    """`module:QualName` of the compiled program's class (`bootfinetune.load` imports it); None for a provider run."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The resolved options per `Config` group ({"train": {...}, "run": {...}, ...})."""
+    predictors: list[str] = field(default_factory=list)
+    """Predictor names, in the program's order."""
+    model_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Model key -> {"target": base model, "predictors": [names it serves]}."""
+    teachers: list[dict[str, Any]] = field(default_factory=list)
+    """Per teacher: predictor name -> its LM's identity."""
+    teacher_settings_lm: dict[str, Any] | None = None
+    """The identity of teacher_settings["lm"], if any."""
+    driver_lm: dict[str, Any] | None = None
+    """The identity of dspy.settings.lm when the run started."""
+    metric: Any = None
+    """The metric's identity."""
+    adapter: dict[str, Any] | None = None
+    """The DSPy adapter as `adapters.adapter_spec` records it."""
+    inputs: dict[str, Any] | None = None
+    """What the run name hashes (`compiler.run_name_of`); None in runs made before it was recorded."""
+    trace_store: str | None = None
+    """Where the run's teacher traces are kept."""
+    provider: str | None = None
+    """The provider class that made the run (`RayFinetuneProvider`); None for a compile."""
+    base_model: str | None = None
+    """A provider run's base model."""
+    train_data_format: str | None = None
+    """A provider run's data format ("chat")."""
+    records: int | None = None
+    """A provider run's number of training rows."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys of the file this record does not know (kept, written back)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "RunDescription":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
+
+    def flat_options(self) -> dict[str, Any]:
+        """Every recorded option in one dict (`Config.from_options` takes it)."""
+        return {k: v for group in self.options.values() for k, v in group.items()}
+
+    def key_of(self) -> dict[str, str]:
+        """Predictor name -> the model key serving it."""
+        return {name: key for key, spec in self.model_keys.items() for name in spec["predictors"]}
+
+
+@dataclass
+class BootstrapSummary:
+    """What one bootstrap run did; saved as bootstrap/{split}.summary.json when it is done."""
+
+    FILE = "bootstrap summary"
+
+    examples: int = 0
+    """Examples run (per split)."""
+    kept: int = 0
+    """Examples whose trace passed the metric."""
+    failed: int = 0
+    """Examples that raised."""
+    rejected: int = 0
+    """Examples that ran but whose trace the metric did not keep (examples = kept + rejected + failed)."""
+    calls: int = 0
+    """Predictor calls recorded."""
+    teacher_calls: int = 0
+    """Calls made to the teacher's LM by this run (predictor calls, failures included); 0 for reused traces."""
+    reused: int = 0
+    """Examples whose traces were read from the trace store instead of asking the teacher."""
+    unattributed: int = 0
+    """Trace steps from predictors that are not among the program's named predictors (dropped)."""
+    seconds: float = 0.0
+    """Wall time of the stage."""
+    per_predictor: dict[str, int] = field(default_factory=dict)
+    """Kept calls per predictor name."""
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Examples run per Ray node id (where the bootstrap actors ran)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "BootstrapSummary":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary file's dict (with `version`); report.json holds `dataclasses.asdict` of it."""
+        return _to_json(self)
+
+
+@dataclass
+class DataSummary:
+    """What went into one model key's finetuning file (report.json's stages.data.keys[key])."""
+
+    key: str
+    """The model key ("all" or a predictor name)."""
+    predictors: list[str]
+    """Predictors this key's model serves."""
+    records: int = 0
+    """Records written."""
+    duplicates: int = 0
+    """Records identical to an earlier one."""
+    duplicates_dropped: int = 0
+    """Identical records dropped (kept once)."""
+    unformattable: int = 0
+    """Kept calls the adapter could not format (missing output fields); dropped."""
+    unparseable: int = 0
+    """Kept calls whose formatted answer the adapter does not parse back to the teacher's outputs; dropped."""
+    per_predictor: dict[str, int] = field(default_factory=dict)
+    """Records written per predictor."""
+    path: str = ""
+    """Where the file is."""
+
+
+@dataclass
+class ModelManifest:
+    """models/{key}/manifest.json: what a finished model was trained on and how it went (written last)."""
+
+    FILE = "manifest.json"
+
+    key: str = ""
+    """The model key."""
+    target: str = ""
+    """The base model it was trained from."""
+    predictors: list[str] = field(default_factory=list)
+    """Predictors it serves."""
+    model_kind: str = ""
+    """"causal" or "seq2seq"."""
+    renderer: dict[str, Any] = field(default_factory=dict)
+    """How chat messages became model input (`render.renderer_identity`)."""
+    data_file: str = ""
+    """The training data file."""
+    data_hash: str = ""
+    """sha256 of the training data file."""
+    eval_hash: str | None = None
+    """sha256 of the eval data file, None when eval came from the training data."""
+    train_records: int = 0
+    """Records trained on."""
+    eval_records: int = 0
+    """Records evaluated on."""
+    eval_source: str = ""
+    """"valset", "held_out" or "none"."""
+    epochs: int = 0
+    """Epochs asked for."""
+    losses: dict[str, list] = field(default_factory=lambda: {"train": [], "eval": []})
+    """Per epoch: {"train": [...], "eval": [...]}."""
+    eval_loss_before: float | None = None
+    """Eval loss of the base model, before training."""
+    best_epoch: int = 0
+    """The epoch exported (lowest eval loss; the last without eval data)."""
+    best_eval_loss: float | None = None
+    """Its eval loss."""
+    tokens_seen: dict[str, int] = field(default_factory=dict)
+    """{"answer", "total", "padding"} tokens over all epochs."""
+    seconds: float = 0.0
+    """Training time the workers measured."""
+    wall_seconds: float = 0.0
+    """Wall time of the job, export included."""
+    started_at: float = 0.0
+    """Unix time the job started."""
+    finished_at: float = 0.0
+    """Unix time the manifest was written."""
+    truncated: dict[str, Any] = field(default_factory=dict)
+    """Records cut to max_length ({"train", "eval"}), max_length, and the prompt length inference keeps."""
+    dropped_per_epoch: Any = None
+    """Records dropped per epoch to even out the workers' batches."""
+    world_size: int = 0
+    """Training workers."""
+    nodes: list = field(default_factory=list)
+    """The Ray node of each rank."""
+    starts: list[dict[str, int]] = field(default_factory=list)
+    """Where each (re)start of the training began ({"epoch", "global_step"})."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Per epoch: losses, steps, tokens."""
+    loss_curve: list = field(default_factory=list)
+    """Train loss over steps."""
+    checkpoint: str = ""
+    """The Ray Train checkpoint exported."""
+    train_config: dict[str, Any] = field(default_factory=dict)
+    """The `TrainConfig` it was trained with."""
+    lora: dict[str, Any] | None = None
+    """The LoRA adapter's facts, None for a full finetune."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the tokenizer so every answer survives it."""
+    job_fingerprint: str = ""
+    """What the model was trained on (target, data, options): a rerun with the same one is not retrained."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys of the file this record does not know (kept, written back)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "ModelManifest":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
+
+    def prompt_max_length(self) -> int | None:
+        """The prompt length inference keeps (training's room beside a typical answer), if recorded."""
+        return self.truncated.get("prompt_max_length") or self.truncated.get("max_length")
+
+    def summary(self) -> dict[str, Any]:
+        """The report's view of the model (report.json's stages.finetune[key])."""
+        return {"seconds": self.seconds, "tokens": self.tokens_seen["total"],
+                "answer_tokens": self.tokens_seen["answer"], "train_loss": self.losses["train"],
+                "eval_loss": self.losses["eval"], "best_epoch": self.best_epoch,
+                "eval_loss_before": self.eval_loss_before, "loss_curve": self.loss_curve,
+                "steps_per_epoch": (self.history or [{}])[0].get("steps"), "truncated": self.truncated}
+
+
+@dataclass
+class RunReport:
+    """report.json: counts, losses, metrics, time and tokens per stage.
+
+    `stages` holds one section per stage ("bootstrap", "data", "finetune", "evaluate"),
+    each written by that stage; `merge` adds sections as stages finish.
+    """
+
+    FILE = "report.json"
+
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per stage: its figures (the bootstrap summary, the data summaries, each model's summary, seconds)."""
+    metric: dict[str, Any] | None = None
+    """The metric on the valset: {"before", "after", "teacher", "examples"}; None before evaluation."""
+    retrained_from: str | None = None
+    """The run whose traces a retrain trained again, if this run is a retrain's."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other top-level keys (kept, written back)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "RunReport":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's dict; metric and retrained_from are left out while None, as before records."""
+        out = _to_json(self)
+        for name in ("metric", "retrained_from"):
+            if out[name] is None:
+                out.pop(name)
+        return out
+
+    def merge(self, **sections: Any) -> "RunReport":
+        """Sets top-level sections; a dict merges one level deep into the one there."""
+        for name, value in sections.items():
+            known = name in ("stages", "metric", "retrained_from")
+            current = getattr(self, name) if known else self.extra.get(name)
+            if isinstance(value, dict) and isinstance(current, dict):
+                value = {**current, **_plain(value)}
+            if known:
+                setattr(self, name, value)
+            else:
+                self.extra[name] = value
+        return self
+
+    def data_tokens(self, key: str) -> tuple[str, ...] | None:
+        """The tokens a key's data stage added (stages.data.tokens[key]), None where the run has no record of them."""
+        plan = self.stages.get("data", {}).get("tokens", {}).get(key)
+        if not plan or plan.get("added_tokens") is None:
+            return None
+        return tuple(plan["added_tokens"])
+
+
+__all__ = ["RUN_FILES_VERSION", "RunFileError", "RunDescription", "BootstrapSummary", "DataSummary",
+           "ModelManifest", "RunReport", "read_record"]

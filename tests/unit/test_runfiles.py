@@ -1,0 +1,62 @@
+"""The run directory's typed records: versions, old files, round trips, the report's merge."""
+
+import json
+
+import pytest
+
+from bootfinetune.rundir import RunDir, read_json, write_json
+from bootfinetune.runfiles import (RUN_FILES_VERSION, BootstrapSummary, ModelManifest, RunDescription, RunFileError,
+                                   RunReport, read_record)
+
+
+def test_files_without_a_version_load_as_before_and_are_written_with_one(tmp_path):
+    run = RunDir(tmp_path / "R-1")
+    # config.json and manifest.json as bootfinetune wrote them before records had versions
+    write_json(run.config_json, {"program_class": "m:P", "options": {"train": {"lr": 1e-3}, "run": {}},
+                                 "model_keys": {"all": {"target": "t", "predictors": ["a", "b.predict"]}}})
+    write_json(run.manifest_json("all"), {"key": "all", "best_epoch": 2, "losses": {"train": [1.0, 0.5], "eval": [0.9, 0.7]},
+                                          "truncated": {"max_length": 256}, "some_new_key": [1]})
+    described = run.read_description()
+    assert described.program_class == "m:P" and described.inputs is None and described.provider is None
+    assert described.flat_options() == {"lr": 1e-3}
+    assert described.key_of() == {"a": "all", "b.predict": "all"}
+    manifest = run.read_manifest("all")
+    assert (manifest.best_epoch, manifest.prompt_max_length(), manifest.eval_hash) == (2, 256, None)
+    assert run.finished_models() == {"all": manifest} and run.read_manifest("other") is None
+    run.write_manifest(manifest)
+    written = read_json(run.manifest_json("all"))
+    assert written["version"] == RUN_FILES_VERSION and written["some_new_key"] == [1]  # unknown keys kept
+    assert read_record(ModelManifest, run.manifest_json("all")) == manifest
+
+
+@pytest.mark.parametrize("record", [RunDescription, ModelManifest, RunReport, BootstrapSummary])
+def test_a_newer_version_names_the_file_and_the_fix(tmp_path, record):
+    path = tmp_path / "file.json"
+    path.write_text(json.dumps({"version": RUN_FILES_VERSION + 1}))
+    with pytest.raises(RunFileError, match=rf"{path}: .*version {RUN_FILES_VERSION + 1}.*upgrade bootfinetune"):
+        read_record(record, path)
+    path.write_text("[1, 2]")
+    with pytest.raises(RunFileError, match=r"must hold a JSON object"):
+        read_record(record, path)
+
+
+def test_records_round_trip_in_the_files_key_order():
+    manifest = ModelManifest(key="k", target="t", best_epoch=1, losses={"train": [2.0], "eval": [None]})
+    data = manifest.to_json()
+    assert list(data)[:4] == ["version", "key", "target", "predictors"]
+    assert ModelManifest.from_json(json.loads(json.dumps(data))) == manifest
+    summary = BootstrapSummary(examples=3, kept=2, nodes={"n1": 3})
+    assert BootstrapSummary.from_json(summary.to_json()) == summary
+    described = RunDescription(provider="RayFinetuneProvider", base_model="/m", records=4)
+    assert RunDescription.from_json(described.to_json()) == described
+
+
+def test_the_report_merges_sections_one_level_deep_and_leaves_unset_ones_out(tmp_path):
+    run = RunDir(tmp_path / "R-2")
+    assert run.read_report() == RunReport()
+    run.update_report(stages={"bootstrap": {"kept": 2}, "data": {"tokens": {"all": {"added_tokens": ["\n"]}}}})
+    assert "metric" not in read_json(run.report_json) and "retrained_from" not in read_json(run.report_json)
+    report = run.update_report(metric={"after": 0.5}, stages={"finetune": {"seconds": 1.0}}, note="kept")
+    assert list(report.stages) == ["bootstrap", "data", "finetune"] and report.metric == {"after": 0.5}
+    assert report.data_tokens("all") == ("\n",) and report.data_tokens("other") is None
+    assert read_json(run.report_json)["note"] == "kept" and run.read_report() == report
