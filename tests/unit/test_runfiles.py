@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from bootfinetune.rundir import RunDir, read_json, write_json
+from bootfinetune.jsonio import read_json, write_json
+from bootfinetune.rundir import RunDir
 from bootfinetune.runfiles import (RUN_FILES_VERSION, BootstrapSummary, ModelManifest, RunDescription, RunFileError,
                                    RunReport, read_record)
 
