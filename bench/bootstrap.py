@@ -42,7 +42,7 @@ def answer_of(question: str) -> str:
 
 def serve(latency: float) -> None:
     """Runs the teacher server until stdin closes; prints its URL first (the --serve mode)."""
-    from bootfinetune.teacher_server import TeacherServer
+    from bootfinetune.testing.teacher_server import TeacherServer
 
     def script(inputs, outputs):
         return {name: answer_of(inputs.get("question", "")) for name in outputs}
@@ -100,9 +100,9 @@ def run_dspy(lm, data, threads: int) -> tuple[float, int]:
 
 
 def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path) -> tuple[float, int]:
-    from bootfinetune.bootstrap import run_bootstrap
+    from bootfinetune.stages.bootstrap import run_bootstrap
     from bootfinetune.config import BootstrapConfig
-    from bootfinetune.rundir import RunDir
+    from bootfinetune.run.rundir import RunDir
 
     run = RunDir.at(str(workdir), f"run-{time.time_ns()}")
     config = BootstrapConfig(num_actors=actors, num_threads=threads, batch_size=batch_size,
@@ -117,7 +117,7 @@ def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path
 def start_ray(nodes: int):
     import ray
 
-    from bootfinetune.ray_env import ensure_ray
+    from bootfinetune.runtime.ray_env import ensure_ray
 
     started = time.perf_counter()
     cluster = None

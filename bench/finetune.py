@@ -9,7 +9,7 @@ of 0.5 to 1 x `--seq-len` tokens and a short answer, tokenized once by bootfinet
 renderer (loss on the answer only). Same micro batch, accumulation, learning rate, AdamW,
 precision and number of epochs; each engine runs in its own process, one at a time.
 
-- `ours`: `bootfinetune.train_loop` (DeepSpeed, length buckets, LM head on answer positions).
+- `ours`: `bootfinetune.training.train_loop` (DeepSpeed, length buckets, LM head on answer positions).
 - `ours-fullhead`: the same loop with `answer_logits_only=False` (the head on every position).
 - `hf`: `transformers.Trainer` with its length-grouped sampler (`group_by_length`), padding per batch.
 - `trl`: `trl.SFTTrainer` as DSPy's local finetuning sets it up: `packing=True` (TRL's
@@ -53,9 +53,9 @@ H100_BF16_PEAK = 989e12
 
 def prepare(args) -> tuple[Path, Path, dict]:
     """Builds the model once and tokenizes the records once; returns (model dir, encoded data, stats)."""
-    from bootfinetune.jsonio import write_jsonl
-    from bootfinetune.render import encode_records
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.run.jsonio import write_jsonl
+    from bootfinetune.training.render import encode_records
+    from bootfinetune.testing.tiny_models import build_tiny_causal
     from transformers import AutoTokenizer
 
     work = Path(args.workdir)
@@ -100,8 +100,8 @@ def run_ours(args, model_dir: Path, data: Path, full_head: bool) -> dict:
     import torch
 
     from bootfinetune.config import TrainConfig
-    from bootfinetune.jsonio import iter_jsonl, write_jsonl
-    from bootfinetune.train_loop import train_loop
+    from bootfinetune.run.jsonio import iter_jsonl, write_jsonl
+    from bootfinetune.training.train_loop import train_loop
 
     # The loop reads chat records; the same ones the others get as token ids.
     records = Path(args.workdir) / "records.jsonl"
@@ -171,7 +171,7 @@ def _load_model(model_dir: Path):
 def run_hf(args, model_dir: Path, data: Path, stats: dict) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from bootfinetune.jsonio import iter_jsonl
+    from bootfinetune.run.jsonio import iter_jsonl
 
     # A plain list is a map-style dataset to the Trainer (its length grouping reads input_ids).
     dataset = [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in iter_jsonl(data)]
@@ -197,7 +197,7 @@ def run_trl(args, model_dir: Path, data: Path, stats: dict) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from bootfinetune.jsonio import iter_jsonl
+    from bootfinetune.run.jsonio import iter_jsonl
 
     rows = list(iter_jsonl(data))
     # Pre-tokenized: TRL takes input_ids and completion_mask as they are (the same ids as the others).

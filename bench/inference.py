@@ -39,14 +39,14 @@ def demo_run(workdir: Path) -> Path:
     done = [p.parent for p in runs.glob("*/program.json")]
     if not done:
         print(f"no run given: compiling the demo into {runs} (a few minutes, once)", flush=True)
-        subprocess.run([sys.executable, "-m", "bootfinetune.cli", "demo", "--storage", str(runs)], check=True,
+        subprocess.run([sys.executable, "-m", "bootfinetune.entrypoints.cli", "demo", "--storage", str(runs)], check=True,
                        stdout=subprocess.DEVNULL)
         done = [p.parent for p in runs.glob("*/program.json")]
     return sorted(done)[-1]
 
 
 def set_batch_size(program, batch_size: int) -> None:
-    from bootfinetune.lm import finetuned_engine
+    from bootfinetune.serving.lm import finetuned_engine
 
     for lm in {id(p.lm): p.lm for p in program.predictors()}.values():
         finetuned_engine(lm).set_batch_size(batch_size)

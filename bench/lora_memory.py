@@ -29,8 +29,8 @@ def build(work: Path, args) -> tuple[Path, list[Path], list[Path]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bootfinetune.lora import merge_adapter
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.training.lora import merge_adapter
+    from bootfinetune.testing.tiny_models import build_tiny_causal
 
     base = build_tiny_causal(work / "base", hidden_size=args.hidden, num_layers=args.layers,
                              num_heads=max(1, args.hidden // 64), vocab_size=args.vocab, chat_template=False)
@@ -65,7 +65,7 @@ def main() -> None:
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         adapter_mb = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
-        from bootfinetune.testing import resident_kib
+        from bootfinetune.testing.faults import resident_kib
 
         shared = resident_kib(adapters)
         full = resident_kib(merged)

@@ -4,7 +4,7 @@
     python bench/memory.py --sizes 1.5b 3b --modes plain
 
 For each size (Qwen2.5 shapes with an untied head, random bf16 weights saved once and loaded
-by the loop with `from_pretrained`) and mode, `bootfinetune.train_loop` runs a few optimizer
+by the loop with `from_pretrained`) and mode, `bootfinetune.training.train_loop` runs a few optimizer
 steps in its own process, with bf16, micro batch 1, sequence length 1,024 and gradient
 checkpointing in both modes:
 
@@ -50,7 +50,7 @@ def build(size: str, work: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.testing.tiny_models import build_tiny_causal
 
     out = work / f"model-{size}"
     if (out / "config.json").exists():
@@ -78,8 +78,8 @@ def worker(args) -> None:
     import torch
 
     from bootfinetune.config import TrainConfig
-    from bootfinetune.jsonio import write_jsonl
-    from bootfinetune.train_loop import train_loop
+    from bootfinetune.run.jsonio import write_jsonl
+    from bootfinetune.training.train_loop import train_loop
 
     work = Path(args.workdir)
     data = work / "records.jsonl"

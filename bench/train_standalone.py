@@ -30,9 +30,9 @@ if "bootfinetune" not in sys.modules:
     sys.modules["bootfinetune"] = _pkg
 
 from bootfinetune.config import TrainConfig  # noqa: E402
-from bootfinetune.jsonio import write_jsonl  # noqa: E402
-from bootfinetune.tiny_models import build_tiny_causal  # noqa: E402
-from bootfinetune.train_loop import train_loop  # noqa: E402
+from bootfinetune.run.jsonio import write_jsonl  # noqa: E402
+from bootfinetune.testing.tiny_models import build_tiny_causal  # noqa: E402
+from bootfinetune.training.train_loop import train_loop  # noqa: E402
 
 SIZES = {
     # Qwen2.5-0.5B's shape with an untied output head: 0.63B parameters.

@@ -3,7 +3,7 @@
     checks -> bootstrap (Ray Data) -> data -> finetune (Ray Train) -> rebind -> evaluate
 
 Each stage reads and writes the run directory (its files are the records of
-`bootfinetune.runfiles`), so running the same compile again resumes: finished stages are
+`bootfinetune.run.runfiles`), so running the same compile again resumes: finished stages are
 read back, not redone. `BootstrapFinetune.prepare` runs stages 1-3 and `compile` all six;
 the entries that start from a run directory call this module too: `run_stages` (stages 4-5:
 the finetune-only job, `retrain`, the DSPy provider) and `evaluate_run` (the evaluate job).
@@ -22,27 +22,27 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from bootfinetune.adapters import adapter_option, adapter_spec, resolve_adapter
-from bootfinetune.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap
-from bootfinetune.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
+from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_adapter
+from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap
+from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config, TrainConfig, identity_options
-from bootfinetune.datasets import build_datasets
+from bootfinetune.stages.datasets import build_datasets
 from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
-from bootfinetune.evaluate import evaluate_program, teacher_score
-from bootfinetune.finetune import FinetuneJob, finetune_models
-from bootfinetune.importpath import class_path
-from bootfinetune.jsonio import fingerprint, write_json
-from bootfinetune.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+from bootfinetune.stages.evaluate import evaluate_program, teacher_score
+from bootfinetune.stages.finetune import FinetuneJob, finetune_models
+from bootfinetune.common.importpath import class_path
+from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
-from bootfinetune.importpath import resolve
-from bootfinetune.rebind import base_program, program_state, rebind_run
-from bootfinetune.redaction import collect_secrets
-from bootfinetune.rundir import RunDir, run_name_for
-from bootfinetune.runfiles import DataSummary, ModelManifest, RunDescription
-from bootfinetune.targets import check_target
-from bootfinetune.traces import (TraceStore, example_key, trace_id,
+from bootfinetune.common.importpath import resolve
+from bootfinetune.stages.rebind import base_program, program_state, rebind_run
+from bootfinetune.common.redaction import collect_secrets
+from bootfinetune.run.rundir import RunDir, run_name_for
+from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
+from bootfinetune.common.targets import check_target
+from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class BootstrapFinetune(Teleprompter):
                              adapter=resolve_adapter(self.adapter))
         metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
         self.report = run.update_report(metric=metric_report, stages={"evaluate": {"seconds": eval_seconds}}).to_json()
-        from bootfinetune.report_html import write_report_html
+        from bootfinetune.run.report_html import write_report_html
 
         html_path = write_report_html(run)
         run.sync()
@@ -242,7 +242,7 @@ class BootstrapFinetune(Teleprompter):
         identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
         run = RunDir.at(config.run.storage_path, config.run.run_name or run_name_of(inputs))
         if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
-            from bootfinetune.storage import check_writable
+            from bootfinetune.run.storage import check_writable
 
             problem = check_writable(config.run.storage_path)
             if problem:
@@ -259,7 +259,7 @@ class BootstrapFinetune(Teleprompter):
         described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
         run.write_description(described)
         run.sync()
-        from bootfinetune.ray_env import ensure_ray
+        from bootfinetune.runtime.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
         # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
@@ -383,7 +383,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     """
     if to_stage not in ("finetune", "rebind"):
         raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
-    from bootfinetune.ray_env import ensure_ray
+    from bootfinetune.runtime.ray_env import ensure_ray
 
     ensure_ray(ray_address or config.run.ray_address)
     started = time.time()
@@ -428,7 +428,7 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     Writes `evaluations/{name}.json` in the run directory and returns what it holds: score,
     examples, failed, seconds, then `about` (what the caller names the valset and metric by).
     """
-    from bootfinetune.rebind import load
+    from bootfinetune.stages.rebind import load
 
     run = RunDir.from_location(run_dir)
     program = load(run_dir)

@@ -12,7 +12,7 @@ Each field is the one home of its option: its type (choices as `Literal`), its d
 range (`option(at_least=...)`, `option(within=...)`), whether it is resource-only (how fast
 or where a run goes, not what it produces: `RESOURCE_OPTIONS`, left out of every identity)
 and its help (the docstring under it, `FIELD_HELP`). Validation (`Config.problems`), the
-command-line flags (`add_config_arguments`) and the YAML job keys (`bootfinetune.jobconfig`)
+command-line flags (`add_config_arguments`) and the YAML job keys (`bootfinetune.entrypoints.jobconfig`)
 are generated from them.
 
 `Config.from_options(**flat)` routes each name to its group, raises on unknown names

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bootfinetune.jobs import main_bootstrap, run_main  # noqa: E402
+from bootfinetune.entrypoints.jobs import main_bootstrap, run_main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(main_bootstrap)

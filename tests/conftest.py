@@ -35,7 +35,7 @@ def ray_cluster():
     """A local Ray cluster shared by every integration test (starting Ray costs seconds)."""
     import ray
 
-    from bootfinetune.ray_env import ensure_ray
+    from bootfinetune.runtime.ray_env import ensure_ray
 
     # 8 logical CPUs on a 2-core machine: bootstrap actors mostly wait on HTTP, and two
     # training workers plus actors must fit side by side.
@@ -60,7 +60,7 @@ def s3_server():
 @pytest.fixture
 def teacher_server():
     """A scripted OpenAI-compatible teacher on 127.0.0.1 for the TwoStep program."""
-    from bootfinetune.teacher_server import TeacherServer
+    from bootfinetune.testing.teacher_server import TeacherServer
     from tests.programs import two_step_script
 
     with TeacherServer(two_step_script) as server:

@@ -45,7 +45,7 @@ class S3Server:
         return f"s3://{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
 
     def make_bucket(self, bucket: str) -> None:
-        from bootfinetune.storage import filesystem
+        from bootfinetune.run.storage import filesystem
 
         fs, _ = filesystem(self.uri(bucket) + "&allow_bucket_creation=true")
         fs.create_dir(bucket)

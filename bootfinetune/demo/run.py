@@ -62,7 +62,7 @@ def student_corpus(trainset: list) -> list[str]:
 
 def build_student(cache_dir: Path, trainset: list) -> tuple[Path, bool]:
     """The demo's student directory (built once, then reused) and whether it was reused."""
-    from bootfinetune.tiny_models import STAMP, build_tiny_causal
+    from bootfinetune.testing.tiny_models import STAMP, build_tiny_causal
 
     path = cache_dir / "demo-student"
     before = (path / STAMP).stat().st_mtime_ns if (path / STAMP).exists() else None
@@ -143,8 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()  # weight loading bars would bury the stage lines
     from bootfinetune.demo.task import ShippingRouter, make_datasets, metric, teacher_script
     from bootfinetune.errors import ConfigError
-    from bootfinetune.teacher_server import TeacherServer
-    from bootfinetune.teachers import scripted_teacher_lm, teacher_lm
+    from bootfinetune.testing.teacher_server import TeacherServer
+    from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
 
     def say(message: str) -> None:
         print(f"[demo {time.time() - started:6.1f}s] {message}", flush=True)
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import ray
 
-    from bootfinetune.ray_env import ensure_ray
+    from bootfinetune.runtime.ray_env import ensure_ray
 
     # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
     say(ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False))

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from bootfinetune.config import TrainConfig
-from bootfinetune.jsonio import write_jsonl
-from bootfinetune.tiny_models import build_tiny_causal, toy_records
-from bootfinetune.train_loop import train_loop
+from bootfinetune.run.jsonio import write_jsonl
+from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
+from bootfinetune.training.train_loop import train_loop
 
 
 @pytest.mark.gpu

@@ -5,8 +5,8 @@ import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.errors import ConfigError, ProgramError
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_script
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_valset_overlapping_the_trainset_is_a_warning_naming_the_count(s3_server
 def test_models_load_from_safetensors_only(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bootfinetune.lm import FinetunedEngine
+    from bootfinetune.serving.lm import FinetunedEngine
 
     real = build_tiny_causal(tmp_path / "tiny")
     pickled = tmp_path / "bin-only"

@@ -10,7 +10,7 @@ import pytest
 from dspy.dsp.utils import dotdict
 
 from bootfinetune import BootstrapError, BootstrapFinetune
-from bootfinetune.jsonio import read_json, read_jsonl
+from bootfinetune.run.jsonio import read_json, read_jsonl
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @functools.lru_cache(maxsize=1)
 def tiny_target() -> str:
     """A real (tiny) model folder: prepare() checks the target loads before any teacher call."""
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.testing.tiny_models import build_tiny_causal
 
     return str(build_tiny_causal(Path(tempfile.mkdtemp(prefix="bft-bootstrap-")) / "tiny"))
 
@@ -83,7 +83,7 @@ def test_interrupted_run_resumes_where_it_stopped(ray_cluster, teacher_server, t
     before = teacher_server.calls
     resumed = prepare(teacher_lm, tmp_path, trainset)
     done_keys = {json.loads(line)["example"] for line in lines[:5]}
-    from bootfinetune.traces import example_key
+    from bootfinetune.stages.traces import example_key
 
     expected_calls = sum(3 if e.text[:4] != "skip" else 2 for e in trainset if example_key(e) not in done_keys)
     assert teacher_server.calls - before == expected_calls

@@ -10,10 +10,10 @@ import pytest
 import bootfinetune
 from bootfinetune import BootstrapFinetune
 from bootfinetune.errors import ConfigError
-from bootfinetune.jsonio import read_json
-from bootfinetune.lm import finetuned_engine
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.run.jsonio import read_json
+from bootfinetune.serving.lm import finetuned_engine
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.integration.test_compile import greedy_outputs
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 from tests.unit.test_storage import remote_names
@@ -69,7 +69,7 @@ def test_compile_to_s3_then_load_and_resume_elsewhere(ray_cluster, s3_server, tm
 
 
 def _read(uri, name):
-    from bootfinetune.storage import filesystem
+    from bootfinetune.run.storage import filesystem
 
     fs, base = filesystem(uri)
     with fs.open_input_stream(f"{base}/{name}") as f:

@@ -11,10 +11,10 @@ import pytest
 from dspy.utils.exceptions import AdapterParseError
 
 from bootfinetune import BootstrapFinetune
-from bootfinetune.jsonio import read_json, read_jsonl
-from bootfinetune.lm import finetuned_engine
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5
+from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.serving.lm import finetuned_engine
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5
 from tests.programs import RAG, TwoStep, color_rm, rag_examples, rag_script, two_step_examples, two_step_metric
 
 pytestmark = pytest.mark.integration
@@ -130,7 +130,7 @@ elif kind == "json":
     program.load(path, allow_unsafe_lm_state=True)
 else:
     program = bootfinetune.load(path)
-from bootfinetune.lm import finetuned_engine
+from bootfinetune.serving.lm import finetuned_engine
 assert type(program.rewrite.lm) is dspy.LM and finetuned_engine(program.rewrite.lm), program.rewrite.lm
 print("OUTPUTS=" + json.dumps(greedy_outputs(program, inputs)))
 """

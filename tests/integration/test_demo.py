@@ -9,7 +9,7 @@ import pytest
 
 from bootfinetune.demo import run as demo
 from bootfinetune.demo.task import CITIES, make_datasets, metric, teacher_script
-from bootfinetune.jsonio import read_json
+from bootfinetune.run.jsonio import read_json
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from dspy.utils.exceptions import AdapterParseError
 
 import bootfinetune
 from bootfinetune import BootstrapFinetune
-from bootfinetune.adapters import adapter_of
-from bootfinetune.jsonio import read_json, read_jsonl
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.stages.adapters import adapter_of
+from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import RAG, TwoStep, color_rm, rag_examples, rag_script, two_step_examples
 
 pytestmark = pytest.mark.integration

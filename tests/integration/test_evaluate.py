@@ -3,9 +3,9 @@
 import dspy
 import pytest
 
-from bootfinetune.evaluate import evaluate_program
-from bootfinetune.lm import FinetunedEngine, FinetunedLM
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.stages.evaluate import evaluate_program
+from bootfinetune.serving.lm import FinetunedEngine, FinetunedLM
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 pytestmark = pytest.mark.integration

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.finetune import FinetuneJob, finetune_models, split_records
-from bootfinetune.jsonio import read_json, read_jsonl, write_jsonl
-from bootfinetune.render import collate, encode_prompt, encode_records
-from bootfinetune.rundir import RunDir
-from bootfinetune.testing import FailOnce
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.stages.finetune import FinetuneJob, finetune_models, split_records
+from bootfinetune.run.jsonio import read_json, read_jsonl, write_jsonl
+from bootfinetune.training.render import collate, encode_prompt, encode_records
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.faults import FailOnce
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 pytestmark = pytest.mark.integration
 
@@ -173,9 +173,9 @@ DRIVER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from bootfinetune.config import TrainConfig
-    from bootfinetune.finetune import FinetuneJob, finetune_models
-    from bootfinetune.ray_env import ensure_ray
-    from bootfinetune.rundir import RunDir
+    from bootfinetune.stages.finetune import FinetuneJob, finetune_models
+    from bootfinetune.runtime.ray_env import ensure_ray
+    from bootfinetune.run.rundir import RunDir
     address, root, target = sys.argv[1:4]
     ensure_ray(address, log_to_driver=False)
     run = RunDir(Path(root))

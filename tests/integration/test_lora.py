@@ -7,13 +7,13 @@ import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import InferenceConfig
-from bootfinetune.jsonio import read_json
-from bootfinetune.lm import finetuned_engine, load_model
-from bootfinetune.lora import adapter_base, is_adapter, merge_adapter
-from bootfinetune.rebind import rebind
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.testing import resident_kib
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.run.jsonio import read_json
+from bootfinetune.serving.lm import finetuned_engine, load_model
+from bootfinetune.training.lora import adapter_base, is_adapter, merge_adapter
+from bootfinetune.stages.rebind import rebind
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.faults import resident_kib
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.integration.test_compile import greedy_outputs
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 
@@ -78,8 +78,8 @@ def test_served_over_http_through_dspy_lm_gives_the_in_process_answers(lora_comp
     from ray import serve
 
     import bootfinetune
-    from bootfinetune.distributed import free_port
-    from bootfinetune.ray_serve import serve_run
+    from bootfinetune.training.distributed import free_port
+    from bootfinetune.serving.ray_serve import serve_run
 
     tp, _, compiled, _, _ = lora_compile
     expected = greedy_outputs(compiled, INPUTS)

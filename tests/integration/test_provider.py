@@ -13,11 +13,11 @@ from dspy.clients.utils_finetune import TrainingStatus
 from dspy.utils.exceptions import AdapterParseError
 
 from bootfinetune import RayFinetuneProvider
-from bootfinetune.jsonio import read_json, read_jsonl
-from bootfinetune.provider import LOCAL_API_KEY, finetuned_model_id, model_path
-from bootfinetune.serve import served_model, stop_model
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal, toy_records
+from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.entrypoints.provider import LOCAL_API_KEY, finetuned_model_id, model_path
+from bootfinetune.serving.serve import served_model, stop_model
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
 
 pytestmark = pytest.mark.integration
 SECRET = "sk-provider-secret-7f3a9"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bootfinetune.ray_env import is_reachable
+from bootfinetune.runtime.ray_env import is_reachable
 from tests.s3server import free_port
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 DEMO_STYLE = """
 import ray
-from bootfinetune.ray_env import ensure_ray
+from bootfinetune.runtime.ray_env import ensure_ray
 
 print(ensure_ray({address!r}, num_cpus=3, log_to_driver=False))
 print("GCS", ray.get_runtime_context().gcs_address)

@@ -10,11 +10,11 @@ from pathlib import Path
 import dspy
 import pytest
 
-from bootfinetune.bootstrap import run_bootstrap
+from bootfinetune.stages.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
-from bootfinetune.jsonio import read_json, read_jsonl
-from bootfinetune.rundir import RunDir
-from bootfinetune.testing import FaultyTeacherServer
+from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.faults import FaultyTeacherServer
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ import logging
 import pytest
 
 from bootfinetune import BootstrapFinetune
-from bootfinetune.jobs import main_finetune
-from bootfinetune.jsonio import read_json
-from bootfinetune.rundir import RunDir
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.entrypoints.jobs import main_finetune
+from bootfinetune.run.jsonio import read_json
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 pytestmark = pytest.mark.integration

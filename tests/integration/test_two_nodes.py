@@ -23,9 +23,9 @@ import json, sys
 import dspy, ray
 from ray.cluster_utils import Cluster
 from bootfinetune import BootstrapFinetune
-from bootfinetune.ray_env import ensure_ray
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.runtime.ray_env import ensure_ray
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
 
 out = sys.argv[1]

@@ -82,9 +82,9 @@ FILES = {
 
         import dspy
 
-        from bootfinetune.evaluate import evaluate_program
-        from bootfinetune.ray_env import ensure_ray
-        from bootfinetune.teacher_server import TeacherServer
+        from bootfinetune.stages.evaluate import evaluate_program
+        from bootfinetune.runtime.ray_env import ensure_ray
+        from bootfinetune.testing.teacher_server import TeacherServer
         from shop.retrieve import colors_rm
         from shop.task import ColorRAG, exact_color, examples, teacher_script
 
@@ -182,7 +182,7 @@ def test_python_m_driver_that_changes_directory_evaluates_on_ray_actors(tmp_path
 
 
 def test_script_in_a_subfolder_bootstraps_with_its_package_from_another_directory(tmp_path):
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.testing.tiny_models import build_tiny_causal
 
     project = write_project(tmp_path)
     target = build_tiny_causal(tmp_path / "tiny-llama", hidden_size=32, num_layers=1)

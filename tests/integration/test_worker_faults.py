@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bootfinetune.bootstrap import run_bootstrap
+from bootfinetune.stages.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
-from bootfinetune.jsonio import read_json
-from bootfinetune.rundir import RunDir
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.run.jsonio import read_json
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal
 from tests.programs import DiesOnce, TwoStep, two_step_examples, two_step_metric, two_step_script
 
 pytestmark = pytest.mark.integration

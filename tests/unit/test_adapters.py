@@ -8,15 +8,15 @@ import cloudpickle
 import dspy
 import pytest
 
-from bootfinetune.adapters import (adapter_from_spec, adapter_of, adapter_option, adapter_spec, answer_problem,
+from bootfinetune.stages.adapters import (adapter_from_spec, adapter_of, adapter_option, adapter_spec, answer_problem,
                                    finetune_messages, scope_adapter)
-from bootfinetune.checks import check_program
-from bootfinetune.datasets import build_datasets
+from bootfinetune.stages.checks import check_program
+from bootfinetune.stages.datasets import build_datasets
 from bootfinetune.errors import ConfigError, ProgramError
-from bootfinetune.jsonio import read_jsonl
-from bootfinetune.records import CallRecord
-from bootfinetune.rundir import RunDir
-from bootfinetune.teacher_server import TeacherServer, answer_format, parse_chat_request
+from bootfinetune.run.jsonio import read_jsonl
+from bootfinetune.run.records import CallRecord
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.teacher_server import TeacherServer, answer_format, parse_chat_request
 from tests.programs import TwoStep, two_step_script
 
 ADAPTERS = [dspy.ChatAdapter, dspy.JSONAdapter, dspy.XMLAdapter]
@@ -159,8 +159,8 @@ def test_adapter_spec_round_trips_and_options_are_checked():
 
 
 def test_a_program_bound_to_served_models_formats_with_the_recorded_adapter():
-    from bootfinetune.rebind import rebind_served
-    from bootfinetune.runfiles import RunDescription
+    from bootfinetune.stages.rebind import rebind_served
+    from bootfinetune.run.runfiles import RunDescription
 
     # config.json as a compile with XMLAdapter writes it; the scripted teacher stands in for `bootfinetune serve`.
     described = RunDescription.from_json({"model_keys": {"all": {"target": "m", "predictors": ["rewrite", "answer.predict"]}},

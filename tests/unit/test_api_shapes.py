@@ -8,10 +8,10 @@ import dspy
 import pytest
 
 from bootfinetune import BootstrapFinetune, ConfigError, ProgramError
-from bootfinetune.bootstrap import TeacherRunner, driver_settings
+from bootfinetune.stages.bootstrap import TeacherRunner, driver_settings
 from bootfinetune.compiler import documented_options
 from bootfinetune.dspy_api import translate_train_kwargs
-from bootfinetune.records import example_to_json
+from bootfinetune.run.records import example_to_json
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 
@@ -137,7 +137,7 @@ def test_configured_settings_travel_and_per_call_ones_stay(teacher_lm):
 def test_an_unpicklable_setting_stays_behind_with_a_warning(caplog):
     import threading
 
-    with caplog.at_level(logging.WARNING, logger="bootfinetune.bootstrap"):
+    with caplog.at_level(logging.WARNING, logger="bootfinetune.stages.bootstrap"):
         with dspy.context(team_lock=threading.Lock(), track_usage=True):
             carried = driver_settings()
     assert "team_lock" not in carried and carried["track_usage"] is True

@@ -5,12 +5,12 @@ import json
 import dspy
 import pytest
 
-from bootfinetune.bootstrap import TeacherRunner, is_kept
-from bootfinetune.checks import check_program
-from bootfinetune.datasets import build_datasets
-from bootfinetune.jsonio import read_jsonl
-from bootfinetune.records import CallRecord, example_to_json
-from bootfinetune.rundir import RunDir
+from bootfinetune.stages.bootstrap import TeacherRunner, is_kept
+from bootfinetune.stages.checks import check_program
+from bootfinetune.stages.datasets import build_datasets
+from bootfinetune.run.jsonio import read_jsonl
+from bootfinetune.run.records import CallRecord, example_to_json
+from bootfinetune.run.rundir import RunDir
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 

@@ -5,7 +5,7 @@ import threading
 import dspy
 import pytest
 
-from bootfinetune.checks import check_examples, check_picklable, check_program, valset_overlap
+from bootfinetune.stages.checks import check_examples, check_picklable, check_program, valset_overlap
 from bootfinetune.errors import ProgramError
 from tests.programs import TwoStep, two_step_examples
 
@@ -138,8 +138,8 @@ def test_valset_overlap_counts_shared_inputs():
 
 
 def test_target_path_typo_and_unreachable_hub_id_are_told_apart(tmp_path, monkeypatch):
-    from bootfinetune.targets import check_target
-    from bootfinetune.tiny_models import build_tiny_causal
+    from bootfinetune.common.targets import check_target
+    from bootfinetune.testing.tiny_models import build_tiny_causal
 
     real = build_tiny_causal(tmp_path / "tiny-llama")
     assert check_target(str(real)) is None

@@ -126,7 +126,7 @@ def test_the_demo_flags_carry_its_own_values_only():
 
 
 def test_the_bootstrap_command_takes_every_option_as_a_flag():
-    from bootfinetune.cli import build_parser
+    from bootfinetune.entrypoints.cli import build_parser
     from bootfinetune.config import config_arguments
 
     base = ["bootstrap", "--program", "pkg.mod:Prog", "--trainset", "t.jsonl", "--inputs", "q", "--teacher-model", "m"]

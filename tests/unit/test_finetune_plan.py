@@ -6,11 +6,11 @@ import pytest
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.finetune import (FinetuneJob, _best_epoch, finished_manifest, fits, load_job_data, split_records,
+from bootfinetune.stages.finetune import (FinetuneJob, _best_epoch, finished_manifest, fits, load_job_data, split_records,
                                    worker_resources)
-from bootfinetune.jsonio import write_json, write_jsonl
-from bootfinetune.rundir import RunDir
-from bootfinetune.tiny_models import toy_records
+from bootfinetune.run.jsonio import write_json, write_jsonl
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.tiny_models import toy_records
 
 
 def test_split_is_seeded_disjoint_and_keeps_training_data():
@@ -53,7 +53,7 @@ def test_best_epoch_is_lowest_eval_loss_else_last():
 
 
 def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path):
-    from bootfinetune.finetune import _job_fingerprint
+    from bootfinetune.stages.finetune import _job_fingerprint
 
     run = RunDir(tmp_path / "run")
     write_jsonl(run.data_file("all"), toy_records(10))

@@ -19,8 +19,8 @@ import pytest
 from dspy.utils.callback import BaseCallback
 
 from bootfinetune.errors import ProgramError
-from bootfinetune.lm import FinetunedLM, finetuned_engine, model_fingerprint
-from bootfinetune.tiny_models import build_tiny_causal
+from bootfinetune.serving.lm import FinetunedLM, finetuned_engine, model_fingerprint
+from bootfinetune.testing.tiny_models import build_tiny_causal
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = ["what color is the sky?", "name a color", "which color is calm?"]
@@ -31,7 +31,7 @@ def train_to_answer(base: Path, out: Path, answer: str, steps: int = 80, lr: flo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bootfinetune.render import collate, encode_example
+    from bootfinetune.training.render import collate, encode_example
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -146,7 +146,7 @@ def test_cache_never_answers_one_model_with_anothers(models, tmp_path):
 LOAD_SCRIPT = r"""
 import json, pickle, sys
 import dspy
-from bootfinetune.lm import FinetunedLM, finetuned_engine
+from bootfinetune.serving.lm import FinetunedLM, finetuned_engine
 kind, path, model_dir = sys.argv[1:4]
 if kind == "cloudpickle":
     program = pickle.loads(open(path, "rb").read())
@@ -177,7 +177,7 @@ def test_pickle_program_dir_and_json_load_in_a_new_process(models, tmp_path):
     program.save(str(tmp_path / "program_dir"), save_program=True)
     program.save(str(tmp_path / "program.json"))
     state = json.loads((tmp_path / "program.json").read_text())["lm"]
-    assert state["engine"]["class"] == "bootfinetune.lm:FinetunedEngine" and "api_key" not in json.dumps(state)
+    assert state["engine"]["class"] == "bootfinetune.serving.lm:FinetunedEngine" and "api_key" not in json.dumps(state)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for kind, name in [("cloudpickle", "program.pkl"), ("program_dir", "program_dir"), ("json", "program.json")]:
         out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, kind, str(tmp_path / name), str(models["blue"]),
@@ -200,7 +200,7 @@ def test_engine_pickles_without_its_batcher_and_answers_after(models):
 
 
 def test_a_compiled_program_given_as_student_trains_on_from_its_folders(models):
-    from bootfinetune.checks import target_from_lm
+    from bootfinetune.stages.checks import target_from_lm
 
     assert target_from_lm(FinetunedLM(str(models["blue"]), device="cpu")) == str(models["blue"])
     assert target_from_lm(dspy.LM("openai/local:/models/x")) == "/models/x"

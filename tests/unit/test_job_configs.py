@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bootfinetune.errors import ConfigError
-from bootfinetune.jobconfig import JobConfig, check_environment, load_job_config, parse_job_config
+from bootfinetune.entrypoints.jobconfig import JobConfig, check_environment, load_job_config, parse_job_config
 
 REPO = Path(__file__).resolve().parents[2]
 YAMLS = sorted(p for folder in ("ray_jobs", "cluster") for p in (REPO / folder).rglob("*.y*ml"))

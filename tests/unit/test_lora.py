@@ -8,9 +8,9 @@ import json
 import pytest
 
 from bootfinetune.config import TrainConfig
-from bootfinetune.jsonio import write_jsonl
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
-from bootfinetune.train_loop import train_loop
+from bootfinetune.run.jsonio import write_jsonl
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.training.train_loop import train_loop
 
 
 @pytest.fixture(autouse=True)
@@ -23,9 +23,9 @@ def test_lora_trains_adapters_only_and_exports_adapter_and_merged_alike(tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from bootfinetune.finetune import export_checkpoint
-    from bootfinetune.lm import FinetunedEngine, load_model
-    from bootfinetune.lora import adapter_base, is_adapter
+    from bootfinetune.stages.finetune import export_checkpoint
+    from bootfinetune.serving.lm import FinetunedEngine, load_model
+    from bootfinetune.training.lora import adapter_base, is_adapter
 
     write_jsonl(tmp_path / "train.jsonl", toy_records(40, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", toy_records(8, seed=1))

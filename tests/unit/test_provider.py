@@ -8,10 +8,10 @@ from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 from dspy.teleprompt.bootstrap_finetune import kill_lms, launch_lms
 
 from bootfinetune import ConfigError, RayFinetuneProvider, TrainDataError
-from bootfinetune.provider import (LOCAL_API_KEY, RayTrainingJob, finetuned_model_id, model_path,
+from bootfinetune.entrypoints.provider import (LOCAL_API_KEY, RayTrainingJob, finetuned_model_id, model_path,
                                    resolve_base_model)
-from bootfinetune.serve import served_model, stop_model
-from bootfinetune.tiny_models import build_tiny_causal, toy_records
+from bootfinetune.serving.serve import served_model, stop_model
+from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import copy
 import pytest
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, LlamaConfig, PretrainedConfig, T5Config
 
-from bootfinetune.render import (
+from bootfinetune.training.render import (
     FIXED_GENERATION_PROMPT,
     IGNORE_INDEX,
     Encoded,
@@ -20,8 +20,8 @@ from bootfinetune.render import (
     render_prompt_text,
     renderer_identity,
 )
-from bootfinetune.representable import add_answer_tokens
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},

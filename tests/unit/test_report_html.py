@@ -2,7 +2,7 @@
 
 import html.parser
 
-from bootfinetune.report_html import _nice_ticks, render_report
+from bootfinetune.run.report_html import _nice_ticks, render_report
 
 
 class _Collect(html.parser.HTMLParser):
@@ -50,7 +50,7 @@ def test_report_page_draws_metric_bars_and_loss_curves():
 
 
 def test_losses_spanning_decades_get_a_log_axis():
-    from bootfinetune.report_html import line_chart
+    from bootfinetune.run.report_html import line_chart
 
     steep = line_chart([{"name": "train", "points": [(0, 6.9), (50, 0.2), (100, 0.001)]}], title="t",
                        x_label="step", y_label="loss")

@@ -12,13 +12,13 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import ConfigError
-from bootfinetune.finetune import FinetuneJob, decide_tokens, finetune_models
-from bootfinetune.jsonio import write_jsonl
-from bootfinetune.render import decode_answer
-from bootfinetune.representable import (adapter_parse, add_answer_tokens, check_lora, fit_embeddings, layout_parse,
+from bootfinetune.stages.finetune import FinetuneJob, decide_tokens, finetune_models
+from bootfinetune.run.jsonio import write_jsonl
+from bootfinetune.training.render import decode_answer
+from bootfinetune.stages.representable import (adapter_parse, add_answer_tokens, check_lora, fit_embeddings, layout_parse,
                                         lost_characters, plan_tokens, raise_if_unfixable, roundtrip)
-from bootfinetune.rundir import RunDir
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5
 
 SIGNATURE = dspy.ChainOfThought("context, question -> answer").predict.signature
 ANSWER = {"reasoning": "The context says thing3 is red.", "answer": "red"}

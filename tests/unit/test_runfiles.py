@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bootfinetune.jsonio import read_json, write_json
-from bootfinetune.rundir import RunDir
-from bootfinetune.runfiles import (RUN_FILES_VERSION, BootstrapSummary, ModelManifest, RunDescription, RunFileError,
+from bootfinetune.run.jsonio import read_json, write_json
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.run.runfiles import (RUN_FILES_VERSION, BootstrapSummary, ModelManifest, RunDescription, RunFileError,
                                    RunReport, read_record)
 
 

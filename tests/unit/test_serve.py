@@ -8,10 +8,10 @@ import urllib.request
 import dspy
 import pytest
 
-from bootfinetune.lm import FinetunedEngine
-from bootfinetune.serve import ModelServer, serve_model, served_model, stop_model
-from bootfinetune.teacher_server import TeacherServer
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.serving.lm import FinetunedEngine
+from bootfinetune.serving.serve import ModelServer, serve_model, served_model, stop_model
+from bootfinetune.testing.teacher_server import TeacherServer
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,8 @@ def test_serve_model_starts_one_server_per_directory(models):
 
 
 def test_servers_bind_loopback_unless_told(tmp_path):
-    from bootfinetune.serve import ChatServer
-    from bootfinetune.teacher_server import TeacherServer
+    from bootfinetune.serving.serve import ChatServer
+    from bootfinetune.testing.teacher_server import TeacherServer
 
     for server in (TeacherServer(lambda i, o: {}), ChatServer()):
         try:

@@ -1,12 +1,12 @@
-"""bootfinetune.storage against a real S3 API (moto's server on 127.0.0.1): mirror, push, pull."""
+"""bootfinetune.run.storage against a real S3 API (moto's server on 127.0.0.1): mirror, push, pull."""
 
 import os
 
 import pytest
 
-from bootfinetune.jsonio import read_json, write_json
-from bootfinetune.rundir import RunDir
-from bootfinetune.storage import filesystem, is_uri, join_uri, mirror_of, pull, push
+from bootfinetune.run.jsonio import read_json, write_json
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.run.storage import filesystem, is_uri, join_uri, mirror_of, pull, push
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_markers_upload_last_and_checkpoints_stay_remote(s3, tmp_path, monkeypat
         (local / name).parent.mkdir(parents=True, exist_ok=True)
         (local / name).write_text(name)
     order = []
-    import bootfinetune.storage as storage
+    import bootfinetune.run.storage as storage
 
     real = storage.filesystem
 
@@ -98,7 +98,7 @@ def test_markers_upload_last_and_checkpoints_stay_remote(s3, tmp_path, monkeypat
 
 
 def test_unwritable_bucket_is_a_clear_error(s3):
-    from bootfinetune.storage import check_writable
+    from bootfinetune.run.storage import check_writable
 
     problem = check_writable(s3.uri("no-such-bucket", "runs"))
     assert problem and "storage_path=" in problem and "no-such-bucket" in problem

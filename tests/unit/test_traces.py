@@ -11,9 +11,9 @@ import pytest
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.jsonio import fingerprint
-from bootfinetune.rundir import RunDir
-from bootfinetune.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
+from bootfinetune.run.jsonio import fingerprint
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.stages.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
                                  trace_identity)
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
@@ -122,7 +122,7 @@ def test_run_name_traces_is_refused():
 
 
 def test_retrain_refuses_options_that_change_traces_or_data_before_any_work(tmp_path):
-    from bootfinetune.retrain import retrain
+    from bootfinetune.entrypoints.retrain import retrain
 
     run = RunDir(tmp_path / "TwoStep-abc")
     config = Config.from_options(target="some/model")

@@ -8,10 +8,10 @@ import random
 import pytest
 
 from bootfinetune.config import TrainConfig
-from bootfinetune.jsonio import write_jsonl
-from bootfinetune.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
-from bootfinetune.train_engine import deepspeed_config, lr_scheduler
-from bootfinetune.train_loop import LoopConfig, length_batches, train_loop
+from bootfinetune.run.jsonio import write_jsonl
+from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
+from bootfinetune.training.engine import deepspeed_config, lr_scheduler
+from bootfinetune.training.train_loop import LoopConfig, length_batches, train_loop
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_answer_logits_only_gives_the_full_forward_loss_and_gradients(tmp_path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bootfinetune.render import collate, encode_records
-    from bootfinetune.answer_head import answer_logits_only, answer_positions
+    from bootfinetune.training.render import collate, encode_records
+    from bootfinetune.training.answer_head import answer_logits_only, answer_positions
 
     target = build_tiny_causal(tmp_path / arch, arch=arch)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -153,7 +153,7 @@ def test_answer_logits_only_leaves_other_heads_alone(tmp_path):
     """A seq2seq model (or any architecture outside the allowlist) keeps its own forward."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from bootfinetune.answer_head import answer_logits_only
+    from bootfinetune.training.answer_head import answer_logits_only
 
     model = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_t5(tmp_path / "t5"))
     assert answer_logits_only(model) is False

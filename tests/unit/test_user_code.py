@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-from bootfinetune import ray_env, user_code
+from bootfinetune.runtime import ray_env
+
+from bootfinetune.runtime import user_code
 
 
 @pytest.fixture

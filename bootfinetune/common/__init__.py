@@ -1,0 +1,1 @@
+"""Leaf helpers that import nothing of ours: chat records, model strings, import paths, redaction."""

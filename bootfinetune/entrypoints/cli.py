@@ -1,0 +1,174 @@
+"""The `bootfinetune` command.
+
+    bootfinetune bootstrap --program my_pkg.rag:RAG --trainset train.jsonl --inputs question \\
+        --teacher-model openai/gpt-4o-mini --api-key-env OPENAI_API_KEY --metric my_pkg.rag:exact_match
+    bootfinetune teacher-server --script my_pkg.scripts:answer --port 8765
+    bootfinetune demo                      # the whole compile on a shipped task, offline
+    bootfinetune serve RUN_DIR --replicas 2  # a run's models on an OpenAI-compatible endpoint (Ray Serve)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+
+def import_object(path: str) -> Any:
+    """Imports `package.module:attr` (attr may be dotted), the current folder first on the path."""
+    from bootfinetune.common.importpath import resolve
+
+    if ":" not in path:
+        raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
+    sys.path.insert(0, os.getcwd())
+    return resolve(path)
+
+
+def load_examples(path: str, inputs: list[str]):
+    import dspy
+
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [dspy.Example(**row).with_inputs(*inputs) for row in rows]
+
+
+def cmd_bootstrap(args) -> int:
+    import dspy
+
+    from bootfinetune import BootstrapFinetune
+    from bootfinetune.entrypoints.teachers import teacher_lm
+
+    program = import_object(args.program)
+    student = program() if isinstance(program, type) else program
+    metric = import_object(args.metric) if args.metric else None
+    from bootfinetune.config import config_arguments
+
+    trainset = load_examples(args.trainset, args.inputs)
+    started = time.time()
+    teacher = teacher_lm(args.teacher_model, api_base=args.api_base, api_key_env=args.api_key_env,
+                         default_key="unused", option="--api-key-env")
+    tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher}, **config_arguments(args))
+    with dspy.context():
+        prepared = tp.prepare(student, trainset=trainset)
+    s = prepared.bootstrap.summary
+    print(f"run directory: {prepared.run.root}")
+    print(f"bootstrap: {s.examples} examples, {s.kept} kept, {s.failed} failed, {s.teacher_calls} teacher calls, "
+          f"{s.seconds:.1f}s{' (read back, teacher not called)' if prepared.bootstrap.resumed else ''}")
+    for name in prepared.plan.predictors:
+        print(f"  predictor {name}: {s.per_predictor.get(name, 0)} kept calls -> model key "
+              f"{prepared.plan.key_of[name]}")
+    for key, data in prepared.data.items():
+        print(f"data/{key}.jsonl: {data.records} records ({data.duplicates_dropped} duplicates dropped)")
+    print(f"done in {time.time() - started:.1f}s")
+    return 0
+
+
+def cmd_teacher_server(args) -> int:
+    from bootfinetune.testing.teacher_server import TeacherServer
+
+    server = TeacherServer(import_object(args.script), host=args.host, port=args.port, latency=args.latency)
+    print(f"scripted teacher at {server.url} (Ctrl-C to stop)", flush=True)
+    server.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from bootfinetune.serving.ray_serve import serve_run
+
+    url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
+                    max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                    device=args.device, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                    ray_address=args.ray_address)
+    from bootfinetune.serving.ray_serve import model_specs
+    from bootfinetune.run.rundir import RunDir
+
+    names = sorted(model_specs(RunDir.from_location(args.run_dir)))
+    print(f"serving {args.run_dir} at {url}: models {names} (Ctrl-C to stop)", flush=True)
+    print(f"  dspy.LM('openai/{names[0]}', api_base='{url}', api_key='local')", flush=True)
+    print(f"  bootfinetune.load('{args.run_dir}', serve_url='{url}')", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bootfinetune.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bootstrap", help="run the teacher over a trainset on Ray Data and write finetuning data")
+    b.add_argument("--program", required=True, help="the student program, package.module:Class (or instance)")
+    b.add_argument("--trainset", required=True, help="JSONL file, one example's fields per line")
+    b.add_argument("--inputs", nargs="+", required=True, help="which example fields are inputs")
+    b.add_argument("--teacher-model", required=True, help="LiteLLM model name, e.g. openai/gpt-4o-mini")
+    b.add_argument("--api-base", default=None, help="the teacher's OpenAI-compatible base URL")
+    b.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
+    b.add_argument("--metric", default=None, help="package.module:function(example, prediction, trace)")
+    add_config_arguments(b.add_argument_group("bootfinetune options (the run's config.json; its name is derived "
+                                              "from all but the resource options)"),
+                         aliases={"storage_path": ("--storage",)})
+    b.add_argument("--per-predictor", dest="multitask", action="store_false", default=argparse.SUPPRESS,
+                   help="one model per predictor (--no-multitask)")
+    b.set_defaults(func=cmd_bootstrap)
+
+    d = sub.add_parser("demo", help="compile a shipped two-predictor program offline, end to end, and report",
+                       description=__import__("bootfinetune.demo.run", fromlist=["x"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bootfinetune.demo.run import add_arguments
+
+    add_arguments(d)
+    d.set_defaults(func=lambda args: __import__("bootfinetune.demo.run", fromlist=["x"]).run_demo(args))
+
+    s = sub.add_parser("serve", help="serve a run's finetuned models over an OpenAI-compatible endpoint (Ray Serve)")
+    s.add_argument("run_dir", help="a finished compile's run directory (folder or s3:// / gs:// URI)")
+    s.add_argument("--host", default="127.0.0.1", help="where the HTTP proxy listens (0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="copies of the deployment")
+    s.add_argument("--max-batch-size", type=int, default=8, help="most requests one generate answers")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    s.add_argument("--device", default=None, help="cpu, cuda...; default: CUDA when the replica has a GPU")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    s.add_argument("--ray-address", default=None, help="Ray cluster to serve on (default: a running local one)")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
+    t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8765)
+    t.add_argument("--latency", type=float, default=0.0, help="seconds each answer waits")
+    t.set_defaults(func=cmd_teacher_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.command != "demo" else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from bootfinetune.errors import BootFinetuneError
+
+    try:
+        return args.func(args)
+    except BootFinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The Ray job entrypoints (`ray_jobs/*.py`): compile, bootstrap, finetune and evaluate.
+
+Each reads a job YAML (`bootfinetune.entrypoints.jobconfig`, checked in full before any work), joins the
+job's Ray cluster, checks what the cluster must provide (the API key variable, the bucket),
+runs, and prints one `BOOTFINETUNE_RESULT {...}` line. A bad config exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import time
+from typing import Any, Iterator
+
+from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.common.importpath import resolve
+from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
+                                    load_job_config, parse_job_config, resolve_target)
+from bootfinetune.run.rundir import RunDir
+
+log = logging.getLogger("bootfinetune")
+
+__all__ = ["JobConfig", "TeacherSpec", "check_environment", "load_job_config", "parse_job_config",
+           "main_compile", "main_bootstrap", "main_finetune", "main_evaluate", "run_main"]
+
+
+class Teacher:
+    """The job's teacher LM, and the scripted server behind it when there is one (stopped by `close`)."""
+
+    def __init__(self, spec: TeacherSpec | None):
+        from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
+
+        self.server = None
+        self.lm = None
+        if spec is None:
+            return
+        extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries") if getattr(spec, k) is not None}
+        if spec.scripted:
+            from bootfinetune.testing.teacher_server import TeacherServer
+
+            # Bootstrap actors may run on other nodes: bind to this node's address when the cluster has several.
+            host = "127.0.0.1" if _single_node() else _node_ip()
+            # A port derived from the script's name: the teacher's address is part of the run's identity,
+            # so the same config finds the same run directory in the next job (bootstrap, then compile).
+            port = 30000 + int(hashlib.sha256(spec.scripted.encode()).hexdigest()[:8], 16) % 20000
+            try:
+                self.server = TeacherServer(resolve(spec.scripted), host=host, port=port).start()
+            except OSError:  # taken: any free port (this run will not share a directory with others)
+                self.server = TeacherServer(resolve(spec.scripted), host=host).start()
+            self.lm = scripted_teacher_lm(self.server.url, **extra)
+        else:
+            self.lm = teacher_lm(spec.model, api_base=spec.api_base, api_key_env=spec.api_key_env,
+                                 option="teacher.api_key_env", **extra)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _single_node() -> bool:
+    import ray
+
+    return not ray.is_initialized() or len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _setup_logging() -> None:
+    if not any(getattr(h, "_bootfinetune_job", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[bootfinetune] %(message)s"))
+        handler._bootfinetune_job = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _parser(description: str, config: bool = True, run_dir: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    if config:
+        p.add_argument("--config", required=not run_dir, help="the job YAML (see ray_jobs/configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key of the YAML (repeatable), e.g. --set epochs=3")
+    if run_dir:
+        p.add_argument("--run-dir", required=True, help="the run's folder or URI (as the compile printed it)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: the job's own cluster)")
+    return p
+
+
+def _connect(job: JobConfig | None, address: str | None) -> None:
+    from bootfinetune.runtime.ray_env import ensure_ray
+
+    ensure_ray(address or (job.config.run.ray_address if job else None))
+
+
+def _result(kind: str, **fields: Any) -> int:
+    """Prints the job's one-line JSON result (what a CI script or a caller parses), returns 0."""
+    print("BOOTFINETUNE_RESULT " + json.dumps({"job": kind, **fields}, default=str), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, list, list | None, dict[str, Any]]]:
+    """Checks the config and the environment, connects, loads the data, starts the teacher; yields
+    (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
+    _setup_logging()
+    job = load_job_config(args.config, args.set)
+    _connect(job, args.ray_address)
+    check_environment(job)
+    from bootfinetune import BootstrapFinetune
+
+    trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
+    teacher = Teacher(job.teacher)
+    try:
+        options, train_args = _split_options(job)
+        tp = BootstrapFinetune(metric=resolve(job.metric) if job.metric else None,
+                               teacher_settings={"lm": teacher.lm} if teacher.lm else {}, **options)
+        yield tp, job, trainset, valset, train_args
+    finally:
+        teacher.close()
+
+
+def main_compile(argv: list[str] | None = None) -> int:
+    """`ray_jobs/compile.py`: a YAML config -> a compiled program and its run directory."""
+    args = _parser("Compile a DSPy program with bootfinetune (bootstrap, finetune, rebind, evaluate).").parse_args(argv)
+    started = time.time()
+    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
+        tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
+    return _result("compile", run_dir=tp.run_dir.location, metric=tp.report.get("metric"),
+                   seconds=round(time.time() - started, 1))
+
+
+def main_bootstrap(argv: list[str] | None = None) -> int:
+    """`ray_jobs/bootstrap.py`: checks, bootstrapping and the data stage only."""
+    args = _parser("Run the teacher over the trainset (Ray Data) and write the finetuning data.").parse_args(argv)
+    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
+        prepared = tp.prepare(_program(job), trainset=trainset, valset=valset, **train_args)
+    s = prepared.bootstrap.summary
+    return _result("bootstrap", run_dir=prepared.run.location, kept=s.kept, examples=s.examples, failed=s.failed,
+                   records={k: d.records for k, d in prepared.data.items()})
+
+
+def main_finetune(argv: list[str] | None = None) -> int:
+    """`ray_jobs/finetune.py`: trains a run's models from the data a bootstrap saved, then writes program.json.
+
+    `--set lr=1e-4` (any training or inference option) trains the same traces with new options
+    into a new run directory beside the old one (`bootfinetune.entrypoints.retrain`); resource options
+    (cpus_per_worker, gpus_per_worker, max_failures, ...) only change where the run's own training
+    happens (num_workers changes the global batch: a new run).
+    """
+    p = _parser("Finetune the models of a run from its saved data (no teacher calls).", config=False, run_dir=True)
+    p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "
+                                                  "and teacher are not used; bootstrap options must match the run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training, inference or resource option for this job (repeatable), e.g. --set lr=1e-4 "
+                        "--set num_workers=4")
+    args = p.parse_args(argv)
+    _setup_logging()
+    from bootfinetune.compiler import run_stages
+    from bootfinetune.entrypoints.jobconfig import parse_set_value
+    from bootfinetune.entrypoints.retrain import prepare_retrain
+
+    options = {}
+    if args.config:
+        options.update(load_job_config(args.config, [], need=()).options)
+        if "target" in options:
+            options["target"] = resolve_target(options["target"])
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([f"--set {item}: write KEY=VALUE, e.g. --set lr=1e-4."])
+        options[key] = parse_set_value(value)
+    ready = prepare_retrain(args.run_dir, **options)
+    trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+                         ray_address=args.ray_address)
+    run = ready.run
+    return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},
+                   best_epoch={k: m.best_epoch for k, m in trained.manifests.items()}, program=trained.program_note,
+                   from_run=args.run_dir)
+
+
+def main_evaluate(argv: list[str] | None = None) -> int:
+    """`ray_jobs/evaluate.py`: scores a finished run's compiled program on a valset, over Ray."""
+    p = _parser("Score a compiled run on a valset (metric over Ray Data actors).", config=True, run_dir=True)
+    p.add_argument("--name", default="eval", help="name of the evaluation in the run's evaluations/ folder")
+    args = p.parse_args(argv)
+    _setup_logging()
+    from bootfinetune.compiler import evaluate_run
+
+    job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
+    if job is None:
+        raise ConfigError(["--config: evaluate.py needs a job YAML naming valset and metric."])
+    _connect(job, args.ray_address)
+    valset = load_dataset(job.valset)
+    b = job.config.bootstrap
+    out = evaluate_run(args.run_dir, valset, resolve(job.metric), name=args.name, num_threads=b.num_threads,
+                       num_actors=b.num_actors, about={"valset": job.valset, "metric": job.metric})
+    log.info("evaluate: %s on %d examples", out["score"], len(valset))
+    return _result("evaluate", run_dir=RunDir.from_location(args.run_dir).location, **out)
+
+
+COMPILE_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")
+"""Options that are `compile()`'s own documented arguments: passed there, where they take precedence."""
+
+
+def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constructor options, compile() arguments), the target resolved when it is an import path."""
+    options = dict(job.options)
+    args = {k: options.pop(k) for k in COMPILE_ARGS if k in options}
+    if "target" in args:
+        args["target"] = resolve_target(args["target"])
+    return options, args
+
+
+def _program(job: JobConfig) -> Any:
+    obj = resolve(job.program)
+    return obj()
+
+
+def run_main(fn: Any) -> None:
+    """Runs an entrypoint: a ConfigError prints its problems and exits 2 (nothing ran)."""
+    try:
+        sys.exit(fn())
+    except (ConfigError, ProgramError) as e:
+        print("error: the job did not start:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        sys.exit(2)

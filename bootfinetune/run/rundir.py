@@ -1,0 +1,195 @@
+"""The run directory: where every stage reads its input and writes its output.
+
+```
+{storage_path}/{run_name}/
+  config.json        resolved configuration (no secrets)
+  bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
+  data/{key}.jsonl   finetuning records (chat messages) per model key
+  models/{key}/      Hugging Face export + manifest.json (written last: the model is done)
+  checkpoints/{key}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
+  report.json        counts, losses, metrics, time and tokens per stage
+  program.json       the compiled program's state
+```
+
+Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
+leaves a half file where a finished one is expected.
+
+`storage_path` may also be a cloud URI (`s3://`, `gs://`): `root` is then a local mirror of
+`{uri}/{run_name}` (see `bootfinetune.run.storage`), `pull()` fetches the URI's files into it and
+`sync()` uploads what a stage wrote. For a folder both are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootfinetune.run import storage
+from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
+
+
+def run_name_for(program_name: str, inputs: Any) -> str:
+    """`{program}-{hash of inputs}`: the same inputs give the same name, so a rerun resumes.
+
+    >>> run_name_for("RAG", {"a": 1}) == run_name_for("RAG", {"a": 1})
+    True
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).strip("-") or "program"
+    return f"{slug}-{fingerprint(inputs)}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory. Nothing is created until a stage writes."""
+
+    root: Path
+    remote: str | None = None
+    """The run's cloud URI when storage_path is one (root is then its local mirror), else None."""
+
+    @classmethod
+    def at(cls, storage_path: str, run_name: str) -> "RunDir":
+        return cls(*storage.place(storage_path, run_name))
+
+    @classmethod
+    def from_location(cls, location: str | os.PathLike) -> "RunDir":
+        """A run directory named by its folder or its URI (`s3://bucket/runs/Name-1a2b3c`)."""
+        text = str(location)
+        if storage.is_uri(text):
+            return cls(storage.mirror_of(text), text)
+        return cls(Path(text).expanduser().resolve())
+
+    def sibling(self, run_name: str) -> "RunDir":
+        """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
+        if self.remote is None:
+            return RunDir(self.root.parent / run_name)
+        from urllib.parse import urlsplit, urlunsplit
+
+        s = urlsplit(self.remote)
+        parent = s.path.rstrip("/").rpartition("/")[0]
+        remote = urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment))
+        return RunDir(storage.mirror_of(remote), remote)
+
+    @property
+    def location(self) -> str:
+        """Where the run lives for users: its URI, or its folder."""
+        return self.remote or str(self.root)
+
+    def pull(self) -> int:
+        """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""
+        if self.remote is None:
+            return 0
+        return storage.pull(self.remote, self.root)
+
+    def sync(self) -> int:
+        """Uploads what changed in the mirror to the URI (markers last); 0 for a folder."""
+        if self.remote is None:
+            return 0
+        return storage.push(self.root, self.remote)
+
+    def checkpoint_storage(self) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
+        if self.remote is None:
+            return str(self.checkpoints_dir()), None
+        fs, path = storage.filesystem(storage.join_uri(self.remote, "checkpoints"))
+        return path, fs
+
+    def remove_checkpoints(self, key: str) -> None:
+        """Deletes checkpoints/{key} (in the folder, and on the URI when there is one)."""
+        import shutil
+
+        shutil.rmtree(self.checkpoints_dir() / key, ignore_errors=True)
+        if self.remote is not None:
+            storage.remove(storage.join_uri(self.remote, "checkpoints", key))
+
+    def model_uri(self, key: str) -> str | None:
+        """models/{key} on the URI, or None for a folder."""
+        if self.remote is None:
+            return None
+        return storage.join_uri(self.remote, "models", key)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def bootstrap_dir(self) -> Path:
+        return self.root / "bootstrap"
+
+    @property
+    def calls_jsonl(self) -> Path:
+        return self.bootstrap_dir / "calls.jsonl"
+
+    @property
+    def failures_jsonl(self) -> Path:
+        return self.bootstrap_dir / "failures.jsonl"
+
+    @property
+    def bootstrap_summary(self) -> Path:
+        return self.bootstrap_dir / "summary.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def data_file(self, key: str) -> Path:
+        return self.data_dir / f"{key}.jsonl"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, key: str) -> Path:
+        return self.models_dir / key
+
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def program_json(self) -> Path:
+        return self.root / "program.json"
+
+    def manifest_json(self, key: str) -> Path:
+        """models/{key}/manifest.json: written last, its presence means the model is finished."""
+        return self.model_dir(key) / ModelManifest.FILE
+
+    def read_description(self) -> RunDescription:
+        """config.json as its record (FileNotFoundError when the run has none)."""
+        return read_record(RunDescription, self.config_json)
+
+    def write_description(self, description: RunDescription) -> None:
+        write_json(self.config_json, description.to_json())
+
+    def read_manifest(self, key: str) -> ModelManifest | None:
+        """The manifest of model `key`, or None while it is not finished."""
+        path = self.manifest_json(key)
+        return read_record(ModelManifest, path) if path.exists() else None
+
+    def finished_models(self) -> dict[str, ModelManifest]:
+        """Every finished model's manifest, by key (models/*/manifest.json)."""
+        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}")))
+        return {m.key: m for m in manifests}
+
+    def write_manifest(self, manifest: ModelManifest) -> None:
+        write_json(self.manifest_json(manifest.key), manifest.to_json())
+
+    def read_report(self) -> RunReport:
+        """report.json as its record (an empty one before any stage wrote it)."""
+        return read_record(RunReport, self.report_json) if self.report_json.exists() else RunReport()
+
+    def update_report(self, **sections: Any) -> RunReport:
+        """Merges top-level sections into report.json (dicts merge one level deep)."""
+        report = self.read_report().merge(**sections)
+        write_json(self.report_json, report.to_json())
+        return report

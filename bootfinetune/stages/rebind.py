@@ -1,0 +1,149 @@
+"""Stage 5: a new program whose predictors call their finetuned models; and loading one back.
+
+`rebind` never touches the student: it deep-copies it and sets each predictor's `lm` to
+the `FinetunedLM` of its model key, a `dspy.LM` whose engine runs that model (one shared
+object in multitask mode), and makes every predictor use the adapter the models were trained
+with (`adapters.scope_adapter`).
+`load(run_dir)` rebuilds the compiled program from a run directory alone, adapter included
+(config.json records it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from bootfinetune.stages.adapters import adapter_from_spec, scope_adapter
+from bootfinetune.common.chat import LOCAL_API_KEY
+from bootfinetune.stages.checks import ProgramPlan
+from bootfinetune.config import InferenceConfig
+from bootfinetune.errors import ProgramError
+from bootfinetune.common.importpath import resolve
+from bootfinetune.run.jsonio import read_json
+from bootfinetune.serving.lm import FinetunedLM
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.run.runfiles import RunDescription
+
+
+def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
+           exclude_demos: bool = False, inference: InferenceConfig | None = None,
+           sources: dict[str, str | None] | None = None, adapter: Any = None) -> dspy.Module:
+    """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
+
+    Args:
+        student: The program; left untouched.
+        key_of: Predictor name -> model key.
+        model_of: Model key -> model directory (or hub id, for the base student).
+        exclude_demos: Drop the predictors' demos, as training did.
+        inference: Generation options for the LMs.
+        sources: Model key -> the model's cloud URI, for runs on cloud storage (see `FinetunedLM`).
+        adapter: The DSPy adapter the models were trained with; every predictor formats its
+            prompts with it whatever `dspy.settings.adapter` says. None leaves the setting in charge.
+    """
+    inference = inference or InferenceConfig()
+    lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
+                            batch_size=inference.generate_batch_size, source=(sources or {}).get(key))
+           for key, path in model_of.items()}
+    compiled = student.deepcopy()
+    for name, predictor in compiled.named_predictors():
+        predictor.lm = lms[key_of[name]]
+        if exclude_demos:
+            predictor.demos = []
+    if adapter is not None:
+        scope_adapter(compiled, adapter)
+    compiled._compiled = True
+    return compiled
+
+
+def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
+                 inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
+    """The student on its base (not finetuned) targets: the 'before' of the report."""
+    return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference,
+                  adapter=adapter)
+
+
+def program_state(program: dspy.Module) -> dict[str, Any]:
+    """The program's JSON state as `Module.save` writes it, tolerating parameters without `json_mode`.
+
+    DSPy 3.4's `dspy.Retrieve.dump_state()` takes no `json_mode`, so `save("p.json")` fails on any
+    program holding one (the documented RAG among them); program.json is written through this instead.
+    """
+    state = {}
+    for name, param in program.named_parameters():
+        try:
+            state[name] = param.dump_state(json_mode=True)
+        except TypeError:
+            state[name] = param.dump_state()
+    return state
+
+
+def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, inference: InferenceConfig,
+               exclude_demos: bool = False, adapter: Any = None) -> dspy.Module:
+    """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
+
+    The adapter is the one config.json records unless `adapter` is given.
+    """
+    keys = described.model_keys
+    return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
+                  inference=inference, sources={k: run.model_uri(k) for k in keys},
+                  adapter=adapter or adapter_from_spec(described.adapter))
+
+
+def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
+         serve_url: str | None = None, adapter: Any = None) -> dspy.Module:
+    """Rebuilds a compiled program from its run directory.
+
+    Args:
+        run_dir: The run directory of a finished compile: its folder, or its URI on cloud
+            storage (`s3://bucket/runs/Name-1a2b3c`; fetched into the local mirror first).
+        program: A fresh instance of the program class; None imports the class recorded in
+            config.json and calls it with no arguments.
+        device: Where the finetuned models run; None picks CUDA when present.
+        serve_url: The base URL of `bootfinetune serve` for this run (`http://127.0.0.1:8000/v1`):
+            predictors then call `dspy.LM("openai/<model key>", api_base=serve_url)` over HTTP
+            instead of loading the models in this process.
+        adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
+            was trained with (recorded in config.json).
+    """
+    run = RunDir.from_location(run_dir)
+    run.pull()
+    if not run.program_json.exists():
+        raise ProgramError(f"run_dir: {run.location} has no program.json; is it a finished compile's run directory?")
+    described = run.read_description()
+    if program is None:
+        path = described.program_class or ""
+        if path.partition(":")[0] in ("", "__main__"):
+            raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
+                               f"program=YourProgram() to bootfinetune.load.")
+        program = resolve(path)()
+    state = read_json(run.program_json)
+    for value in state.values():  # our LMs are rebuilt below from the run's own models
+        if isinstance(value, dict) and "lm" in value:
+            value["lm"] = None
+    program.load_state(state)
+    inference = InferenceConfig(**{**described.options.get("inference", {}), "device": device})
+    if serve_url:
+        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
+    return rebind_run(program, run, described, inference=inference, adapter=adapter)
+
+
+def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,
+                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None) -> dspy.Module:
+    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
+
+    The adapter is the one config.json records unless `adapter` is given.
+    """
+    keys = described.model_keys
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
+                        temperature=0.0, max_tokens=max_tokens) for key in keys}
+    compiled = program.deepcopy()
+    key_of = described.key_of()
+    for name, predictor in compiled.named_predictors():
+        predictor.lm = lms[key_of[name]]
+    adapter = adapter or adapter_from_spec(described.adapter)
+    if adapter is not None:
+        scope_adapter(compiled, adapter)
+    compiled._compiled = True
+    return compiled

@@ -1,0 +1,248 @@
+"""Teacher traces: what identifies them, and the store that keeps them across runs.
+
+Traces are the expensive part of a compile (a hosted teacher costs money and hours), so
+they are keyed by what produces them, not by how the student is trained:
+
+- the structure of the teacher programs (predictors, signatures, demos, LMs) and the student's
+  predictors and signatures (its LMs and demos only shape the training data),
+- `teacher_settings`, with LMs by model and options and other objects by class and settings,
+- the driver's `dspy.configure` settings the teacher runs under (lm, rm, the other carried settings,
+  and the compile's adapter: the teacher writes its prompts with it),
+- the metric and its threshold.
+
+Training options, the target, LoRA, ZeRO and resources are left out: changing them reuses every trace.
+
+```
+{storage_path}/traces/{Program}-{trace_id}/
+  identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
+  results.jsonl    one line per (example, teacher), appended as results arrive:
+                   {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
+```
+
+Every run whose traces have the same identity shares the folder, train and val splits alike;
+an example already there is not sent to the teacher again. Failures are written (for the
+record) but never reused, so a rerun tries them again. On a cloud `storage_path` the folder is mirrored like a run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import dspy
+
+from bootfinetune.stages.checks import callable_identity, lm_identity, program_identity
+from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.run.records import example_to_json
+from bootfinetune.run.rundir import run_name_for
+
+TRACES_DIR = "traces"
+"""The folder under storage_path holding every trace store (a run may not be named so)."""
+RESULTS = "results.jsonl"
+IDENTITY = "identity.json"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Settings that observe the teacher's calls, or set how DSPy runs them (threads, history, error
+# limits), without changing what the teacher answers: left out of the identity, so adding a logging
+# callback or more threads does not re-run the teacher.
+_OBSERVERS = {"callbacks", "track_usage", "usage_tracker", "trace", "num_threads", "async_max_workers",
+              "max_errors", "disable_history", "max_history_size", "max_trace_size", "provide_traceback",
+              "warn_on_type_mismatch"}
+
+
+def stable_identity(value: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a value that is the same in every process (never a memory address).
+
+    LMs are described by `lm_identity`, programs by `program_identity`, functions and classes
+    by name and source hash, other objects by their class and their public attributes.
+
+    >>> stable_identity({"temperature": 0.7, "stop": ("\\n",)})
+    {'temperature': 0.7, 'stop': ['\\n']}
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return _ADDRESS.sub("", value)
+    if isinstance(value, dspy.BaseLM):
+        return lm_identity(value)
+    if isinstance(value, dspy.Module):
+        return program_identity(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [stable_identity(v, depth + 1) for v in value]
+        return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, dict):
+        return {str(k): stable_identity(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, functools.partial):  # a metric with its threshold bound in: every part counts
+        return {"partial": stable_identity(value.func, depth + 1), "args": stable_identity(value.args, depth + 1),
+                "keywords": stable_identity(value.keywords, depth + 1)}
+    if inspect.isroutine(value) or inspect.isclass(value):
+        return callable_identity(value)
+    described: dict[str, Any] = {"class": callable_identity(type(value))}
+    if depth < 4 and hasattr(value, "__dict__"):
+        described["attrs"] = {k: stable_identity(v, depth + 1) for k, v in sorted(vars(value).items())
+                              if not k.startswith("_") and k not in _OBSERVERS}
+    return described
+
+
+def trace_identity(*, student: dspy.Module, teachers: list[dspy.Module], teacher_settings: dict[str, Any],
+                   settings: dict[str, Any], metric: Callable | None, metric_threshold: float | None) -> dict[str, Any]:
+    """What produces a compile's teacher traces, part by part (see the module docstring).
+
+    Args:
+        student: The student; its predictor names decide which trace steps are recorded.
+        teachers: The teacher programs.
+        teacher_settings: Applied while the teachers run.
+        settings: The driver's `dspy.configure` settings that reach the actors (lm, rm, adapter).
+        metric: The metric, or None.
+        metric_threshold: The threshold that keeps float scores.
+
+    Returns:
+        {part: description}; `trace_id` hashes it.
+    """
+    # The student's LMs and demos shape training data, not traces (its LM is where a 3.x-style program
+    # names its target); what the traces need from it is which predictors exist and their signatures.
+    shape = program_identity(student)
+    shape["predictors"] = [{k: v for k, v in p.items() if k not in ("lm", "demos")} for p in shape["predictors"]]
+    return {
+        "student": shape,
+        "teachers": [program_identity(t) for t in teachers],
+        "teacher_settings": {k: stable_identity(v) for k, v in sorted(teacher_settings.items())
+                             if k not in _OBSERVERS},
+        "settings": {k: stable_identity(v) for k, v in sorted(settings.items()) if k not in _OBSERVERS},
+        "metric": stable_identity(metric),
+        "metric_threshold": metric_threshold,
+    }
+
+
+def trace_id(identity: dict[str, Any]) -> str:
+    """12 hex digits naming a trace identity."""
+    return fingerprint(identity)
+
+
+def example_key(example: dspy.Example) -> str:
+    """What identifies one example in a store: a hash of its JSON (fields and which are inputs)."""
+    return hashlib.sha256(example_to_json(example).encode()).hexdigest()[:16]
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of the trace identity's parts that differ, from their per-part fingerprints.
+
+    >>> identity_changes({"metric": "a", "teachers": "b"}, {"metric": "c", "teachers": "b"})
+    ['metric']
+    """
+    return [part for part in sorted(set(old) | set(new)) if old.get(part) != new.get(part)]
+
+
+def example_changes(old: list[str], new: list[str]) -> str | None:
+    """"4 new, 1 removed examples" between two lists of example keys, or None when the same."""
+    if old == new:
+        return None
+    added, removed = len(set(new) - set(old)), len(set(old) - set(new))
+    if not added and not removed:
+        return "the same examples in another order"
+    return f"{added} new, {removed} removed example(s)"
+
+
+@dataclass(frozen=True)
+class TraceStore:
+    """One trace identity's folder: results appended per (example, teacher), read back by key."""
+
+    root: Path
+    """The local folder (a mirror of `remote` on a cloud storage_path)."""
+    remote: str | None = None
+    """The folder's URI when storage_path is one, else None."""
+
+    @classmethod
+    def at(cls, storage_path: str, program_name: str, identity: dict[str, Any]) -> "TraceStore":
+        """The store for `identity` under `storage_path`; its identity.json is written when missing."""
+        from bootfinetune.run.storage import place
+
+        store = cls(*place(storage_path, TRACES_DIR, run_name_for(program_name, identity)))
+        store.pull()
+        if not (store.root / IDENTITY).exists():  # fingerprints only: an LM's options may hold credentials
+            write_json(store.root / IDENTITY, {"trace_id": trace_id(identity),
+                                               "parts": {part: fingerprint(v) for part, v in identity.items()}})
+        return store
+
+    @property
+    def location(self) -> str:
+        """Where the store lives for users: its URI, or its folder."""
+        return self.remote or str(self.root)
+
+    @property
+    def results(self) -> Path:
+        return self.root / RESULTS
+
+    def pull(self) -> None:
+        """Fetches the URI's results into the mirror; nothing for a folder."""
+        if self.remote is not None:
+            from bootfinetune.run.storage import pull
+
+            pull(self.remote, self.root)
+
+    def sync(self) -> None:
+        """Uploads the mirror's results to the URI; nothing for a folder."""
+        if self.remote is not None:
+            from bootfinetune.run.storage import push
+
+            push(self.root, self.remote)
+
+    def load(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """Every successful result, by (example key, teacher index); a line cut short by a crash is skipped."""
+        done: dict[tuple[str, int], dict[str, Any]] = {}
+        if not self.results.exists():
+            return done
+        with open(self.results, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run that died mid-write
+                    continue
+                if "failure" not in row["result"]:
+                    done[(row["example"], int(row["teacher"]))] = row["result"]
+        return done
+
+    def appender(self) -> "_Appender":
+        """A context manager whose `add(example_key, teacher, result)` appends and flushes one line."""
+        return _Appender(self.results)
+
+
+class _Appender:
+    def __init__(self, path: Path):
+        self.path = path
+        self.file: Any = None
+
+    def __enter__(self) -> "_Appender":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, 2)
+                cut = f.read(1) != b"\n"
+        self.file = open(self.path, "a", encoding="utf-8")
+        if cut:  # a line cut short by a crash must not glue itself to the next one
+            self.file.write("\n")
+        return self
+
+    def add(self, example: str, teacher: int, result: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"example": example, "teacher": teacher, "result": result},
+                                   ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+
+
+def restamp(result: dict[str, Any], example_index: int, split: str) -> dict[str, Any]:
+    """A stored result as the record of example `example_index` of `split` in this run."""
+    out = dict(result)
+    if "calls" in out:
+        out["calls"] = [{**c, "example_index": example_index, "split": split} for c in out["calls"]]
+    if "failure" in out:
+        out["failure"] = {**out["failure"], "example_index": example_index, "split": split}
+    return out

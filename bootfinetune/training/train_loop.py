@@ -1,0 +1,473 @@
+"""The per-worker training loop: one plain function, under Ray Train or without Ray.
+
+`train_loop(loop_config)` finetunes `target` with DeepSpeed on the records it is given:
+
+- under Ray Train (`loop_config["ray"] = True`, what `finetune.py` passes to `TorchTrainer`):
+  rows come from `ray.train.get_dataset_shard("train")` / `("eval")`, every rank calls
+  `ray.train.report(metrics, checkpoint=...)` once per epoch, and a restarted or rerun job
+  resumes from `ray.train.get_checkpoint()` at the next epoch;
+- without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU box that has no
+  Ray): rows come from the JSONL files `train_path` / `eval_path`, and per-epoch checkpoints
+  go to `checkpoint_dir` when one is given (and are resumed from there).
+
+`ray` is imported only in the first case. A checkpoint directory holds
+`deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`) and `trainer_state.json`
+(epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
+
+Each (re)start runs `_prepare` (tokenizer, this rank's encoded data, step counts), then
+`train_engine.build_engine` (model, LoRA, optimizer, DeepSpeed), then per epoch `_train_epoch`
+(the steps) and `_finish_epoch` (evaluation, history, checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.training.distributed import all_reduce, process_group, rank_nodes, set_threads
+from bootfinetune.training.answer_head import answer_positions
+from bootfinetune.run.jsonio import read_jsonl
+from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.engine import build_engine, deepspeed_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+"""Loop state inside a checkpoint (written by rank 0 after the DeepSpeed files)."""
+DS_DIR = "deepspeed"
+"""DeepSpeed checkpoint folder inside a checkpoint."""
+BUCKET_FACTOR = 16
+"""Micro batches per length bucket: examples are sorted by length within buckets this big."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is, as `LoopConfig.on_step` sees it after each micro batch."""
+
+    epoch: int
+    """The epoch, from 0."""
+    step: int
+    """The micro batch within the epoch, from 0."""
+    micro_batches: int
+    """Micro batches per epoch (the same on every rank)."""
+    start_epoch: int
+    """The epoch this (re)start of the loop began at (0 = from scratch)."""
+    rank: int
+    world: int
+
+
+@dataclass
+class LoopConfig:
+    """What one worker needs. Plain values (and a picklable `on_step`): it travels to every Ray Train worker."""
+
+    target: str
+    """Model id or local directory to start from."""
+    train: dict[str, Any]
+    """TrainConfig fields (`dataclasses.asdict(TrainConfig(...))`)."""
+    ray: bool = False
+    """Running under Ray Train: data from dataset shards, checkpoints through `ray.train.report`."""
+    train_path: str | None = None
+    """Without Ray: JSONL of training records ({"messages": [...]} per line)."""
+    eval_path: str | None = None
+    """Without Ray: JSONL of eval records (optional)."""
+    checkpoint_dir: str | None = None
+    """Without Ray: folder for per-epoch checkpoints (epoch_{n}/), resumed from if present."""
+    data_hash: str | None = None
+    """Hash of the training data, recorded in the state to catch a resume onto other data."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the target's tokenizer so that every answer survives it (see `representable`)."""
+    max_steps_per_epoch: int | None = None
+    """Cap on micro batches per epoch (benchmarks)."""
+    progress_board: str | None = None
+    """Under Ray: name of the driver's `progress.ProgressBoard` actor that rank 0 reports steps to."""
+    progress_namespace: str | None = None
+    """Ray namespace of that actor."""
+    progress_key: str = "model"
+    """The model key shown beside the progress."""
+    on_step: Callable[[StepInfo], None] | None = None
+    """Called on every rank after each micro batch (instrumentation, fault injection: see
+    `testing.FailOnce`); it must pickle, since it travels to every worker."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown loop_config keys {unknown}; known: {sorted(known)}.")
+        return cls(**d)
+
+
+@dataclass
+class LoopState:
+    """Progress carried in every checkpoint; a resumed run continues it."""
+
+    epochs_done: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per finished epoch: epoch (1-based), train_loss, eval_loss, tokens, seconds..."""
+    starts: list[dict[str, int]] = field(default_factory=list)
+    """Where each (re)start of the loop began: {"epoch", "global_step"} (0 = from scratch)."""
+    eval_loss_before: float | None = None
+    nodes: list[str] = field(default_factory=list)
+    """Where each rank of the latest start ran: Ray node ids (host names outside Ray), by rank."""
+    truncated_train: int = 0
+    truncated_eval: int = 0
+    dropped_per_epoch: int = 0
+    answer_tokens_median: int = 0
+    """Median answer length (tokens with labels) in rank 0's training records: inference cuts
+    causal prompts to max_length minus this, the room training left them."""
+    loss_curve: list[list[float]] = field(default_factory=list)
+    """[optimizer step, mean train loss since the previous point] on rank 0, about 100 points a run."""
+    kind: str = ""
+    answer_logits_only: bool = False
+    """Whether the head ran on answer positions only (see `answer_logits_only`)."""
+    world_size: int = 1
+    data_hash: str | None = None
+    seconds: float = 0.0
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Finetunes `loop_config["target"]` with DeepSpeed; see the module docstring.
+
+    Args:
+        loop_config: `LoopConfig` fields as a dict.
+
+    Returns:
+        The final `LoopState` as a dict on rank 0 (None elsewhere).
+    """
+    import torch
+
+    cfg = LoopConfig.from_dict(loop_config)
+    tc = TrainConfig(**cfg.train)
+    threads = torch.get_num_threads()
+    set_threads()
+    try:
+        with process_group(ray=cfg.ray, use_gpu=tc.use_gpu) as (rank, world, device):
+            return _train(cfg, tc, rank, world, device)
+    finally:
+        torch.set_num_threads(threads)  # a caller's process (one-process mode) gets its setting back
+
+
+@dataclass
+class Prepared:
+    """What one (re)start of the loop prepares before the model: tokenizer, this rank's data, step counts."""
+
+    kind: str
+    """"causal" or "seq2seq"."""
+    tokenizer: Any
+    base_vocab: int
+    """The tokenizer's size before the added tokens."""
+    train_ex: list[Encoded]
+    eval_ex: list[Encoded]
+    n_eval: int
+    """Eval examples over all ranks."""
+    n_micro: int
+    """Micro batches per epoch, the same on every rank."""
+    steps_per_epoch: int
+    total_steps: int
+    pad_id: int
+    multiple: int | None
+    """Batches are padded to a multiple of this (on a GPU)."""
+
+
+def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
+    resume_dir, state = _find_resume(cfg)
+    if state.epochs_done >= tc.epochs:
+        return asdict(state) if rank == 0 else None
+    if state.data_hash and cfg.data_hash and state.data_hash != cfg.data_hash:
+        raise RuntimeError(f"checkpoint {resume_dir} was trained on other data ({state.data_hash} != "
+                           f"{cfg.data_hash}); delete it to start over.")
+    state.starts.append({"epoch": state.epochs_done, "global_step": state.global_step})
+    state.world_size, state.data_hash = world, cfg.data_hash
+    state.nodes = rank_nodes(world)
+
+    from transformers import set_seed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    set_seed(tc.seed)
+    data = _prepare(cfg, tc, state, rank, world, device)
+    ds_config = deepspeed_config(tc, world)
+    # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
+    # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
+    hf_ds = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 and importlib.util.find_spec("accelerate") else None
+    try:
+        engine, head_only = build_engine(cfg.target, tc, data.kind, data.tokenizer, data.base_vocab,
+                                         cfg.added_tokens, data.total_steps, ds_config)
+        if head_only is not None:
+            state.answer_logits_only = head_only
+        if resume_dir is not None:
+            engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        if rank == 0:
+            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
+                     data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
+                     state.epochs_done + 1)
+        reporter = None
+        if rank == 0:
+            from bootfinetune.training.progress import Reporter
+
+            reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
+        if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:
+            state.eval_loss_before = _evaluate(engine, data, tc, device, state)
+        for epoch in range(state.epochs_done, tc.epochs):
+            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device)
+            _finish_epoch(cfg, tc, engine, data, state, epoch, sums, rank, world, device)
+        return asdict(state) if rank == 0 else None
+    finally:
+        if hf_ds is not None:
+            unset_hf_deepspeed_config()
+
+
+def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, world: int, device: Any) -> Prepared:
+    """Loads the tokenizer and this rank's rows, encodes them, and agrees with the other ranks on the steps."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    load_kw = dict(trust_remote_code=tc.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target, **load_kw)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base_vocab = len(tokenizer)
+    add_answer_tokens(tokenizer, cfg.added_tokens)
+    kind = model_kind(AutoConfig.from_pretrained(cfg.target, **load_kw))
+    state.kind = kind
+
+    train_rows, eval_rows = _load_rows(cfg, rank, world)
+    train_ex, trunc_train = encode_records(tokenizer, train_rows, kind, tc.max_length)
+    eval_ex, trunc_eval = encode_records(tokenizer, eval_rows, kind, tc.max_length)
+    state.truncated_train, state.truncated_eval, n_eval = (
+        int(x) for x in all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
+    if not train_ex:
+        raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
+    answer_lengths = sorted(sum(1 for t in e.labels if t != -100) for e in train_ex)
+    state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
+
+    # Every rank must run the same number of steps (collectives would hang otherwise).
+    n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
+    if cfg.max_steps_per_epoch:
+        n_micro = min(n_micro, cfg.max_steps_per_epoch)
+    if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
+        n_micro -= n_micro % tc.accumsteps
+    steps_per_epoch = max(1, n_micro // tc.accumsteps)
+    return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
+                    n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
+                    total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
+                    multiple=8 if tc.use_gpu else None)
+
+
+def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+                 reporter: Any, rank: int, world: int, device: Any) -> tuple[Any, int, int, int, float]:
+    """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding and seconds."""
+    import torch
+
+    t0 = time.time()
+    engine.train()
+    kind, n_micro, train_ex = data.kind, data.n_micro, data.train_ex
+    curve_every = max(1, data.total_steps // 100)
+    batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
+    state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
+    loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
+    window, window_n = torch.zeros((), device=device), 0
+    for i, idx in enumerate(batches[:n_micro]):
+        batch = collate([train_ex[j] for j in idx], data.pad_id, data.multiple)
+        answers = int((batch["labels"] != -100).sum())
+        real = int(batch["attention_mask"].sum())
+        answer_toks += answers
+        toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
+        padded += batch["input_ids"].numel() - real
+        loss = engine(**to_device(batch, device, state.answer_logits_only)).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()  # no host sync per step
+        window += loss.detach().float()
+        window_n += 1
+        if reporter is not None and (i + 1) % tc.accumsteps == 0:
+            step = engine.global_steps
+            on_curve = step % curve_every == 0
+            if on_curve or reporter.due():  # the host sync happens only here
+                mean = float(window) / window_n
+                window, window_n = torch.zeros((), device=device), 0
+                if on_curve:
+                    state.loss_curve.append([step, round(mean, 5)])
+                reporter.report(step, data.total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
+        if cfg.on_step is not None:
+            cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))
+    return loss_sum, answer_toks, toks, padded, time.time() - t0
+
+
+def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+                  sums: tuple[Any, int, int, int, float], rank: int, world: int, device: Any) -> None:
+    """Evaluates, records the epoch in the state (summed over ranks), and writes and reports the checkpoint."""
+    t0 = time.time()
+    loss_sum, answer_toks, toks, padded, train_seconds = sums
+    mean_loss, answer_toks, toks, padded = all_reduce(
+        [float(loss_sum) / max(1, data.n_micro), answer_toks, toks, padded], device, "sum")
+    eval_loss = _evaluate(engine, data, tc, device, state) if data.n_eval else None
+    state.epochs_done, state.global_step = epoch + 1, engine.global_steps
+    state.history.append({
+        "epoch": epoch + 1, "train_loss": mean_loss / world, "eval_loss": eval_loss,
+        "answer_tokens": int(answer_toks), "tokens": int(toks), "padded_tokens": int(padded),
+        "steps": data.steps_per_epoch, "train_seconds": round(train_seconds, 3),
+        "tokens_per_second": round(toks / max(train_seconds, 1e-9), 1),
+        "lr": float(engine.get_lr()[0]),
+    })
+    state.seconds += train_seconds + time.time() - t0
+    if rank == 0:
+        log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
+                 eval_loss, toks / max(train_seconds, 1e-9))
+    _save_and_report(cfg, engine, state, epoch + 1, rank)
+
+
+def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
+    """`evaluate` on this start's eval examples."""
+    return evaluate(engine, data.eval_ex, data.train_ex, tc, data.pad_id, data.multiple, device, data.kind,
+                    state.answer_logits_only)
+
+
+def to_device(batch: dict[str, Any], device: Any, answer_index: bool) -> dict[str, Any]:
+    """The batch on the device, without a device sync: on a GPU, host tensors are pinned and copied
+    asynchronously (a copy from pageable memory waits for the queued kernels, which would leave the
+    GPU idle while Python prepares the next step). `answer_index` adds the answer positions,
+    computed on the host, for the answer-only head."""
+    if answer_index:
+        batch = {**batch, "answer_index": answer_positions(batch["labels"])}
+    if getattr(device, "type", str(device)) != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def length_batches(lengths: list[int], bsize: int, seed: int, bucket_factor: int = BUCKET_FACTOR) -> list[list[int]]:
+    """Micro batches of indices that group similar lengths, in a seeded random order.
+
+    Indices are shuffled, cut into buckets of `bsize * bucket_factor`, sorted by length
+    within each bucket, cut into micro batches, and the batches shuffled.
+
+    Example:
+        >>> sorted(sorted(b) for b in length_batches([9, 1, 8, 2], bsize=2, seed=0))
+        [[0, 2], [1, 3]]
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = bsize * bucket_factor
+    batches = []
+    for start in range(0, len(order), size):
+        bucket = sorted(order[start:start + size], key=lambda i: lengths[i])
+        batches += [bucket[i:i + bsize] for i in range(0, len(bucket), bsize)]
+    rng.shuffle(batches)
+    return batches
+
+
+def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: TrainConfig, pad_id: int,
+             multiple: int | None, device: Any, kind: str, answer_index: bool = False) -> float:
+    """Mean loss per answer token over every rank's eval examples.
+
+    Ranks may hold different numbers of eval batches; under ZeRO-3 a forward is a
+    collective, so short ranks run weight-0 batches until all have done the same count.
+    """
+    import torch
+
+    engine.eval()
+    order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i].input_ids))
+    batches = [order[i:i + tc.bsize] for i in range(0, len(order), tc.bsize)]
+    n = int(all_reduce([len(batches)], device, "max")[0])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(n):
+            real = b < len(batches)
+            examples = [eval_ex[j] for j in batches[b]] if real else [(eval_ex or train_ex)[0]]
+            batch = collate(examples, pad_id, multiple)
+            labels = batch["labels"][:, 1:] if kind == "causal" else batch["labels"]
+            tokens = int((labels != -100).sum())
+            loss = engine(**to_device(batch, device, answer_index)).loss
+            if real:
+                total, count = total + float(loss) * tokens, count + tokens
+    engine.train()
+    total, count = all_reduce([total, count], device, "sum")
+    return total / max(count, 1)
+
+
+def _save_and_report(cfg: LoopConfig, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
+    """Writes a resumable checkpoint (every rank its shards, rank 0 the state) and reports it."""
+    metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": state.history[-1]["train_loss"],
+               "eval_loss": state.history[-1]["eval_loss"], "start_epoch": state.starts[-1]["epoch"]}
+    if cfg.ray:
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"bootfinetune-ckpt-{epoch}-"))
+        try:
+            _write_checkpoint(tmp, engine, state, epoch, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"epoch_{epoch:03d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif cfg.checkpoint_dir:
+        _write_checkpoint(Path(cfg.checkpoint_dir) / f"epoch_{epoch:03d}", engine, state, epoch, rank)
+
+
+def _write_checkpoint(path: Path, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
+    import torch.distributed as dist
+
+    engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
+    if rank == 0:  # written last: its presence means the checkpoint is whole
+        from bootfinetune.run.jsonio import write_json
+
+        write_json(path / STATE_FILE, asdict(state))
+    dist.barrier()
+
+
+def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
+    """The checkpoint to resume from (Ray's latest, or the newest whole one in checkpoint_dir)."""
+    path = None
+    if cfg.ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            path = Path(ckpt.to_directory()) if ckpt.filesystem.type_name != "local" else Path(ckpt.path)
+    elif cfg.checkpoint_dir and Path(cfg.checkpoint_dir).is_dir():
+        done = sorted(p for p in Path(cfg.checkpoint_dir).glob("epoch_*") if (p / STATE_FILE).exists())
+        path = done[-1] if done else None
+    if path is None or not (path / STATE_FILE).exists():
+        return None, LoopState()
+    raw = json.loads((path / STATE_FILE).read_text())
+    return path, LoopState(**raw)
+
+
+def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:
+    """This rank's train rows and eval rows, in a fixed order (by the `row` column when present)."""
+    if cfg.ray:
+        import ray.data
+        import ray.train
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws training progress
+        train = list(ray.train.get_dataset_shard("train").iter_rows())
+        shard = ray.train.get_dataset_shard("eval")
+        evals = list(shard.iter_rows()) if shard is not None else []
+        train, evals = _normalise(train), _normalise(evals)
+        return train, evals[rank::world]  # eval is not split by Ray: every worker sees it whole
+    if not cfg.train_path:
+        raise ValueError("train_path: give a JSONL of training records when running without Ray.")
+    train = _normalise(read_jsonl(Path(cfg.train_path)))
+    evals = _normalise(read_jsonl(Path(cfg.eval_path))) if cfg.eval_path else []
+    return train[rank::world], evals[rank::world]
+
+
+def _normalise(rows: list[dict]) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        messages = r["messages"]
+        if isinstance(messages, str):  # the driver ships messages as JSON text (robust through Arrow)
+            messages = json.loads(messages)
+        out.append({"messages": messages, "row": int(r.get("row", i))})
+    return sorted(out, key=lambda r: r["row"])
+
