@@ -28,7 +28,11 @@ _EXPORTS = {
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_HOME)
+__all__ = ["BootFinetuneError", "BootstrapConfig", "BootstrapError", "BootstrapFinetune", "Config", "ConfigError",
+           "FinetuneError", "FinetunedEngine", "FinetunedLM", "ModelServer", "Prepared", "ProgramError",
+           "RayFinetuneProvider", "RunOptions", "TrainConfig", "TrainDataError", "finetuned_engine", "load",
+           "serve_model", "stop_model"]
+assert sorted(__all__) == sorted(_HOME)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly

@@ -246,7 +246,7 @@ def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str
 
 def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> ModelManifest:
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoConfig, AutoTokenizer
 
@@ -266,10 +266,9 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
     run.sync()
 
-    datasets = {"train": _to_dataset(ray, train_records)}
-    if eval_records:
-        datasets["eval"] = _to_dataset(ray, eval_records)
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
+                   "train_ref": ray.put(_rows(train_records)),
+                   "eval_ref": ray.put(_rows(eval_records)) if eval_records else None,
                    "data_hash": data_hash(job.train_file), "added_tokens": list(job.added_tokens or ()), **hooks}
     storage_path, storage_fs = run.checkpoint_storage()  # on a cloud URI, workers write checkpoints there
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
@@ -283,8 +282,6 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=job.key,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=keep),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # each worker evaluates its slice of all of eval
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -455,7 +452,6 @@ def _checked_records(key: str, path: Path) -> list[dict]:
     return records
 
 
-def _to_dataset(ray: Any, records: list[dict]) -> Any:
-    # Messages travel as JSON text with their position: plain Arrow columns, a fixed order on the worker.
-    return ray.data.from_items([{"messages": json.dumps(r["messages"], ensure_ascii=False), "row": i}
-                                for i, r in enumerate(records)])
+def _rows(records: list[dict]) -> list[dict]:
+    """The records as the workers read them: messages with their position, so every rank sorts alike."""
+    return [{"messages": r["messages"], "row": i} for i, r in enumerate(records)]

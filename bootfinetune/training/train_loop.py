@@ -3,7 +3,8 @@
 `train_loop(loop_config)` finetunes `target` with DeepSpeed on the records it is given:
 
 - under Ray Train (`loop_config["ray"] = True`, what `finetune.py` passes to `TorchTrainer`):
-  rows come from `ray.train.get_dataset_shard("train")` / `("eval")`, every rank calls
+  rows come from the object store (`train_ref` / `eval_ref`: the records the driver put there once,
+  each rank taking its slice, as without Ray), every rank calls
   `ray.train.report(metrics, checkpoint=...)` once per epoch, and a restarted or rerun job
   resumes from `ray.train.get_checkpoint()` at the next epoch;
 - without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU box that has no
@@ -76,7 +77,11 @@ class LoopConfig:
     train: dict[str, Any]
     """TrainConfig fields (`dataclasses.asdict(TrainConfig(...))`)."""
     ray: bool = False
-    """Running under Ray Train: data from dataset shards, checkpoints through `ray.train.report`."""
+    """Running under Ray Train: data from the object store, checkpoints through `ray.train.report`."""
+    train_ref: Any = None
+    """Under Ray: an ObjectRef of the training records (what `train_path` holds), put there by the driver."""
+    eval_ref: Any = None
+    """Under Ray: an ObjectRef of the eval records, or None."""
     train_path: str | None = None
     """Without Ray: JSONL of training records ({"messages": [...]} per line)."""
     eval_path: str | None = None
@@ -446,15 +451,16 @@ def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
 def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:
     """This rank's train rows and eval rows, in a fixed order (by the `row` column when present)."""
     if cfg.ray:
-        import ray.data
-        import ray.train
+        # The records are small next to the model (chat text), so every rank reads them whole from the
+        # object store and takes its slice: no Ray Data pipeline (a coordinator actor and two executions
+        # per training, seconds of start-up) for rows the loop holds in memory anyway.
+        import ray
 
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws training progress
-        train = list(ray.train.get_dataset_shard("train").iter_rows())
-        shard = ray.train.get_dataset_shard("eval")
-        evals = list(shard.iter_rows()) if shard is not None else []
-        train, evals = _normalise(train), _normalise(evals)
-        return train, evals[rank::world]  # eval is not split by Ray: every worker sees it whole
+        if cfg.train_ref is None:
+            raise ValueError("train_ref: under Ray the driver passes the training records' ObjectRef.")
+        train = _normalise(ray.get(cfg.train_ref))
+        evals = _normalise(ray.get(cfg.eval_ref)) if cfg.eval_ref is not None else []
+        return train[rank::world], evals[rank::world]
     if not cfg.train_path:
         raise ValueError("train_path: give a JSONL of training records when running without Ray.")
     train = _normalise(read_jsonl(Path(cfg.train_path)))
