@@ -97,6 +97,31 @@ def public_lm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+_LM_STATE_PARTS = frozenset({"engine", "async_engine", "launch_kwargs", "train_kwargs", "prompt_cache", "callbacks"})
+
+
+def _urls_redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_urls_in(value)
+    if isinstance(value, dict):
+        return {k: _urls_redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_urls_redacted(v) for v in value]
+    return value
+
+
+def public_lm_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An LM's `dump_state()` as program.json may hold it: `public_lm_args` on its arguments, while
+    DSPy's own parts (`_dspy_lm_class`, the engine's state, ...) keep their shape with URLs redacted.
+
+    >>> public_lm_state({"_dspy_lm_class": "dspy.LM", "model": "openai/x", "extra_headers": {"A": "b"},
+    ...                  "engine": {"source": "s3://k:s@b/m"}})
+    {'_dspy_lm_class': 'dspy.LM', 'model': 'openai/x', 'extra_headers': {'A': '***'}, 'engine': {'source': 's3://***@b/m'}}
+    """
+    args = public_lm_args({k: v for k, v in state.items() if not k.startswith("_") and k not in _LM_STATE_PARTS})
+    return {k: args[k] if k in args else _urls_redacted(v) for k, v in state.items()}
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
