@@ -29,15 +29,20 @@ LM_PUBLIC_ARGS = frozenset({
 """LM arguments whose values are shown as they are (URL-valued ones through `redact_url`)."""
 _URL_ARGS = ("api_base", "base_url")
 
+PUBLIC_QUERY_NAMES = frozenset({"endpoint_override", "scheme", "region", "allow_bucket_creation",
+                                "allow_bucket_deletion", "project_id", "api-version", "api_version"})
+"""URL query parameters whose values are shown (pyarrow's storage-URI options, Azure's api-version), so a
+printed run URI can be passed back as it is; every other query value is masked."""
+
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def redact_url(url: str) -> str:
-    """The URL with its user info and query values masked; host, port, path and query names kept.
+    """The URL with its user info and query values masked (but `PUBLIC_QUERY_NAMES`); host, port, path kept.
 
     >>> redact_url("https://user:pw@host:8000/v1?key=sk-1&region=eu")
-    'https://***@host:8000/v1?key=***&region=***'
+    'https://***@host:8000/v1?key=***&region=eu'
     >>> redact_url("s3://bucket/runs")
     's3://bucket/runs'
     >>> redact_url("/local/runs")
@@ -50,7 +55,8 @@ def redact_url(url: str) -> str:
         netloc = s.netloc
         if "@" in netloc:
             netloc = MASK + "@" + netloc.rpartition("@")[2]
-        query = "&".join(f"{k}={MASK}" for k, _ in parse_qsl(s.query, keep_blank_values=True))
+        query = "&".join(f"{k}={v if k in PUBLIC_QUERY_NAMES else MASK}"
+                         for k, v in parse_qsl(s.query, keep_blank_values=True))
         if s.query and not query:
             query = MASK
         return urlunsplit((s.scheme, netloc, s.path, query, MASK if s.fragment else ""))
@@ -138,7 +144,7 @@ def _url_secrets(url: str) -> list[str]:
     except ValueError:
         return []
     found = [s.password or "", s.username or ""] if "@" in s.netloc else []
-    return found + [v for _, v in parse_qsl(s.query)]
+    return found + [v for k, v in parse_qsl(s.query) if k not in PUBLIC_QUERY_NAMES]
 
 
 def collect_secrets(*lms: Any) -> list[str]:

@@ -47,7 +47,10 @@ def test_identity_stable_for_the_same_teacher_and_blind_to_secret_values():
 
 
 def test_url_redaction():
-    assert redact_url("https://u:p@h:8/v1?key=sk&region=eu#frag") == "https://***@h:8/v1?key=***&region=***#***"
+    assert redact_url("https://u:p@h:8/v1?key=sk&region=eu#frag") == "https://***@h:8/v1?key=***&region=eu#***"
+    # a storage URI without credentials prints as it is, so it can be passed back (`--run-dir`)
+    local_s3 = "s3://b/runs/R-1?endpoint_override=127.0.0.1:9&scheme=http"
+    assert redact_uri(local_s3) == local_s3
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
     assert redact_url("relative/runs") == "relative/runs" and redact_url("/tmp/a?b") == "/tmp/a?b"
     assert redact_uri("s3://b/runs?access_key=AKIA123&secret_key=xyz") == "s3://b/runs?access_key=***&secret_key=***"
@@ -70,3 +73,20 @@ def test_failure_messages_lose_every_secret_form():
         assert secret not in redacted, (secret, redacted)
     assert "401 from http://***@127.0.0.1:9/v1" in redacted
     assert "0.7" not in secrets and "openai/teacher" not in secrets  # public values are not treated as secrets
+
+
+def test_program_json_lm_state_keeps_its_shape_without_credentials():
+    from bootfinetune.common.redaction import public_lm_state
+
+    state = public_lm_state(teacher_lm().dump_state())
+    assert state["_dspy_lm_class"] == "dspy.clients.lm.LM" and state["temperature"] == 0.7
+    assert not [s for s in SECRETS + ["alice"] if s in json.dumps(state)]
+
+
+def test_job_result_line_shows_no_uri_credentials(capsys):
+    from bootfinetune.entrypoints.jobs import _result
+
+    _result("compile", run_dir="s3://AKIA-x:secret-y-123@bucket/runs/R-1?endpoint_override=h:9&scheme=http")
+    line = capsys.readouterr().out
+    assert line.startswith("BOOTFINETUNE_RESULT ") and "AKIA-x" not in line and "secret-y-123" not in line
+    assert json.loads(line.split(" ", 1)[1])["run_dir"] == "s3://***@bucket/runs/R-1?endpoint_override=h:9&scheme=http"
