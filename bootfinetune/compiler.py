@@ -38,7 +38,7 @@ from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_l
                                         raise_if_unfixable)
 from bootfinetune.common.importpath import resolve
 from bootfinetune.stages.rebind import base_program, program_state, rebind_run
-from bootfinetune.common.redaction import collect_secrets
+from bootfinetune.common.redaction import collect_secrets, redact_uri
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.common.targets import check_target
@@ -334,7 +334,7 @@ class BootstrapFinetune(Teleprompter):
         """config.json: the resolved options and what the plan decided; never an API key."""
         return RunDescription(
             program_class=class_path(student),
-            options=config.to_dict(),
+            options=_shown_options(config),
             predictors=plan.predictors,
             model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
                         for key in plan.keys()},
@@ -345,6 +345,13 @@ class BootstrapFinetune(Teleprompter):
             adapter=adapter_spec(resolve_adapter(self.adapter)),
             **more,
         )
+
+
+def _shown_options(config: Config) -> dict[str, Any]:
+    """config.to_dict() as config.json records it: a cloud storage_path without its credentials."""
+    options = config.to_dict()
+    options["run"]["storage_path"] = redact_uri(str(options["run"]["storage_path"]))
+    return options
 
 
 @dataclass

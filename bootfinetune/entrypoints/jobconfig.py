@@ -264,8 +264,9 @@ def check_environment(job: JobConfig) -> None:
     problems = []
     if job.teacher is not None and job.teacher.api_key_env and not os.environ.get(job.teacher.api_key_env):
         problems.append(f"teacher.api_key_env: {job.teacher.api_key_env} is not set in the job's environment; "
-                        f"pass it by name, e.g. ray job submit --runtime-env-json "
-                        f"'{{\"env_vars\": {{\"{job.teacher.api_key_env}\": \"...\"}}}}', or set it on the cluster.")
+                        f"set it where `ray start` runs on the cluster (a secret there) and pass it by name, as "
+                        f"cluster/runtime_env.yaml does ({job.teacher.api_key_env}: \"${{{job.teacher.api_key_env}}}\"); "
+                        f"never put its value in --runtime-env-json, which Ray keeps in the job's metadata.")
     storage = job.config.run.storage_path
     from bootfinetune.run.storage import check_writable, is_uri
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from bootfinetune.errors import ConfigError, ProgramError
 from bootfinetune.common.importpath import resolve
+from bootfinetune.common.redaction import redact_urls_in
 from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
                                     load_job_config, parse_job_config, resolve_target)
 from bootfinetune.run.rundir import RunDir
@@ -103,7 +104,8 @@ def _connect(job: JobConfig | None, address: str | None) -> None:
 
 def _result(kind: str, **fields: Any) -> int:
     """Prints the job's one-line JSON result (what a CI script or a caller parses), returns 0."""
-    print("BOOTFINETUNE_RESULT " + json.dumps({"job": kind, **fields}, default=str), flush=True)
+    line = json.dumps({"job": kind, **fields}, default=str)
+    print("BOOTFINETUNE_RESULT " + redact_urls_in(line), flush=True)  # no URI credentials in CI logs
     return 0
 
 

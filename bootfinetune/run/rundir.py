@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
 from bootfinetune.run.jsonio import fingerprint, write_json
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
@@ -75,8 +76,8 @@ class RunDir:
 
     @property
     def location(self) -> str:
-        """Where the run lives for users: its URI, or its folder."""
-        return self.remote or str(self.root)
+        """Where the run lives for users (logs, messages, config.json): its URI without credentials, or its folder."""
+        return redact_uri(self.remote) if self.remote else str(self.root)
 
     def pull(self) -> int:
         """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""

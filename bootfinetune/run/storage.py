@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run.jsonio import read_json, write_json
-from bootfinetune.common.redaction import redact_uri
+from bootfinetune.common.redaction import redact_uri, redact_urls_in
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,6 @@ def check_writable(uri: str) -> str | None:
             out.write(b"ok")
         fs.delete_file(probe)
     except Exception as e:  # pyarrow raises OSError/ArrowInvalid variants
-        return (f"storage_path={redact_uri(uri)!r}: cannot write there ({type(e).__name__}: {str(e)[:200]}); check the "
+        return (f"storage_path={redact_uri(uri)!r}: cannot write there ({type(e).__name__}: {redact_urls_in(str(e))[:200]}); check the "
                 f"bucket name, the endpoint (?endpoint_override=... or AWS_ENDPOINT_URL) and the credentials.")
     return None

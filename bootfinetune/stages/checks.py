@@ -17,6 +17,7 @@ from typing import Any, Callable
 import cloudpickle
 import dspy
 
+from bootfinetune.common.redaction import public_lm_args
 from bootfinetune.errors import ProgramError
 from bootfinetune.run.records import non_json_fields, to_jsonable
 from bootfinetune.common.targets import model_path
@@ -55,10 +56,15 @@ def signature_fields(predictor: dspy.Predict) -> dict[str, Any]:
 
 
 def lm_identity(lm: Any) -> dict[str, Any] | None:
-    """What identifies an LM in a run name: its class, model and options, never its API key."""
+    """What identifies an LM in a run name, config.json and the trace identity: its class, model and options.
+
+    Options pass through `public_lm_args`, an allow-list: any other argument (a header, a token, a
+    cloud key) keeps its name but not its value, and `api_base` loses its user info and query values.
+    So the same teacher keeps one identity, and no credential reaches what is written or logged.
+    """
     if lm is None:
         return None
-    kwargs = {k: v for k, v in (getattr(lm, "kwargs", None) or {}).items() if k not in ("api_key", "api_token")}
+    kwargs = public_lm_args(getattr(lm, "kwargs", None) or {})
     return {"class": type(lm).__qualname__, "model": getattr(lm, "model", None), "kwargs": to_jsonable(kwargs)}
 
 

@@ -17,6 +17,7 @@ import dspy
 
 from bootfinetune.stages.adapters import adapter_from_spec, scope_adapter
 from bootfinetune.common.chat import LOCAL_API_KEY
+from bootfinetune.common.redaction import public_lm_state
 from bootfinetune.stages.checks import ProgramPlan
 from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
@@ -69,6 +70,8 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
 
     DSPy 3.4's `dspy.Retrieve.dump_state()` takes no `json_mode`, so `save("p.json")` fails on any
     program holding one (the documented RAG among them); program.json is written through this instead.
+    Each LM's state goes through `public_lm_state`: no header, token or URL credential is written
+    (`load` rebuilds the LMs from the run's models, never from this state).
     """
     state = {}
     for name, param in program.named_parameters():
@@ -76,6 +79,8 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
             state[name] = param.dump_state(json_mode=True)
         except TypeError:
             state[name] = param.dump_state()
+        if isinstance(state[name], dict) and isinstance(state[name].get("lm"), dict):
+            state[name]["lm"] = public_lm_state(state[name]["lm"])
     return state
 
 

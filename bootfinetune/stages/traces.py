@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import dspy
 
+from bootfinetune.common.redaction import redact_uri
 from bootfinetune.stages.checks import callable_identity, lm_identity, program_identity
 from bootfinetune.run.jsonio import fingerprint, write_json
 from bootfinetune.run.records import example_to_json
@@ -171,8 +172,8 @@ class TraceStore:
 
     @property
     def location(self) -> str:
-        """Where the store lives for users: its URI, or its folder."""
-        return self.remote or str(self.root)
+        """Where the store lives for users (logs, messages, config.json): its URI without credentials, or its folder."""
+        return redact_uri(self.remote) if self.remote else str(self.root)
 
     @property
     def results(self) -> Path:

@@ -100,7 +100,8 @@ def test_markers_upload_last_and_checkpoints_stay_remote(s3, tmp_path, monkeypat
 def test_unwritable_bucket_is_a_clear_error(s3):
     from bootfinetune.run.storage import check_writable
 
-    problem = check_writable(s3.uri("no-such-bucket", "runs"))
+    problem = check_writable(s3.uri("no-such-bucket", "runs").replace("s3://", "s3://AKIA-u:sec-ret-42@"))
     assert problem and "storage_path=" in problem and "no-such-bucket" in problem
-    assert "127.0.0.1" not in problem  # the query string is left out of messages
+    assert "AKIA-u" not in problem and "sec-ret-42" not in problem  # credentials are left out of messages
+    assert "endpoint_override=127.0.0.1" in problem  # the endpoint is shown: it is what to check
     assert check_writable(s3.uri("unit", "ok")) is None
