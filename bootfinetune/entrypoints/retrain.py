@@ -2,7 +2,7 @@
 
     >>> from bootfinetune.entrypoints.retrain import retrain                                   # doctest: +SKIP
     >>> run, manifests = retrain("bootfinetune_runs/RAG-1a2b3c4d5e6f", lr=1e-4)    # doctest: +SKIP
-    >>> program = bootfinetune.load(run.location)                                  # doctest: +SKIP
+    >>> program = bootfinetune.load(run.remote)                                    # doctest: +SKIP
 
 Options that change what is trained (lr, epochs, bsize, target, LoRA, ZeRO stage, any
 training or inference option) give a new run directory beside the old one, named as
