@@ -15,7 +15,8 @@ Training options, the target, LoRA, ZeRO and resources are left out: changing th
 ```
 {storage_path}/traces/{Program}-{trace_id}/
   identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
-  results.jsonl    one line per (example, teacher), appended as results arrive:
+  results.jsonl    one line per (example, teacher), appended as results arrive (a line cut short by a
+                   crash is cut off before the next append, `repair_jsonl`):
                    {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
 ```
 
@@ -30,6 +31,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,11 @@ import dspy
 
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.stages.checks import callable_identity, lm_identity, program_identity
-from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.run.jsonio import fingerprint, repair_jsonl, write_json
 from bootfinetune.run.records import example_to_json
 from bootfinetune.run.rundir import run_name_for
+
+logger = logging.getLogger(__name__)
 
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""
@@ -220,14 +224,10 @@ class _Appender:
 
     def __enter__(self) -> "_Appender":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut = False
-        if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:
-                f.seek(-1, 2)
-                cut = f.read(1) != b"\n"
+        cut = repair_jsonl(self.path)
+        if cut:
+            logger.warning("%s: removed a line cut short by a crash (%d bytes) before appending", self.path, cut)
         self.file = open(self.path, "a", encoding="utf-8")
-        if cut:  # a line cut short by a crash must not glue itself to the next one
-            self.file.write("\n")
         return self
 
     def add(self, example: str, teacher: int, result: dict[str, Any]) -> None:

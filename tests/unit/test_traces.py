@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.run.jsonio import fingerprint
+from bootfinetune.run.jsonio import fingerprint, read_jsonl, repair_jsonl
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.stages.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
                                  trace_identity)
@@ -96,6 +97,31 @@ def test_store_keeps_results_by_example_skips_failures_and_a_cut_line(tmp_path):
     assert set(loaded) == {(example_key(a), 0), (example_key(c), 0)}  # the failure is tried again
     assert restamp(loaded[(example_key(c), 0)], 7, "val")["calls"][0] == {"example_index": 7, "split": "val",
                                                                            "predictor": "rewrite"}
+
+
+def test_a_progress_file_cut_by_a_crash_is_repaired_before_appending(tmp_path):
+    store = TraceStore(tmp_path / "store")
+    examples = two_step_examples(4)
+    result = {"calls": [{"example_index": 0, "split": "train", "predictor": "rewrite", "text": "x" * 100_000}],
+              "kept": True}  # lines longer than the repair's read chunk
+    with store.appender() as out:
+        for ex in examples[:3]:
+            out.add(example_key(ex), 0, result)
+    size = store.results.stat().st_size
+    os.truncate(store.results, size - 70_000)  # the third line is cut short, as by a kill mid-write
+    with store.appender() as out:
+        out.add(example_key(examples[3]), 0, result)
+    rows = read_jsonl(store.results)  # strict: every line of the file is whole JSON again
+    assert [r["example"] for r in rows] == [example_key(e) for e in (examples[0], examples[1], examples[3])]
+    assert set(store.load()) == {(example_key(e), 0) for e in (examples[0], examples[1], examples[3])}
+    # A file holding only a cut line is emptied; a whole file is left as it is.
+    only = tmp_path / "only.jsonl"
+    only.write_bytes(b'{"example": "ab')
+    assert repair_jsonl(only) == 15 and only.read_bytes() == b""
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b'{"a": 1}\n{"b": 2}\n')
+    assert repair_jsonl(whole) == 0 and whole.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    assert repair_jsonl(tmp_path / "missing.jsonl") == 0
 
 
 def test_example_keys_and_changes():
