@@ -50,7 +50,7 @@ def cmd_bootstrap(args) -> int:
     trainset = load_examples(args.trainset, args.inputs)
     started = time.time()
     teacher = teacher_lm(args.teacher_model, api_base=args.api_base, api_key_env=args.api_key_env,
-                         default_key="unused", option="--api-key-env")
+                         default_key="unused", option="--api-key-env", timeout=args.teacher_timeout)
     tp = BootstrapFinetune(metric=metric, teacher_settings={"lm": teacher}, **config_arguments(args))
     with dspy.context():
         prepared = tp.prepare(student, trainset=trainset)
@@ -107,6 +107,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from bootfinetune.config import add_config_arguments
+    from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--teacher-model", required=True, help="LiteLLM model name, e.g. openai/gpt-4o-mini")
     b.add_argument("--api-base", default=None, help="the teacher's OpenAI-compatible base URL")
     b.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
+    b.add_argument("--teacher-timeout", type=float, default=DEFAULT_TEACHER_TIMEOUT,
+                   help="seconds each attempt of a teacher call may wait for its answer (default %(default)g)")
     b.add_argument("--metric", default=None, help="package.module:function(example, prediction, trace)")
     add_config_arguments(b.add_argument_group("bootfinetune options (the run's config.json; its name is derived "
                                               "from all but the resource options)"),

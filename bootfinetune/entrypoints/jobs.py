@@ -39,7 +39,8 @@ class Teacher:
         self.lm = None
         if spec is None:
             return
-        extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries") if getattr(spec, k) is not None}
+        extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries", "timeout")
+                 if getattr(spec, k) is not None}
         if spec.scripted:
             from bootfinetune.testing.teacher_server import TeacherServer
 
