@@ -78,11 +78,13 @@ def worker_died(index: int, teacher: int, split: str, error: BaseException | Non
     'WorkerDied'
     """
     attempts = 1 + TASK_RETRIES
-    cause = f" Last worker error: {type(error).__name__}: {' '.join(str(error).split())[:400]}" if error is not None else ""
+    cause = ""
+    if error is not None:  # Ray's own words (which actor, how it ended): one line, kept short
+        cause = f" Last worker error: {type(error).__name__}: {' '.join(str(error).split())[:400]}"
     message = (f"the worker process died every time it ran example {index} (up to {attempts} times in its "
-               f"batch, then {attempts} times alone): it ended without a Python exception (a segfault, an out-of-memory "
-               f"kill, os._exit or a signal in the program, its metric or a library they call). The other "
-               f"examples of its batch were run again without it.{cause}")
+               f"batch, then {attempts} times alone), without an exception the program could catch (a segfault, "
+               f"an out-of-memory kill, os._exit, sys.exit or a signal in the program, its metric or a library "
+               f"they call). The other examples of its batch were run again without it.{cause}")
     failure = FailureRecord(example_index=index, error_type=WORKER_DIED, message=redact(message, secrets)[:2000],
                             teacher=teacher, split=split, stage="program")
     return {"failure": failure.to_dict(), "teacher_calls": 0}
