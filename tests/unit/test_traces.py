@@ -88,10 +88,11 @@ def test_store_keeps_results_by_example_skips_failures_and_a_cut_line(tmp_path):
     with store.appender() as out:
         out.add(example_key(a), 0, ok)
         out.add(example_key(b), 0, {"failure": {"example_index": 1, "error_type": "RuntimeError"}})
-    with open(store.results, "a") as f:
-        f.write('{"example": "cut sho')  # a crash mid-line
-    with store.appender() as out:
-        out.add(example_key(c), 0, ok)
+    with open(out.path, "a") as f:
+        f.write('{"example": "cut sho')  # this writer crashed mid-line
+    with store.appender() as later:  # the next writer starts a file of its own: nothing glued to the cut line
+        later.add(example_key(c), 0, ok)
+    assert later.path != out.path and later.path.read_text().count("\n") == 1
     loaded = store.load()
     assert set(loaded) == {(example_key(a), 0), (example_key(c), 0)}  # the failure is tried again
     assert restamp(loaded[(example_key(c), 0)], 7, "val")["calls"][0] == {"example_index": 7, "split": "val",
