@@ -101,6 +101,31 @@ def test_two_writers_in_one_process_exclude_each_other(tmp_path):
     RunWriter(RunDir(tmp_path / "Prog-2"), what="compile").acquire().release()  # another run: its own lock
 
 
+def test_retrain_takes_the_lock_before_writing_and_holds_it_for_the_training(tmp_path, holders):
+    from bootfinetune.config import Config
+    from bootfinetune.entrypoints.retrain import prepare_retrain
+
+    run = RunDir(tmp_path / "TwoStep-abc")
+    run.data_dir.mkdir(parents=True)
+    run.data_file("all").write_text("")
+    described = json.dumps({"options": Config.from_options(target="some/model").to_dict(),
+                            "model_keys": {"all": {"target": "some/model", "predictors": ["rewrite"]}}})
+    run.config_json.write_text(described)
+    holder = holders(run.root)
+    with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+        prepare_retrain(str(run.root), cpus_per_worker=2.0)  # a resource option: trained in place
+    assert run.config_json.read_text() == described and not run.report_json.exists()  # nothing written
+    holder.kill()
+    holder.wait()
+    ready = prepare_retrain(str(run.root), cpus_per_worker=2.0)
+    assert ready.run == run and ready.writer.held and run.report_json.exists()
+    with pytest.raises(RunBusyError, match="a retrain, pid"):
+        RunWriter(run, what="compile").acquire()
+    with ready.writer:  # what retrain() and the finetune job do around the training
+        pass
+    RunWriter(run, what="compile").acquire().release()
+
+
 @pytest.fixture(scope="module")
 def s3(s3_server):
     s3_server.make_bucket("writers")
