@@ -174,7 +174,7 @@ class RunOptions:
     writer_wait_s: float = option(0.0, resource=True, within=(0, None))
     """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
     writer_lease_s: float = option(180.0, resource=True, within=(2, None))
-    """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed (a crashed writer's is taken over after)."""
+    """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
 
 
 @dataclass

@@ -215,7 +215,7 @@ class TraceStore:
         if self.remote is not None:
             from bootfinetune.run.storage import push
 
-            mine = [p.relative_to(self.root).as_posix() for p in (self.root / RESULTS_DIR).glob(f"{_process()}-*.jsonl")]
+            mine = [f"{RESULTS_DIR}/{p.name}" for p in (self.root / RESULTS_DIR).glob(f"{_process()}-*.jsonl")]
             push(self.root, self.remote, only=[IDENTITY, *mine])
 
     def load(self) -> dict[tuple[str, int], dict[str, Any]]:
