@@ -171,6 +171,10 @@ class RunOptions:
     """Run directory name; None derives it from the inputs so the same compile resumes."""
     ray_address: str | None = option(None, resource=True)
     """Ray cluster address; None joins a running cluster or starts a local one."""
+    writer_wait_s: float = option(0.0, resource=True, within=(0, None))
+    """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
+    writer_lease_s: float = option(180.0, resource=True, within=(2, None))
+    """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
 
 
 @dataclass

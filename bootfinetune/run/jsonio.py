@@ -64,30 +64,3 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def repair_jsonl(path: Path) -> int:
-    """Cuts an append-only JSONL file after its last full line; returns the bytes cut (0 when none).
-
-    A writer killed mid-line leaves a line cut short; the next append would glue its first line to
-    it, and a reader would lose both. Lines are only ever appended whole, so everything after the
-    last newline is the one cut short.
-    """
-    path = Path(path)
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, 2)
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            f.seek(start)
-            chunk = f.read(end - start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
-        if end < size:
-            f.truncate(end)
-    return size - end

@@ -9,6 +9,7 @@
   checkpoints/{key}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
   report.json        counts, losses, metrics, time and tokens per stage
   program.json       the compiled program's state
+  writer.lock        held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
 ```
 
 Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
