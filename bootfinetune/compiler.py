@@ -24,7 +24,7 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_adapter
-from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap
+from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap_splits
 from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  lm_identity, target_from_lm, valset_overlap)
 from bootfinetune.config import Config, TrainConfig, identity_options
@@ -283,8 +283,9 @@ class BootstrapFinetune(Teleprompter):
         logger.info("stage 2/6 bootstrap: the teacher over %d trainset and %d valset examples on %d Ray Data "
                     "actor(s) x %d threads", len(trainset), len(valset or []), config.bootstrap.num_actors,
                     config.bootstrap.num_threads)
-        boot = run_bootstrap(run, examples=list(trainset), split="train", **stage)
-        val_boot = run_bootstrap(run, examples=list(valset), split="val", **stage) if valset else None
+        splits = {"train": list(trainset), **({"val": list(valset)} if valset else {})}
+        booted = run_bootstrap_splits(run, splits=splits, **stage)  # one actor pool for both splits
+        boot, val_boot = booted["train"], booted.get("val")
         s = boot.summary
         logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %d example(s) from the trace store, "
                     "%.1fs%s", s.kept, s.examples, s.failed, s.teacher_calls, s.reused, s.seconds,

@@ -74,7 +74,11 @@ class BootstrapConfig:
     actor_cpus: float = option(0.5, resource=True, within=(0, None), open_low=True)
     """Logical CPUs reserved per bootstrap actor (they mostly wait on the network)."""
     batch_size: int = option(16, resource=True, at_least=1)
-    """Examples handed to an actor at a time; an actor runs a batch's examples concurrently."""
+    """Examples handed to an actor at a time (at least num_threads / 2 are); they share the actor's slots."""
+    engine: Literal["auto", "async", "threads"] = option(
+        "auto", resource=True, hint="use 'auto', 'async' (the program's aforward) or 'threads' (its forward).")
+    """How actors run the teacher: "auto" runs a program whose class defines `aforward` (dspy.Predict,
+    dspy.ChainOfThought) on an event loop and one with only `forward` on num_threads threads."""
     max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
     metric_threshold: float | None = option(None, within=(float("-inf"), None))

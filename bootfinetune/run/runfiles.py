@@ -166,6 +166,8 @@ class BootstrapSummary:
     """Kept calls per predictor name."""
     nodes: dict[str, int] = field(default_factory=dict)
     """Examples run per Ray node id (where the bootstrap actors ran)."""
+    engine: str = ""
+    """How the actors ran the teacher programs: "async", "threads" (one per teacher, joined by "+"); "" if none ran."""
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "BootstrapSummary":

@@ -1,11 +1,12 @@
 """Stage 2: run the teacher program over a set of examples on Ray Data and keep its traces.
 
-The driver turns the examples into a Ray Dataset of plain rows (`example_index`, the
-example as JSON) and maps them with `TeacherRunner`, a callable class that Ray Data
-runs in a pool of actors. Each actor holds the teacher programs and keeps
-`num_threads` examples in flight, since teacher calls wait on the network. Every
-trace step is attributed to its predictor by name, so a predictor called twice (a
-loop) gives two records and one never called (a branch) gives none.
+The driver turns the examples of every split to bootstrap (trainset and valset together: one actor pool
+serves both) into a Ray Dataset of plain rows (`example_index`, `split`, the example as JSON) and maps
+them with `StreamingTeacherRunner` (`bootfinetune.stages.runner`), a callable class that Ray Data runs in
+a pool of actors. Each actor holds the teacher programs and keeps `num_threads` examples in flight, one
+slot each, on an event loop (programs with `aforward`) or threads (programs with only `forward`). Every
+trace step is attributed to its predictor by name, so a predictor called twice (a loop) gives two
+records and one never called (a branch) gives none.
 
 Results come back as JSON strings and are appended to the trace store
 (`bootfinetune.stages.traces`) as they arrive, keyed by a hash of the example: every run with the
@@ -21,29 +22,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import cloudpickle
 import dspy
-from dspy.utils.callback import BaseCallback
 
 from bootfinetune.config import BootstrapConfig
-from bootfinetune.training.distributed import node_id
-from bootfinetune.runtime.ray_env import WORKER_ENV
 from bootfinetune.errors import BootstrapError
 from bootfinetune.run.jsonio import iter_jsonl, write_json, write_jsonl
-from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, example_to_json, to_jsonable
-from bootfinetune.common.redaction import redact
+from bootfinetune.run.records import CallRecord, FailureRecord, example_to_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
+from bootfinetune.stages.runner import StreamingTeacherRunner, TeacherRunner, engine_of, is_kept, score_value
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
+
+__all__ = ["TeacherRunner", "is_kept", "score_value", "driver_settings", "run_bootstrap", "run_bootstrap_splits",
+           "run_examples", "load_bootstrap", "invalidate_changed", "BootstrapResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,113 +86,6 @@ def driver_settings() -> dict[str, Any]:
     return carried
 
 
-def is_kept(score: Any, threshold: float | None) -> bool:
-    """Whether a metric score keeps a trace: bools as they are, numbers by the threshold (or truthiness).
-
-    >>> is_kept(True, None), is_kept(0.4, 0.5), is_kept(0.5, 0.5), is_kept(None, None)
-    (True, False, True, True)
-    """
-    if score is None:
-        return True
-    score = getattr(score, "score", score)  # metrics may return dspy.Prediction(score=..., feedback=...)
-    if isinstance(score, bool) or threshold is None:
-        return bool(score)
-    return float(score) >= threshold
-
-
-def score_value(score: Any) -> float | None:
-    score = getattr(score, "score", score)
-    return None if score is None else float(score)
-
-
-class _LMCallCounter(BaseCallback):
-    """Counts the LM calls one example makes (cache hits included)."""
-
-    def __init__(self):
-        self.count = 0
-
-    def on_lm_start(self, call_id, instance, inputs):
-        self.count += 1
-
-
-class TeacherRunner:
-    """The callable class Ray Data runs in each actor: examples in, JSON results out.
-
-    It is a plain class, so it runs without Ray too:
-
-    >>> runner = TeacherRunner([program], metric=None, settings={"lm": lm})      # doctest: +SKIP
-    >>> runner({"example_index": [0], "example": [example_to_json(ex)]})         # doctest: +SKIP
-    {'example_index': [0], 'teacher': [0], 'result': ['{"calls": [...], ...}']}
-
-    Args:
-        teachers: Teacher programs; each runs every example and their traces are pooled.
-        metric: `metric(example, prediction, trace)`, or None to keep every trace.
-        settings: Driver `dspy.configure` settings (`driver_settings()`) to apply here.
-        teacher_settings: Settings applied while the teacher runs, e.g. {"lm": big_lm}.
-        num_threads: Examples in flight at once in this actor.
-        metric_threshold: For float scores: keep when score >= threshold.
-        secrets: Strings to redact from error messages.
-        split: "train" or "val", copied into each record.
-    """
-
-    def __init__(self, teachers: list[dspy.Module], metric: Callable | None = None,
-                 settings: dict[str, Any] | None = None, teacher_settings: dict[str, Any] | None = None,
-                 num_threads: int = 8, metric_threshold: float | None = None,
-                 secrets: list[str] | None = None, split: str = "train"):
-        for name, value in WORKER_ENV.items():
-            os.environ.setdefault(name, value)
-        self.teachers = teachers
-        self.metric = metric
-        self.context = {**(settings or {}), **(teacher_settings or {})}
-        self.metric_threshold = metric_threshold
-        self.secrets = secrets or []
-        self.split = split
-        self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
-        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
-        self.node = node_id()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        jobs = [(int(i), str(e), t) for i, e in zip(batch["example_index"], batch["example"])
-                for t in range(len(self.teachers))]
-        results = list(self.pool.map(lambda job: self.run_one(*job), jobs))
-        return {"example_index": [j[0] for j in jobs], "teacher": [j[2] for j in jobs],
-                "result": [json.dumps(r, ensure_ascii=False) for r in results]}
-
-    def run_one(self, example_index: int, example_json: str, teacher_index: int) -> dict[str, Any]:
-        """Runs one teacher on one example; returns {"calls": [...]} or {"failure": {...}}, plus counts."""
-        example = example_from_json(example_json)
-        teacher, names = self.teachers[teacher_index], self.names[teacher_index]
-        counter, trace = _LMCallCounter(), []
-        callbacks = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + [counter]
-        stage = "program"
-        try:
-            with dspy.context(**{**self.context, "trace": trace, "callbacks": callbacks}):
-                prediction = teacher(**example.inputs())
-                stage = "metric"
-                score = self.metric(example, prediction, trace) if self.metric else None
-        except Exception as exc:  # any failure of the user's program or metric becomes a failure record
-            failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
-                                    message=redact(str(exc), self.secrets)[:2000], teacher=teacher_index,
-                                    split=self.split, stage=stage)
-            return {"failure": failure.to_dict(), "teacher_calls": counter.count, "node": self.node}
-        kept = is_kept(score, self.metric_threshold)
-        calls, unattributed = [], 0
-        for pred, inputs, outputs in trace:
-            name = names.get(id(pred))
-            if name is None:
-                unattributed += 1
-                continue
-            sig = pred.signature
-            calls.append(CallRecord(
-                example_index=example_index, predictor=name, call_index=len(calls),
-                inputs={k: to_jsonable(v) for k, v in inputs.items() if k in sig.input_fields},
-                outputs={k: to_jsonable(outputs[k]) for k in sig.output_fields if k in outputs},
-                score=score_value(score), kept=kept, teacher=teacher_index, split=self.split,
-            ).to_dict())
-        return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": counter.count,
-                "unattributed": unattributed, "node": self.node}
-
-
 @dataclass
 class BootstrapResult:
     """What the bootstrap stage hands to the data stage."""
@@ -223,80 +116,117 @@ def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
             "summary": d / f"{split}.summary.json"}
 
 
-def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[dspy.Example],
-                  metric: Callable | None, config: BootstrapConfig, teacher_settings: dict[str, Any] | None = None,
-                  settings: dict[str, Any] | None = None, secrets: list[str] | None = None,
-                  split: str = "train", store: TraceStore | None = None) -> BootstrapResult:
-    """Runs the teachers over the examples the trace store lacks, on Ray Data, or reads a finished run back.
+def run_bootstrap(run: RunDir, *, examples: list[dspy.Example], split: str = "train",
+                  **kwargs: Any) -> BootstrapResult:
+    """`run_bootstrap_splits` for one split: `examples` go to bootstrap/{split}.*."""
+    return run_bootstrap_splits(run, splits={split: examples}, **kwargs)[split]
+
+
+def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], teachers: list[dspy.Module],
+                         metric: Callable | None, config: BootstrapConfig,
+                         teacher_settings: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+                         secrets: list[str] | None = None, store: TraceStore | None = None
+                         ) -> dict[str, BootstrapResult]:
+    """Runs the teachers over the examples the trace store lacks, on Ray Data, or reads finished splits back.
+
+    Every split still to do goes through one dataset and one actor pool, so the pool starts once for
+    the trainset and the valset; an example in two splits calls the teacher once.
 
     Args:
         run: The run directory; results go to bootstrap/{split}.*.
+        splits: {"train": examples, "val": examples}: each in its original order (`example_index` is
+            the position).
         teachers: Teacher programs (checked beforehand).
-        examples: The examples, in their original order (`example_index` is the position).
         metric: `metric(example, prediction, trace)` or None.
-        config: Actors, threads, batch size, max_errors, threshold.
+        config: Actors, threads, batch size, engine, max_errors, threshold.
         teacher_settings: Applied with dspy.context while teachers run.
         settings: Driver settings to apply in actors; defaults to the current dspy.configure ones.
         secrets: Strings to redact from failure messages.
-        split: "train" or "val".
         store: The trace store shared by runs with the same trace identity; None keeps one
             private to this run directory (bootstrap/store/).
 
     Raises:
-        BootstrapError: when more than `config.max_errors` examples failed.
+        BootstrapError: when more than `config.max_errors` examples of a split failed.
     """
-    done = load_bootstrap(run, split)
-    if done is not None:
-        logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
-        return done
+    out: dict[str, BootstrapResult] = {}
+    for split in splits:
+        done = load_bootstrap(run, split)
+        if done is not None:
+            logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
+            out[split] = done
+    todo = {split: examples for split, examples in splits.items() if split not in out}
+    if not todo:
+        return out
     started = time.time()
     store = store or TraceStore(run.bootstrap_dir / "store")
-    keys = [example_key(ex) for ex in examples]
+    keys = {split: [example_key(ex) for ex in examples] for split, examples in todo.items()}
     stored = store.load()
     teacher_ids = range(len(teachers))
-    first_of: dict[str, int] = {}  # an example given twice runs once
-    for i, key in enumerate(keys):
-        if any((key, t) not in stored for t in teacher_ids):
-            first_of.setdefault(key, i)
+    first_of: dict[str, tuple[str, int]] = {}  # an example given twice (in one split or two) runs once
+    for split, split_keys in keys.items():
+        for i, key in enumerate(split_keys):
+            if any((key, t) not in stored for t in teacher_ids):
+                first_of.setdefault(key, (split, i))
     fresh: dict[tuple[str, int], dict] = {}
+    engines = [engine_of(t) if config.engine == "auto" else config.engine for t in teachers]
     if first_of:
+        logger.info("bootstrap: %d example(s) to the teacher (%s) on %d actor(s) x %d slots; engine: %s",
+                    len(first_of), ", ".join(f"{s} {sum(j[0] == s for j in first_of.values())}" for s in todo),
+                    config.num_actors, config.num_threads,
+                    ", ".join(f"{type(t).__name__} {e}" for t, e in zip(teachers, engines)))
         runner_kwargs = dict(teachers=teachers, metric=metric,
                              settings=driver_settings() if settings is None else settings,
                              teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
-                             metric_threshold=config.metric_threshold, secrets=secrets or [], split=split)
-        failures = 0
+                             metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine)
+        failures = dict.fromkeys(todo, 0)
         try:
-            with store.appender() as out:
-                for index, teacher, result in run_examples(
-                        list(first_of.values()), examples, runner_kwargs, num_actors=config.num_actors,
+            with store.appender() as appender:
+                for split, index, teacher, result in run_jobs(
+                        list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
                         batch_size=config.batch_size, num_cpus=config.actor_cpus):
-                    key = keys[index]
+                    key = keys[split][index]
                     if (key, teacher) in stored:  # another teacher's result for this example was missing
                         continue
                     fresh[(key, teacher)] = result
-                    out.add(key, teacher, result)
+                    appender.add(key, teacher, result)
                     if "failure" in result:  # a "WorkerDied" example counts like any other failure
-                        failures += 1
-                        if failures > config.max_errors:
-                            raise BootstrapError(_too_many_errors(fresh, config.max_errors, split))
+                        failures[split] += 1
+                        if failures[split] > config.max_errors:
+                            mine = {k: r for k, r in fresh.items() if first_of[k[0]][0] == split}
+                            raise BootstrapError(_too_many_errors(mine, config.max_errors, split))
         finally:
             store.sync()
-    results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)
-               for i, key in enumerate(keys) for t in teacher_ids}
-    reused = sum(all((key, t) in stored for t in teacher_ids) for key in keys)
-    if reused:
-        logger.info("bootstrap[%s]: %d of %d example(s) read from the trace store %s; %d sent to the teacher",
-                    split, reused, len(examples), store.location, len(first_of))
-    return _finish(run, paths=bootstrap_paths(run, split), results=results, n_examples=len(examples),
-                   started=started, fresh=set(fresh), keys=keys, reused=reused)
+    for split, split_keys in keys.items():
+        results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)
+                   for i, key in enumerate(split_keys) for t in teacher_ids}
+        ran = {k for k in fresh if first_of[k[0]][0] == split}
+        reused = sum(all((key, t) not in ran for t in teacher_ids) for key in split_keys)
+        if reused:
+            logger.info("bootstrap[%s]: %d of %d example(s) read from the trace store %s; %d sent to the teacher",
+                        split, reused, len(split_keys), store.location, len(split_keys) - reused)
+        out[split] = _finish(run, paths=bootstrap_paths(run, split), results=results, n_examples=len(split_keys),
+                             started=started, fresh=ran, keys=split_keys, reused=reused,
+                             engine="+".join(engines) if ran else "")
+    return {split: out[split] for split in splits}
 
 
 POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
+ACTOR_CALLS = 2
+"""Ray Data tasks an actor runs at once: the next task's examples take the slots a finishing one frees."""
 
 
 def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs: dict[str, Any], *,
                  num_actors: int, batch_size: int, num_cpus: float) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """Runs TeacherRunner over the examples at `indices` on Ray Data; yields (example_index, teacher, result).
+    """`run_jobs` over one list of examples; yields (example_index, teacher, result)."""
+    split = runner_kwargs.get("split", "train")
+    for _, index, teacher, result in run_jobs([(split, i) for i in indices], {split: examples}, runner_kwargs,
+                                              num_actors=num_actors, batch_size=batch_size, num_cpus=num_cpus):
+        yield index, teacher, result
+
+
+def run_jobs(jobs: list[tuple[str, int]], examples: dict[str, list[dspy.Example]], runner_kwargs: dict[str, Any], *,
+             num_actors: int, batch_size: int, num_cpus: float) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
+    """Runs the runner over the examples `(split, index)` on Ray Data; yields (split, example_index, teacher, result).
 
     Every (example, teacher) is yielded once, as results arrive: in batches first; then the examples a dead
     worker took with it run again alone, and one whose worker dies alone too is yielded as a "WorkerDied"
@@ -305,16 +235,20 @@ def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs
     import ray
 
     teachers = range(len(runner_kwargs["teachers"]))
-    seen: set[tuple[int, int]] = set()
-    pending, errors = list(indices), BlockErrors()
+    slots = max(1, int(runner_kwargs.get("num_threads", 8)))
+    # Enough examples per batch that the batches an actor holds at once keep all its slots busy.
+    batch_size = max(batch_size, math.ceil(slots / 2))
+    seen: set[tuple[str, int, int]] = set()
+    pending, errors = list(jobs), BlockErrors()
     for alone in (False, True):
         if not pending:
             return
         if alone:
-            logger.warning("bootstrap[%s]: %d example(s) were in batches whose worker died; running them one per "
-                           "task to find the one that kills it", runner_kwargs.get("split", "train"), len(pending))
-        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in pending]
-        blocks = len(rows) if alone else min(len(rows), num_actors * 4)
+            logger.warning("bootstrap: %d example(s) were in batches whose worker died; running them one per task "
+                           "to find the one that kills it", len(pending))
+        rows = [{"example_index": i, "split": s, "example": example_to_json(examples[s][i])} for s, i in pending]
+        # Blocks of a few batches each: a task's results reach the driver (and the trace store) when it ends.
+        blocks = len(rows) if alone else min(len(rows), max(num_actors * 4, math.ceil(len(rows) / (4 * batch_size))))
         mapped = map_teacher_runner(ray.data.from_items(rows, override_num_blocks=blocks), runner_kwargs,
                                     num_actors=min(num_actors, len(rows)) if alone else num_actors,
                                     batch_size=1 if alone else batch_size, num_cpus=num_cpus, max_tasks=blocks,
@@ -322,21 +256,20 @@ def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs
         errors = BlockErrors()
         with errors.attached():
             for row in mapped.iter_rows():
-                done = (int(row["example_index"]), int(row["teacher"]))
+                done = (str(row["split"]), int(row["example_index"]), int(row["teacher"]))
                 if done not in seen:  # a batch re-run after its worker died may bring some back twice
                     seen.add(done)
-                    yield done[0], done[1], json.loads(row["result"])
-        pending = [i for i in pending if any((i, t) not in seen for t in teachers)]
-    for i in pending:
+                    yield done[0], done[1], done[2], json.loads(row["result"])
+        pending = [(s, i) for s, i in pending if any((s, i, t) not in seen for t in teachers)]
+    for s, i in pending:
         for t in teachers:
-            if (i, t) not in seen:
-                yield i, t, worker_died(i, t, runner_kwargs.get("split", "train"), errors.last,
-                                        runner_kwargs.get("secrets") or [])
+            if (s, i, t) not in seen:
+                yield s, i, t, worker_died(i, t, s, errors.last, runner_kwargs.get("secrets") or [])
 
 
 def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
                        num_cpus: float, max_tasks: int, one_at_a_time: bool = False) -> Any:
-    """`dataset.map_batches(TeacherRunner)` on a pool of actors: where user objects are handed to Ray.
+    """`dataset.map_batches(StreamingTeacherRunner)` on a pool of actors: where user objects are handed to Ray.
 
     The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) are
     registered to travel by value first, so the actors need not find them on their path. Retries are
@@ -357,9 +290,10 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return dataset.map_batches(TeacherRunner, fn_constructor_kwargs=runner_kwargs,
+        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=runner_kwargs,
                                    compute=ray.data.ActorPoolStrategy(
-                                       size=num_actors, max_tasks_in_flight_per_actor=1 if one_at_a_time else None),
+                                       size=num_actors, max_tasks_in_flight_per_actor=1 if one_at_a_time else None,
+                                       max_concurrent_calls_per_actor=1 if one_at_a_time else ACTOR_CALLS),
                                    batch_size=batch_size, num_cpus=num_cpus,
                                    **bounded_retries(dataset.context, max_tasks))
 
@@ -372,8 +306,8 @@ def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
 
 
 def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started: float,
-            fresh: set[tuple[str, int]], keys: list[str], reused: int) -> BootstrapResult:
-    calls, failures, summary = [], [], BootstrapSummary(examples=n_examples, reused=reused)
+            fresh: set[tuple[str, int]], keys: list[str], reused: int, engine: str = "") -> BootstrapResult:
+    calls, failures, summary = [], [], BootstrapSummary(examples=n_examples, reused=reused, engine=engine)
     kept_examples = set()
     counted: set[tuple[str, int]] = set()  # an example given twice was asked once
     for key in sorted(results):

@@ -1,0 +1,229 @@
+"""The callable class that runs teacher programs over examples inside each bootstrap actor.
+
+Examples stream through an actor with one slot per example in flight (`num_threads` slots, shared by
+every batch the actor holds): a finished example frees its slot at once and the next example, of
+this batch or another, takes it. There is no batch barrier on the slots; a batch's results go back
+together once its last example is done, while the actor's other batches keep the slots busy.
+
+Two engines, chosen per program by `engine_of` and reported (log line, `BootstrapSummary.engine`):
+
+- "async": the program's class defines `aforward` for its own `forward` (dspy.Predict,
+  dspy.ChainOfThought, or a module that writes both): it runs as a coroutine (`acall`) on the
+  actor's event loop, so a slot costs no thread;
+- "threads": only `forward` (the common user module): it runs on `num_threads` threads, handed
+  out from the same event loop.
+
+A metric always runs on a thread (it may call an LM itself and must not stall the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import dspy
+from dspy.utils.callback import BaseCallback
+
+from bootfinetune.common.redaction import redact
+from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
+from bootfinetune.runtime.ray_env import WORKER_ENV
+from bootfinetune.training.distributed import node_id
+
+ENGINES = ("auto", "async", "threads")
+
+
+def engine_of(program: Any) -> str:
+    """"async" when the program's `aforward` is as specific as its `forward` (it is not an inherited
+    `aforward` that a subclass's own `forward` overrides), else "threads".
+
+    >>> import dspy
+    >>> class OnlyForward(dspy.Module):
+    ...     def forward(self, question): ...
+    >>> class Both(OnlyForward):
+    ...     async def aforward(self, question): ...
+    >>> class PredictWithForward(dspy.Predict):
+    ...     def forward(self, **kwargs): ...
+    >>> [engine_of(p) for p in (dspy.Predict("q -> a"), OnlyForward(), Both(), PredictWithForward("q -> a"))]
+    ['async', 'threads', 'async', 'threads']
+    """
+    mro = type(program).__mro__
+    forward = next((i for i, cls in enumerate(mro) if "forward" in cls.__dict__), None)
+    aforward = next((i for i, cls in enumerate(mro) if "aforward" in cls.__dict__), None)
+    return "async" if aforward is not None and (forward is None or aforward <= forward) else "threads"
+
+
+def is_kept(score: Any, threshold: float | None) -> bool:
+    """Whether a metric score keeps a trace: bools as they are, numbers by the threshold (or truthiness).
+
+    >>> is_kept(True, None), is_kept(0.4, 0.5), is_kept(0.5, 0.5), is_kept(None, None)
+    (True, False, True, True)
+    """
+    if score is None:
+        return True
+    score = getattr(score, "score", score)  # metrics may return dspy.Prediction(score=..., feedback=...)
+    if isinstance(score, bool) or threshold is None:
+        return bool(score)
+    return float(score) >= threshold
+
+
+def score_value(score: Any) -> float | None:
+    score = getattr(score, "score", score)
+    return None if score is None else float(score)
+
+
+class _LMCallCounter(BaseCallback):
+    """Counts the LM calls one example makes (cache hits included)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_lm_start(self, call_id, instance, inputs):
+        self.count += 1
+
+
+class TeacherRunner:
+    """Runs the teachers over a batch of examples: `runner(batch)` here, `StreamingTeacherRunner` in Ray Data.
+
+    >>> runner = TeacherRunner([program], metric=None, settings={"lm": lm})      # doctest: +SKIP
+    >>> runner({"example_index": [0], "example": [example_to_json(ex)]})         # doctest: +SKIP
+    {'example_index': [0], 'teacher': [0], 'split': ['train'], 'result': ['{"calls": [...], ...}']}
+
+    Args:
+        teachers: Teacher programs; each runs every example and their traces are pooled.
+        metric: `metric(example, prediction, trace)`, or None to keep every trace.
+        settings: Driver `dspy.configure` settings (`driver_settings()`) to apply here.
+        teacher_settings: Settings applied while the teacher runs, e.g. {"lm": big_lm}.
+        num_threads: Examples in flight at once in this actor (its slots).
+        metric_threshold: For float scores: keep when score >= threshold.
+        secrets: Strings to redact from error messages.
+        split: "train" or "val", copied into each record of a batch without a "split" column.
+        engine: "auto" (`engine_of` each teacher), "async" or "threads".
+    """
+
+    def __init__(self, teachers: list[dspy.Module], metric: Callable | None = None,
+                 settings: dict[str, Any] | None = None, teacher_settings: dict[str, Any] | None = None,
+                 num_threads: int = 8, metric_threshold: float | None = None,
+                 secrets: list[str] | None = None, split: str = "train", engine: str = "auto"):
+        for name, value in WORKER_ENV.items():
+            os.environ.setdefault(name, value)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        self.teachers = teachers
+        self.metric = metric
+        self.context = {**(settings or {}), **(teacher_settings or {})}
+        self.metric_threshold = metric_threshold
+        self.secrets = secrets or []
+        self.split = split
+        self.engines = [engine_of(t) if engine == "auto" else engine for t in teachers]
+        self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
+        self.num_threads = num_threads
+        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
+        self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its semaphore
+        self.node = node_id()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """Runs a batch to the end from synchronous code (an event loop of its own, on a helper thread)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-loop") as loop_thread:
+            return loop_thread.submit(asyncio.run, self.run_batch(batch)).result()
+
+    async def run_batch(self, batch: dict[str, Any]) -> dict[str, list]:
+        """Runs every (example, teacher) of the batch, each in a slot of the actor as one frees up."""
+        splits = batch.get("split")
+        jobs = [(int(i), str(e), t, str(splits[k]) if splits is not None else self.split)
+                for k, (i, e) in enumerate(zip(batch["example_index"], batch["example"]))
+                for t in range(len(self.teachers))]
+        results = await asyncio.gather(*(self._in_slot(*job) for job in jobs))
+        return {"example_index": [j[0] for j in jobs], "teacher": [j[2] for j in jobs],
+                "split": [j[3] for j in jobs], "result": [json.dumps(r, ensure_ascii=False) for r in results]}
+
+    async def _in_slot(self, example_index: int, example_json: str, teacher: int, split: str) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        slots = self._slots.get(loop)
+        if slots is None:
+            slots = self._slots[loop] = asyncio.Semaphore(self.num_threads)
+        async with slots:
+            if self.engines[teacher] == "async":
+                return await self.arun_one(example_index, example_json, teacher, split)
+            return await loop.run_in_executor(self.pool, self.run_one, example_index, example_json, teacher, split)
+
+    def _start(self, example_json: str) -> tuple[dspy.Example, _LMCallCounter, list, dict[str, Any]]:
+        counter, trace = _LMCallCounter(), []
+        callbacks = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + [counter]
+        return example_from_json(example_json), counter, trace, {**self.context, "trace": trace,
+                                                                 "callbacks": callbacks}
+
+    def run_one(self, example_index: int, example_json: str, teacher_index: int,
+                split: str | None = None) -> dict[str, Any]:
+        """Runs one teacher on one example (its `forward`); returns {"calls": [...]} or {"failure": {...}}."""
+        example, counter, trace, context = self._start(example_json)
+        stage = "program"
+        try:
+            with dspy.context(**context):
+                prediction = self.teachers[teacher_index](**example.inputs())
+                stage = "metric"
+                score = self.metric(example, prediction, trace) if self.metric else None
+        except Exception as exc:  # any failure of the user's program or metric becomes a failure record
+            return self._failure(example_index, teacher_index, split or self.split, stage, exc, counter)
+        return self._records(example_index, teacher_index, split or self.split, trace, score, counter)
+
+    async def arun_one(self, example_index: int, example_json: str, teacher_index: int,
+                       split: str | None = None) -> dict[str, Any]:
+        """`run_one` through the program's `acall`; the metric runs on a thread with the same settings."""
+        example, counter, trace, context = self._start(example_json)
+        stage = "program"
+        try:
+            with dspy.context(**context):
+                prediction = await self.teachers[teacher_index].acall(**example.inputs())
+                stage = "metric"
+                score = None
+                if self.metric:
+                    run = contextvars.copy_context().run
+                    score = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, run, self.metric, example, prediction, trace)
+        except Exception as exc:  # any failure of the user's program or metric becomes a failure record
+            return self._failure(example_index, teacher_index, split or self.split, stage, exc, counter)
+        return self._records(example_index, teacher_index, split or self.split, trace, score, counter)
+
+    def _failure(self, example_index: int, teacher: int, split: str, stage: str, exc: Exception,
+                 counter: _LMCallCounter) -> dict[str, Any]:
+        failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
+                                message=redact(str(exc), self.secrets)[:2000], teacher=teacher,
+                                split=split, stage=stage)
+        return {"failure": failure.to_dict(), "teacher_calls": counter.count, "node": self.node}
+
+    def _records(self, example_index: int, teacher: int, split: str, trace: list, score: Any,
+                 counter: _LMCallCounter) -> dict[str, Any]:
+        kept = is_kept(score, self.metric_threshold)
+        calls, unattributed, names = [], 0, self.names[teacher]
+        for pred, inputs, outputs in trace:
+            name = names.get(id(pred))
+            if name is None:
+                unattributed += 1
+                continue
+            sig = pred.signature
+            calls.append(CallRecord(
+                example_index=example_index, predictor=name, call_index=len(calls),
+                inputs={k: to_jsonable(v) for k, v in inputs.items() if k in sig.input_fields},
+                outputs={k: to_jsonable(outputs[k]) for k in sig.output_fields if k in outputs},
+                score=score_value(score), kept=kept, teacher=teacher, split=split,
+            ).to_dict())
+        return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": counter.count,
+                "unattributed": unattributed, "node": self.node}
+
+
+class StreamingTeacherRunner(TeacherRunner):
+    """The class Ray Data runs: an async `__call__`, so Ray Data gives the actor an event loop and keeps
+    several batches of a task in flight on it at once, all sharing the actor's slots.
+
+    (A coroutine, not an async generator yielding a row per example: Ray Data 2.60 collects an async
+    generator's whole output per batch before passing it on, so per-row yields would only add a block
+    conversion per row.)
+    """
+
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        return await self.run_batch(batch)
