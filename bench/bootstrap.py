@@ -1,21 +1,24 @@
 """Bootstrapping throughput: bootfinetune's Ray Data stage against DSPy's `bootstrap_trace_data`.
 
-    python bench/bootstrap.py                          # n = 1,000 and 5,000, one local node
-    python bench/bootstrap.py --nodes 2 --n 5000 --actors 1 2 4 --threads-per-actor 16   # two nodes, scaling
-    python bench/bootstrap.py --n 200 --repeat 1       # a quick look
+    python bench/bootstrap.py                          # the issue's cases, both programs
+    python bench/bootstrap.py --cases 200x32 --program predict   # a quick look
+    python bench/bootstrap.py --nodes 2 --cases 5000x64 --actors 4   # two local nodes
 
-Both sides run the same one-predictor program (`question -> answer`) against the same teacher:
-an OpenAI-compatible server in its own process on 127.0.0.1 that answers every request after
-a fixed latency (100 ms), reached through `dspy.LM(..., cache=False)`, so every example costs a
-real HTTP round trip through LiteLLM. Both keep the same number of calls in flight: DSPy's
-`num_threads`, and ours `actors x threads per actor`. The metric is exact match, and both sides
-must keep the same number of traces.
+Both sides run the same program against the same teacher: an OpenAI-compatible server in its own
+process on 127.0.0.1 that answers every request after a fixed latency (100 ms), reached through
+`dspy.LM(..., cache=False)`, so every example costs a real HTTP round trip. Two programs: a bare
+`dspy.Predict("question -> answer")` ("predict", which has `aforward`) and a `dspy.Module` subclass
+that defines only `forward` around it ("module", the common case). Both sides keep the same number
+of calls in flight: DSPy's `num_threads`, and ours `actors x slots per actor`. The metric is exact
+match, and both sides must keep every trace.
 
 The limit is n x latency / calls in flight: the time if nothing but the teacher's latency
 counted. Times are wall clock for the whole stage (for ours, from `run_bootstrap` to its
 records on disk, actor start-up included; Ray itself is started beforehand, as it is on a
-cluster, and its start is printed apart). Each case runs `--repeat` times; the best run counts.
-The last line is the ratio at the largest n.
+cluster, and its start is printed apart). Client CPU is the CPU seconds the bootstrapping processes
+spent per teacher call: for DSPy the driver process; for ours the driver and every Ray process
+it started (workers, raylet, GCS), reaped ones included; the teacher server's never. Each case runs
+`--repeat` times; the best run counts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+
+import dspy  # noqa: E402
 
 
 def answer_of(question: str) -> str:
@@ -69,49 +74,114 @@ class Teacher:
 
 
 def examples(n: int, salt: str):
-    import dspy
-
     # Every run gets fresh questions (the salt), so no cache of any layer can answer for the teacher.
     words = ["amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper"]
     return [dspy.Example(question=f"{salt} {i} " + " ".join(words[(i * 7 + k) % 10] for k in range(6)),
                          answer=None).with_inputs("question") for i in range(n)]
 
 
-def make_program():
-    import dspy
+def make_program(kind: str = "predict"):
+    if kind == "predict":
+        return dspy.Predict("question -> answer")
+    return Answerer()
 
-    return dspy.Predict("question -> answer")
+
+class Answerer(dspy.Module):
+    """A user program as most are written: a module with only `forward` (no `aforward`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return self.predict(question=question)
+
+
+class TreeCPU:
+    """CPU seconds spent since it started by this process and, with `tree`, every process it started
+    (Ray's GCS, raylet, workers and actors), minus the `exclude` pids' trees (the teacher server).
+
+    Ray reaps its workers without adding their CPU to its own, so a thread samples every process of
+    the tree every 0.1 s and keeps each one's last reading: a process that ends loses at most its last 0.1 s.
+    """
+
+    def __init__(self, exclude: tuple[int, ...] = (), tree: bool = True, every: float = 0.1):
+        import threading
+
+        import psutil
+
+        self.root, self.exclude, self.tree, self.every = psutil.Process(), set(exclude), tree, every
+        self.seen: dict[int, float] = {}
+        self.start = dict(self._sample())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> dict[int, float]:
+        import psutil
+
+        procs = [self.root] + (self.root.children(recursive=True) if self.tree else [])
+        skip = set()
+        for pid in self.exclude:
+            try:
+                skip |= {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+        out = {}
+        for proc in procs:
+            if proc.pid in skip:
+                continue
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            out[proc.pid] = t.user + t.system
+        return out
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            self.seen.update(self._sample())
+
+    def seconds(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        self.seen.update(self._sample())
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 def metric(example, prediction, trace=None):
     return prediction.answer.strip() == answer_of(example.question)
 
 
-def run_dspy(lm, data, threads: int) -> tuple[float, int]:
+def run_dspy(lm, data, threads: int, kind: str) -> tuple[float, int, float]:
     import dspy
     from dspy.teleprompt.bootstrap_trace import bootstrap_trace_data
 
-    program = make_program()
+    program = make_program(kind)
     with dspy.context(lm=lm):
+        cpu = TreeCPU(tree=False)
         started = time.perf_counter()
         results = bootstrap_trace_data(program, data, metric=metric, num_threads=threads)
         seconds = time.perf_counter() - started
-    return seconds, sum(1 for r in results if r.get("score"))
+        cpu_seconds = cpu.seconds()
+    return seconds, sum(1 for r in results if r.get("score")), cpu_seconds
 
 
-def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path) -> tuple[float, int]:
+def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path, kind: str, engine: str,
+             teacher_pid: int) -> tuple[float, int, float, str]:
     from bootfinetune.stages.bootstrap import run_bootstrap
     from bootfinetune.config import BootstrapConfig
     from bootfinetune.run.rundir import RunDir
 
     run = RunDir.at(str(workdir), f"run-{time.time_ns()}")
     config = BootstrapConfig(num_actors=actors, num_threads=threads, batch_size=batch_size,
-                             actor_cpus=0.5, max_errors=0)
+                             actor_cpus=0.5, max_errors=0, engine=engine)
+    cpu = TreeCPU(exclude=(teacher_pid,))
     started = time.perf_counter()
-    result = run_bootstrap(run, teachers=[make_program()], examples=data, metric=metric, config=config,
+    result = run_bootstrap(run, teachers=[make_program(kind)], examples=data, metric=metric, config=config,
                            settings={"lm": lm})
     seconds = time.perf_counter() - started
-    return seconds, result.summary.kept
+    return seconds, result.summary.kept, cpu.seconds(), result.summary.engine
 
 
 def start_ray(nodes: int):
@@ -139,18 +209,19 @@ def start_ray(nodes: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--n", type=int, nargs="+", default=[1000, 5000], help="examples per case")
+    ap.add_argument("--cases", nargs="+", default=["1000x32", "5000x32", "5000x128"],
+                    help="NxF: n examples with F calls in flight on each side")
+    ap.add_argument("--program", nargs="+", default=["predict", "module"], choices=["predict", "module"],
+                    help="predict: bare dspy.Predict (has aforward); module: a dspy.Module with only forward")
     ap.add_argument("--latency", type=float, default=0.1, help="teacher latency, seconds")
-    ap.add_argument("--in-flight", type=int, default=32, help="calls in flight on each side")
     ap.add_argument("--actors", type=int, nargs="+", default=[2],
-                    help="actor counts to try (threads per actor = in-flight / actors)")
-    ap.add_argument("--threads-per-actor", type=int, default=None,
-                    help="fix the threads per actor instead (calls in flight = actors x threads; DSPy gets as many)")
-    ap.add_argument("--batch-size", type=int, default=64, help="examples per Ray Data batch")
+                    help="actor counts to try (slots per actor = in-flight / actors)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "async", "threads"], help="our actors' engine")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per Ray Data batch")
     ap.add_argument("--model", default="openai/gpt-4o-mini",
                     help="the teacher's model name (the server answers any; DSPy looks its price up per call)")
     ap.add_argument("--nodes", type=int, default=1, help="1: one local Ray node; 2+: a local multi-node cluster")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per case; the best counts")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per case; the best counts")
     ap.add_argument("--skip-dspy", action="store_true")
     args = ap.parse_args()
     if args.serve is not None:
@@ -169,48 +240,55 @@ def main() -> None:
     print(json.dumps({"machine": f"{platform.node()} {os.cpu_count()} cores", "python": platform.python_version(),
                       "dspy": dspy.__version__, "ray": ray.__version__, "nodes": args.nodes,
                       "ray_start_seconds": round(ray_seconds, 2), "latency": args.latency,
-                      "in_flight": args.in_flight if not args.threads_per_actor else None}), flush=True)
+                      "load_average": [round(x, 2) for x in os.getloadavg()], "engine": args.engine,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), flush=True)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-bootstrap-") as tmp:
-            dspy_times: dict[tuple[int, int], float] = {}
-            for n in args.n:
-                for actors in args.actors:
-                    threads = args.threads_per_actor or max(1, args.in_flight // actors)
-                    in_flight = actors * threads
+            for kind in args.program:
+                for case in args.cases:
+                    n, in_flight = (int(x) for x in case.lower().split("x"))
                     limit = n * args.latency / in_flight
-                    if not args.skip_dspy and (n, in_flight) not in dspy_times:
-                        for r in range(args.repeat):
-                            seconds, kept = run_dspy(lm, examples(n, f"dspy{in_flight}-{r}"), in_flight)
-                            if kept != n:
-                                raise RuntimeError(f"DSPy kept {kept} of {n}; the teacher or metric is off")
-                            dspy_times[n, in_flight] = min(seconds, dspy_times.get((n, in_flight), seconds))
-                    dspy_best = dspy_times.get((n, in_flight))
-                    best = None
-                    for r in range(args.repeat):
-                        seconds, kept = run_ours(lm, examples(n, f"ours{actors}-{r}"), actors, threads,
-                                                 args.batch_size, Path(tmp))
+                    dspy_best = dspy_cpu = None
+                    for r in range(0 if args.skip_dspy else args.repeat):
+                        seconds, kept, cpu = run_dspy(lm, examples(n, f"dspy-{kind}{in_flight}-{r}"), in_flight, kind)
                         if kept != n:
-                            raise RuntimeError(f"bootfinetune kept {kept} of {n}; the teacher or metric is off")
-                        best = seconds if best is None else min(best, seconds)
-                    row = {"n": n, "nodes": args.nodes, "actors": actors, "threads_per_actor": threads,
-                           "in_flight": in_flight, "limit_s": round(limit, 2),
-                           "ours_s": round(best, 2), "ours_over_limit": round(best / limit, 3),
-                           "dspy_s": None if dspy_best is None else round(dspy_best, 2),
-                           "dspy_over_limit": None if dspy_best is None else round(dspy_best / limit, 3),
-                           "speedup_vs_dspy": None if dspy_best is None else round(dspy_best / best, 3)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                            raise RuntimeError(f"DSPy kept {kept} of {n}; the teacher or metric is off")
+                        if dspy_best is None or seconds < dspy_best:
+                            dspy_best, dspy_cpu = seconds, cpu
+                    for actors in args.actors:
+                        threads = max(1, in_flight // actors)
+                        best = best_cpu = engine = None
+                        for r in range(args.repeat):
+                            seconds, kept, cpu, engine = run_ours(lm, examples(n, f"ours-{kind}{actors}-{r}"), actors,
+                                                                  threads, args.batch_size, Path(tmp), kind,
+                                                                  args.engine, teacher.proc.pid)
+                            if kept != n:
+                                raise RuntimeError(f"bootfinetune kept {kept} of {n}; the teacher or metric is off")
+                            if best is None or seconds < best:
+                                best, best_cpu = seconds, cpu
+                        row = {"program": kind, "n": n, "nodes": args.nodes, "actors": actors,
+                               "slots_per_actor": threads, "in_flight": actors * threads, "engine": engine,
+                               "limit_s": round(limit, 2), "ours_s": round(best, 2),
+                               "ours_over_limit": round(best / limit, 3),
+                               "ours_cpu_ms_per_call": round(1000 * best_cpu / n, 2),
+                               "dspy_s": None if dspy_best is None else round(dspy_best, 2),
+                               "dspy_over_limit": None if dspy_best is None else round(dspy_best / limit, 3),
+                               "dspy_cpu_ms_per_call": None if dspy_cpu is None else round(1000 * dspy_cpu / n, 2),
+                               "speedup_vs_dspy": None if dspy_best is None else round(dspy_best / best, 3),
+                               "load_average": round(os.getloadavg()[0], 2)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
         teacher.close()
-    last = [r for r in rows if r["n"] == max(args.n)]
-    best_row = min(last, key=lambda r: r["ours_s"])
-    print(f"n={best_row['n']}: ours {best_row['ours_s']} s ({best_row['actors']} actors), "
-          f"dspy {best_row['dspy_s']} s, limit {best_row['limit_s']} s; "
-          f"ours/limit {best_row['ours_over_limit']}x; speedup vs DSPy {best_row['speedup_vs_dspy']}x")
+    for row in rows:
+        print(f"{row['program']:8s} n={row['n']} in flight {row['in_flight']}: ours {row['ours_s']} s "
+              f"({row['ours_over_limit']}x limit, {row['ours_cpu_ms_per_call']} ms CPU/call, {row['engine']}); "
+              f"DSPy {row['dspy_s']} s ({row['dspy_over_limit']}x limit, {row['dspy_cpu_ms_per_call']} ms CPU/call); "
+              f"speedup {row['speedup_vs_dspy']}x")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,10 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                 first_of.setdefault(key, (split, i))
     fresh: dict[tuple[str, int], dict] = {}
     engines = [engine_of(t) if config.engine == "auto" else config.engine for t in teachers]
+    if first_of and config.num_threads > HTTP_POOL:
+        logger.warning("bootstrap: num_threads=%d slots per actor, but DSPy's HTTP client keeps at most %d connections "
+                       "per LM in a process: the extra calls wait for one. Use more actors (num_actors) instead.",
+                       config.num_threads, HTTP_POOL)
     if first_of:
         logger.info("bootstrap: %d example(s) to the teacher (%s) on %d actor(s) x %d slots; engine: %s",
                     len(first_of), ", ".join(f"{s} {sum(j[0] == s for j in first_of.values())}" for s in todo),
@@ -210,6 +214,8 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
     return {split: out[split] for split in splits}
 
 
+HTTP_POOL = 100
+"""Connections DSPy's HTTP clients keep per LM and process (lm15's and LiteLLM's default): slots past it wait."""
 POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
 ACTOR_CALLS = 2
 """Ray Data tasks an actor runs at once: the next task's examples take the slots a finishing one frees."""

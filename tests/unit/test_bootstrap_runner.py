@@ -116,3 +116,62 @@ def test_data_stage_uses_the_students_prompt_and_keeps_or_drops_duplicates(tmp_p
     excluded = build_datasets(RunDir(tmp_path / "run2"), calls, plan, student, exclude_demos=True)
     assert "demo in" not in (tmp_path / "run2" / "data" / "rewrite.jsonl").read_text()
     assert excluded["rewrite"].records == 3  # duplicates kept (the default)
+
+
+def test_engines_are_chosen_by_aforward_and_give_the_same_records(teacher_lm):
+    from bootfinetune.stages.runner import engine_of
+
+    program = dspy.ChainOfThought("rewritten -> answer")  # has aforward: runs on the event loop
+    assert engine_of(program) == "async" and engine_of(TwoStep()) == "threads"
+    examples = [dspy.Example(rewritten=f"item {i}!", answer=f"ITEM {i}!").with_inputs("rewritten") for i in range(6)]
+    metric = lambda example, prediction, trace=None: prediction.answer == example.answer  # noqa: E731
+    by_engine = {}
+    for engine in ("async", "threads"):
+        runner = TeacherRunner([program], metric=metric, teacher_settings={"lm": teacher_lm}, num_threads=3,
+                               engine=engine)
+        by_engine[engine] = run_examples(runner, examples)
+    strip = lambda results: [(r["kept"], r["teacher_calls"], [(c["predictor"], c["inputs"], c["outputs"])  # noqa: E731
+                                                              for c in r["calls"]]) for r in results]
+    assert strip(by_engine["async"]) == strip(by_engine["threads"])
+    assert all(r["kept"] and r["teacher_calls"] == 1 for r in by_engine["async"])
+    assert by_engine["async"][0]["calls"][0]["predictor"] == "predict"
+
+
+def test_a_slow_example_holds_only_its_own_slot():
+    """Slots are per example and shared by every batch the actor holds: a slow example does not hold the
+    others (no batch barrier), and never more than num_threads run at once."""
+    import asyncio
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    class Sleeper(dspy.Module):
+        def forward(self, text):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(1.5 if text == "slow" else 0.2)
+            with lock:
+                running[0] -= 1
+            return dspy.Prediction(answer=text)
+
+    runner = TeacherRunner([Sleeper()], num_threads=2)
+    batch = lambda texts: {"example_index": list(range(len(texts))),  # noqa: E731
+                           "example": [example_to_json(dspy.Example(text=t).with_inputs("text")) for t in texts]}
+
+    async def both():
+        started, done = time.perf_counter(), {}
+
+        async def timed(name, texts):
+            out = await runner.run_batch(batch(texts))
+            done[name] = time.perf_counter() - started
+            return out
+
+        outs = await asyncio.gather(timed("slow", ["slow"]), timed("fast", ["a", "b", "c", "d"]))
+        return outs, done
+
+    outs, done = asyncio.run(both())
+    assert done["fast"] < 1.3 < done["slow"] < 2.2, done  # the fast batch ran beside the slow example
+    assert peak[0] == 2
+    assert [json.loads(r)["kept"] for r in outs[1]["result"]] == [True] * 4
