@@ -218,8 +218,8 @@ class _Noop:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--cases", nargs="+", default=["1000x32", "5000x32", "5000x128"],
-                    help="NxF: n examples with F calls in flight on each side")
+    ap.add_argument("--cases", nargs="+", default=["1000x32", "5000x32", "5000x128@4"],
+                    help="NxF[@A]: n examples with F calls in flight on each side (@A: A actors, else --actors)")
     ap.add_argument("--program", nargs="+", default=["predict", "module"], choices=["predict", "module"],
                     help="predict: bare dspy.Predict (has aforward); module: a dspy.Module with only forward")
     ap.add_argument("--latency", type=float, default=0.1, help="teacher latency, seconds")
@@ -256,7 +256,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-bootstrap-") as tmp:
             for kind in args.program:
                 for case in args.cases:
-                    n, in_flight = (int(x) for x in case.lower().split("x"))
+                    spec, _, case_actors = case.partition("@")
+                    n, in_flight = (int(x) for x in spec.lower().split("x"))
                     limit = n * args.latency / in_flight
                     dspy_best = dspy_cpu = None
                     for r in range(0 if args.skip_dspy else args.repeat):
@@ -265,7 +266,7 @@ def main() -> None:
                             raise RuntimeError(f"DSPy kept {kept} of {n}; the teacher or metric is off")
                         if dspy_best is None or seconds < dspy_best:
                             dspy_best, dspy_cpu = seconds, cpu
-                    for actors in args.actors:
+                    for actors in ([int(case_actors)] if case_actors else args.actors):
                         threads = max(1, in_flight // actors)
                         best = best_cpu = engine = None
                         for r in range(args.repeat):

@@ -218,7 +218,9 @@ HTTP_POOL = 100
 """Connections DSPy's HTTP clients keep per LM and process (lm15's and LiteLLM's default): slots past it wait."""
 POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
 ACTOR_CALLS = 2
-"""Ray Data tasks an actor runs at once: the next task's examples take the slots a finishing one frees."""
+"""Ray Data tasks an actor runs (and holds) at once: the next task's examples take the slots a finishing one
+frees. No more are queued on an actor: Ray Data sends blocks to the actor beside their data while it has room,
+so a deeper queue lets the driver's node take a small dataset's every block."""
 
 
 def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs: dict[str, Any], *,
@@ -289,6 +291,7 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     import ray
 
     ship_user_modules()
+    calls = 1 if one_at_a_time else ACTOR_CALLS
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
     dataset.context.wait_for_min_actors_s = max(dataset.context.wait_for_min_actors_s, POOL_START_TIMEOUT_S)
@@ -298,8 +301,8 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=runner_kwargs,
                                    compute=ray.data.ActorPoolStrategy(
-                                       size=num_actors, max_tasks_in_flight_per_actor=1 if one_at_a_time else None,
-                                       max_concurrent_calls_per_actor=1 if one_at_a_time else ACTOR_CALLS),
+                                       size=num_actors, max_tasks_in_flight_per_actor=calls,
+                                       max_concurrent_calls_per_actor=calls),
                                    batch_size=batch_size, num_cpus=num_cpus,
                                    **bounded_retries(dataset.context, max_tasks))
 
