@@ -50,7 +50,9 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
         return EvalResult(None, len(examples or []), 0, 0.0)
     use_ray = len(examples) >= RAY_EVAL_MIN_EXAMPLES if use_ray is None else use_ray
     batch = {"example_index": list(range(len(examples))), "example": [example_to_json(e) for e in examples]}
-    kwargs = dict(teachers=[program], metric=metric, settings=driver_settings(), num_threads=num_threads)
+    # Threads, as before the bootstrap engine chose per program: a finetuned LM batches the calls of its threads.
+    kwargs = dict(teachers=[program], metric=metric, settings=driver_settings(), num_threads=num_threads,
+                  engine="threads")
     if use_ray:
         from bootfinetune.runtime.ray_env import ensure_ray
 
