@@ -71,7 +71,7 @@ def test_replace_rechecks():
 def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
     from bootfinetune.config import RESOURCE_OPTIONS, identity_options
 
-    assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "max_errors",
+    assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "engine", "max_errors",
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
                                 "ray_address", "writer_wait_s", "writer_lease_s"}
     base = Config.from_options()
