@@ -102,10 +102,11 @@ class TreeCPU:
     (Ray's GCS, raylet, workers and actors), minus the `exclude` pids' trees (the teacher server).
 
     Ray reaps its workers without adding their CPU to its own, so a thread samples every process of
-    the tree every 0.1 s and keeps each one's last reading: a process that ends loses at most its last 0.1 s.
+    the tree every 0.5 s and keeps each one's last reading: a process that ends loses at most its last 0.5 s
+    (the pool's actors end idle, after the last result).
     """
 
-    def __init__(self, exclude: tuple[int, ...] = (), tree: bool = True, every: float = 0.1):
+    def __init__(self, exclude: tuple[int, ...] = (), tree: bool = True, every: float = 0.5):
         import threading
 
         import psutil
