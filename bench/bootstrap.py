@@ -243,7 +243,8 @@ def main() -> None:
 
     logging.getLogger("dspy").setLevel(logging.ERROR)
     teacher = Teacher(args.latency)
-    lm = dspy.LM(args.model, api_base=teacher.url, api_key="unused", cache=False, num_retries=0)
+    # Two retries on both sides: under load the local server now and then drops a kept-alive connection.
+    lm = dspy.LM(args.model, api_base=teacher.url, api_key="unused", cache=False, num_retries=2)
     cluster, ray_seconds = start_ray(args.nodes)
     import ray
 
