@@ -87,7 +87,7 @@ def cmd_serve(args) -> int:
     url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                     device=args.device, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                    ray_address=args.ray_address)
+                    ray_address=args.ray_address, trust_remote_code=args.trust_remote_code)
     from bootfinetune.serving.ray_serve import model_specs
     from bootfinetune.run.rundir import RunDir
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     s.add_argument("--ray-address", default=None, help="Ray cluster to serve on (default: a running local one)")
+    s.add_argument("--trust-remote-code", default=None, action=argparse.BooleanOptionalAction,
+                   help="let the models' own code run when they load (default: what the run was trained with)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")

@@ -117,13 +117,18 @@ class ChatDeployment:
         return results
 
 
-def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None) -> dict[str, dict]:
-    """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run."""
+def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None,
+                trust_remote_code: bool | None = None) -> dict[str, dict]:
+    """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run.
+
+    `trust_remote_code` None: what the run was trained with (config.json).
+    """
     described = run.read_description() if run.config_json.exists() else RunDescription()
     inference = described.options.get("inference", {})
+    trust = described.trusts_remote_code(trust_remote_code)
     specs = {}
     for key in run.finished_models():
-        specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device,
+        specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device, "trust_remote_code": trust,
                       "max_tokens": max_tokens or inference.get("max_tokens") or InferenceConfig.max_tokens,
                       "batch_size": inference.get("generate_batch_size") or InferenceConfig.generate_batch_size, "source": run.model_uri(key)}
     return specs
@@ -132,7 +137,7 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
 def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None,
               max_tokens: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              ray_address: str | None = None) -> str:
+              ray_address: str | None = None, trust_remote_code: bool | None = None) -> str:
     """Deploys a run's models on Ray Serve and returns the OpenAI base URL (`http://host:port/v1`).
 
     Args:
@@ -144,12 +149,13 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         max_tokens: Default answer length when a request gives none (default: the run's).
         num_cpus, num_gpus: Resources each replica reserves.
         ray_address: The Ray cluster to serve on (default: `$RAY_ADDRESS`, a running local cluster, else a new one).
+        trust_remote_code: Let the models' own code run when they load; None: what the run was trained with.
     """
     from bootfinetune.runtime.ray_env import ensure_ray
 
     run = RunDir.from_location(run_dir)
     run.pull()
-    specs = model_specs(run, device=device, max_tokens=max_tokens)
+    specs = model_specs(run, device=device, max_tokens=max_tokens, trust_remote_code=trust_remote_code)
     if not specs:
         raise ProgramError(f"run_dir: {run.location} has no finished model (models/*/manifest.json); "
                            "serve the run directory of a finished compile.")

@@ -211,7 +211,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                                          cfg.added_tokens, data.total_steps, ds_config)
         if head_only is not None:
             state.answer_logits_only = head_only
-        if resume_dir is not None:
+        if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         if rank == 0:
             log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
