@@ -45,6 +45,7 @@ from bootfinetune.stages.finetune import FinetuneJob
 from bootfinetune.run.jsonio import fingerprint, write_jsonl
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
+from bootfinetune.run.writer import writer_for
 from bootfinetune.common.targets import check_target, finetuned_model_id, model_path
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,9 @@ class RayFinetuneProvider(Provider):
         run = self.run_dir(config, train_data)
         if isinstance(job, RayTrainingJob):
             job.run_dir = run.root
-        with _run_lock(run):  # the same call from two threads trains once; the second finds the manifest
+        # The same call from two threads trains once (the second finds the manifest); from another process
+        # it meets the run's writer lock (RunBusyError naming this one, or a wait with writer_wait_s).
+        with _run_lock(run), writer_for(run, config.run, "lm.finetune"):
             manifest = _train(run, config, train_data)
         if isinstance(job, RayTrainingJob):
             job.manifest = manifest.to_json()
