@@ -50,7 +50,7 @@ api = FastAPI(title="bootfinetune")
 @serve.deployment(name="ChatDeployment")
 @serve.ingress(api)
 class ChatDeployment:
-    """A replica: the run's finetuned LMs, and Serve's request batching in front of them."""
+    """A replica: the run's finetuned LMs, each batching the requests it is sent."""
 
     def __init__(self, models: dict[str, dict[str, Any]], max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, request_timeout: float = DEADLINE_S,

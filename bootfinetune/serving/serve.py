@@ -56,7 +56,7 @@ class _Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.loop.call_later(self.config.timeout_keep_alive * 3, self._drop_if_silent)
+        self.loop.call_later(self.config.timeout_keep_alive, self._drop_if_silent)
 
     def _drop_if_silent(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
@@ -71,8 +71,8 @@ class ChatServer:
         port: 0 picks a free port.
         model_name: The model id `/v1/models` lists and responses carry.
         max_body_bytes: Largest request body read; a larger one gets a 413.
-        read_timeout: Seconds a client may take to send its request; idle kept-alive connections
-            are closed after a third of it.
+        read_timeout: Seconds a client may take to send its request headers, and each part of its
+            body; kept-alive connections idle that long are closed.
         limit_concurrency: Most connections and requests at once; more get a 503.
         backlog: Connections the OS queues before the server accepts them.
         threads: Most `complete` calls running at once (more wait for a thread).
@@ -80,7 +80,7 @@ class ChatServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "model", *,
                  max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S,
-                 limit_concurrency: int = 1024, backlog: int = 2048, threads: int = 64):
+                 limit_concurrency: int = 1024, backlog: int = 2048, threads: int = 128):
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
@@ -94,7 +94,7 @@ class ChatServer:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix=type(self).__name__)
         self._config = uvicorn.Config(self._asgi, http=_Protocol, interface="asgi3", lifespan="off", log_level="warning",
                                       access_log=False, backlog=backlog, limit_concurrency=limit_concurrency,
-                                      timeout_keep_alive=max(1, int(read_timeout / 3)),
+                                      timeout_keep_alive=max(1, round(read_timeout)),
                                       timeout_graceful_shutdown=1)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
