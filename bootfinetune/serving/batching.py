@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from bootfinetune.serving.limits import Control
+from bootfinetune.serving.limits import Control, stopped_rows
 
 
 def bucket(limit: int) -> int:
@@ -126,3 +126,30 @@ class MicroBatcher:
                     future.set_exception(problem)
                 else:
                     future.set_result(result)
+
+
+class StopRows:
+    """A `transformers` stopping criterion: a row ends at its own limit, or once its control fired.
+
+    `generate` runs until every row has ended (a row that ended pads out the rest), so with answer
+    limits bucketed a batch ends soon after its longest answer, and a request past its deadline or
+    whose client left stops costing decoding steps at the next one.
+
+    Args:
+        limits: New tokens per row.
+        controls: Per row, what may stop it early (None: nothing).
+        start: Length of the sequences before the first new token (prompt width; 1 for a decoder start).
+        on_step: Called once per decoding step (the engine counts them).
+    """
+
+    def __init__(self, limits: list[int], controls: list[Control | None], start: int,
+                 on_step: Callable[[], None] = lambda: None):
+        self.limits, self.controls, self.start, self.on_step = limits, controls, start, on_step
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.on_step()
+        made = input_ids.shape[1] - self.start
+        return torch.tensor([s or made >= limit for s, limit in zip(stopped_rows(self.controls), self.limits)],
+                            dtype=torch.bool, device=input_ids.device)

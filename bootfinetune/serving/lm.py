@@ -39,8 +39,8 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_e
 from bootfinetune.config import InferenceConfig
 from bootfinetune.common.chat import plain_messages
 from bootfinetune.errors import ProgramError
-from bootfinetune.serving.batching import MicroBatcher
-from bootfinetune.serving.limits import Control, stopped_rows, token_ceiling
+from bootfinetune.serving.batching import MicroBatcher, StopRows
+from bootfinetune.serving.limits import Control, token_ceiling
 from bootfinetune.training.render import decode_answer, encode_prompt, model_kind
 from bootfinetune.run.runfiles import ModelManifest, read_record
 
@@ -189,25 +189,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _StopRows:
-    """A stopping criterion: a row ends at its own limit, or when its request's control fired.
-
-    `generate` runs until every row has ended, so a row stopped early pads out the rest.
-    """
-
-    def __init__(self, limits: list[int], controls: list[Control | None], start: int, engine: "FinetunedEngine"):
-        self.limits, self.controls, self.start, self.engine = limits, controls, start, engine
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        self.engine.steps += 1
-        made = input_ids.shape[1] - self.start
-        stopped = stopped_rows(self.controls)
-        return torch.tensor([s or made >= limit for s, limit in zip(stopped, self.limits)],
-                            dtype=torch.bool, device=input_ids.device)
-
-
 class FinetunedEngine:
     """A DSPy 3.4 engine that answers with a finetuned Hugging Face model in process.
 
@@ -284,6 +265,9 @@ class FinetunedEngine:
         """Changes how many prompts one `generate` call takes (calls in flight finish as they were)."""
         self.batch_size = batch_size
         self._batcher = MicroBatcher(self._generate_batch, max_batch=batch_size)
+
+    def _count_step(self) -> None:
+        self.steps += 1
 
     def limit(self, requested: int | None = None) -> int:
         """New tokens an answer gets: the request's number (else `max_tokens`), clamped to the ceiling."""
@@ -388,7 +372,7 @@ class FinetunedEngine:
         mask = [([0] * (width - len(p)) + [1] * len(p)) if left else ([1] * len(p) + [0] * (width - len(p)))
                 for p in prompts]
         # Every row stops at its own limit or when its request is no longer wanted (deadline, client gone).
-        stop = _StopRows([r[1] for r in requests], controls, width if left else 1, self)
+        stop = StopRows([r[1] for r in requests], controls, width if left else 1, self._count_step)
         gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                           stopping_criteria=StoppingCriteriaList([stop]))
         gen_kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else \
