@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from bootfinetune.common.targets import model_path
 from bootfinetune.config import InferenceConfig
 from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, READ_TIMEOUT_S, Cancelled, Control
 from bootfinetune.serving.lm import FinetunedEngine, unload_model
@@ -118,6 +119,11 @@ class ChatServer:
         (a stand-in such as the scripted teacher), as `model_name`."""
         return {self.model_name: self.model_name}
 
+    def pick(self, requested: str | None) -> str:
+        """The model id a request's `model` names; raises `HTTPProblem` 404 for a name not served here."""
+        names = self.model_names()
+        return pick_model(requested, names) if names is not None else self.model_name
+
     async def failure_response(self, exc: Exception, http: Request) -> Response:
         """The answer to a request whose `choices` raised: a 400 for `BadRequest`, else a 500 that
         names no internals (the error goes to the log)."""
@@ -177,8 +183,7 @@ class ChatServer:
     async def _chat(self, http: Request) -> Response:
         try:
             request = check_chat_request(await read_json(http, self.max_body_bytes, self.read_timeout))
-            names = self.model_names()
-            model = pick_model(request.get("model"), names) if names is not None else self.model_name
+            model = self.pick(request.get("model"))
         except HTTPProblem as problem:
             return problem.response()
         except BadRequest as exc:
@@ -288,10 +293,14 @@ class ModelServer(ChatServer):
         self.engine.load()
         return super().start()
 
-    def model_names(self) -> dict[str, str]:
-        names = [self.model_name, self.model_dir, str(Path(self.model_dir).resolve())]
-        return {alias: self.model_name for name in names for alias in (name, f"bootfinetune:{name}",
-                                                                        f"local:{name}")}
+    def pick(self, requested: str | None) -> str:
+        """Its id, or a DSPy model string naming its folder (`bootfinetune:{dir}`, relative or not)."""
+        if requested is not None and requested != self.model_name:
+            named = Path(model_path(requested)).expanduser()
+            if named.is_absolute() or (Path.cwd() / named).exists():
+                if named.resolve() == Path(self.model_dir).resolve():
+                    return self.model_name
+        return super().pick(requested)
 
     def stats(self) -> dict[str, Any]:
         sizes = list(self.engine.batcher.batch_sizes)

@@ -7,6 +7,7 @@ refused; 100 connections at once are all answered.
 """
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -142,14 +143,14 @@ def test_bodies_model_names_and_n_are_checked(trained):
         for name in ("../../etc/passwd", "/etc/passwd", "nope"):
             code, body = post(server.url, {"model": name, "messages": MESSAGES})
             assert code == 404 and name not in body["error"]["message"] and "Probe-1a2b/all" in body["error"]["message"]
-        for name in ("Probe-1a2b/all", f"bootfinetune:{trained}", None):
+        for name in ("Probe-1a2b/all", f"bootfinetune:{trained}", f"bootfinetune:{os.path.relpath(trained)}", None):
             assert post(server.url, {"model": name, "messages": MESSAGES, "max_tokens": 2})[0] == 200
         code, body = post(server.url, {"messages": MESSAGES, "n": MAX_N + 1})
         assert code == 400 and f"1 to {MAX_N}" in body["error"]["message"]
         with urllib.request.urlopen(f"{server.url}/models", timeout=10) as response:
             listed = response.read().decode()
         assert json.loads(listed)["data"][0]["id"] == "Probe-1a2b/all" and trained not in listed
-        assert server.calls == 3 and len(server.requests) == 3  # refused requests were neither counted nor kept
+        assert server.calls == 4 and len(server.requests) == 4  # refused requests were neither counted nor kept
 
 
 def test_a_hundred_connections_at_once_are_all_answered():
