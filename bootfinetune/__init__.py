@@ -20,7 +20,7 @@ _EXPORTS = {
     "bootfinetune.compiler": ["BootstrapFinetune", "Prepared"],
     "bootfinetune.config": ["BootstrapConfig", "Config", "RunOptions", "TrainConfig"],
     "bootfinetune.errors": ["BootFinetuneError", "BootstrapError", "ConfigError", "FinetuneError", "ProgramError",
-                            "TrainDataError"],
+                            "RunBusyError", "TrainDataError"],
     "bootfinetune.serving.lm": ["FinetunedEngine", "FinetunedLM", "finetuned_engine"],
     "bootfinetune.entrypoints.provider": ["RayFinetuneProvider"],
     "bootfinetune.stages.rebind": ["load"],
@@ -30,8 +30,8 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["BootFinetuneError", "BootstrapConfig", "BootstrapError", "BootstrapFinetune", "Config", "ConfigError",
            "FinetuneError", "FinetunedEngine", "FinetunedLM", "ModelServer", "Prepared", "ProgramError",
-           "RayFinetuneProvider", "RunOptions", "TrainConfig", "TrainDataError", "finetuned_engine", "load",
-           "serve_model", "stop_model"]
+           "RayFinetuneProvider", "RunBusyError", "RunOptions", "TrainConfig", "TrainDataError", "finetuned_engine",
+           "load", "serve_model", "stop_model"]
 assert sorted(__all__) == sorted(_HOME)
 __version__ = "0.1.0"
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from bootfinetune.config import BootstrapConfig, Config, RunOptions, TrainConfig  # noqa: F401
     from bootfinetune.entrypoints.provider import RayFinetuneProvider  # noqa: F401
     from bootfinetune.errors import (BootFinetuneError, BootstrapError, ConfigError, FinetuneError,  # noqa: F401
-                                     ProgramError, TrainDataError)
+                                     ProgramError, RunBusyError, TrainDataError)
     from bootfinetune.serving.lm import FinetunedEngine, FinetunedLM, finetuned_engine  # noqa: F401
     from bootfinetune.serving.serve import ModelServer, serve_model, stop_model  # noqa: F401
     from bootfinetune.stages.rebind import load  # noqa: F401

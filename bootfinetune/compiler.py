@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -40,6 +41,7 @@ from bootfinetune.common.redaction import collect_secrets, redact_uri
 from bootfinetune.run.names import folder_names
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
+from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.common.targets import check_target
 from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
@@ -80,6 +82,8 @@ class Prepared:
     """Per model key: the tokens its target's tokenizer needs so that every answer survives it."""
     described: RunDescription = field(default_factory=RunDescription)
     """config.json: the options and the model keys the later stages read."""
+    writer: RunWriter | None = None
+    """The run's writer lock, held until the compile (or `prepare`) that made this returns or raises."""
 
     def finetune_jobs(self) -> list[FinetuneJob]:
         """Stage 4's input: one job per model key, its data files and the tokens its tokenizer needs."""
@@ -168,21 +172,25 @@ class BootstrapFinetune(Teleprompter):
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
         config = self.config.replace(**documented, **options)
-        prepared = self._prepare(student, trainset, teacher, valset, config)
-        run, config = prepared.run, prepared.config
-        empty = [k for k, d in prepared.data.items() if d.records == 0]
-        if empty:
-            raise FinetuneError(f"no finetuning records for model key(s) {empty}: the metric kept "
-                                f"{prepared.bootstrap.summary.kept} of {prepared.bootstrap.summary.examples} "
-                                f"examples (failed: {prepared.bootstrap.summary.failed}); see {run.bootstrap_dir}.")
-        trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
-                             adapter=resolve_adapter(self.adapter))
-        metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
-        self.report = run.update_report(metric=metric_report, stages={"evaluate": {"seconds": eval_seconds}}).to_json()
-        from bootfinetune.run.report_html import write_report_html
+        with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
+            prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
+            run, config, writer = prepared.run, prepared.config, prepared.writer
+            empty = [k for k, d in prepared.data.items() if d.records == 0]
+            if empty:
+                raise FinetuneError(f"no finetuning records for model key(s) {empty}: the metric kept "
+                                    f"{prepared.bootstrap.summary.kept} of {prepared.bootstrap.summary.examples} "
+                                    f"examples (failed: {prepared.bootstrap.summary.failed}); see {run.bootstrap_dir}.")
+            writer.check()
+            trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
+                                 adapter=resolve_adapter(self.adapter))
+            writer.check()
+            metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
+            self.report = run.update_report(metric=metric_report,
+                                            stages={"evaluate": {"seconds": eval_seconds}}).to_json()
+            from bootfinetune.run.report_html import write_report_html
 
-        html_path = write_report_html(run)
-        run.sync()
+            html_path = write_report_html(run)
+            run.sync()
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
         return trained.compiled
@@ -211,12 +219,15 @@ class BootstrapFinetune(Teleprompter):
                 **options: Any) -> Prepared:
         """Runs checks, bootstrapping and the data stage; returns what finetuning needs.
 
-        `options` (any `Config` field) override the constructor's for this call.
+        `options` (any `Config` field) override the constructor's for this call. The run's writer
+        lock is held while it runs and released when it returns.
         """
-        return self._prepare(student, trainset, teacher, valset, self.config.replace(**options))
+        with ExitStack() as held:
+            return self._prepare(student, trainset, teacher, valset, self.config.replace(**options), held, "prepare")
 
     def _prepare(self, student: dspy.Module, trainset: list, teacher: Any, valset: list | None,
-                 config: Config) -> Prepared:
+                 config: Config, held: ExitStack, what: str) -> Prepared:
+        """Stages 1-3; the run's writer lock is taken into `held` before anything is written or asked."""
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher if teacher is not None else student]
         if not teachers:
             raise ProgramError("teacher: an empty list; pass a program, a list of programs, or None for the student.")
@@ -246,7 +257,9 @@ class BootstrapFinetune(Teleprompter):
             problem = check_writable(config.run.storage_path)
             if problem:
                 raise ConfigError([problem])
-            run.pull()
+        # One writer per run: another compile of this run makes this one wait or stop here, naming it.
+        writer = held.enter_context(writer_for(run, config.run, what))
+        run.pull()  # after the lock: what a writer we waited for finished is resumed, not redone
         self.run_dir = run
         if run.config_json.exists():
             invalidate_changed(run, run.read_description().inputs, inputs)
@@ -258,6 +271,7 @@ class BootstrapFinetune(Teleprompter):
         described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
         run.write_description(described)
         run.sync()
+        writer.check()
         from bootfinetune.runtime.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address)
@@ -295,7 +309,7 @@ class BootstrapFinetune(Teleprompter):
         })
         run.sync()
         return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
-                        described)
+                        described, writer)
 
     def _token_plans(self, run: RunDir, plan: ProgramPlan, student: dspy.Module, config: Config,
                      val_data: dict[str, DataSummary]) -> dict[str, TokenPlan]:
@@ -376,6 +390,8 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
                to_stage: str = "rebind", program: dspy.Module | None = None, adapter: Any = None,
                ray_address: str | None = None) -> Trained:
     """Stage 4 (finetune, report.json's finetune section) then stage 5 (rebind, program.json), in order.
+
+    The caller holds the run's writer lock (`bootfinetune.run.writer`), as compile and retrain do.
 
     Args:
         run: The run directory: data/ written, config.json being `described`.

@@ -171,6 +171,10 @@ class RunOptions:
     """Run directory name; None derives it from the inputs so the same compile resumes."""
     ray_address: str | None = option(None, resource=True)
     """Ray cluster address; None joins a running cluster or starts a local one."""
+    writer_wait_s: float = option(0.0, resource=True, within=(0, None))
+    """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
+    writer_lease_s: float = option(180.0, resource=True, within=(2, None))
+    """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
 
 
 @dataclass
@@ -178,7 +182,10 @@ class InferenceConfig:
     """How the compiled program's finetuned LMs generate, and whether the valset is scored."""
 
     max_tokens: int = option(512, at_least=1)
-    """Most new tokens per answer."""
+    """New tokens per answer when a call or request does not say (at most `max_tokens_ceiling`)."""
+    max_tokens_ceiling: int | None = option(None, at_least=1)
+    """Most new tokens any answer may have; served requests asking more are clamped to it. None: from
+    the longest training answer L, max(2L, L+64) up to 4096 (max_tokens for a model without that record)."""
     generate_batch_size: int = option(8, at_least=1)
     """Most prompts per batched `generate` call."""
     device: str | None = None
@@ -412,6 +419,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
             kwargs["type"] = hint
         elif float in args:  # float | None
             kwargs["type"] = float
+        elif int in args:  # int | None
+            kwargs["type"] = int
         elif list[str] in args:
             kwargs["type"] = _str_or_list
         shown = defaults[name] if name in defaults else _default_of(name)

@@ -47,3 +47,7 @@ class BootstrapError(BootFinetuneError, RuntimeError):
 
 class FinetuneError(BootFinetuneError, RuntimeError):
     """A finetuning job failed; the message names its model key and the cause."""
+
+
+class RunBusyError(BootFinetuneError, RuntimeError):
+    """Another process writes the same run directory; the message names it (host, pid, start time, command)."""

@@ -105,3 +105,18 @@ class DiesOnce(TwoStep):
                 os.close(fd)
                 os._exit(1)  # the actor process dies mid-batch, as under SIGKILL or an OOM kill
         return super().forward(text)
+
+
+class KillsItsWorker(TwoStep):
+    """TwoStep whose process exits (like a segfault or an OOM kill) every time it meets `victim`."""
+
+    def __init__(self, victim: str = "item 5"):
+        super().__init__()
+        self.victim = victim
+
+    def forward(self, text):
+        import os
+
+        if text == self.victim:
+            os._exit(1)  # no exception, no cleanup: the actor process is gone, every time
+        return super().forward(text)

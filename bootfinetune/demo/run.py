@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bootfinetune.config import FIELDS, TrainConfig, add_config_arguments, config_arguments
+from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
 
 STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
 """The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
@@ -165,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.teacher:
         try:
             teacher = teacher_lm(args.teacher, api_base=args.api_base, api_key_env=args.api_key_env,
-                                 option="--api-key-env")
+                                 option="--api-key-env", timeout=args.teacher_timeout)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -221,6 +222,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="a real teacher LM (LiteLLM name, e.g. openai/gpt-4o-mini)")
     p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")
+    p.add_argument("--teacher-timeout", type=float, default=DEFAULT_TEACHER_TIMEOUT,
+                   help="seconds each attempt of a real teacher's call may wait (default %(default)g)")
     p.add_argument("--teacher-latency", type=float, default=0.02, help="seconds the scripted teacher waits per call")
     p.add_argument("--target", default=argparse.SUPPRESS,
                    help="finetune this model (directory or hub id) instead of the tiny one")

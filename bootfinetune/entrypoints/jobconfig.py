@@ -10,6 +10,7 @@ metric: bootfinetune.demo.task:metric
 trainset: bootfinetune.demo.task:demo_trainset     # a list, a callable returning one, or a JSONL file:
 valset: {path: s3://bucket/val.jsonl, inputs: [message]}
 teacher: {model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}   # the key's *name*, never the key
+                                                  # (and timeout: seconds per attempt, default 120)
 target: Qwen/Qwen2.5-0.5B-Instruct
 epochs: 2
 storage_path: s3://bucket/bootfinetune-runs
@@ -35,9 +36,10 @@ from typing import Any
 from bootfinetune.config import FIELD_OWNER, Config
 from bootfinetune.errors import ConfigError
 from bootfinetune.common.importpath import resolve
+from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-TEACHER_KEYS = {"model", "api_base", "api_key_env", "scripted", "temperature", "max_tokens", "num_retries"}
+TEACHER_KEYS = {"model", "api_base", "api_key_env", "scripted", "temperature", "max_tokens", "num_retries", "timeout"}
 """What a `teacher:` mapping may hold: a LiteLLM model name with its endpoint, or a scripted stand-in."""
 
 
@@ -56,6 +58,9 @@ class TeacherSpec:
     temperature: float | None = None
     max_tokens: int | None = None
     num_retries: int | None = None
+    """Retries of a failed call, with backoff (DSPy's default: 3)."""
+    timeout: float = DEFAULT_TEACHER_TIMEOUT
+    """Seconds each attempt of a teacher call may wait for its answer (a hung endpoint frees its actor slot)."""
 
 
 @dataclass
@@ -219,6 +224,10 @@ def _parse_teacher(where: str, value: Any) -> tuple[TeacherSpec | None, list[str
     if env is not None and (not isinstance(env, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env)):
         problems.append(f"{where}: teacher.api_key_env={env!r}: the *name* of an environment variable, "
                         f"e.g. OPENAI_API_KEY.")
+    timeout = value.get("timeout", DEFAULT_TEACHER_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        problems.append(f"{where}: teacher.timeout={timeout!r}: seconds each attempt of a teacher call may wait, "
+                        f"a number > 0 (default {DEFAULT_TEACHER_TIMEOUT:g}).")
     spec = TeacherSpec(**{k: v for k, v in value.items() if k in TEACHER_KEYS}) if not problems else None
     return spec, problems
 

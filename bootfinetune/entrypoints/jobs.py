@@ -39,7 +39,8 @@ class Teacher:
         self.lm = None
         if spec is None:
             return
-        extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries") if getattr(spec, k) is not None}
+        extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries", "timeout")
+                 if getattr(spec, k) is not None}
         if spec.scripted:
             from bootfinetune.testing.teacher_server import TeacherServer
 
@@ -181,8 +182,9 @@ def main_finetune(argv: list[str] | None = None) -> int:
             raise ConfigError([f"--set {item}: write KEY=VALUE, e.g. --set lr=1e-4."])
         options[key] = parse_set_value(value)
     ready = prepare_retrain(args.run_dir, **options)
-    trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
-                         ray_address=args.ray_address)
+    with ready.writer:  # held since prepare_retrain: one writer per run
+        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+                             ray_address=args.ray_address)
     run = ready.run
     return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},
                    best_epoch={k: m.best_epoch for k, m in trained.manifests.items()}, program=trained.program_note,

@@ -28,6 +28,7 @@ from bootfinetune.errors import ConfigError
 from bootfinetune.stages.finetune import FinetuneJob
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
+from bootfinetune.run.writer import RunWriter, writer_for
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Retrain:
     """Its config.json (written)."""
     jobs: list[FinetuneJob]
     """One job per model key, on the run's saved data."""
+    writer: RunWriter
+    """`run`'s writer lock, held: `with ready.writer:` around the training releases it at the end."""
 
 
 def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> tuple[RunDir, dict[str, ModelManifest]]:
@@ -65,16 +68,20 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
         ConfigError: when the run has no data yet, or an option is not a training option.
     """
     ready = prepare_retrain(run_dir, **options)
-    trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
-                         ray_address=ray_address)
+    with ready.writer:
+        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
+                             ray_address=ray_address)
     return ready.run, trained.manifests
 
 
 def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
     """Checks `options`, picks the run directory (seeded from the old one when new), writes its config.json.
 
+    The returned `Retrain` holds that run directory's writer lock (taken before anything is written there).
+
     Raises:
         ConfigError: when the run has no data yet, or an option is not a training option.
+        RunBusyError: when another process writes that run directory (after `writer_wait_s`).
     """
     run = RunDir.from_location(run_dir)
     run.pull()
@@ -106,6 +113,18 @@ def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
                   "options": identity_options(config)}
         dest = run.sibling(run_name_of(inputs))
         described.inputs = inputs
+    writer = writer_for(dest, config.run, "retrain").acquire()
+    try:
+        return _write_retrain(run, dest, described, config, changed, model_keys, writer)
+    except BaseException:
+        writer.release()
+        raise
+
+
+def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config: Config,
+                   changed: dict[str, tuple[Any, Any]], model_keys: dict[str, dict], writer: RunWriter) -> Retrain:
+    """prepare_retrain's writes, under `dest`'s writer lock: the seed, config.json, the jobs."""
+    if dest != run:
         _seed(run, dest)
     if changed:
         log.info("training the traces of %s with %s into %s (no teacher call)", run.name,
@@ -123,7 +142,7 @@ def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
         jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
                                 train_file=train_file, eval_file=eval_file if eval_file.exists() else None,
                                 added_tokens=report.data_tokens(key)))
-    return Retrain(dest, config, described, jobs)
+    return Retrain(dest, config, described, jobs, writer)
 
 
 def _seed(src: RunDir, dest: RunDir) -> None:

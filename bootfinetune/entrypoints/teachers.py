@@ -14,6 +14,11 @@ from typing import Any
 from bootfinetune.common.chat import LOCAL_API_KEY
 from bootfinetune.errors import ConfigError
 
+DEFAULT_TEACHER_TIMEOUT = 120.0
+"""Seconds a teacher call may wait for its answer, per attempt (LiteLLM's own default is 600 s). With the
+LM's retries (`num_retries`, 3 by default) a call takes at most about (num_retries + 1) x timeout plus
+backoff, under Ray Data's 30 minutes without progress."""
+
 SCRIPTED_MODEL = "openai/scripted-teacher"
 """The model name a scripted teacher's LM carries (the server answers any name)."""
 
@@ -34,7 +39,8 @@ def api_key_from(api_key_env: str | None, *, option: str = "api_key_env") -> str
 
 
 def teacher_lm(model: str, *, api_base: str | None = None, api_key_env: str | None = None,
-               default_key: str | None = None, option: str = "api_key_env", **options: Any) -> Any:
+               default_key: str | None = None, option: str = "api_key_env",
+               timeout: float | None = DEFAULT_TEACHER_TIMEOUT, **options: Any) -> Any:
     """A `dspy.LM` on a hosted (or any OpenAI-compatible) teacher model, uncached.
 
     Args:
@@ -43,6 +49,7 @@ def teacher_lm(model: str, *, api_base: str | None = None, api_key_env: str | No
         api_key_env: The name of the environment variable holding the API key.
         default_key: The key when no variable is named (None lets LiteLLM look for its own).
         option: How the caller spells `api_key_env` in an error (a flag, a YAML key).
+        timeout: Seconds each attempt of a call may wait (None: the client's own default).
         **options: More LM options (temperature, max_tokens, num_retries...).
 
     Raises:
@@ -51,11 +58,22 @@ def teacher_lm(model: str, *, api_base: str | None = None, api_key_env: str | No
     import dspy
 
     key = api_key_from(api_key_env, option=option)
-    return dspy.LM(model, api_base=api_base, api_key=key or default_key, cache=False, **options)
+    return dspy.LM(model, api_base=api_base, api_key=key or default_key, cache=False,
+                   **_with_timeout(timeout), **options)
 
 
-def scripted_teacher_lm(url: str, **options: Any) -> Any:
+def scripted_teacher_lm(url: str, *, timeout: float | None = DEFAULT_TEACHER_TIMEOUT, **options: Any) -> Any:
     """A `dspy.LM` on a scripted teacher server at `url` (`TeacherServer.url`), uncached."""
     import dspy
 
-    return dspy.LM(SCRIPTED_MODEL, api_base=url, api_key=LOCAL_API_KEY, cache=False, **options)
+    return dspy.LM(SCRIPTED_MODEL, api_base=url, api_key=LOCAL_API_KEY, cache=False, **_with_timeout(timeout),
+                   **options)
+
+
+def _with_timeout(timeout: float | None) -> dict[str, float]:
+    """`timeout=` for dspy.LM (which hands it to LiteLLM or lm15 as the read, write and pool timeouts)."""
+    if timeout is None:
+        return {}
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"teacher timeout={timeout!r}: give a number of seconds > 0, e.g. 120.")
+    return {"timeout": float(timeout)}

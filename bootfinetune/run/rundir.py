@@ -10,6 +10,7 @@
   report.json           counts, losses, metrics, time and tokens per stage
   program.json          the compiled program's state
   evaluations/{name}.json  scores of the evaluate job
+  writer.lock           held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
 ```
 
 `{folder}` is the model key's safe folder name, recorded in config.json (`folders`; the key itself

@@ -260,6 +260,9 @@ class ModelManifest:
     """Unix time the manifest was written."""
     truncated: dict[str, Any] = field(default_factory=dict)
     """Records cut to max_length ({"train", "eval"}), max_length, and the prompt length inference keeps."""
+    answer_tokens_max: int | None = None
+    """The longest answer trained on (tokens with labels, after cutting to max_length); serving
+    derives its max_tokens ceiling from it (`serving.lm.token_ceiling`). None in runs from before it."""
     dropped_per_epoch: Any = None
     """Records dropped per epoch to even out the workers' batches."""
     world_size: int = 0

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run.jsonio import read_json, write_json
@@ -47,6 +47,9 @@ SYNC_STATE = ".bootfinetune_sync.json"
 _SYNC_LOCK = threading.Lock()  # finetune jobs run in threads and sync the same mirror
 REMOTE_ONLY = "checkpoints"
 """Ray Train's checkpoints live only on the URI; the mirror keeps just the job stamps beside them."""
+WRITER_FILES = ("writer.lock", "writer.lease")
+"""A run's writer lock (flock'ed in each machine's mirror) and its lease (on the URI): never synced
+(`bootfinetune.run.writer`)."""
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -127,6 +130,8 @@ def _remote_files(fs: Any, base: str) -> dict[str, Any]:
 def _mirrored(rel: str) -> bool:
     """Whether a run-relative path belongs in the mirror (checkpoints stay remote, stamps excepted)."""
     parts = rel.split("/")
+    if len(parts) == 1 and parts[0] in WRITER_FILES:
+        return False
     if parts[0] == REMOTE_ONLY:
         return len(parts) == 3 and parts[2] == "bootfinetune_job.json"
     return parts[-1] != SYNC_STATE and not parts[-1].endswith(".tmp")
@@ -197,20 +202,23 @@ def _pull(uri: str, local: Path) -> int:
     return fetched
 
 
-def push(local: Path, uri: str) -> int:
+def push(local: Path, uri: str, only: Iterable[str] | None = None) -> int:
     """Uploads the mirror's files that changed since the last pull or push; markers last, then the index.
 
+    `only` (paths relative to `local`) limits the upload to those files: a writer that shares the
+    mirror folder with others (the trace store) uploads just its own, never another's half-written one.
     Returns how many files were uploaded.
     """
     with _SYNC_LOCK:
-        return _push(local, uri)
+        return _push(local, uri, None if only is None else set(only))
 
 
-def _push(local: Path, uri: str) -> int:
+def _push(local: Path, uri: str, only: set[str] | None = None) -> int:
     fs, base = filesystem(uri)
     state = _read_state(local)
     changed = []
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+    files = (local / rel for rel in sorted(only)) if only is not None else local.rglob("*")
+    for path in sorted(p for p in files if p.is_file()):
         rel = path.relative_to(local).as_posix()
         if _mirrored(rel) and (state.get(rel) or {}).get("local") != _local_stamp(path):
             changed.append((rel, path))

@@ -12,6 +12,9 @@ Results come back as JSON strings and are appended to the trace store
 same trace identity reads them back, so only examples new to the store call the teacher,
 and a rerun after a crash skips the examples already done. A finished stage (its summary
 written in the run directory) is read back without reading the store at all.
+
+Retries are bounded (`bootfinetune.stages.retries`): a batch whose worker died runs again once, then
+the examples it lost run alone; one whose worker still dies is a failure record ("WorkerDied").
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import json
 import logging
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 import dspy
@@ -37,6 +41,7 @@ from bootfinetune.run.records import CallRecord, FailureRecord, example_from_jso
 from bootfinetune.common.redaction import redact
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
+from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
 
@@ -244,8 +249,6 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
     if done is not None:
         logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
         return done
-    import ray
-
     started = time.time()
     store = store or TraceStore(run.bootstrap_dir / "store")
     keys = [example_key(ex) for ex in examples]
@@ -257,24 +260,22 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
             first_of.setdefault(key, i)
     fresh: dict[tuple[str, int], dict] = {}
     if first_of:
-        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in first_of.values()]
-        dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), config.num_actors * 4))
-        mapped = map_teacher_runner(
-            dataset, dict(teachers=teachers, metric=metric, settings=driver_settings() if settings is None else settings,
-                          teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
-                          metric_threshold=config.metric_threshold, secrets=secrets or [], split=split),
-            num_actors=config.num_actors, batch_size=config.batch_size, num_cpus=config.actor_cpus)
+        runner_kwargs = dict(teachers=teachers, metric=metric,
+                             settings=driver_settings() if settings is None else settings,
+                             teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
+                             metric_threshold=config.metric_threshold, secrets=secrets or [], split=split)
         failures = 0
         try:
             with store.appender() as out:
-                for row in mapped.iter_rows():
-                    result = json.loads(row["result"])
-                    key, teacher = keys[int(row["example_index"])], int(row["teacher"])
+                for index, teacher, result in run_examples(
+                        list(first_of.values()), examples, runner_kwargs, num_actors=config.num_actors,
+                        batch_size=config.batch_size, num_cpus=config.actor_cpus):
+                    key = keys[index]
                     if (key, teacher) in stored:  # another teacher's result for this example was missing
                         continue
                     fresh[(key, teacher)] = result
                     out.add(key, teacher, result)
-                    if "failure" in result:
+                    if "failure" in result:  # a "WorkerDied" example counts like any other failure
                         failures += 1
                         if failures > config.max_errors:
                             raise BootstrapError(_too_many_errors(fresh, config.max_errors, split))
@@ -293,12 +294,58 @@ def run_bootstrap(run: RunDir, *, teachers: list[dspy.Module], examples: list[ds
 POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
 
 
+def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs: dict[str, Any], *,
+                 num_actors: int, batch_size: int, num_cpus: float) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Runs TeacherRunner over the examples at `indices` on Ray Data; yields (example_index, teacher, result).
+
+    Every (example, teacher) is yielded once, as results arrive: in batches first; then the examples a dead
+    worker took with it run again alone, and one whose worker dies alone too is yielded as a "WorkerDied"
+    failure (`bootfinetune.stages.retries`).
+    """
+    import ray
+
+    teachers = range(len(runner_kwargs["teachers"]))
+    seen: set[tuple[int, int]] = set()
+    pending, errors = list(indices), BlockErrors()
+    for alone in (False, True):
+        if not pending:
+            return
+        if alone:
+            logger.warning("bootstrap[%s]: %d example(s) were in batches whose worker died; running them one per "
+                           "task to find the one that kills it", runner_kwargs.get("split", "train"), len(pending))
+        rows = [{"example_index": i, "example": example_to_json(examples[i])} for i in pending]
+        blocks = len(rows) if alone else min(len(rows), num_actors * 4)
+        mapped = map_teacher_runner(ray.data.from_items(rows, override_num_blocks=blocks), runner_kwargs,
+                                    num_actors=min(num_actors, len(rows)) if alone else num_actors,
+                                    batch_size=1 if alone else batch_size, num_cpus=num_cpus, max_tasks=blocks,
+                                    one_at_a_time=alone)
+        errors = BlockErrors()
+        with errors.attached():
+            for row in mapped.iter_rows():
+                done = (int(row["example_index"]), int(row["teacher"]))
+                if done not in seen:  # a batch re-run after its worker died may bring some back twice
+                    seen.add(done)
+                    yield done[0], done[1], json.loads(row["result"])
+        pending = [i for i in pending if any((i, t) not in seen for t in teachers)]
+    for i in pending:
+        for t in teachers:
+            if (i, t) not in seen:
+                yield i, t, worker_died(i, t, runner_kwargs.get("split", "train"), errors.last,
+                                        runner_kwargs.get("secrets") or [])
+
+
 def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
-                       num_cpus: float) -> Any:
+                       num_cpus: float, max_tasks: int, one_at_a_time: bool = False) -> Any:
     """`dataset.map_batches(TeacherRunner)` on a pool of actors: where user objects are handed to Ray.
 
     The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) are
-    registered to travel by value first, so the actors need not find them on their path.
+    registered to travel by value first, so the actors need not find them on their path. Retries are
+    bounded (`bootfinetune.stages.retries`): a task that failed all its attempts is dropped rather than
+    failing the run, so its rows are missing from the output (results are keyed by example).
+
+    Args:
+        max_tasks: An upper bound on the tasks (the dataset's blocks), which bounds actor restarts.
+        one_at_a_time: One task per actor at a time, so a worker's death takes no queued task with it.
     """
     import ray
 
@@ -306,9 +353,15 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
     dataset.context.wait_for_min_actors_s = max(dataset.context.wait_for_min_actors_s, POOL_START_TIMEOUT_S)
-    return dataset.map_batches(TeacherRunner, fn_constructor_kwargs=runner_kwargs,
-                               compute=ray.data.ActorPoolStrategy(size=num_actors),
-                               batch_size=batch_size, num_cpus=num_cpus)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
+        # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return dataset.map_batches(TeacherRunner, fn_constructor_kwargs=runner_kwargs,
+                                   compute=ray.data.ActorPoolStrategy(
+                                       size=num_actors, max_tasks_in_flight_per_actor=1 if one_at_a_time else None),
+                                   batch_size=batch_size, num_cpus=num_cpus,
+                                   **bounded_retries(dataset.context, max_tasks))
 
 
 def _too_many_errors(results: dict, max_errors: int, split: str) -> str:

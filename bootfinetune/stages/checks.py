@@ -55,16 +55,22 @@ def signature_fields(predictor: dspy.Predict) -> dict[str, Any]:
     return {"inputs": list(sig.input_fields), "outputs": list(sig.output_fields), "instructions": sig.instructions}
 
 
+LM_TRANSPORT_ARGS = frozenset({"timeout"})
+"""LM arguments that bound how long a call may take, not what it answers: left out of every identity, so
+changing a teacher's timeout reuses its traces."""
+
+
 def lm_identity(lm: Any) -> dict[str, Any] | None:
     """What identifies an LM in a run name, config.json and the trace identity: its class, model and options.
 
     Options pass through `public_lm_args`, an allow-list: any other argument (a header, a token, a
     cloud key) keeps its name but not its value, and `api_base` loses its user info and query values.
     So the same teacher keeps one identity, and no credential reaches what is written or logged.
+    `LM_TRANSPORT_ARGS` (the timeout) are left out.
     """
     if lm is None:
         return None
-    kwargs = public_lm_args(getattr(lm, "kwargs", None) or {})
+    kwargs = {k: v for k, v in public_lm_args(getattr(lm, "kwargs", None) or {}).items() if k not in LM_TRANSPORT_ARGS}
     return {"class": type(lm).__qualname__, "model": getattr(lm, "model", None), "kwargs": to_jsonable(kwargs)}
 
 

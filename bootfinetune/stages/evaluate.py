@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import dspy
 
-from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, map_teacher_runner, score_value
+from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, run_examples, score_value
 from bootfinetune.run.records import example_to_json
 
 RAY_EVAL_MIN_EXAMPLES = 256
@@ -52,17 +52,13 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
     batch = {"example_index": list(range(len(examples))), "example": [example_to_json(e) for e in examples]}
     kwargs = dict(teachers=[program], metric=metric, settings=driver_settings(), num_threads=num_threads)
     if use_ray:
-        import ray
-
         from bootfinetune.runtime.ray_env import ensure_ray
 
         ensure_ray()  # run alone (not from compile), it joins or starts Ray with the workers' environment
-        dataset = ray.data.from_items([{"example_index": i, "example": e}
-                                       for i, e in zip(batch["example_index"], batch["example"])],
-                                      override_num_blocks=min(len(examples), num_actors * 4))
-        rows = map_teacher_runner(dataset, kwargs, num_actors=num_actors, batch_size=max(num_threads, 8),
-                                  num_cpus=actor_cpus).take_all()
-        results = [json.loads(r["result"]) for r in rows]
+        # An example that kills its worker every time is a failure (scores 0); the others of its batch count.
+        results = [result for _, _, result in run_examples(list(range(len(examples))), examples, kwargs,
+                                                           num_actors=num_actors, batch_size=max(num_threads, 8),
+                                                           num_cpus=actor_cpus)]
     else:
         results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]
     failed = sum("failure" in r for r in results)

@@ -333,6 +333,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                    # inference cuts a causal prompt to the room training left it beside a typical answer
                    "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
                                                               if kind == "causal" else 0)},
+        answer_tokens_max=state.get("answer_tokens_max") or None,
         dropped_per_epoch=state["dropped_per_epoch"],
         world_size=state["world_size"],
         nodes=state.get("nodes", []),

@@ -47,6 +47,7 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
     """
     inference = inference or InferenceConfig()
     lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
+                            max_tokens_ceiling=inference.max_tokens_ceiling,
                             batch_size=inference.generate_batch_size, source=(sources or {}).get(key),
                             trust_remote_code=trust_remote_code)
            for key, path in model_of.items()}

@@ -15,13 +15,22 @@ Training options, the target, LoRA, ZeRO and resources are left out: changing th
 ```
 {storage_path}/traces/{Program}-{trace_id}/
   identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
-  results.jsonl    one line per (example, teacher), appended as results arrive:
+  results/{host}-{pid}-{random}.jsonl
+                   one file per writer (a bootstrap that sent examples to the teacher), one line per
+                   (example, teacher), appended as results arrive:
                    {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
+  results.jsonl    the single file of older versions: read, never written
 ```
 
 Every run whose traces have the same identity shares the folder, train and val splits alike;
 an example already there is not sent to the teacher again. Failures are written (for the
 record) but never reused, so a rerun tries them again. On a cloud `storage_path` the folder is mirrored like a run directory.
+
+Two runs may write one store at once (their run directories differ, so their writer locks do not
+exclude each other): each writes only its own file, created new, so no line is ever interleaved with
+another writer's or glued to a line a crash cut short, and on a cloud URI no machine's upload replaces
+another's results (each process uploads only its own files). Two writers that run the same example at
+once both ask the teacher; either answer serves later runs.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import re
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +58,9 @@ from bootfinetune.run.rundir import run_name_for
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""
 RESULTS = "results.jsonl"
+"""The one results file of older versions (read only)."""
+RESULTS_DIR = "results"
+"""One `{host}-{pid}-{random}.jsonl` per writer."""
 IDENTITY = "identity.json"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # Settings that observe the teacher's calls, or set how DSPy runs them (threads, history, error
@@ -177,7 +192,12 @@ class TraceStore:
 
     @property
     def results(self) -> Path:
+        """The single results file of older versions: read, never written."""
         return self.root / RESULTS
+
+    def result_files(self) -> list[Path]:
+        """Every results file: the older single one, then each writer's."""
+        return [p for p in [self.results, *sorted((self.root / RESULTS_DIR).glob("*.jsonl"))] if p.is_file()]
 
     def pull(self) -> None:
         """Fetches the URI's results into the mirror; nothing for a folder."""
@@ -187,30 +207,42 @@ class TraceStore:
             pull(self.remote, self.root)
 
     def sync(self) -> None:
-        """Uploads the mirror's results to the URI; nothing for a folder."""
+        """Uploads this process's results files (and identity.json) to the URI; nothing for a folder.
+
+        Only this process's own files: another process sharing the mirror uploads its own, so a
+        half-written file of another writer never goes up over its finished upload.
+        """
         if self.remote is not None:
             from bootfinetune.run.storage import push
 
-            push(self.root, self.remote)
+            mine = [f"{RESULTS_DIR}/{p.name}" for p in (self.root / RESULTS_DIR).glob(f"{_process()}-*.jsonl")]
+            push(self.root, self.remote, only=[IDENTITY, *mine])
 
     def load(self) -> dict[tuple[str, int], dict[str, Any]]:
         """Every successful result, by (example key, teacher index); a line cut short by a crash is skipped."""
         done: dict[tuple[str, int], dict[str, Any]] = {}
-        if not self.results.exists():
-            return done
-        with open(self.results, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a run that died mid-write
-                    continue
-                if "failure" not in row["result"]:
-                    done[(row["example"], int(row["teacher"]))] = row["result"]
+        for path in self.result_files():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # the last line of a writer that died mid-write
+                        continue
+                    if "failure" not in row["result"]:
+                        done[(row["example"], int(row["teacher"]))] = row["result"]
         return done
 
     def appender(self) -> "_Appender":
-        """A context manager whose `add(example_key, teacher, result)` appends and flushes one line."""
-        return _Appender(self.results)
+        """A context manager whose `add(example_key, teacher, result)` appends and flushes one line.
+
+        Each appender writes a file of its own, new, under results/ (see the module docstring).
+        """
+        return _Appender(self.root / RESULTS_DIR / f"{_process()}-{uuid.uuid4().hex[:8]}.jsonl")
+
+
+def _process() -> str:
+    """This process's prefix in results/ file names: `{host}-{pid}` (asked each time: a fork has another pid)."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', socket.gethostname())}-{os.getpid()}"
 
 
 class _Appender:
@@ -220,14 +252,7 @@ class _Appender:
 
     def __enter__(self) -> "_Appender":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut = False
-        if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:
-                f.seek(-1, 2)
-                cut = f.read(1) != b"\n"
-        self.file = open(self.path, "a", encoding="utf-8")
-        if cut:  # a line cut short by a crash must not glue itself to the next one
-            self.file.write("\n")
+        self.file = open(self.path, "x", encoding="utf-8")  # "x": never another writer's file
         return self
 
     def add(self, example: str, teacher: int, result: dict[str, Any]) -> None:

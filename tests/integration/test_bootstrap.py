@@ -75,11 +75,12 @@ def test_interrupted_run_resumes_where_it_stopped(ray_cluster, teacher_server, t
     trainset = two_step_examples(12)
     done = prepare(teacher_lm, tmp_path, trainset)
     store = Path(read_json(done.run.config_json)["trace_store"])
-    lines = (store / "results.jsonl").read_text().splitlines()
+    [results] = (store / "results").glob("*.jsonl")  # one writer: one results file
+    lines = results.read_text().splitlines()
     assert len(lines) == 12
     # Turn the finished run into one cut off after 5 examples, the 6th line half written.
     (done.run.bootstrap_dir / "train.summary.json").unlink()
-    (store / "results.jsonl").write_text("".join(line + "\n" for line in lines[:5]) + lines[5][:20])
+    results.write_text("".join(line + "\n" for line in lines[:5]) + lines[5][:20])
     before = teacher_server.calls
     resumed = prepare(teacher_lm, tmp_path, trainset)
     done_keys = {json.loads(line)["example"] for line in lines[:5]}

@@ -42,6 +42,7 @@ def test_compile_to_s3_then_load_and_resume_elsewhere(ray_cluster, s3_server, tm
                      "bootstrap/train.summary.json", "models/all/manifest.json", "models/all/model.safetensors",
                      "models/all/tokenizer.json"):
             assert name in names, name
+        assert "writer.lease" not in names and "writer.lock" not in names  # released, and the lock stays local
         # Ray Train wrote its checkpoints to the bucket (from both workers' node), not to the mirror.
         manifest = read_json(run.model_dir("all") / "manifest.json")
         assert manifest["world_size"] == 2

@@ -6,11 +6,15 @@ count here is the HTTP requests the scripted teacher on 127.0.0.1 answered.
 
 import json
 import logging
+import os
+import socket
+import threading
 
 import pytest
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.entrypoints.jobs import main_finetune
+from bootfinetune.errors import RunBusyError
 from bootfinetune.run.jsonio import read_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.testing.tiny_models import build_tiny_causal
@@ -50,11 +54,39 @@ def job_logging():
     logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
+def compile_together(teleprompters, **compile_args):
+    """Starts one compile of TwoStep per teleprompter at the same instant, in threads; returns each one's
+    outcome: the teleprompter when its compile finished, else the RunBusyError it raised."""
+    start, outcome = threading.Barrier(len(teleprompters)), {}
+
+    def run(tp):
+        start.wait()
+        try:
+            tp.compile(TwoStep(), **compile_args)
+            outcome[id(tp)] = tp
+        except RunBusyError as e:
+            outcome[id(tp)] = e
+
+    threads = [threading.Thread(target=run, args=(tp,)) for tp in teleprompters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    return [outcome[id(tp)] for tp in teleprompters]
+
+
 def test_changing_only_lr_calls_the_teacher_zero_times_and_trains_a_new_model(
         ray_cluster, teacher_server, teacher_lm, tiny, tmp_path, job_logging):
     trainset = two_step_examples(8)
-    first = teleprompter(teacher_lm, tmp_path)
-    first.compile(TwoStep(), trainset=trainset, target=tiny, lr=1e-3, **TRAIN)
+    # Two compiles of one run started together (one writer per run): one runs, the other stops at once
+    # naming it, and only the one that ran asks the teacher.
+    outcomes = compile_together([teleprompter(teacher_lm, tmp_path) for _ in range(2)], trainset=trainset,
+                                target=tiny, lr=1e-3, **TRAIN)
+    [first] = [o for o in outcomes if isinstance(o, BootstrapFinetune)]
+    [busy] = [o for o in outcomes if isinstance(o, RunBusyError)]
+    assert (f"run {first.run_dir.location} is being written by a compile, pid {os.getpid()} on "
+            f"{socket.gethostname()}, started 20") in str(busy) and "writer_wait_s" in str(busy)
+    assert (first.run_dir.root / "writer.lock").read_text() == ""  # released at the end
     calls = teacher_server.calls
     assert calls == first.report["stages"]["bootstrap"]["teacher_calls"] > 0
 

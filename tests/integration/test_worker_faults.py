@@ -2,6 +2,8 @@
 
 - A bootstrap actor that dies mid-batch is restarted by Ray Data and its batch re-run: no example
   lost, none recorded twice, the same records as a run without the fault.
+- An example that kills its actor every time ends as a failure record naming it ("WorkerDied"),
+  counted in max_errors, in bounded time; the other examples of its batch are kept.
 - A driver killed (SIGKILL) during finetuning, started again with the same compile, calls the
   teacher zero times and resumes training from the last checkpoint.
 """
@@ -23,7 +25,9 @@ from bootfinetune.run.jsonio import read_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.testing.teacher_server import TeacherServer
 from bootfinetune.testing.tiny_models import build_tiny_causal
-from tests.programs import DiesOnce, TwoStep, two_step_examples, two_step_metric, two_step_script
+from bootfinetune.errors import BootstrapError
+from bootfinetune.stages.retries import WORKER_DIED
+from tests.programs import DiesOnce, KillsItsWorker, TwoStep, two_step_examples, two_step_metric, two_step_script
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +49,27 @@ def test_killed_bootstrap_actor_loses_and_duplicates_nothing(ray_cluster, teache
                                  for c in calls)
     assert strip(faulty.calls) == strip(clean.calls)
     assert faulty.summary.kept == clean.summary.kept and faulty.summary.failed == 0
+
+    # "item 5" kills its actor every time: bounded retries, then a failure record naming it; nothing else lost.
+    started = time.time()
+    killed = run_bootstrap(RunDir(tmp_path / "killer"), teachers=[KillsItsWorker("item 5")], metric=two_step_metric,
+                           examples=examples, config=BootstrapConfig(num_actors=2, num_threads=2, batch_size=4,
+                                                                     max_errors=1),
+                           teacher_settings={"lm": teacher_lm})
+    seconds = time.time() - started
+    assert seconds < 240, f"the killer example held the run {seconds:.0f}s"
+    assert [(f.example_index, f.error_type) for f in killed.failures] == [(5, WORKER_DIED)]
+    assert "example 5" in killed.failures[0].message and "died" in killed.failures[0].message
+    assert strip(killed.calls) == strip(c for c in clean.calls if c.example_index != 5)  # its batch-mates kept
+    assert killed.summary.failed == 1 and killed.summary.kept == clean.summary.kept - 1
+    store = (tmp_path / "killer" / "bootstrap" / "store" / "results.jsonl").read_text().splitlines()
+    assert len(store) == 16 and sum(WORKER_DIED in line for line in store) == 1  # each example once
+    # ... and it counts in max_errors like any failure.
+    with pytest.raises(BootstrapError) as err:
+        run_bootstrap(RunDir(tmp_path / "killer0"), teachers=[KillsItsWorker("item 5")], metric=two_step_metric,
+                      examples=examples[5:6], config=BootstrapConfig(num_actors=1, max_errors=0),
+                      teacher_settings={"lm": teacher_lm})
+    assert "more than max_errors=0" in str(err.value) and f"example 0: {WORKER_DIED}" in str(err.value)
 
 
 DRIVER = r"""

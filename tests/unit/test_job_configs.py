@@ -127,3 +127,46 @@ def test_empty_storage_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("BOOTFINETUNE_STORAGE", "")  # what a runtime_env "${BOOTFINETUNE_STORAGE}" gives where unset
     assert RunOptions().storage_path == DEFAULT_STORAGE
     assert os.environ["BOOTFINETUNE_STORAGE"] == ""
+
+
+def test_teacher_timeout_from_the_job_yaml_bounds_each_call(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from bootfinetune.entrypoints.jobs import Teacher
+    from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
+
+    # A teacher endpoint that accepts connections and never answers (a hung server).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    monkeypatch.setenv("BFT_TIMEOUT_TEST_KEY", "sk-timeout-test")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"program: tests.programs:TwoStep\ntrainset: tests.programs:two_step_examples\n"
+                      f"teacher: {{model: openai/hung, api_base: '{url}', api_key_env: BFT_TIMEOUT_TEST_KEY, "
+                      f"timeout: 1.5, num_retries: 0}}\n")
+    job = load_job_config(config)
+    assert job.teacher.timeout == 1.5
+    teacher = Teacher(job.teacher)
+    assert teacher.lm.kwargs["timeout"] == 1.5
+    started = time.time()
+    try:
+        with pytest.raises(Exception) as err:
+            teacher.lm("hello")
+    finally:
+        silent.close()
+    assert time.time() - started < 10, "the call outlived its timeout"
+    assert "timeout" in f"{type(err.value).__name__} {err.value}".lower()
+    # The timeout bounds how long a call waits, not what it answers: changing it keeps the trace identity.
+    from bootfinetune.entrypoints.jobconfig import TeacherSpec
+    from bootfinetune.stages.checks import lm_identity
+
+    default = Teacher(TeacherSpec(model="openai/hung", api_base=url, api_key_env="BFT_TIMEOUT_TEST_KEY", num_retries=0))
+    assert default.lm.kwargs["timeout"] == DEFAULT_TEACHER_TIMEOUT
+    assert lm_identity(default.lm) == lm_identity(teacher.lm)
+    # Without the key the default applies; a bad value is named.
+    assert parse_job_config({"teacher": {"model": "openai/x"}}, need=()).teacher.timeout == DEFAULT_TEACHER_TIMEOUT
+    with pytest.raises(ConfigError) as bad:
+        parse_job_config({"teacher": {"model": "openai/x", "timeout": 0}}, need=())
+    assert "teacher.timeout=0" in str(bad.value)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
-from bootfinetune.run.jsonio import fingerprint
+from bootfinetune.run.jsonio import fingerprint, read_jsonl
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.stages.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
                                  trace_identity)
@@ -88,14 +89,31 @@ def test_store_keeps_results_by_example_skips_failures_and_a_cut_line(tmp_path):
     with store.appender() as out:
         out.add(example_key(a), 0, ok)
         out.add(example_key(b), 0, {"failure": {"example_index": 1, "error_type": "RuntimeError"}})
-    with open(store.results, "a") as f:
-        f.write('{"example": "cut sho')  # a crash mid-line
-    with store.appender() as out:
-        out.add(example_key(c), 0, ok)
+    with open(out.path, "a") as f:
+        f.write('{"example": "cut sho')  # this writer crashed mid-line
+    with store.appender() as later:  # the next writer starts a file of its own: nothing glued to the cut line
+        later.add(example_key(c), 0, ok)
+    assert later.path != out.path and later.path.read_text().count("\n") == 1
     loaded = store.load()
     assert set(loaded) == {(example_key(a), 0), (example_key(c), 0)}  # the failure is tried again
     assert restamp(loaded[(example_key(c), 0)], 7, "val")["calls"][0] == {"example_index": 7, "split": "val",
                                                                            "predictor": "rewrite"}
+
+
+def test_a_writer_killed_mid_line_loses_only_that_line(tmp_path):
+    store = TraceStore(tmp_path / "store")
+    examples = two_step_examples(4)
+    result = {"calls": [{"example_index": 0, "split": "train", "predictor": "rewrite", "text": "x" * 100_000}],
+              "kept": True}  # lines longer than any read chunk
+    with store.appender() as out:
+        for ex in examples[:3]:
+            out.add(example_key(ex), 0, result)
+    size = out.path.stat().st_size
+    os.truncate(out.path, size - 70_000)  # the third line is cut short, as by a kill mid-write
+    with store.appender() as later:  # the next writer never appends to the crashed one's file
+        later.add(example_key(examples[3]), 0, result)
+    assert later.path != out.path and len(read_jsonl(later.path)) == 1  # strict: whole JSON lines only
+    assert set(store.load()) == {(example_key(e), 0) for e in (examples[0], examples[1], examples[3])}
 
 
 def test_example_keys_and_changes():
