@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,9 +36,9 @@ from bootfinetune.common.importpath import class_path
 from bootfinetune.run.jsonio import fingerprint, write_json
 from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                         raise_if_unfixable)
-from bootfinetune.common.importpath import resolve
-from bootfinetune.stages.rebind import base_program, program_state, rebind_run
+from bootfinetune.stages.rebind import base_program, program_class, program_state, rebind_run
 from bootfinetune.common.redaction import collect_secrets, redact_uri
+from bootfinetune.run.names import folder_names
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
@@ -209,7 +208,7 @@ class BootstrapFinetune(Teleprompter):
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
-                            adapter=resolve_adapter(self.adapter))
+                            adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code)
         result["before"] = evaluate_program(base, valset, self.metric, **common).score
         result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
@@ -298,7 +297,7 @@ class BootstrapFinetune(Teleprompter):
                                   exclude_demos=config.bootstrap.exclude_demos,
                                   drop_duplicates=config.bootstrap.drop_duplicates, split="val") if val_boot else {}
         if not val_boot:  # eval files of an earlier valset must not reach a later finetune
-            shutil.rmtree(run.data_dir / "val", ignore_errors=True)
+            run.remove("data", "val")
         logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
         tokens = self._token_plans(run, plan, student, config, val_data)
         run.update_report(stages={
@@ -353,6 +352,7 @@ class BootstrapFinetune(Teleprompter):
             predictors=plan.predictors,
             model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
                         for key in plan.keys()},
+            folders=folder_names(plan.keys()),
             teachers=[{p: lm_identity(pred.lm) for p, pred in t.named_predictors()} for t in teachers],
             teacher_settings_lm=lm_identity(self.teacher_settings.get("lm")),
             driver_lm=lm_identity(dspy.settings.lm),
@@ -433,14 +433,14 @@ def rebind_stage(run: RunDir, config: Config, described: RunDescription, program
     """Stage 5: `program` bound to the run's models and saved as program.json; (it, "written") or (None, why not)."""
     if program is None:
         try:
-            program = resolve(described.program_class or "")()
+            program = program_class(described.program_class or "", run.config_json)()
         except Exception as e:  # any import or constructor failure: the models stand, without program.json
             return None, f"program.json not written: {described.program_class} does not import here ({e})"
-    compiled = rebind_run(program, run, described, inference=config.inference,
+    compiled = rebind_run(program, run, described, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
                           exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
     write_json(run.program_json, program_state(compiled))
     key_of = described.key_of()
-    logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{key_of[name]}"
+    logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{run.folder(key_of[name])}"
                                                   for name in described.predictors or key_of))
     return compiled, "written"
 
@@ -449,8 +449,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
                  num_actors: int = 2, about: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 
-    Writes `evaluations/{name}.json` in the run directory and returns what it holds: score,
-    examples, failed, seconds, then `about` (what the caller names the valset and metric by).
+    Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in
+    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, then `about`
+    (what the caller names the valset and metric by); the file also holds `name`.
     """
     from bootfinetune.stages.rebind import load
 
@@ -459,7 +460,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
     out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
            **(about or {})}
-    write_json(run.root / "evaluations" / f"{name}.json", out)
+    path = run.evaluation_json(name)
+    write_json(path, {**out, "name": name})
+    run.update_report(evaluations={name: path.name})
     run.sync()
     return out
 

@@ -186,7 +186,10 @@ class InferenceConfig:
     """How the compiled program's finetuned LMs generate, and whether the valset is scored."""
 
     max_tokens: int = option(512, at_least=1)
-    """Most new tokens per answer."""
+    """New tokens per answer when a call or request does not say (at most `max_tokens_ceiling`)."""
+    max_tokens_ceiling: int | None = option(None, at_least=1)
+    """Most new tokens any answer may have; served requests asking more are clamped to it. None: from
+    the longest training answer L, max(2L, L+64) up to 4096 (max_tokens for a model without that record)."""
     generate_batch_size: int = option(8, at_least=1)
     """Most prompts per batched `generate` call."""
     device: str | None = None
@@ -420,6 +423,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
             kwargs["type"] = hint
         elif float in args:  # float | None
             kwargs["type"] = float
+        elif int in args:  # int | None
+            kwargs["type"] = int
         elif list[str] in args:
             kwargs["type"] = _str_or_list
         shown = defaults[name] if name in defaults else _default_of(name)

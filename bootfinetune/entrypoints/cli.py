@@ -87,7 +87,10 @@ def cmd_serve(args) -> int:
     url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                     device=args.device, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                    ray_address=args.ray_address)
+                    ray_address=args.ray_address, max_tokens=getattr(args, "max_tokens", None),
+                    max_tokens_ceiling=getattr(args, "max_tokens_ceiling", None),
+                    request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                    trust_remote_code=args.trust_remote_code)
     from bootfinetune.serving.ray_serve import model_specs
     from bootfinetune.run.rundir import RunDir
 
@@ -108,6 +111,7 @@ def cmd_serve(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from bootfinetune.config import add_config_arguments
     from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
+    from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES
 
     parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     s.add_argument("--ray-address", default=None, help="Ray cluster to serve on (default: a running local one)")
+    s.add_argument("--trust-remote-code", default=None, action=argparse.BooleanOptionalAction,
+                   help="let the models' own code run when they load (default: what the run was trained with)")
+    s.add_argument("--request-timeout", type=float, default=DEADLINE_S,
+                   help="seconds a request may take, queueing included, before its 504 (generation stops)")
+    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
+    add_config_arguments(s, ["max_tokens", "max_tokens_ceiling"])  # default: the run's config.json
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")

@@ -45,6 +45,7 @@ from bootfinetune.stages.finetune import FinetuneJob
 from bootfinetune.run.jsonio import fingerprint, write_jsonl
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
+from bootfinetune.run.writer import writer_for
 from bootfinetune.common.targets import check_target, finetuned_model_id, model_path
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ PREDICTOR = "lm"
 """The predictor name written into each data row (DSPy hands rows without one)."""
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"target"}
-_SERVE_OPTIONS = {"max_tokens", "generate_batch_size", "device"}
+_SERVE_OPTIONS = {"max_tokens", "max_tokens_ceiling", "generate_batch_size", "device"}
 PROVIDER_OPTIONS = _TRAIN_FIELDS | {f.name for f in dataclasses.fields(RunOptions)} | _SERVE_OPTIONS
 """Options a provider takes: how to train, where runs go, and how launched models generate."""
-_LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "batch_size", "trust_remote_code"}
+_LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "max_tokens_ceiling", "batch_size", "trust_remote_code",
+                   "request_timeout"}
 
 
 def resolve_base_model(model: str) -> str:
@@ -182,7 +184,7 @@ class RayFinetuneProvider(Provider):
         **options: bootfinetune options: training (`num_workers`, `zero_stage`, `use_gpu`,
             `max_length`, `bsize`, `lr`, ...: defaults that `train_kwargs` override), where runs
             go (`storage_path`, `run_name`, `ray_address`) and how launched models generate
-            (`max_tokens`, `generate_batch_size`, `device`).
+            (`max_tokens`, `max_tokens_ceiling`, `generate_batch_size`, `device`).
 
     Raises:
         ConfigError: listing every unknown or bad option.
@@ -232,7 +234,9 @@ class RayFinetuneProvider(Provider):
         run = self.run_dir(config, train_data)
         if isinstance(job, RayTrainingJob):
             job.run_dir = run.root
-        with _run_lock(run):  # the same call from two threads trains once; the second finds the manifest
+        # The same call from two threads trains once (the second finds the manifest); from another process
+        # it meets the run's writer lock (RunBusyError naming this one, or a wait with writer_wait_s).
+        with _run_lock(run), writer_for(run, config.run, "lm.finetune"):
             manifest = _train(run, config, train_data)
         if isinstance(job, RayTrainingJob):
             job.manifest = manifest.to_json()
@@ -252,12 +256,13 @@ class RayFinetuneProvider(Provider):
 
         Calling it again, or for another LM on the same model, reuses the running server.
         `launch_kwargs` (or `lm.launch_kwargs`) may set host, port, device, max_tokens,
-        batch_size and trust_remote_code.
+        max_tokens_ceiling, batch_size, trust_remote_code and request_timeout.
         """
         from bootfinetune.serving.serve import serve_model
 
         inference = self._config.inference
-        options = {"max_tokens": inference.max_tokens, "batch_size": inference.generate_batch_size,
+        options = {"max_tokens": inference.max_tokens, "max_tokens_ceiling": inference.max_tokens_ceiling,
+                   "batch_size": inference.generate_batch_size,
                    "device": inference.device, "trust_remote_code": self._config.train.trust_remote_code}
         given = dict(launch_kwargs or getattr(lm, "launch_kwargs", None) or {})
         unknown = sorted(set(given) - _LAUNCH_OPTIONS)

@@ -138,7 +138,7 @@ def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config:
         train_file = dest.data_file(key)
         if not train_file.exists():
             raise ConfigError([f"run_dir: {train_file} is missing; the bootstrap of this run did not finish."])
-        eval_file = dest.data_dir / "val" / f"{key}.jsonl"
+        eval_file = dest.data_file(key, "val")
         jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
                                 train_file=train_file, eval_file=eval_file if eval_file.exists() else None,
                                 added_tokens=report.data_tokens(key)))
@@ -148,7 +148,7 @@ def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config:
 def _seed(src: RunDir, dest: RunDir) -> None:
     """Copies what training needs (bootstrap/, data/, the report's first stages) into a new run directory."""
     for sub in ("bootstrap", "data"):
-        if (src.root / sub).exists():
-            shutil.copytree(src.root / sub, dest.root / sub, dirs_exist_ok=True)
+        if src.path(sub).exists():
+            shutil.copytree(src.path(sub), dest.path(sub), dirs_exist_ok=True)
     stages = src.read_report().stages
     dest.update_report(stages={k: stages[k] for k in ("bootstrap", "data") if k in stages})

@@ -207,6 +207,6 @@ def write_report_html(run: RunDir, *, title: str | None = None) -> Path:
     from bootfinetune.run.jsonio import atomic_write
 
     report = {**run.read_report().to_json(), "run_dir": str(run.root)}
-    path = run.root / "report.html"
+    path = run.path("report.html")
     atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
     return path

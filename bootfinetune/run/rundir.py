@@ -4,13 +4,18 @@
 {storage_path}/{run_name}/
   config.json        resolved configuration (no secrets)
   bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
-  data/{key}.jsonl   finetuning records (chat messages) per model key
-  models/{key}/      Hugging Face export + manifest.json (written last: the model is done)
-  checkpoints/{key}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
-  report.json        counts, losses, metrics, time and tokens per stage
-  program.json       the compiled program's state
-  writer.lock        held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
+  data/{folder}.jsonl   finetuning records (chat messages) per model key
+  models/{folder}/      Hugging Face export + manifest.json (written last: the model is done)
+  checkpoints/{folder}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
+  report.json           counts, losses, metrics, time and tokens per stage
+  program.json          the compiled program's state
+  evaluations/{name}.json  scores of the evaluate job
+  writer.lock           held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
 ```
+
+`{folder}` is the model key's safe folder name, recorded in config.json (`folders`; the key itself
+when it is a safe name, see `bootfinetune.run.names`). Every path handed out here is checked to stay
+inside the run (`names.inside`), and so is every delete (`remove`, `remove_checkpoints`).
 
 Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
 leaves a half file where a finished one is expected.
@@ -30,7 +35,8 @@ from typing import Any
 
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.run.jsonio import fingerprint, read_json, write_json
+from bootfinetune.run.names import checked_folder, folder_names, inside, inside_uri, safe_name
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
 
@@ -96,22 +102,57 @@ class RunDir:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
         if self.remote is None:
             return str(self.checkpoints_dir()), None
-        fs, path = storage.filesystem(storage.join_uri(self.remote, "checkpoints"))
+        fs, path = storage.filesystem(self._uri("checkpoints"))
         return path, fs
 
     def remove_checkpoints(self, key: str) -> None:
-        """Deletes checkpoints/{key} (in the folder, and on the URI when there is one)."""
-        import shutil
-
-        shutil.rmtree(self.checkpoints_dir() / key, ignore_errors=True)
+        """Deletes checkpoints/{folder} (in the folder, and on the URI when there is one)."""
+        self.remove("checkpoints", self.folder(key))
         if self.remote is not None:
-            storage.remove(storage.join_uri(self.remote, "checkpoints", key))
+            storage.remove(self._uri("checkpoints", self.folder(key)))
 
     def model_uri(self, key: str) -> str | None:
-        """models/{key} on the URI, or None for a folder."""
+        """models/{folder} on the URI, or None for a folder."""
         if self.remote is None:
             return None
-        return storage.join_uri(self.remote, "models", key)
+        return self._uri("models", self.folder(key))
+
+    def path(self, *parts: str) -> Path:
+        """`root/parts`, refused (`names.RunPathError`) when it resolves outside the run: every path of the run
+        goes through here."""
+        return inside(self.root, *parts)
+
+    def _uri(self, *parts: str) -> str:
+        """The run's URI with `parts` appended, checked to stay under it (`names.inside_uri`)."""
+        inside_uri(str(self.remote), *parts)
+        return storage.join_uri(str(self.remote), *parts)
+
+    def remove(self, *parts: str) -> None:
+        """Deletes the folder `root/parts` and what it holds (checked to be inside the run first)."""
+        import shutil
+
+        path = self.path(*parts)
+        if path.is_symlink():  # a link inside the run pointing in: drop the link, never what it points at
+            path.unlink()
+        shutil.rmtree(path, ignore_errors=True)
+
+    def folder(self, key: str) -> str:
+        """Model key `key`'s folder name under data/, models/ and checkpoints/, as config.json records it.
+
+        A run without the record (made before it, or a stage run on its own) uses the rule,
+        `names.safe_name`: the key itself when it is a safe name, as those runs had it.
+        """
+        recorded = self._folders()
+        if key in recorded:
+            return checked_folder(key, recorded[key], self.config_json)
+        return safe_name(key, taken=recorded.values())
+
+    def _folders(self) -> dict[str, str]:
+        try:
+            folders = read_json(self.config_json).get("folders")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return folders if isinstance(folders, dict) else {}
 
     @property
     def name(self) -> str:
@@ -119,11 +160,11 @@ class RunDir:
 
     @property
     def config_json(self) -> Path:
-        return self.root / "config.json"
+        return self.path("config.json")
 
     @property
     def bootstrap_dir(self) -> Path:
-        return self.root / "bootstrap"
+        return self.path("bootstrap")
 
     @property
     def calls_jsonl(self) -> Path:
@@ -139,28 +180,40 @@ class RunDir:
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.path("data")
 
-    def data_file(self, key: str) -> Path:
-        return self.data_dir / f"{key}.jsonl"
+    def data_file(self, key: str, split: str = "train") -> Path:
+        """data/{folder}.jsonl, or data/{split}/{folder}.jsonl for another split ("val")."""
+        name = f"{self.folder(key)}.jsonl"
+        return self.path("data", name) if split == "train" else self.path("data", split, name)
 
     @property
     def models_dir(self) -> Path:
-        return self.root / "models"
+        return self.path("models")
 
     def model_dir(self, key: str) -> Path:
-        return self.models_dir / key
+        return self.path("models", self.folder(key))
 
     def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
+        return self.path("checkpoints")
+
+    def checkpoint_dir(self, key: str) -> Path:
+        """checkpoints/{folder}: the Ray Train run of model key `key` (its RunConfig name is the folder)."""
+        return self.path("checkpoints", self.folder(key))
+
+    def evaluation_json(self, name: str) -> Path:
+        """evaluations/{safe name}.json: an evaluation's scores (report.json's `evaluations` maps the name to it)."""
+        known = self.read_report().evaluations if self.report_json.exists() else {}
+        file = known.get(name) or f"{safe_name(name, taken=[f.removesuffix('.json') for f in known.values()])}.json"
+        return self.path("evaluations", checked_folder(name, file, self.report_json))
 
     @property
     def report_json(self) -> Path:
-        return self.root / "report.json"
+        return self.path("report.json")
 
     @property
     def program_json(self) -> Path:
-        return self.root / "program.json"
+        return self.path("program.json")
 
     def manifest_json(self, key: str) -> Path:
         """models/{key}/manifest.json: written last, its presence means the model is finished."""
@@ -171,6 +224,8 @@ class RunDir:
         return read_record(RunDescription, self.config_json)
 
     def write_description(self, description: RunDescription) -> None:
+        """Writes config.json, recording a folder (`folders`) for each model key that has none yet."""
+        description.folders = folder_names(description.model_keys, recorded=description.folders)
         write_json(self.config_json, description.to_json())
 
     def read_manifest(self, key: str) -> ModelManifest | None:

@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 
 from bootfinetune.errors import ConfigError
 
-RUN_FILES_VERSION = 1
-"""The version every run file is written with; files up to it are read."""
+RUN_FILES_VERSION = 2
+"""The version every run file is written with; files up to it are read.
+2: config.json's `folders` and a manifest's `folder` (a model key's folder name, `run.names`)."""
 
 _R = TypeVar("_R")
 
@@ -97,6 +98,9 @@ class RunDescription:
     """Predictor names, in the program's order."""
     model_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Model key -> {"target": base model, "predictors": [names it serves]}."""
+    folders: dict[str, str] = field(default_factory=dict)
+    """Model key -> its folder under data/, models/ and checkpoints/ (`run.names.folder_names`); readers use
+    this, never the key. Empty in runs before version 2, whose folders were the keys."""
     teachers: list[dict[str, Any]] = field(default_factory=list)
     """Per teacher: predictor name -> its LM's identity."""
     teacher_settings_lm: dict[str, Any] | None = None
@@ -132,6 +136,10 @@ class RunDescription:
     def flat_options(self) -> dict[str, Any]:
         """Every recorded option in one dict (`Config.from_options` takes it)."""
         return {k: v for group in self.options.values() for k, v in group.items()}
+
+    def trusts_remote_code(self, given: bool | None = None) -> bool:
+        """`given`, or the `trust_remote_code` the run was trained with (its train options; False if unrecorded)."""
+        return bool(self.options.get("train", {}).get("trust_remote_code", False) if given is None else given)
 
     def key_of(self) -> dict[str, str]:
         """Predictor name -> the model key serving it."""
@@ -214,6 +222,8 @@ class ModelManifest:
     """The base model it was trained from."""
     predictors: list[str] = field(default_factory=list)
     """Predictors it serves."""
+    folder: str = ""
+    """Its folder under models/ (config.json's `folders`); "" in manifests before version 2 (the key)."""
     model_kind: str = ""
     """"causal" or "seq2seq"."""
     renderer: dict[str, Any] = field(default_factory=dict)
@@ -252,6 +262,9 @@ class ModelManifest:
     """Unix time the manifest was written."""
     truncated: dict[str, Any] = field(default_factory=dict)
     """Records cut to max_length ({"train", "eval"}), max_length, and the prompt length inference keeps."""
+    answer_tokens_max: int | None = None
+    """The longest answer trained on (tokens with labels, after cutting to max_length); serving
+    derives its max_tokens ceiling from it (`serving.lm.token_ceiling`). None in runs from before it."""
     dropped_per_epoch: Any = None
     """Records dropped per epoch to even out the workers' batches."""
     world_size: int = 0
@@ -313,6 +326,8 @@ class RunReport:
     """The metric on the valset: {"before", "after", "teacher", "examples"}; None before evaluation."""
     retrained_from: str | None = None
     """The run whose traces a retrain trained again, if this run is a retrain's."""
+    evaluations: dict[str, str] = field(default_factory=dict)
+    """Evaluation name -> its file under evaluations/ (a safe name, `run.names.safe_name`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (kept, written back)."""
 
@@ -321,17 +336,17 @@ class RunReport:
         return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
-        """The file's dict; metric and retrained_from are left out while None, as before records."""
+        """The file's dict; metric, retrained_from and evaluations are left out while unset, as before records."""
         out = _to_json(self)
-        for name in ("metric", "retrained_from"):
-            if out[name] is None:
+        for name, unset in (("metric", None), ("retrained_from", None), ("evaluations", {})):
+            if out[name] == unset:
                 out.pop(name)
         return out
 
     def merge(self, **sections: Any) -> "RunReport":
         """Sets top-level sections; a dict merges one level deep into the one there."""
         for name, value in sections.items():
-            known = name in ("stages", "metric", "retrained_from")
+            known = name in ("stages", "metric", "retrained_from", "evaluations")
             current = getattr(self, name) if known else self.extra.get(name)
             if isinstance(value, dict) and isinstance(current, dict):
                 value = {**current, **_plain(value)}

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run.jsonio import read_json, write_json
+from bootfinetune.run.names import inside
 from bootfinetune.common.redaction import redact_uri, redact_urls_in
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _pull(uri: str, local: Path) -> int:
     for rel, info in _remote_files(fs, base).items():
         if not rel or rel == INDEX or not _mirrored(rel):
             continue
-        dest, seen = local / rel, state.get(rel) or {}
+        dest, seen = inside(local, rel), state.get(rel) or {}  # an object named `../x` is refused
         version = index.get(rel) or [info.size, info.mtime_ns]
         if dest.exists() and seen.get("remote") == version:
             continue  # the URI holds the version we last synced

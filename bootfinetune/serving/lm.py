@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,8 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_e
 from bootfinetune.config import InferenceConfig
 from bootfinetune.common.chat import plain_messages
 from bootfinetune.errors import ProgramError
+from bootfinetune.serving.batching import MicroBatcher, StopRows
+from bootfinetune.serving.limits import Control, token_ceiling
 from bootfinetune.training.render import decode_answer, encode_prompt, model_kind
 from bootfinetune.run.runfiles import ModelManifest, read_record
 
@@ -188,39 +189,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _MicroBatcher:
-    """Gathers concurrent requests into batches: the first waiting thread runs them for everyone."""
-
-    def __init__(self, run_batch, max_batch: int, wait_s: float = 0.01):
-        self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
-        self.lock = threading.Lock()
-        self.pending: list[tuple[Any, Future]] = []
-        self.leader = False
-
-    def submit(self, item: Any) -> Any:
-        future: Future = Future()
-        with self.lock:
-            self.pending.append((item, future))
-            lead = not self.leader
-            self.leader = self.leader or lead
-        if lead:
-            time.sleep(self.wait_s)  # let concurrent callers join this batch
-            while True:
-                with self.lock:
-                    batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch:]
-                    if not batch:
-                        self.leader = False
-                        break
-                try:
-                    results = self.run_batch([b[0] for b in batch])
-                    for (_, fut), result in zip(batch, results):
-                        fut.set_result(result)
-                except BaseException as exc:  # hand the error to every caller of the batch
-                    for _, fut in batch:
-                        fut.set_exception(exc)
-        return future.result()
-
-
 class FinetunedEngine:
     """A DSPy 3.4 engine that answers with a finetuned Hugging Face model in process.
 
@@ -231,7 +199,9 @@ class FinetunedEngine:
         model: The model directory (an export under `models/{key}/`) or a hub id.
         key: The model key it was trained for (names the LM; informational).
         device: "cpu", "cuda", "cuda:1"...; None picks CUDA when present.
-        max_tokens: Most new tokens per answer when a request does not say.
+        max_tokens: New tokens per answer when a request does not say (at most the ceiling).
+        max_tokens_ceiling: Most new tokens any answer may have; requests asking more are clamped.
+            None: `token_ceiling` of the manifest's longest training answer (else `max_tokens`).
         batch_size: Most prompts per `generate` call.
         max_length: Prompt tokens kept (cut from the left, as in training); None reads the manifest.
         trust_remote_code: Allow the model repository's own code to run.
@@ -245,11 +215,12 @@ class FinetunedEngine:
     def __init__(self, model: str, *, key: str | None = None, device: str | None = None,
                  max_tokens: int = InferenceConfig.max_tokens, batch_size: int = InferenceConfig.generate_batch_size,
                  max_length: int | None = None, trust_remote_code: bool = False,
-                 source: str | None = None, fingerprint: str | None = None):
+                 source: str | None = None, fingerprint: str | None = None, max_tokens_ceiling: int | None = None):
         self.model = str(model)
         self.key = key
         self.device = device
         self.max_tokens = max_tokens
+        self.max_tokens_ceiling = max_tokens_ceiling
         self.batch_size = batch_size
         self.trust_remote_code = trust_remote_code
         self.source = source
@@ -257,9 +228,14 @@ class FinetunedEngine:
             self.fetch()
             fingerprint = model_fingerprint(self.model)
         self.fingerprint = fingerprint
-        self._trained_length = self._manifest_max_length()
+        manifest = self._manifest()
+        self._trained_length = manifest.prompt_max_length() if manifest else None
         self.max_length = max_length if max_length is not None else self._trained_length
-        self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
+        self.ceiling = max_tokens_ceiling or token_ceiling(manifest and manifest.answer_tokens_max, max_tokens)
+        """The most new tokens an answer may have (see `max_tokens_ceiling`)."""
+        self.steps = 0
+        """Decoding steps run so far (every row of a batch counts once per step)."""
+        self._batcher = MicroBatcher(self._generate_batch, max_batch=batch_size)
 
     @property
     def model_name(self) -> str:
@@ -288,16 +264,28 @@ class FinetunedEngine:
     def set_batch_size(self, batch_size: int) -> None:
         """Changes how many prompts one `generate` call takes (calls in flight finish as they were)."""
         self.batch_size = batch_size
-        self._batcher = _MicroBatcher(self._generate_batch, max_batch=batch_size)
+        self._batcher = MicroBatcher(self._generate_batch, max_batch=batch_size)
 
-    def _manifest_max_length(self) -> int | None:
+    def _count_step(self) -> None:
+        self.steps += 1
+
+    def limit(self, requested: int | None = None) -> int:
+        """New tokens an answer gets: the request's number (else `max_tokens`), clamped to the ceiling."""
+        return max(1, min(int(requested or self.max_tokens), self.ceiling))
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        """Gathers concurrent answers into batches (servers submit to it and await the futures)."""
+        return self._batcher
+
+    def _manifest(self) -> ModelManifest | None:
         manifest = Path(self.model) / ModelManifest.FILE
-        return read_record(ModelManifest, manifest).prompt_max_length() if manifest.exists() else None
+        return read_record(ModelManifest, manifest) if manifest.exists() else None
 
     # -- DSPy's engine interface --------------------------------------------------------------
     def complete(self, request: Request) -> Response:
         """One answer to a canonical request; the usage is the tokenizer's count."""
-        limit = request.config.max_tokens or self.max_tokens
+        limit = self.limit(request.config.max_tokens)
         text, prompt_tokens, new_tokens = self.answer(_request_messages(request), limit, request.config.temperature)
         return Response(id=None, model=request.model, message=Message.assistant(text),
                         finish_reason="length" if new_tokens >= limit else "stop",
@@ -312,6 +300,7 @@ class FinetunedEngine:
 
     def dump_state(self) -> dict[str, Any]:
         return {"model": self.model, "key": self.key, "device": self.device, "max_tokens": self.max_tokens,
+                "max_tokens_ceiling": self.max_tokens_ceiling,
                 "batch_size": self.batch_size, "max_length": self.max_length,
                 "trust_remote_code": self.trust_remote_code, "source": self.source, "fingerprint": self.fingerprint}
 
@@ -329,12 +318,18 @@ class FinetunedEngine:
     def answer(self, messages: list[Any], max_tokens: int | None = None,
                temperature: float | None = None) -> tuple[str, int, int]:
         """One answer: (text, prompt tokens, new tokens). Concurrent callers share batched `generate` calls."""
-        limit = int(max_tokens or self.max_tokens)
-        return self._batcher.submit((plain_messages(messages), limit, float(temperature or 0.0)))
+        return self.submit(messages, max_tokens, temperature).result()
+
+    def submit(self, messages: list[Any], max_tokens: int | None = None, temperature: float | None = None,
+               control: Control | None = None) -> Future:
+        """`answer` without waiting: a future of (text, prompt tokens, new tokens). A `control` may stop it
+        (deadline, client gone), and then the future raises `Cancelled` or `DeadlineExceeded`."""
+        item = (plain_messages(messages), self.limit(max_tokens), float(temperature or 0.0))
+        return self._batcher.submit(item, control)
 
     def generate(self, conversations: list[list[dict]], max_tokens: int | None = None) -> list[str]:
         """Answers many conversations at once (greedy), in batches of `batch_size`."""
-        limit = int(max_tokens or self.max_tokens)
+        limit = self.limit(max_tokens)
         out = []
         for i in range(0, len(conversations), self.batch_size):
             chunk = [(plain_messages(c), limit, 0.0) for c in conversations[i:i + self.batch_size]]
@@ -342,21 +337,28 @@ class FinetunedEngine:
         return out
 
     # -- generation ---------------------------------------------------------------------------
-    def _generate_batch(self, requests: list[tuple[list[dict], int, float]]) -> list[tuple[str, int, int]]:
-        """Answers requests (messages, max new tokens, temperature): one `generate` per distinct temperature."""
+    def _generate_batch(self, requests: list[tuple[list[dict], int, float]],
+                        controls: list[Control | None] | None = None) -> list[tuple[str, int, int]]:
+        """Answers requests (messages, max new tokens, temperature): one `generate` per distinct temperature.
+
+        A row whose control fires (deadline, client gone) stops generating; the caller discards its answer.
+        """
+        controls = controls or [None] * len(requests)
         results: list[tuple[str, int, int]] = [("", 0, 0)] * len(requests)
         by_temperature: dict[float, list[int]] = {}
         for i, request in enumerate(requests):
             by_temperature.setdefault(request[2], []).append(i)
         for temperature, rows in by_temperature.items():
-            answers = self._generate_same_temperature([requests[i] for i in rows], temperature)
+            answers = self._generate_same_temperature([requests[i] for i in rows], temperature,
+                                                      [controls[i] for i in rows])
             for i, answer in zip(rows, answers):
                 results[i] = answer
         return results
 
-    def _generate_same_temperature(self, requests: list[tuple[list[dict], int, float]],
-                                   temperature: float) -> list[tuple[str, int, int]]:
+    def _generate_same_temperature(self, requests: list[tuple[list[dict], int, float]], temperature: float,
+                                   controls: list[Control | None]) -> list[tuple[str, int, int]]:
         import torch
+        from transformers import StoppingCriteriaList
 
         device = self.device or default_device()
         model, tokenizer, kind = self.load()
@@ -369,7 +371,10 @@ class FinetunedEngine:
         ids = [([pad] * (width - len(p)) + p) if left else (p + [pad] * (width - len(p))) for p in prompts]
         mask = [([0] * (width - len(p)) + [1] * len(p)) if left else ([1] * len(p) + [0] * (width - len(p)))
                 for p in prompts]
-        gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        # Every row stops at its own limit or when its request is no longer wanted (deadline, client gone).
+        stop = StopRows([r[1] for r in requests], controls, width if left else 1, self._count_step)
+        gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                          stopping_criteria=StoppingCriteriaList([stop]))
         gen_kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else \
             gen_kwargs.update(do_sample=False)
         with torch.no_grad(), adapter_selected(self.model, device):
@@ -390,7 +395,7 @@ class FinetunedEngine:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._batcher = _MicroBatcher(self._generate_batch, max_batch=self.batch_size)
+        self._batcher = MicroBatcher(self._generate_batch, max_batch=self.batch_size)
 
 
 _ENGINES: dict[str, FinetunedEngine] = {}
@@ -426,12 +431,13 @@ def FinetunedLM(model: str, *, key: str | None = None, device: str | None = None
                 max_tokens: int = InferenceConfig.max_tokens, temperature: float = 0.0,
                 batch_size: int = InferenceConfig.generate_batch_size, max_length: int | None = None,
                 trust_remote_code: bool = False, source: str | None = None, cache: bool = False,
-                callbacks: list[Any] | None = None) -> dspy.LM:
+                callbacks: list[Any] | None = None, max_tokens_ceiling: int | None = None) -> dspy.LM:
     """A `dspy.LM` that calls a finetuned Hugging Face model in this process (see `FinetunedEngine`).
 
     Args:
-        model, key, device, batch_size, max_length, trust_remote_code, source: As `FinetunedEngine`.
-        max_tokens: Most new tokens per answer.
+        model, key, device, batch_size, max_length, trust_remote_code, source, max_tokens_ceiling:
+            As `FinetunedEngine`.
+        max_tokens: New tokens per answer (at most the ceiling).
         temperature: 0 for greedy decoding; above 0 samples.
         cache: Whether DSPy's cache answers repeated calls. Off by default (a local model is cheap
             to call and a cached sample repeats itself); safe on, since the model string names
@@ -442,7 +448,8 @@ def FinetunedLM(model: str, *, key: str | None = None, device: str | None = None
         The LM; `finetuned_engine(lm)` gives its engine back.
     """
     engine = FinetunedEngine(model, key=key, device=device, max_tokens=max_tokens, batch_size=batch_size,
-                             max_length=max_length, trust_remote_code=trust_remote_code, source=source)
+                             max_length=max_length, trust_remote_code=trust_remote_code, source=source,
+                             max_tokens_ceiling=max_tokens_ceiling)
     return dspy.LM(engine.model_name, engine=engine, async_engine=AsyncFinetunedEngine(engine),
                    temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks, num_retries=0)
 

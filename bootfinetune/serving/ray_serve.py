@@ -9,30 +9,36 @@ One deployment (`ChatDeployment`, `--replicas` copies) holds a `FinetunedEngine`
 the run; the model name a request gives is the key (`GET /v1/models` lists them; with
 `multitask=False` that is one per predictor, and LoRA adapters on a shared base are one name
 each while the replica loads the base once). `POST /v1/chat/completions` renders prompts
-exactly as training did. Requests are batched by Ray Serve (`@serve.batch`): those arriving
-within `batch_wait_timeout_s` of each other, up to `max_batch_size`, are answered by one
-`generate` per model. The HTTP proxy binds 127.0.0.1 unless `host` says otherwise. Bad
-requests get a 400 naming the field; an unknown model a 404 listing the known ones.
+exactly as training did. Requests are batched per model by the engine's batcher (as in the
+in-process server): those arriving within `batch_wait_timeout_s` of each other, up to
+`max_batch_size`, with answer limits in the same bucket, share one `generate`. The HTTP proxy
+binds 127.0.0.1 unless `host` says otherwise. Bad requests get a 400 naming the field; an
+unknown model a 404 listing the known ones.
+
+The limits of `serving.limits` hold here too: `max_tokens` clamped to the model's ceiling,
+`n` at most 8, bodies over `max_body_bytes` refused with a 413 while reading, and a deadline per
+request (`request_timeout`: a 504, generation stopped; Serve's proxy gives up a few seconds
+later). A client that goes away stops its generation (Serve cancels the request). A replica
+takes `max_ongoing_requests` at once and Serve queues `max_queued_requests` more (then 503s).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
-import asyncio
 import itertools
 import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
 
 from bootfinetune.config import InferenceConfig
-from bootfinetune.common.chat import plain_messages
 from bootfinetune.errors import ProgramError
+from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, READ_TIMEOUT_S, Cancelled, Control
 from bootfinetune.serving.lm import FinetunedEngine
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription
-from bootfinetune.serving.serve import BadRequest, Completion, check_chat_request, completion_body
+from bootfinetune.serving.openai_api import (BadRequest, Completion, HTTPProblem, await_answers, check_chat_request,
+                                             completion_body, error_response, pick_model, read_json, requested_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +47,20 @@ APP_NAME = "bootfinetune"
 api = FastAPI(title="bootfinetune")
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
 @serve.deployment(name="ChatDeployment")
 @serve.ingress(api)
 class ChatDeployment:
-    """A replica: the run's finetuned LMs, and Serve's request batching in front of them."""
+    """A replica: the run's finetuned LMs, each batching the requests it is sent."""
 
     def __init__(self, models: dict[str, dict[str, Any]], max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01):
-        self.lms = {name: FinetunedEngine(**spec) for name, spec in models.items()}
+                 batch_wait_timeout_s: float = 0.01, request_timeout: float = DEADLINE_S,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.lms = {name: FinetunedEngine(**{**spec, "batch_size": max_batch_size}) for name, spec in models.items()}
         for engine in self.lms.values():  # load now: a broken model fails the deployment, not a request
             engine.load()
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+            engine.batcher.wait_s = batch_wait_timeout_s
+        self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
         self.ids = itertools.count(1)
-        self.batches: list[int] = []
-        """Sizes of the batches answered (for /v1/stats)."""
 
     @api.get("/v1/models")
     def models(self) -> dict[str, Any]:
@@ -72,59 +73,49 @@ class ChatDeployment:
 
     @api.get("/v1/stats")
     def stats(self) -> dict[str, Any]:
-        return {"batches": len(self.batches), "requests": sum(self.batches),
-                "largest_batch": max(self.batches, default=0)}
+        sizes = [n for engine in self.lms.values() for n in engine.batcher.batch_sizes]
+        return {"batches": len(sizes), "requests": sum(sizes), "largest_batch": max(sizes, default=0),
+                "max_tokens_ceiling": {name: engine.ceiling for name, engine in self.lms.items()}}
 
     @api.post("/v1/chat/completions")
     async def chat(self, http: Request):
+        control = Control.within(self.request_timeout)
         try:
-            body = await http.json()
-        except ValueError as exc:
-            return _error(400, f"the body is not valid JSON ({exc}); send a chat.completions request.",
-                          "invalid_request_error")
-        try:
-            request = check_chat_request(body)
+            request = check_chat_request(await read_json(http, self.max_body_bytes, READ_TIMEOUT_S))
+            name = pick_model(request.get("model"), {name: name for name in self.lms})
+            engine = self.lms[name]
+            limit = engine.limit(requested_tokens(request))
+            temperature = float(request.get("temperature") or 0.0)
+            futures = [engine.submit(request["messages"], limit, temperature, control) for _ in range(request["n"])]
+            answers = await await_answers(futures, control)
+        except HTTPProblem as problem:
+            return problem.response()
         except BadRequest as exc:
-            return _error(400, str(exc), "invalid_request_error")
-        name = request.get("model") or (next(iter(self.lms)) if len(self.lms) == 1 else None)
-        if name not in self.lms:
-            return _error(404, f"model={request.get('model')!r}: this server has {sorted(self.lms)}; "
-                          "set model to one of them.", "model_not_found")
-        limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.lms[name].max_tokens)
-        temperature = float(request.get("temperature") or 0.0)
-        item = (name, request["messages"], limit, temperature)
-        try:
-            answers = await asyncio.gather(*[self.generate(item) for _ in range(request["n"])])
-        except Exception as exc:  # answering failed: a 500 naming the error
+            return error_response(400, str(exc), "invalid_request_error")
+        except Cancelled:
+            return error_response(499, "the client went away.", "cancelled")
+        except Exception:  # answering failed: a 500 naming no internals (the error goes to the replica's log)
             log.exception("generation failed")
-            return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+            return error_response(500, "the server failed to answer this request; see the replica's log.",
+                                  "server_error")
         choices = [Completion(text, p, c, "length" if c >= limit else "stop") for text, p, c in answers]
         return completion_body(name, choices, f"chatcmpl-{next(self.ids)}")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, items: list[tuple[str, list, int, float]]) -> list[tuple[str, int, int]]:
-        """One `generate` per model (and temperature) for the requests Serve gathered."""
-        self.batches.append(len(items))
-        results: list[Any] = [None] * len(items)
-        by_model: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            by_model.setdefault(item[0], []).append(i)
-        for name, rows in by_model.items():
-            requests = [(plain_messages(items[i][1]), items[i][2], items[i][3]) for i in rows]
-            answers = await asyncio.to_thread(self.lms[name]._generate_batch, requests)
-            for i, answer in zip(rows, answers):
-                results[i] = answer
-        return results
 
+def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None,
+                max_tokens_ceiling: int | None = None, trust_remote_code: bool | None = None) -> dict[str, dict]:
+    """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run.
 
-def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | None = None) -> dict[str, dict]:
-    """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run."""
+    `trust_remote_code` None: what the run was trained with (config.json).
+    """
     described = run.read_description() if run.config_json.exists() else RunDescription()
     inference = described.options.get("inference", {})
+    trust = described.trusts_remote_code(trust_remote_code)
     specs = {}
     for key in run.finished_models():
-        specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device,
+        specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device, "trust_remote_code": trust,
                       "max_tokens": max_tokens or inference.get("max_tokens") or InferenceConfig.max_tokens,
+                      "max_tokens_ceiling": max_tokens_ceiling or inference.get("max_tokens_ceiling"),
                       "batch_size": inference.get("generate_batch_size") or InferenceConfig.generate_batch_size, "source": run.model_uri(key)}
     return specs
 
@@ -132,7 +123,10 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
 def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None,
               max_tokens: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              ray_address: str | None = None) -> str:
+              ray_address: str | None = None, max_tokens_ceiling: int | None = None,
+              request_timeout: float = DEADLINE_S, max_body_bytes: int = MAX_BODY_BYTES,
+              max_ongoing_requests: int = 64, max_queued_requests: int = 256,
+              trust_remote_code: bool | None = None) -> str:
     """Deploys a run's models on Ray Serve and returns the OpenAI base URL (`http://host:port/v1`).
 
     Args:
@@ -142,22 +136,32 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         max_batch_size, batch_wait_timeout_s: Serve's request batching.
         device: Where replicas run the models; None picks CUDA when the replica has a GPU.
         max_tokens: Default answer length when a request gives none (default: the run's).
+        max_tokens_ceiling: Most new tokens an answer may have (default: the run's option, else
+            derived from each model's longest training answer; see `limits.token_ceiling`).
+        request_timeout: Seconds a request may take, queueing included, before its 504.
+        max_body_bytes: Largest request body read; a larger one gets a 413.
+        max_ongoing_requests, max_queued_requests: Requests a replica takes at once, and how many
+            Serve queues beyond that before answering 503.
         num_cpus, num_gpus: Resources each replica reserves.
         ray_address: The Ray cluster to serve on (default: `$RAY_ADDRESS`, a running local cluster, else a new one).
+        trust_remote_code: Let the models' own code run when they load; None: what the run was trained with.
     """
     from bootfinetune.runtime.ray_env import ensure_ray
 
     run = RunDir.from_location(run_dir)
     run.pull()
-    specs = model_specs(run, device=device, max_tokens=max_tokens)
+    specs = model_specs(run, device=device, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling,
+                        trust_remote_code=trust_remote_code)
     if not specs:
         raise ProgramError(f"run_dir: {run.location} has no finished model (models/*/manifest.json); "
                            "serve the run directory of a finished compile.")
     ensure_ray(ray_address)
-    serve.start(http_options={"host": host, "port": port})
-    app = ChatDeployment.options(num_replicas=replicas,
+    # The proxy's own timeout is a backstop a little past the replica's deadline (which answers the 504).
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout + 5})
+    app = ChatDeployment.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+                                 max_queued_requests=max_queued_requests,
                                  ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}) \
-        .bind(specs, max_batch_size, batch_wait_timeout_s)
+        .bind(specs, max_batch_size, batch_wait_timeout_s, request_timeout, max_body_bytes)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}/v1"
     log.info("serving %s at %s: models %s", run.location, url, sorted(specs))

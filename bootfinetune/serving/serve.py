@@ -1,157 +1,67 @@
 """OpenAI-compatible HTTP endpoints on 127.0.0.1: the shared server, and a finetuned model behind it.
 
-`ChatServer` is the HTTP part: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/stats`
-and `GET /health`, each request on its own thread. What answers is one method,
-`complete(request) -> list[Completion]`; `ModelServer` answers with a Hugging Face model
-(through `FinetunedEngine`, so concurrent requests share batched `generate` calls), and
-`teacher_server.TeacherServer` with a script.
+`ChatServer` is the HTTP part, a FastAPI app run by uvicorn on a background thread (its own
+event loop): `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/stats` and `GET /health`.
+What answers is one method, `complete(request) -> list[Completion]` (run on the server's thread
+pool), or `choices` where a server awaits its answers itself; `ModelServer` answers with a
+Hugging Face model (through `FinetunedEngine`, so concurrent requests share batched `generate`
+calls), and `teacher_server.TeacherServer` with a script.
 
     server = serve_model("runs/Provider-1a2b/models/all")      # once per directory and process
     lm = dspy.LM("openai/bootfinetune:runs/...", api_base=server.url, api_key="local")
 
-A request that cannot be answered as sent (bad JSON, no messages, a bad `n`) gets a 400
-naming the field; a failure while answering gets a 500 with the error. A subclass answers other
-failures its own way through `ChatServer.handler_class` (`bootfinetune.testing.faults` injects faults so).
+What one request cannot do (see `limits`): send a body over `max_body_bytes` (413, refused
+while reading), take over `read_timeout` to send it (408), ask for more than `MAX_N` answers
+(400), or hold the model past its deadline (504, generation stopped). A model name that is not
+the server's gets a 404; `/v1/models` lists ids, never filesystem paths. A request that cannot be
+answered as sent gets a 400 naming the field; a failure while answering a 500 with a short
+message (the details go to the log). A subclass answers other failures its own way through
+`failure_response` (`bootfinetune.testing.faults` injects faults so).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import json
+import logging
+import socket
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from bootfinetune.common.targets import model_path
 from bootfinetune.config import InferenceConfig
-from bootfinetune.common.chat import first_bad_message
+from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, READ_TIMEOUT_S, Cancelled, Control
 from bootfinetune.serving.lm import FinetunedEngine, unload_model
+from bootfinetune.serving.openai_api import (BadRequest, Completion, HTTPProblem, await_answers, check_chat_request,
+                                             completion_body, error_response, pick_model, read_json, requested_tokens)
+
+__all__ = ["BadRequest", "ChatServer", "Completion", "ModelServer", "check_chat_request", "completion_body",
+           "serve_model", "served_model", "stop_model"]
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Completion:
-    """One answer choice and its token counts."""
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for a new connection's first request headers
+    (uvicorn times out idle kept-alive connections, not one that never finishes its headers)."""
 
-    text: str
-    """The assistant's message."""
-    prompt_tokens: int
-    """Tokens in the prompt as the model saw it."""
-    completion_tokens: int
-    """Tokens generated."""
-    finish_reason: str = "stop"
-    """"stop" (the model ended its answer) or "length" (it hit max_tokens)."""
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.loop.call_later(self.config.timeout_keep_alive, self._drop_if_silent)
 
-
-class BadRequest(ValueError):
-    """The request cannot be answered as sent; the client gets a 400 with this message."""
-
-
-def check_chat_request(request: Any) -> dict[str, Any]:
-    """Checks the fields every chat server reads; raises `BadRequest` naming the field and the fix.
-
-    Example:
-        >>> check_chat_request({"messages": [{"role": "user", "content": "hi"}], "n": 2})["n"]
-        2
-        >>> check_chat_request({"messages": []})  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-        ...
-        BadRequest: messages: must be a non-empty list of {"role", "content"} objects.
-    """
-    if not isinstance(request, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(request).__name__}.")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest('messages: must be a non-empty list of {"role", "content"} objects.')
-    i = first_bad_message(messages, text_parts=True)
-    if i is not None:
-        raise BadRequest(f'messages[{i}]: must be an object with a string "role" and a string (or list of '
-                         f'text parts) "content"; got {json.dumps(messages[i])[:200]}.')
-    n = request.get("n", 1)
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-        raise BadRequest(f"n={n!r}: must be an integer from 1 to 64.")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = request.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BadRequest(f"{name}={value!r}: must be a positive integer (or left out).")
-    temperature = request.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 2):
-        raise BadRequest(f"temperature={temperature!r}: must be a number from 0 to 2 (0 is greedy).")
-    if request.get("stream"):
-        raise BadRequest("stream=true: streaming is not supported here; send stream=false.")
-    return {**request, "n": n}
-
-
-class ChatHandler(BaseHTTPRequestHandler):
-    """The HTTP side of a `ChatServer`: routes, JSON bodies and status codes.
-
-    Each server serves a subclass bound to itself (`chat`). `send_failure` decides how a request
-    whose answer raised is answered; a subclass may override it (see `ChatServer.handler_class`).
-    """
-
-    chat: ChatServer
-    """The server whose `respond` answers chat requests."""
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes; with Nagle's algorithm on, the body waits for the
-    # client's delayed ACK of the headers (about 40 ms on Linux) on every kept-alive request.
-    disable_nagle_algorithm = True
-
-    def log_message(self, *args):  # keep test and demo output clean
-        pass
-
-    def _send(self, code: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, code: int, message: str, kind: str) -> None:
-        self._send(code, {"error": {"message": message, "type": kind}})
-
-    def do_GET(self):
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path.endswith("/models"):
-            self._send(200, {"object": "list", "data": [{"id": self.chat.model_name, "object": "model"}]})
-        elif path.endswith("/stats"):
-            self._send(200, self.chat.stats())
-        elif path.endswith("/health"):
-            self._send(200, {"status": "ok"})
-        else:
-            self._error(404, f"no route {self.path}", "not_found")
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length)  # read it all, so the connection stays usable after an error
-        if not self.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions"):
-            self._error(404, f"no route {self.path}; POST /v1/chat/completions", "not_found")
-            return
-        try:
-            request = json.loads(body or b"{}")
-        except ValueError as exc:
-            self._error(400, f"the body is not valid JSON ({exc}); send a chat.completions request.",
-                        "invalid_request_error")
-            return
-        try:
-            payload = self.chat.respond(request)
-        except Exception as exc:
-            self.send_failure(exc)
-        else:
-            self._send(200, payload)
-
-    def send_failure(self, exc: Exception) -> None:
-        """Answers a request whose `respond` raised: a 400 for `BadRequest`, else a 500 with the error,
-        as a real server would answer."""
-        if isinstance(exc, BadRequest):
-            self._error(400, str(exc), "invalid_request_error")
-        else:
-            self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
+    def _drop_if_silent(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
 
 
 class ChatServer:
@@ -160,33 +70,147 @@ class ChatServer:
     Args:
         host: Address to bind; 127.0.0.1 unless you mean to expose it.
         port: 0 picks a free port.
-        model_name: Name listed by `/v1/models` and reported when a request names none.
+        model_name: The model id `/v1/models` lists and responses carry.
+        max_body_bytes: Largest request body read; a larger one gets a 413.
+        read_timeout: Seconds a client may take to send its request headers, and each part of its
+            body; kept-alive connections idle that long are closed.
+        limit_concurrency: Most connections and requests at once; more get a 503.
+        backlog: Connections the OS queues before the server accepts them.
+        threads: Most `complete` calls running at once (more wait for a thread).
     """
 
-    handler_class: type[ChatHandler] = ChatHandler
-    """The request handler; a subclass may name its own, e.g. to answer some exceptions from
-    `complete` with other status codes."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "model"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "model", *,
+                 max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S,
+                 limit_concurrency: int = 1024, backlog: int = 2048, threads: int = 128):
         self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
         self.calls = 0
-        """Chat requests accepted (a 400 does not count; a 500 does)."""
-        self.requests: deque[list[dict]] = deque(maxlen=256)
+        """Chat requests accepted (a 4xx before answering does not count; a 500 does)."""
+        self.requests: deque[list[dict]] = deque(maxlen=64)
         """The messages of the latest accepted requests, newest last (for tests and debugging)."""
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._httpd = ThreadingHTTPServer((host, port), type("Handler", (self.handler_class,), {"chat": self}))
-        self._httpd.daemon_threads = True
+        self._socket = socket.create_server((host, port), reuse_port=False)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=type(self).__name__)
+        self._config = uvicorn.Config(self._asgi, http=_Protocol, interface="asgi3", lifespan="off", log_level="warning",
+                                      access_log=False, backlog=backlog, limit_concurrency=limit_concurrency,
+                                      timeout_keep_alive=max(1, round(read_timeout)),
+                                      timeout_graceful_shutdown=1)
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._app = self.app()
 
+    async def _asgi(self, scope, receive, send) -> None:
+        scope["bootfinetune.send"] = send  # uvicorn's own, for `drop_connection`
+        await self._app(scope, receive, send)
+
+    # -- what a subclass decides ------------------------------------------------------------------
     def complete(self, request: dict[str, Any]) -> list[Completion]:
         """The `n` answers to a checked request. Raise `BadRequest` for a 400; anything else is a 500."""
         raise NotImplementedError
 
+    async def choices(self, request: dict[str, Any], http: Request) -> list[Completion]:
+        """The answers, awaited on the server's loop: by default `complete` on the thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.complete, request)
+
+    def model_names(self) -> dict[str, str] | None:
+        """Every model name a request may give -> the model id it names; None: any name is answered
+        (a stand-in such as the scripted teacher), as `model_name`."""
+        return {self.model_name: self.model_name}
+
+    def pick(self, requested: str | None) -> str:
+        """The model id a request's `model` names; raises `HTTPProblem` 404 for a name not served here."""
+        names = self.model_names()
+        return pick_model(requested, names) if names is not None else self.model_name
+
+    async def failure_response(self, exc: Exception, http: Request) -> Response:
+        """The answer to a request whose `choices` raised: a 400 for `BadRequest`, else a 500 that
+        names no internals (the error goes to the log)."""
+        if isinstance(exc, BadRequest):
+            return error_response(400, str(exc), "invalid_request_error")
+        log.error("answering a chat request failed", exc_info=exc)
+        return error_response(500, "the server failed to answer this request; see the server's log.",
+                              "server_error")
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    async def drop_connection(self, http: Request) -> None:
+        """Closes the request's connection at once, with no answer (how a crashed upstream looks)."""
+        transport = getattr(getattr(http.scope.get("bootfinetune.send"), "__self__", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+            await asyncio.sleep(0.01)  # let uvicorn see the connection lost before the app returns
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def app(self) -> FastAPI:
+        """The ASGI app: routes, JSON errors for unknown routes and methods, no tracebacks."""
+        api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+        @api.exception_handler(StarletteHTTPException)
+        async def http_error(http: Request, exc: StarletteHTTPException):
+            return error_response(exc.status_code, "no such route; POST /v1/chat/completions, GET /v1/models.",
+                                  "not_found" if exc.status_code == 404 else "invalid_request_error")
+
+        @api.exception_handler(RequestValidationError)
+        async def invalid(http: Request, exc: RequestValidationError):
+            return error_response(400, "the request is not valid here.", "invalid_request_error")
+
+        @api.exception_handler(Exception)
+        async def failed(http: Request, exc: Exception):
+            log.error("serving %s failed", http.url.path, exc_info=exc)
+            return error_response(500, "the server failed; see its log.", "server_error")
+
+        async def models():
+            ids = sorted(set((self.model_names() or {self.model_name: self.model_name}).values()))
+            return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "bootfinetune"}
+                                               for i in ids]}
+
+        async def stats():
+            return self.stats()
+
+        async def health():
+            return {"status": "ok"}
+
+        for prefix in ("/v1", ""):
+            api.add_api_route(f"{prefix}/models", models, methods=["GET"])
+            api.add_api_route(f"{prefix}/stats", stats, methods=["GET"])
+            api.add_api_route(f"{prefix}/health", health, methods=["GET"])
+            api.add_api_route(f"{prefix}/chat/completions", self._chat, methods=["POST"])
+        return api
+
+    async def _chat(self, http: Request) -> Response:
+        try:
+            request = check_chat_request(await read_json(http, self.max_body_bytes, self.read_timeout))
+            model = self.pick(request.get("model"))
+        except HTTPProblem as problem:
+            return problem.response()
+        except BadRequest as exc:
+            return error_response(400, str(exc), "invalid_request_error")
+        with self._lock:
+            self.calls += 1
+            self.requests.append(request["messages"])
+        try:
+            choices = await self.choices({**request, "model": model}, http)
+        except HTTPProblem as problem:
+            return problem.response()
+        except Cancelled:  # nobody is left to read an answer
+            return Response(status_code=499)
+        except Exception as exc:
+            return await self.failure_response(exc, http)
+        return JSONResponse(completion_body(model, choices, f"chatcmpl-{next(self._ids)}"))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the server listens on."""
+        return self._socket.getsockname()[:2]
+
     @property
     def url(self) -> str:
         """The OpenAI base URL (`.../v1`), as `dspy.LM(api_base=...)` takes it."""
-        host, port = self._httpd.server_address[:2]
+        host, port = self.address
         return f"http://{host}:{port}/v1"
 
     @property
@@ -194,15 +218,22 @@ class ChatServer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> Self:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
+        self._server = uvicorn.Server(self._config)  # off the main thread it installs no signal handlers
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name=type(self).__name__, daemon=True)
         self._thread.start()
+        while not self._server.started and self._thread.is_alive():
+            threading.Event().wait(0.01)
+        if not self._server.started:
+            raise RuntimeError(f"the {type(self).__name__} on {self.url} did not start; see the log above.")
         return self
 
     def stop(self) -> None:
-        if self.running:  # shutdown() waits for serve_forever, so only when it runs
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+        if self.running:
+            self._server.should_exit = True
+            self._thread.join(10)
+        self._socket.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -210,74 +241,79 @@ class ChatServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls}
 
-    def respond(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The chat.completion body for a request (checks it, counts it, answers it)."""
-        request = check_chat_request(request)
-        with self._lock:
-            self.calls += 1
-            self.requests.append(request["messages"])
-        choices = self.complete(request)
-        return completion_body(request.get("model") or self.model_name, choices, f"chatcmpl-{next(self._ids)}")
+def public_id(model: str | Path) -> str:
+    """The id a model directory is listed under: no filesystem path (`{run}/{key}` for a run's export).
 
-
-def completion_body(model: str, choices: list[Completion], completion_id: str) -> dict[str, Any]:
-    """An OpenAI `chat.completion` response body."""
-    prompt_tokens = max((c.prompt_tokens for c in choices), default=0)
-    completion_tokens = sum(c.completion_tokens for c in choices)
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": i, "finish_reason": c.finish_reason,
-                     "message": {"role": "assistant", "content": c.text}} for i, c in enumerate(choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
+    >>> public_id("/data/runs/TwoStep-1a2b/models/all"), public_id("/models/tiny-llama"), public_id("org/m")
+    ('TwoStep-1a2b/all', 'tiny-llama', 'org/m')
+    """
+    path = Path(model)
+    if path.parent.name == "models":
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name if path.is_absolute() or path.is_dir() else str(model)
 
 
 class ModelServer(ChatServer):
     """A Hugging Face model directory (a finetuned export or a base model) behind `/v1/chat/completions`.
 
-    Prompts are rendered as in training (`FinetunedEngine`); concurrent requests are batched.
-    Requests may set `max_tokens` (or `max_completion_tokens`), `temperature` (0 = greedy)
-    and `n`; usage counts are the tokenizer's.
+    Prompts are rendered as in training (`FinetunedEngine`); concurrent requests are batched,
+    those with very different `max_tokens` apart. Requests may set `max_tokens` (or
+    `max_completion_tokens`: clamped to the ceiling), `temperature` (0 = greedy) and `n`
+    (at most `limits.MAX_N`); usage counts are the tokenizer's. The model answers to its id
+    (`public_id`) and to the names DSPy gives it (`openai/bootfinetune:{dir}` sends `bootfinetune:{dir}`).
 
     Args:
         model_dir: The model directory (or a hub id the machine can load).
         host: Address to bind; 127.0.0.1 unless you mean to expose it.
         port: 0 picks a free port.
         device: "cpu", "cuda", "cuda:1"...; None picks CUDA when present.
-        max_tokens: New tokens per answer when a request does not say.
+        max_tokens: New tokens per answer when a request does not say (at most the ceiling).
+        max_tokens_ceiling: Most new tokens an answer may have; None derives it from training
+            (see `limits.token_ceiling`).
         batch_size: Most prompts per `generate` call.
         trust_remote_code: Allow the model repository's own code to run.
+        request_timeout: Seconds a request may take, queueing included, before its 504.
+        **options: `ChatServer` limits (max_body_bytes, read_timeout, limit_concurrency, backlog).
     """
 
     def __init__(self, model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, device: str | None = None,
                  max_tokens: int = InferenceConfig.max_tokens, batch_size: int = InferenceConfig.generate_batch_size,
-                 trust_remote_code: bool = False):
-        super().__init__(host=host, port=port, model_name=str(model_dir))
+                 trust_remote_code: bool = False, max_tokens_ceiling: int | None = None,
+                 request_timeout: float = DEADLINE_S, **options: Any):
+        super().__init__(host=host, port=port, model_name=public_id(model_dir), **options)
         self.model_dir = str(model_dir)
-        self.max_tokens = max_tokens
+        self.request_timeout = request_timeout
         self.engine = FinetunedEngine(self.model_dir, device=device, max_tokens=max_tokens, batch_size=batch_size,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, max_tokens_ceiling=max_tokens_ceiling)
+        self.max_tokens = self.engine.limit()
 
     def start(self) -> Self:
         """Loads the model (so a bad directory fails here, not on the first request), then serves."""
         self.engine.load()
         return super().start()
 
-    def complete(self, request: dict[str, Any]) -> list[Completion]:
-        limit = request.get("max_tokens") or request.get("max_completion_tokens") or self.max_tokens
+    def pick(self, requested: str | None) -> str:
+        """Its id, or a DSPy model string naming its folder (`bootfinetune:{dir}`, relative or not)."""
+        if requested is not None and requested != self.model_name:
+            named = Path(model_path(requested)).expanduser()
+            if named.is_absolute() or (Path.cwd() / named).exists():
+                if named.resolve() == Path(self.model_dir).resolve():
+                    return self.model_name
+        return super().pick(requested)
+
+    def stats(self) -> dict[str, Any]:
+        sizes = list(self.engine.batcher.batch_sizes)
+        return {"calls": self.calls, "batches": len(sizes), "largest_batch": max(sizes, default=0),
+                "steps": self.engine.steps, "max_tokens": self.max_tokens, "max_tokens_ceiling": self.engine.ceiling}
+
+    async def choices(self, request: dict[str, Any], http: Request) -> list[Completion]:
+        limit = self.engine.limit(requested_tokens(request))
         temperature = float(request.get("temperature") or 0.0)
-        out = []
-        for _ in range(request["n"]):
-            text, prompt_tokens, new_tokens = self.engine.answer(request["messages"], limit, temperature)
-            out.append(Completion(text, prompt_tokens, new_tokens, "length" if new_tokens >= limit else "stop"))
-        return out
+        control = Control.within(self.request_timeout)
+        futures = [self.engine.submit(request["messages"], limit, temperature, control) for _ in range(request["n"])]
+        answers = await await_answers(futures, control, http)
+        return [Completion(text, p, c, "length" if c >= limit else "stop") for text, p, c in answers]
 
 
 _SERVED: dict[str, ModelServer] = {}
@@ -294,8 +330,8 @@ def serve_model(model_dir: str | Path, **options: Any) -> ModelServer:
 
     Args:
         model_dir: The model directory.
-        **options: `ModelServer` options (host, port, device, max_tokens, batch_size,
-            trust_remote_code); used when the server starts, ignored when it already runs.
+        **options: `ModelServer` options (host, port, device, max_tokens, max_tokens_ceiling, batch_size,
+            trust_remote_code, request_timeout); used when the server starts, ignored when it already runs.
     """
     key = _served_key(model_dir)
     with _SERVED_LOCK:  # held while the model loads, so two callers never start two servers

@@ -199,6 +199,9 @@ def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
     except (ImportError, AttributeError) as exc:
         raise ProgramError(f"adapter: the run was trained with {spec['class']}, which does not import here ({exc}); "
                            f"pass adapter=YourAdapter() to bootfinetune.load.") from exc
+    if not (isinstance(cls, type) and issubclass(cls, dspy.Adapter)):  # config.json may name any callable
+        raise ProgramError(f"adapter: config.json names {spec['class']!r}, which is not a dspy.Adapter subclass; "
+                           f"pass adapter=YourAdapter() to bootfinetune.load, or fix adapter.class in config.json.")
     try:
         return cls(**spec.get("options", {}))
     except TypeError as exc:  # an adapter whose constructor needs objects config.json cannot hold

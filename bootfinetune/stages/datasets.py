@@ -5,9 +5,10 @@ student's predictor signature and demos (none with `exclude_demos`), formatted b
 adapter in use (see `bootfinetune.stages.adapters`: ChatAdapter, JSONAdapter, XMLAdapter...).
 An answer the adapter does not parse back to the teacher's outputs is dropped and counted.
 Per-predictor and shared models differ only in the key: "all" in multitask mode,
-the predictor's name otherwise.
+the predictor's name otherwise. A key's file is named by its safe folder name (`RunDir.folder`):
+`data/answer.predict.jsonl`, but `data/chains-a-b-63b4399e.jsonl` for `chains['a b']`.
 
-A line of `data/{key}.jsonl`:
+A line of `data/{folder}.jsonl`:
 
     {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", ...}],
      "predictor": "generate_answer.predict", "example_index": 3}
@@ -38,7 +39,8 @@ def format_call(call: CallRecord, predictor: dspy.Predict, adapter: Any, exclude
 
 
 def data_path(run: RunDir, key: str, split: str) -> Any:
-    return run.data_file(key) if split == "train" else run.data_dir / split / f"{key}.jsonl"
+    """data/{folder}.jsonl (or data/{split}/{folder}.jsonl): the key's folder name as the run records it."""
+    return run.data_file(key, split)
 
 
 def build_datasets(run: RunDir, calls: list[CallRecord], plan: ProgramPlan, student: dspy.Module, *,

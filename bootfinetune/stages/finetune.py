@@ -3,13 +3,13 @@
 `finetune_models(run, jobs, config)` trains every `FinetuneJob` with a `TorchTrainer`
 running `train_loop.train_loop` on `num_workers` workers. Jobs run side by side while the
 cluster has room for their workers and queue otherwise. Each finished key gets
-`models/{key}/`: the best epoch (lowest eval loss) as a consolidated Hugging Face directory
+`models/{folder}/` (the key's safe folder name, `RunDir.folder`): the best epoch (lowest eval loss) as a consolidated Hugging Face directory
 (safetensors, config, tokenizer, generation config) and `manifest.json`, written last.
 
 Resuming: a key whose manifest shows the same target, data and training options is not
 trained again (one that differs is retrained, and the log says what changed). A key whose driver died
 mid-training resumes from its last checkpoint when the same call runs again, because the
-Ray Train run lives at `checkpoints/{key}` (`RunConfig(storage_path, name=key)`), and Ray
+Ray Train run lives at `checkpoints/{folder}` (`RunConfig(storage_path, name=folder)`), and Ray
 Train V2 restores a run found there. Workers that fail are restarted from the last
 checkpoint (`FailureConfig(max_failures)`).
 """
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = ModelManifest.FILE
 JOB_STAMP = "bootfinetune_job.json"
-"""Inside checkpoints/{key}: what the checkpoints there were trained on (a mismatch starts over)."""
+"""Inside checkpoints/{folder}: what the checkpoints there were trained on (a mismatch starts over)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def finished_manifest(run: RunDir, job: FinetuneJob, config: TrainConfig) -> Mod
         return None
     if manifest.job_fingerprint == _job_fingerprint(job, config):
         return manifest
-    log.warning("models/%s retrained: %s", job.key, "; ".join(retrain_reasons(manifest, job, config)))
+    log.warning("models/%s retrained: %s", run.folder(job.key), "; ".join(retrain_reasons(manifest, job, config)))
     return None
 
 
@@ -258,7 +257,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     add_answer_tokens(tokenizer, job.added_tokens or ())
 
     job_fp = _job_fingerprint(job, config)
-    experiment = run.checkpoints_dir() / job.key
+    experiment = run.checkpoint_dir(job.key)
     stamp = experiment / JOB_STAMP
     if stamp.exists() and read_json(stamp).get("job_fingerprint") != job_fp:
         log.warning("checkpoints in %s are from other data or options; starting %r over", experiment, job.key)
@@ -279,7 +278,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=job.key,
+        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=experiment.name,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=keep),
     )
@@ -297,7 +296,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     best_ckpt = kept[best]
 
     out = run.model_dir(job.key)
-    shutil.rmtree(out, ignore_errors=True)
+    run.remove("models", out.name)
     with best_ckpt.as_directory() as ckpt_dir:
         lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config,
                                  tokenizer=tokenizer, base_vocab=base_vocab)
@@ -306,6 +305,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     history = state["history"]
     manifest = ModelManifest(
         key=job.key,
+        folder=out.name,
         target=job.target,
         predictors=list(job.predictors),
         model_kind=kind,
@@ -333,6 +333,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                    # inference cuts a causal prompt to the room training left it beside a typical answer
                    "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
                                                               if kind == "causal" else 0)},
+        answer_tokens_max=state.get("answer_tokens_max") or None,
         dropped_per_epoch=state["dropped_per_epoch"],
         world_size=state["world_size"],
         nodes=state.get("nodes", []),
@@ -394,11 +395,16 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
 
 
 def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
-    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module."""
+    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module.
+
+    Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
+    merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
+    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (README, "Trust").
+    """
     import torch
 
     if zero_stage == 0:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     import contextlib
     import io

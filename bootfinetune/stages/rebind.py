@@ -30,7 +30,8 @@ from bootfinetune.run.runfiles import RunDescription
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
            exclude_demos: bool = False, inference: InferenceConfig | None = None,
-           sources: dict[str, str | None] | None = None, adapter: Any = None) -> dspy.Module:
+           sources: dict[str, str | None] | None = None, adapter: Any = None,
+           trust_remote_code: bool = False) -> dspy.Module:
     """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
 
     Args:
@@ -42,10 +43,13 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
         sources: Model key -> the model's cloud URI, for runs on cloud storage (see `FinetunedLM`).
         adapter: The DSPy adapter the models were trained with; every predictor formats its
             prompts with it whatever `dspy.settings.adapter` says. None leaves the setting in charge.
+        trust_remote_code: Let the models' own code run when they load (the run's `trust_remote_code`).
     """
     inference = inference or InferenceConfig()
     lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
-                            batch_size=inference.generate_batch_size, source=(sources or {}).get(key))
+                            max_tokens_ceiling=inference.max_tokens_ceiling,
+                            batch_size=inference.generate_batch_size, source=(sources or {}).get(key),
+                            trust_remote_code=trust_remote_code)
            for key, path in model_of.items()}
     compiled = student.deepcopy()
     for name, predictor in compiled.named_predictors():
@@ -59,10 +63,10 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
 
 
 def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
-                 inference: InferenceConfig, adapter: Any = None) -> dspy.Module:
+                 inference: InferenceConfig, adapter: Any = None, trust_remote_code: bool = False) -> dspy.Module:
     """The student on its base (not finetuned) targets: the 'before' of the report."""
     return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference,
-                  adapter=adapter)
+                  adapter=adapter, trust_remote_code=trust_remote_code)
 
 
 def program_state(program: dspy.Module) -> dict[str, Any]:
@@ -85,19 +89,20 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
 
 
 def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, inference: InferenceConfig,
-               exclude_demos: bool = False, adapter: Any = None) -> dspy.Module:
+               exclude_demos: bool = False, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
     """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
 
-    The adapter is the one config.json records unless `adapter` is given.
+    The adapter is the one config.json records unless `adapter` is given; so is `trust_remote_code`.
     """
     keys = described.model_keys
     return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
                   inference=inference, sources={k: run.model_uri(k) for k in keys},
-                  adapter=adapter or adapter_from_spec(described.adapter))
+                  adapter=adapter or adapter_from_spec(described.adapter),
+                  trust_remote_code=described.trusts_remote_code(trust_remote_code))
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
-         serve_url: str | None = None, adapter: Any = None) -> dspy.Module:
+         serve_url: str | None = None, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
     Args:
@@ -111,6 +116,11 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             instead of loading the models in this process.
         adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
             was trained with (recorded in config.json).
+        trust_remote_code: Let the models' own code run when they load; None: what the run was
+            trained with (config.json). A run directory is trusted like code either way (README, "Trust").
+
+    Raises:
+        ProgramError: no program.json, or config.json's `program_class` is not a dspy.Module subclass.
     """
     run = RunDir.from_location(run_dir)
     run.pull()
@@ -122,7 +132,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         if path.partition(":")[0] in ("", "__main__"):
             raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
                                f"program=YourProgram() to bootfinetune.load.")
-        program = resolve(path)()
+        program = program_class(path, run.config_json)()
     state = read_json(run.program_json)
     for value in state.values():  # our LMs are rebuilt below from the run's own models
         if isinstance(value, dict) and "lm" in value:
@@ -131,7 +141,25 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     inference = InferenceConfig(**{**described.options.get("inference", {}), "device": device})
     if serve_url:
         return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
-    return rebind_run(program, run, described, inference=inference, adapter=adapter)
+    return rebind_run(program, run, described, inference=inference, adapter=adapter,
+                      trust_remote_code=trust_remote_code)
+
+
+def program_class(path: str, source: Any) -> type:
+    """The class config.json names as `program_class`, refused unless it is a `dspy.Module` subclass.
+
+    Importing its module runs that module's code, so a run directory is trusted like code (README,
+    "Trust"); this check keeps `load` from calling anything else config.json might name (`os:system`).
+
+    Raises:
+        ProgramError: naming the class and the file when it is not a dspy.Module subclass.
+    """
+    cls = resolve(path)
+    if not (isinstance(cls, type) and issubclass(cls, dspy.Module)):
+        raise ProgramError(f"{source}: program_class {path!r} is {type(cls).__name__} {cls!r}, not a dspy.Module "
+                           f"subclass; bootfinetune.load only builds dspy programs. Pass program=YourProgram() "
+                           f"to bootfinetune.load, or fix program_class in {source}.")
+    return cls
 
 
 def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,

@@ -4,7 +4,7 @@ Nothing here runs unless a test or a benchmark asks for it. It plugs into the pr
 its documented seams only:
 
 - `FaultyTeacherServer`: a `TeacherServer` that plays a flaky hosted model (429, 500, 503,
-  timeouts, garbage, dropped connections), through `ChatServer.handler_class` and `TeacherServer.answer`;
+  timeouts, garbage, dropped connections), through `ChatServer.failure_response` and `TeacherServer.answer`;
 - `FailOnce`: a `LoopConfig.on_step` hook that SIGKILLs one training worker once, mid epoch
   (`finetune_models(..., hooks={"all": {"on_step": FailOnce(marker)}})`);
 - `resident_kib`: the resident memory that loading model directories adds (the LoRA test, `bench/lora_memory.py`).
@@ -19,13 +19,14 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bootfinetune.serving.serve import ChatHandler
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from bootfinetune.testing.teacher_server import Script, TeacherServer, parse_chat_request
 from bootfinetune.training.train_loop import StepInfo
 
@@ -52,29 +53,6 @@ class DropConnection(Exception):
     """Raised while answering to close the connection without any answer."""
 
 
-class FaultHandler(ChatHandler):
-    """A `ChatHandler` that answers `HTTPFault` with its status and drops the connection on `DropConnection`."""
-
-    def send_failure(self, exc: Exception) -> None:
-        if isinstance(exc, HTTPFault):
-            body = json.dumps({"error": {"message": str(exc), "type": "injected_fault"}}).encode()
-            self.send_response(exc.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if exc.retry_after is not None:
-                self.send_header("Retry-After", f"{exc.retry_after:g}")
-            self.end_headers()
-            self.wfile.write(body)
-        elif isinstance(exc, DropConnection):
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        else:
-            super().send_failure(exc)
-
-
 class FaultyTeacherServer(TeacherServer):
     """A `TeacherServer` that injects the faults `faults` decides instead of some answers.
 
@@ -85,8 +63,6 @@ class FaultyTeacherServer(TeacherServer):
         **options: `TeacherServer` options (host, port, latency, model_name).
     """
 
-    handler_class = FaultHandler
-
     def __init__(self, script: Script, faults: Faults, slow_seconds: float = 5.0, **options):
         super().__init__(script, **options)
         self.faults = faults
@@ -95,6 +71,17 @@ class FaultyTeacherServer(TeacherServer):
         """Requests seen per prompt (hash of the messages)."""
         self.injected: dict[str, int] = {}
         """Faults injected, per kind."""
+
+    async def failure_response(self, exc: Exception, http: Request) -> Response:
+        """`HTTPFault` -> its status (and Retry-After); `DropConnection` -> the connection closed, no answer."""
+        if isinstance(exc, HTTPFault):
+            headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after is not None else None
+            return JSONResponse({"error": {"message": str(exc), "type": "injected_fault"}}, status_code=exc.status,
+                                headers=headers)
+        if isinstance(exc, DropConnection):
+            await self.drop_connection(http)
+            return Response(status_code=500)  # never sent: the connection is gone
+        return await super().failure_response(exc, http)
 
     def answer(self, messages: list[dict]) -> str:
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()

@@ -6,8 +6,9 @@ as it reaches a hosted model, through `dspy.LM("openai/<name>", api_base=server.
 It is not a language model: it reads the fields a DSPy adapter (ChatAdapter, JSONAdapter
 or XMLAdapter) wrote into the prompt and returns the fields the script computes, in the
 format that adapter asked for.
-The HTTP side (routes, 400s for bad requests, 500 when the script raises) is
-`serve.ChatServer`, shared with the server of finetuned models. Tests that play a flaky hosted
+The HTTP side (routes, limits, 400s for bad requests, 500 naming the script's error when it
+raises) is `serve.ChatServer`, shared with the server of finetuned models; any model name a client
+gives is answered. Tests that play a flaky hosted
 model use `bootfinetune.testing.faults.FaultyTeacherServer`, a subclass that injects faults.
 
 Example:
@@ -22,9 +23,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from bootfinetune.serving.serve import ChatServer, Completion
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bootfinetune.serving.openai_api import BadRequest, Completion, error_response
+from bootfinetune.serving.serve import ChatServer
 
 Script = Callable[[dict[str, str], list[str]], dict[str, str]]
 """(input field values as the prompt shows them, output field names) -> output field values."""
@@ -102,13 +107,23 @@ class TeacherServer(ChatServer):
         port: 0 picks a free port.
         latency: Seconds each answer waits, to stand in for a remote model.
         model_name: Name reported in responses.
+        **options: `ChatServer` limits (max_body_bytes, read_timeout, limit_concurrency, backlog, threads).
     """
 
     def __init__(self, script: Script, host: str = "127.0.0.1", port: int = 0,
-                 latency: float = 0.0, model_name: str = "scripted-teacher"):
-        super().__init__(host=host, port=port, model_name=model_name)
+                 latency: float = 0.0, model_name: str = "scripted-teacher", **options: Any):
+        super().__init__(host=host, port=port, model_name=model_name, **options)
         self.script = script
         self.latency = latency
+
+    def model_names(self) -> None:
+        return None  # a stand-in teacher answers whatever model the client names
+
+    async def failure_response(self, exc: Exception, http: Request) -> Response:
+        """A failing script's error by type and message (the script is the caller's own code), as a 500."""
+        if isinstance(exc, BadRequest):
+            return await super().failure_response(exc, http)
+        return error_response(500, f"{type(exc).__name__}: {str(exc)[:500]}", "server_error")
 
     def answer(self, messages: list[dict]) -> str:
         """The assistant's message for a request's messages (a subclass may answer otherwise)."""

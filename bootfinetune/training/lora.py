@@ -89,13 +89,15 @@ def export_lora(state_dict: dict[str, Any], target: str, kind: str, out: Path, t
             "target_modules": tc.lora_target_modules}
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None) -> Path:
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
+                  trust_remote_code: bool = False) -> Path:
     """Folds an exported adapter into its base: a full model in `out` (tokenizer and manifest copied).
 
     Args:
         adapter_dir: An adapter export (`models/{key}/` of a run with lora_export="adapter").
         out: Where the merged model goes (created).
         base: The base model; None reads it from the adapter's config.
+        trust_remote_code: Let the base's own code run (as the run's `trust_remote_code`).
     """
     import shutil
 
@@ -107,11 +109,13 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     base = base or adapter_base(adapter_dir)
-    auto = AutoModelForSeq2SeqLM if model_kind(AutoConfig.from_pretrained(base)) == "seq2seq" \
+    trust = {"trust_remote_code": trust_remote_code}
+    auto = AutoModelForSeq2SeqLM if model_kind(AutoConfig.from_pretrained(base, **trust)) == "seq2seq" \
         else AutoModelForCausalLM
-    model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(adapter_dir))
+    model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32, use_safetensors=True, **trust),
+                                      str(adapter_dir))
     model.merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter_dir, **trust).save_pretrained(out)
     if (adapter_dir / "manifest.json").exists():
         shutil.copy(adapter_dir / "manifest.json", out / "manifest.json")
     return out

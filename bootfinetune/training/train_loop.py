@@ -132,6 +132,8 @@ class LoopState:
     answer_tokens_median: int = 0
     """Median answer length (tokens with labels) in rank 0's training records: inference cuts
     causal prompts to max_length minus this, the room training left them."""
+    answer_tokens_max: int = 0
+    """Longest answer (tokens with labels) in any rank's training records: the serving ceiling's base."""
     loss_curve: list[list[float]] = field(default_factory=list)
     """[optimizer step, mean train loss since the previous point] on rank 0, about 100 points a run."""
     kind: str = ""
@@ -211,7 +213,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                                          cfg.added_tokens, data.total_steps, ds_config)
         if head_only is not None:
             state.answer_logits_only = head_only
-        if resume_dir is not None:
+        if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         if rank == 0:
             log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
@@ -255,6 +257,7 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
         raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
     answer_lengths = sorted(sum(1 for t in e.labels if t != -100) for e in train_ex)
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
+    state.answer_tokens_max = int(all_reduce([answer_lengths[-1]], device, "max")[0])
 
     # Every rank must run the same number of steps (collectives would hang otherwise).
     n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])

@@ -72,6 +72,7 @@ def check_export(run: RunDir, job: FinetuneJob, config: TrainConfig, manifest: d
     assert manifest["losses"]["eval"][-1] < 0.85 * manifest["eval_loss_before"]
     assert manifest["losses"]["train"][-1] < manifest["losses"]["train"][0]
     assert manifest["tokens_seen"]["answer"] > 0 and manifest["tokens_seen"]["total"] > manifest["tokens_seen"]["answer"]
+    assert 0 < manifest["answer_tokens_max"] <= config.max_length  # serving's max_tokens ceiling comes from it
     truncated = manifest["truncated"]
     assert {k: truncated[k] for k in ("train", "eval", "max_length")} == {"train": 0, "eval": 0,
                                                                           "max_length": config.max_length}

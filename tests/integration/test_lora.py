@@ -117,5 +117,24 @@ def test_served_over_http_through_dspy_lm_gives_the_in_process_answers(lora_comp
         assert status == 404 and "rewrite" in body["error"]["message"]
         status, body = call("/chat/completions", {"model": "rewrite", "messages": []})
         assert status == 400 and "messages" in body["error"]["message"]
+
+        # The in-process server's limits hold here too: a huge max_tokens is clamped to the ceiling (from the
+        # longest training answer) while a normal request is answered; n, body size and names are checked.
+        ceiling = call("/stats")[1]["max_tokens_ceiling"]["rewrite"]
+        assert 64 < ceiling < 4096
+        hello = [{"role": "user", "content": "hello"}]
+        with ThreadPoolExecutor(1) as pool:
+            huge = pool.submit(call, "/chat/completions", {"model": "rewrite", "messages": hello, "max_tokens": 10**9})
+            status, body = call("/chat/completions", {"model": "rewrite", "messages": hello, "max_tokens": 2})
+            assert status == 200 and body["usage"]["completion_tokens"] <= 2
+            status, body = huge.result(timeout=60)
+        assert status == 200 and body["usage"]["completion_tokens"] <= ceiling
+        assert call("/chat/completions", {"model": "rewrite", "messages": hello, "n": 9})[0] == 400
+        status, body = call("/chat/completions", {"model": "../../etc/passwd", "messages": hello})
+        assert status == 404 and "passwd" not in body["error"]["message"]
+        import httpx
+
+        big = json.dumps({"model": "rewrite", "messages": [{"role": "user", "content": "x" * (8 << 20)}]})
+        assert httpx.post(url + "/chat/completions", content=big.encode(), timeout=60).status_code == 413
     finally:
         serve.shutdown()

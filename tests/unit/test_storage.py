@@ -105,3 +105,18 @@ def test_unwritable_bucket_is_a_clear_error(s3):
     assert "AKIA-u" not in problem and "sec-ret-42" not in problem  # credentials are left out of messages
     assert "endpoint_override=127.0.0.1" in problem  # the endpoint is shown: it is what to check
     assert check_writable(s3.uri("unit", "ok")) is None
+
+
+def test_pull_refuses_an_object_whose_name_leaves_the_mirror(s3, tmp_path, monkeypatch):
+    """An object key with `..` in it (S3 keys are plain strings) is never written outside the run's mirror."""
+    import boto3
+
+    from bootfinetune.run.names import RunPathError
+
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging" / "a" / "b"))
+    run = RunDir.at(s3.uri("unit", "runs"), "Evil-1")
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
+    client.put_object(Bucket="unit", Key="runs/Evil-1/models/../../../../../escaped.txt", Body=b"x")
+    with pytest.raises(RunPathError, match="outside the run directory"):
+        run.pull()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []

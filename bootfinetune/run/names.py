@@ -1,0 +1,136 @@
+"""Safe folder names for model keys and evaluation names, and the check that a path stays inside the run.
+
+A model key is a predictor's name with `multitask=False` (`retrieve.predict`, `chains['a b']`, or
+anything a dict attribute holds, `x/../../../../escaped` included), and it becomes a folder under
+`data/`, `models/` and `checkpoints/`. `folder_names` maps keys to names that are safe as a folder
+on any filesystem: a readable slug of `[A-Za-z0-9._-]`, no leading dot or dash, at most
+`SLUG_LENGTH` characters, plus `-` and 8 hex digits of the key's sha256 when the slug differs
+from the key or collides with another key's folder (compared case-insensitively, as macOS does).
+A key that is already a safe name keeps it, so `all` and `answer.predict` stay as they were.
+The run records the mapping (config.json's `folders`, each manifest's `folder`), and readers use
+the record, never the rule.
+
+`inside(root, *parts)` and `inside_uri(base, *parts)` are the one check every write and delete of a
+run goes through: the path must stay in the run once `..` and symbolic links are resolved.
+
+A leaf: it imports nothing of ours but `errors`.
+
+    >>> folder_names(["all", "answer.predict", "x/../../escaped", "chains['a b']"])["answer.predict"]
+    'answer.predict'
+    >>> folder_names(["x/../../escaped"])["x/../../escaped"]
+    'x-escaped-b32831bf'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlsplit
+
+from bootfinetune.errors import ConfigError
+
+SLUG_LENGTH = 64
+"""Longest readable part of a folder name (the hash suffix comes on top: 73 characters at most)."""
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+class RunPathError(ConfigError):
+    """A path bootfinetune was about to write or delete lies outside the run directory."""
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether `name` can be a folder as it is: `[A-Za-z0-9._-]`, not starting with `.` or `-`, bounded.
+
+    >>> is_safe_name("generate_answer.predict"), is_safe_name(".."), is_safe_name("a/b")
+    (True, False, False)
+    """
+    return isinstance(name, str) and len(name) <= SLUG_LENGTH + 9 and _SAFE.fullmatch(name) is not None
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def safe_name(name: str, taken: Iterable[str] = ()) -> str:
+    """The folder name of `name`: itself when safe and free, else its slug with a hash of `name`.
+
+    Args:
+        name: A model key or an evaluation name (any string).
+        taken: Folder names already given to other names (compared case-insensitively).
+
+    >>> safe_name("all"), safe_name("a b"), safe_name("All", taken=["all"])
+    ('all', 'a-b-c8687a08', 'All-a52ace42')
+    """
+    slug = re.sub(r"[-.]{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", name))  # `x/../y` reads `x-y`
+    slug = slug.lstrip(".-")[:SLUG_LENGTH].rstrip(".-") or "key"
+    used = {t.lower() for t in taken}
+    if slug == name and slug.lower() not in used:
+        return slug
+    folder = f"{slug}-{_digest(name)}"
+    if folder.lower() in used:  # a name crafted to look like another's folder: the full hash tells them apart
+        folder = f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    return folder
+
+
+def folder_names(names: Iterable[str], recorded: dict[str, str] | None = None) -> dict[str, str]:
+    """Name -> its folder for every name, in order, no two folders alike (see `safe_name`).
+
+    Folders in `recorded` (what a run already holds) are kept; only names without one get one.
+    """
+    names = list(dict.fromkeys(names))
+    folders: dict[str, str] = {k: v for k, v in (recorded or {}).items() if k in names}
+    for name in names:
+        if name not in folders:
+            folders[name] = safe_name(name, taken=folders.values())
+    return {name: folders[name] for name in names}
+
+
+def checked_folder(name: str, folder: object, source: object) -> str:
+    """A folder name read from a run file, refused (`RunPathError`) unless it is a safe name."""
+    if not isinstance(folder, str) or not is_safe_name(folder):
+        raise RunPathError(f"{source}: the folder {folder!r} recorded for {name!r} is not a safe folder name; "
+                           f"the file was changed by hand or is damaged: compile again into a new run directory.")
+    return folder
+
+
+def inside(root: Path, *parts: str | os.PathLike) -> Path:
+    """`root / parts`, after checking it stays inside `root` with `..` and symbolic links resolved.
+
+    Raises:
+        RunPathError: the path leaves `root` (a name with `..`, an absolute part, a link pointing out).
+
+    >>> inside(Path("/runs/R"), "models", "all").as_posix()
+    '/runs/R/models/all'
+    """
+    path = Path(root).joinpath(*parts)
+    base = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise RunPathError(f"{path}: resolves to {real}, outside the run directory {base}; bootfinetune writes "
+                           f"and deletes only inside the run (a name with '..', or a symbolic link pointing out).")
+    return path
+
+
+def inside_uri(base: str, *parts: str) -> str:
+    """The normalised path `base/parts` of an object-storage URI, checked to stay under `base`'s path.
+
+    Object stores have no links; the check is on the path string once `.` and `..` are folded.
+
+    >>> inside_uri("s3://b/runs/R?region=x", "models", "all")
+    'b/runs/R/models/all'
+    """
+    s = urlsplit(base)
+    root = posixpath.normpath("/" + s.netloc + "/" + s.path.strip("/"))
+    path = posixpath.normpath("/".join([root, *(str(p) for p in parts)]))
+    if path != root and not path.startswith(root.rstrip("/") + "/"):
+        raise RunPathError(f"{'/'.join(parts)}: leaves the run's storage path {root.lstrip('/')}; bootfinetune writes "
+                           f"and deletes only inside the run.")
+    return path.lstrip("/")
+
+
+__all__ = ["RunPathError", "SLUG_LENGTH", "checked_folder", "folder_names", "inside", "inside_uri", "is_safe_name",
+           "safe_name"]
