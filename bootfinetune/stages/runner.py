@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import dspy
-from dspy.utils.callback import BaseCallback
 
 from bootfinetune.common.redaction import redact
 from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
@@ -76,14 +75,27 @@ def score_value(score: Any) -> float | None:
     return None if score is None else float(score)
 
 
-class _LMCallCounter(BaseCallback):
-    """Counts the LM calls one example makes (cache hits included)."""
+class TeacherUsage:
+    """One example's teacher calls and their tokens, by model: DSPy hands a `usage_tracker` each call's usage.
+
+    Set as the example's `dspy.context(usage_tracker=...)`. DSPy calls `add_usage` once per LM call that
+    was not a cache hit (failed calls included), so `calls` counts what reached a provider, and it costs
+    nothing else (a callback would make DSPy inspect the arguments of every module, adapter and LM call).
+    A program that opens its own `dspy.track_usage()` hides its calls inside it from this count.
+    """
 
     def __init__(self):
-        self.count = 0
+        self.calls = 0
+        self.by_model: dict[str, dict[str, int]] = {}
 
-    def on_lm_start(self, call_id, instance, inputs):
-        self.count += 1
+    def add_usage(self, lm: str, usage_entry: dict[str, Any] | None) -> None:
+        self.calls += 1
+        totals = self.by_model.setdefault(str(lm), {"calls": 0})
+        totals["calls"] += 1
+        for key in ("prompt_tokens", "completion_tokens"):
+            value = (usage_entry or {}).get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
 
 
 class TeacherRunner:
@@ -151,16 +163,14 @@ class TeacherRunner:
                 return await self.arun_one(example_index, example_json, teacher, split)
             return await loop.run_in_executor(self.pool, self.run_one, example_index, example_json, teacher, split)
 
-    def _start(self, example_json: str) -> tuple[dspy.Example, _LMCallCounter, list, dict[str, Any]]:
-        counter, trace = _LMCallCounter(), []
-        callbacks = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + [counter]
-        return example_from_json(example_json), counter, trace, {**self.context, "trace": trace,
-                                                                 "callbacks": callbacks}
+    def _start(self, example_json: str) -> tuple[dspy.Example, TeacherUsage, list, dict[str, Any]]:
+        usage, trace = TeacherUsage(), []
+        return example_from_json(example_json), usage, trace, {**self.context, "trace": trace, "usage_tracker": usage}
 
     def run_one(self, example_index: int, example_json: str, teacher_index: int,
                 split: str | None = None) -> dict[str, Any]:
         """Runs one teacher on one example (its `forward`); returns {"calls": [...]} or {"failure": {...}}."""
-        example, counter, trace, context = self._start(example_json)
+        example, usage, trace, context = self._start(example_json)
         stage = "program"
         try:
             with dspy.context(**context):
@@ -168,13 +178,13 @@ class TeacherRunner:
                 stage = "metric"
                 score = self.metric(example, prediction, trace) if self.metric else None
         except Exception as exc:  # any failure of the user's program or metric becomes a failure record
-            return self._failure(example_index, teacher_index, split or self.split, stage, exc, counter)
-        return self._records(example_index, teacher_index, split or self.split, trace, score, counter)
+            return self._failure(example_index, teacher_index, split or self.split, stage, exc, usage)
+        return self._records(example_index, teacher_index, split or self.split, trace, score, usage)
 
     async def arun_one(self, example_index: int, example_json: str, teacher_index: int,
                        split: str | None = None) -> dict[str, Any]:
         """`run_one` through the program's `acall`; the metric runs on a thread with the same settings."""
-        example, counter, trace, context = self._start(example_json)
+        example, usage, trace, context = self._start(example_json)
         stage = "program"
         try:
             with dspy.context(**context):
@@ -186,18 +196,18 @@ class TeacherRunner:
                     score = await asyncio.get_running_loop().run_in_executor(
                         self.pool, run, self.metric, example, prediction, trace)
         except Exception as exc:  # any failure of the user's program or metric becomes a failure record
-            return self._failure(example_index, teacher_index, split or self.split, stage, exc, counter)
-        return self._records(example_index, teacher_index, split or self.split, trace, score, counter)
+            return self._failure(example_index, teacher_index, split or self.split, stage, exc, usage)
+        return self._records(example_index, teacher_index, split or self.split, trace, score, usage)
 
     def _failure(self, example_index: int, teacher: int, split: str, stage: str, exc: Exception,
-                 counter: _LMCallCounter) -> dict[str, Any]:
+                 usage: TeacherUsage) -> dict[str, Any]:
         failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
                                 message=redact(str(exc), self.secrets)[:2000], teacher=teacher,
                                 split=split, stage=stage)
-        return {"failure": failure.to_dict(), "teacher_calls": counter.count, "node": self.node}
+        return {"failure": failure.to_dict(), "teacher_calls": usage.calls, "usage": usage.by_model, "node": self.node}
 
     def _records(self, example_index: int, teacher: int, split: str, trace: list, score: Any,
-                 counter: _LMCallCounter) -> dict[str, Any]:
+                 usage: TeacherUsage) -> dict[str, Any]:
         kept = is_kept(score, self.metric_threshold)
         calls, unattributed, names = [], 0, self.names[teacher]
         for pred, inputs, outputs in trace:
@@ -212,8 +222,8 @@ class TeacherRunner:
                 outputs={k: to_jsonable(outputs[k]) for k in sig.output_fields if k in outputs},
                 score=score_value(score), kept=kept, teacher=teacher, split=split,
             ).to_dict())
-        return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": counter.count,
-                "unattributed": unattributed, "node": self.node}
+        return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": usage.calls,
+                "usage": usage.by_model, "unattributed": unattributed, "node": self.node}
 
 
 class StreamingTeacherRunner(TeacherRunner):
