@@ -79,6 +79,10 @@ class BootstrapConfig:
         "auto", resource=True, hint="use 'auto', 'async' (the program's aforward) or 'threads' (its forward).")
     """How actors run the teacher: "auto" runs a program whose class defines `aforward` (dspy.Predict,
     dspy.ChainOfThought) on an event loop and one with only `forward` on num_threads threads."""
+    max_calls_per_second: float | None = option(None, resource=True, within=(0, None), open_low=True)
+    """The teacher's request budget, shared by every actor on the cluster (a provider's RPM / 60); None: none."""
+    max_tokens_per_minute: int | None = option(None, resource=True, at_least=1)
+    """The teacher's token budget (prompt + completion), shared by every actor on the cluster; None: none."""
     max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
     metric_threshold: float | None = option(None, within=(float("-inf"), None))

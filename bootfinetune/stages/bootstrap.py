@@ -37,6 +37,7 @@ from bootfinetune.run.jsonio import iter_jsonl, write_json, write_jsonl
 from bootfinetune.run.records import CallRecord, FailureRecord, example_to_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
+from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.runner import StreamingTeacherRunner, TeacherRunner, engine_of, is_kept, score_value
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
@@ -181,7 +182,8 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
         runner_kwargs = dict(teachers=teachers, metric=metric,
                              settings=driver_settings() if settings is None else settings,
                              teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
-                             metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine)
+                             metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine,
+                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute))
         failures = dict.fromkeys(todo, 0)
         try:
             with store.appender() as appender:
@@ -200,6 +202,7 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                             raise BootstrapError(_too_many_errors(mine, config.max_errors, split))
         finally:
             store.sync()
+            stop_budget(runner_kwargs["budget"])
     for split, split_keys in keys.items():
         results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)
                    for i, key in enumerate(split_keys) for t in teacher_ids}

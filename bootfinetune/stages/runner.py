@@ -30,6 +30,7 @@ import dspy
 
 from bootfinetune.common.redaction import redact
 from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
+from bootfinetune.stages.ratelimit import RATE_LIMIT_RETRIES, BudgetCallback, Pacer, rate_limited
 from bootfinetune.runtime.ray_env import WORKER_ENV
 from bootfinetune.training.distributed import node_id
 
@@ -84,18 +85,23 @@ class TeacherUsage:
     A program that opens its own `dspy.track_usage()` hides its calls inside it from this count.
     """
 
-    def __init__(self):
+    def __init__(self, pacer: Pacer | None = None):
         self.calls = 0
         self.by_model: dict[str, dict[str, int]] = {}
+        self.pacer = pacer
 
     def add_usage(self, lm: str, usage_entry: dict[str, Any] | None) -> None:
         self.calls += 1
         totals = self.by_model.setdefault(str(lm), {"calls": 0})
         totals["calls"] += 1
+        tokens = 0
         for key in ("prompt_tokens", "completion_tokens"):
             value = (usage_entry or {}).get(key)
             if isinstance(value, int) and not isinstance(value, bool):
                 totals[key] = totals.get(key, 0) + value
+                tokens += value
+        if self.pacer is not None:
+            self.pacer.after_call(tokens)
 
 
 class TeacherRunner:
@@ -115,12 +121,14 @@ class TeacherRunner:
         secrets: Strings to redact from error messages.
         split: "train" or "val", copied into each record of a batch without a "split" column.
         engine: "auto" (`engine_of` each teacher), "async" or "threads".
+        budget: The run's `TeacherBudget` actor (`bootfinetune.stages.ratelimit`), or None.
     """
 
     def __init__(self, teachers: list[dspy.Module], metric: Callable | None = None,
                  settings: dict[str, Any] | None = None, teacher_settings: dict[str, Any] | None = None,
                  num_threads: int = 8, metric_threshold: float | None = None,
-                 secrets: list[str] | None = None, split: str = "train", engine: str = "auto"):
+                 secrets: list[str] | None = None, split: str = "train", engine: str = "auto",
+                 budget: Any = None):
         for name, value in WORKER_ENV.items():
             os.environ.setdefault(name, value)
         if engine not in ENGINES:
@@ -131,10 +139,14 @@ class TeacherRunner:
         self.metric_threshold = metric_threshold
         self.secrets = secrets or []
         self.split = split
-        self.engines = [engine_of(t) if engine == "auto" else engine for t in teachers]
+        # Under a budget each LM call waits in a callback, which blocks its thread: programs run on threads.
+        self.engines = [("threads" if budget is not None else engine_of(t)) if engine == "auto" else engine
+                        for t in teachers]
         self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
         self.num_threads = num_threads
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
+        self.pacer = Pacer(budget, num_threads)
+        self.callbacks = [BudgetCallback(self.pacer)] if budget is not None else []
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its semaphore
         self.node = node_id()
 
@@ -159,13 +171,32 @@ class TeacherRunner:
         if slots is None:
             slots = self._slots[loop] = asyncio.Semaphore(self.num_threads)
         async with slots:
-            if self.engines[teacher] == "async":
-                return await self.arun_one(example_index, example_json, teacher, split)
-            return await loop.run_in_executor(self.pool, self.run_one, example_index, example_json, teacher, split)
+            spent: dict[str, dict[str, int]] = {}
+            for attempt in range(RATE_LIMIT_RETRIES + 1):
+                await self.pacer.admit()
+                result: dict[str, Any] = {}
+                try:
+                    if self.engines[teacher] == "async":
+                        result = await self.arun_one(example_index, example_json, teacher, split)
+                    else:
+                        result = await loop.run_in_executor(self.pool, self.run_one, example_index, example_json,
+                                                            teacher, split)
+                finally:  # a cancelled slot frees its place too
+                    retry_after = result.pop("_rate_limited", None)
+                    await self.pacer.release(retry_after)
+                _add_usage(spent, result.get("usage") or {})
+                if retry_after is None or attempt == RATE_LIMIT_RETRIES:
+                    break
+            result["usage"] = spent  # every attempt's calls were made (and paid)
+            result["teacher_calls"] = sum(u.get("calls", 0) for u in spent.values())
+            return result
 
     def _start(self, example_json: str) -> tuple[dspy.Example, TeacherUsage, list, dict[str, Any]]:
-        usage, trace = TeacherUsage(), []
-        return example_from_json(example_json), usage, trace, {**self.context, "trace": trace, "usage_tracker": usage}
+        usage, trace = TeacherUsage(self.pacer), []
+        context = {**self.context, "trace": trace, "usage_tracker": usage}
+        if self.callbacks:
+            context["callbacks"] = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + self.callbacks
+        return example_from_json(example_json), usage, trace, context
 
     def run_one(self, example_index: int, example_json: str, teacher_index: int,
                 split: str | None = None) -> dict[str, Any]:
@@ -204,7 +235,10 @@ class TeacherRunner:
         failure = FailureRecord(example_index=example_index, error_type=type(exc).__name__,
                                 message=redact(str(exc), self.secrets)[:2000], teacher=teacher,
                                 split=split, stage=stage)
-        return {"failure": failure.to_dict(), "teacher_calls": usage.calls, "usage": usage.by_model, "node": self.node}
+        out = {"failure": failure.to_dict(), "teacher_calls": usage.calls, "usage": usage.by_model, "node": self.node}
+        if stage == "program" and rate_limited(exc) is not None:
+            out["_rate_limited"] = rate_limited(exc)  # `_in_slot` runs the example again after Retry-After
+        return out
 
     def _records(self, example_index: int, teacher: int, split: str, trace: list, score: Any,
                  usage: TeacherUsage) -> dict[str, Any]:
@@ -224,6 +258,13 @@ class TeacherRunner:
             ).to_dict())
         return {"calls": calls, "kept": kept, "score": score_value(score), "teacher_calls": usage.calls,
                 "usage": usage.by_model, "unattributed": unattributed, "node": self.node}
+
+
+def _add_usage(total: dict[str, dict[str, int]], usage: dict[str, dict[str, int]]) -> None:
+    for model, counts in usage.items():
+        into = total.setdefault(model, {})
+        for key, value in counts.items():
+            into[key] = into.get(key, 0) + value
 
 
 class StreamingTeacherRunner(TeacherRunner):

@@ -5,6 +5,7 @@ its documented seams only:
 
 - `FaultyTeacherServer`: a `TeacherServer` that plays a flaky hosted model (429, 500, 503,
   timeouts, garbage, dropped connections), through `ChatServer.failure_response` and `TeacherServer.answer`;
+- `RateLimitedTeacherServer`: one that enforces a provider's rate limit (a token bucket; 429 with Retry-After);
 - `FailOnce`: a `LoopConfig.on_step` hook that SIGKILLs one training worker once, mid epoch
   (`finetune_models(..., hooks={"all": {"on_step": FailOnce(marker)}})`);
 - `resident_kib`: the resident memory that loading model directories adds (the LoRA test, `bench/lora_memory.py`).
@@ -105,6 +106,33 @@ class FaultyTeacherServer(TeacherServer):
             time.sleep(self.slow_seconds)
             return super().answer(messages)
         return GARBAGE
+
+
+class RateLimitedTeacherServer(FaultyTeacherServer):
+    """A teacher that keeps to `calls_per_second` as a provider does: a token bucket holding `burst` calls,
+    refilled at the rate; a request finding it empty gets a 429 at once, with the seconds until the next
+    token as Retry-After. `accepted` and `limited` keep each request's time (`time.monotonic()`).
+    """
+
+    def __init__(self, script: Script, calls_per_second: float, burst: float | None = None, **options):
+        super().__init__(script, faults=lambda inputs, attempt: None, **options)
+        self.rate = calls_per_second
+        self.burst = burst if burst is not None else max(1.0, calls_per_second / 10)
+        self._tokens, self._refilled = self.burst, time.monotonic()
+        self.accepted: list[float] = []
+        self.limited: list[float] = []
+
+    def complete(self, request: dict):
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens < 1:
+                self.limited.append(now)
+                raise HTTPFault(429, "rate limit reached", retry_after=round((1 - self._tokens) / self.rate, 3))
+            self._tokens -= 1
+            self.accepted.append(now)
+        return super().complete(request)
 
 
 @dataclass(frozen=True)

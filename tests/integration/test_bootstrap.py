@@ -135,3 +135,22 @@ def test_dspy_configure_settings_reach_the_actors(ray_cluster, teacher_server, t
     assert "q 0 | passage-0-for-0 passage-1-for-0!" in rewritten
     assert all("MARKED." in request[0]["content"] for request in teacher_server.requests)
     assert "MARKED." in read_jsonl(prepared.run.data_file("all"))[0]["messages"][0]["content"]
+
+
+def test_a_teacher_budget_is_shared_by_every_actor(ray_cluster, tmp_path):
+    """Two actors x 8 slots against a teacher that allows 20 calls/s: the shared budget keeps the pool to it."""
+    from bootfinetune.testing.faults import RateLimitedTeacherServer
+    from tests.programs import two_step_script
+
+    rate = 20.0
+    with RateLimitedTeacherServer(two_step_script, calls_per_second=rate, burst=rate / 3, latency=0.05) as server:
+        lm = dspy.LM("openai/limited", api_base=server.url, api_key="unused", cache=False, num_retries=3)
+        prepared = prepare(lm, tmp_path, two_step_examples(30), num_actors=2, num_threads=8, batch_size=4,
+                           max_calls_per_second=rate)
+        accepted, limited = list(server.accepted), list(server.limited)
+    summary = prepared.bootstrap.summary
+    assert (summary.examples, summary.failed) == (30, 0) and len(summary.nodes) >= 1
+    assert summary.teacher_calls == len(accepted) > 60
+    achieved = (len(accepted) - 1) / (accepted[-1] - accepted[0])
+    assert abs(achieved - rate) <= 0.1 * rate, achieved
+    assert len([t for t in limited if t > accepted[0] + 1.0]) <= 3, (len(limited), limited[-5:])

@@ -46,6 +46,8 @@ def test_every_problem_is_reported_together():
     ({"run_name": "a/b"}, "run_name"),
     ({"storage_path": ""}, "storage_path"),
     ({"actor_cpus": 0}, "actor_cpus"),
+    ({"max_calls_per_second": 0}, "max_calls_per_second"),
+    ({"max_tokens_per_minute": 0.5}, "max_tokens_per_minute"),
     ({"num_workers": True}, "num_workers"),
 ])
 def test_each_bad_value_names_its_field(options, field):
@@ -71,7 +73,8 @@ def test_replace_rechecks():
 def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
     from bootfinetune.config import RESOURCE_OPTIONS, identity_options
 
-    assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "engine", "max_errors",
+    assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "engine",
+                                "max_calls_per_second", "max_tokens_per_minute", "max_errors",
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
                                 "ray_address", "writer_wait_s", "writer_lease_s"}
     base = Config.from_options()

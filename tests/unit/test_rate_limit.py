@@ -1,0 +1,72 @@
+"""The teacher's rate limit, in one process: a real HTTP teacher that enforces a limit, the real runner."""
+
+import json
+
+import dspy
+
+from bootfinetune.run.records import example_to_json
+from bootfinetune.stages.ratelimit import BudgetClock, rate_limited
+from bootfinetune.stages.runner import TeacherRunner
+from bootfinetune.testing.faults import RateLimitedTeacherServer
+from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
+
+
+def expected_kept(n):
+    return [not (i % 7 != 3 and i % 5 == 4) for i in range(n)]  # two_step_examples: every 5th answer is wrong
+
+
+def run(runner, examples):
+    batch = {"example_index": list(range(len(examples))), "example": [example_to_json(e) for e in examples]}
+    return [json.loads(r) for r in runner(batch)["result"]]
+
+
+def test_a_shared_budget_keeps_every_slot_to_the_providers_limit():
+    rate = 30.0
+    # A provider tolerates some jitter (a bucket of a third of a second); a loaded box wakes threads late.
+    with RateLimitedTeacherServer(two_step_script, calls_per_second=rate, burst=rate / 3, latency=0.05) as server:
+        lm = dspy.LM("openai/limited", api_base=server.url, api_key="unused", cache=False, num_retries=3)
+        runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": lm}, num_threads=16,
+                               budget=BudgetClock(calls_per_second=rate))
+        results = run(runner, two_step_examples(40))  # 3 calls per example (2 on the skip branch)
+        accepted, limited = list(server.accepted), list(server.limited)
+    assert [r["kept"] for r in results] == expected_kept(40) and not any("failure" in r for r in results)
+    assert sum(r["teacher_calls"] for r in results) == len(accepted) >= 100
+    achieved = (len(accepted) - 1) / (accepted[-1] - accepted[0])
+    assert abs(achieved - rate) <= 0.1 * rate, achieved
+    # The first examples reserve one call each before the runner learns they make three: at most a few
+    # 429s early on (DSPy retries them after Retry-After); none once the estimate holds.
+    assert len([t for t in limited if t > accepted[0] + 1.0]) <= 3, (limited, accepted[0])
+    usage = results[0]["usage"]["openai/limited"]
+    assert usage["calls"] == 3 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+
+
+def test_without_a_budget_429s_are_obeyed_and_calls_in_flight_adapt():
+    # No retries in the LM: every 429 reaches the runner, which must run its example again after Retry-After
+    # rather than record a failure, and halve the calls it keeps in flight.
+    with RateLimitedTeacherServer(two_step_script, calls_per_second=40, latency=0.05) as server:
+        lm = dspy.LM("openai/limited", api_base=server.url, api_key="unused", cache=False, num_retries=0)
+        runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": lm}, num_threads=16)
+        results = run(runner, two_step_examples(24))
+        limited = len(server.limited)
+    assert limited > 0 and runner.pacer.throttled > 0
+    assert runner.pacer.lowest < 16
+    assert [r["kept"] for r in results] == expected_kept(24) and not any("failure" in r for r in results)
+    # A retried example counts every call it made, the rate-limited ones included.
+    assert sum(r["teacher_calls"] for r in results) >= 24 * 3 - 8 + 1
+
+
+def test_rate_limit_errors_are_told_apart_with_their_retry_after():
+    from dspy.utils.exceptions import LMRateLimitError
+
+    assert rate_limited(LMRateLimitError(message="slow down", retry_after=2.5)) == 2.5
+    assert rate_limited(LMRateLimitError(message="slow down")) == 0.0
+    assert rate_limited(ValueError("429 in a message is not a status")) is None
+
+
+def test_the_clock_charges_what_an_example_used_beyond_its_estimate():
+    clock = BudgetClock(calls_per_second=10, tokens_per_minute=600, headroom=1.0)  # a call, a token: 0.1 s
+    assert clock.reserve(1, 0, now=0.0) == 0.0
+    clock.settle(2, 5)  # the example made 3 calls and used 5 tokens
+    assert round(clock.reserve(1, 0, now=0.0), 3) == 0.8
+    clock.settle(-1, 0)  # a refund: it made no call
+    assert round(clock.reserve(1, 0, now=5.0), 3) == 0.0
