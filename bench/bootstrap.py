@@ -3,6 +3,7 @@
     python bench/bootstrap.py                          # the issue's cases, both programs
     python bench/bootstrap.py --cases 200x32 --program predict   # a quick look
     python bench/bootstrap.py --nodes 2 --cases 5000x64 --actors 4   # two local nodes
+    python bench/bootstrap.py --rate-limit 20 --cases 600x32        # a teacher that allows 20 calls/s
 
 Both sides run the same program against the same teacher: an OpenAI-compatible server in its own
 process on 127.0.0.1 that answers every request after a fixed latency (100 ms), reached through
@@ -45,14 +46,19 @@ def answer_of(question: str) -> str:
     return " ".join(reversed(question.split()))
 
 
-def serve(latency: float) -> None:
+def serve(latency: float, rate_limit: float | None = None) -> None:
     """Runs the teacher server until stdin closes; prints its URL first (the --serve mode)."""
+    from bootfinetune.testing.faults import RateLimitedTeacherServer
     from bootfinetune.testing.teacher_server import TeacherServer
 
     def script(inputs, outputs):
         return {name: answer_of(inputs.get("question", "")) for name in outputs}
 
-    server = TeacherServer(script, latency=latency, model_name="bench-teacher").start()
+    if rate_limit:  # a provider's limit as a token bucket holding a third of a second of calls
+        server = RateLimitedTeacherServer(script, calls_per_second=rate_limit, burst=rate_limit / 3, latency=latency,
+                                          model_name="bench-teacher").start()
+    else:
+        server = TeacherServer(script, latency=latency, model_name="bench-teacher").start()
     print(server.url, flush=True)
     sys.stdin.read()
     server.stop()
@@ -61,9 +67,9 @@ def serve(latency: float) -> None:
 class Teacher:
     """The teacher server in a child process, so its threads share no GIL with either side."""
 
-    def __init__(self, latency: float):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(latency)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, latency: float, rate_limit: float | None = None):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(latency), "--rate-limit",
+                                      str(rate_limit or 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("http"):
             raise RuntimeError(f"the teacher server did not start: {self.url!r}")
@@ -169,14 +175,14 @@ def run_dspy(lm, data, threads: int, kind: str) -> tuple[float, int, float]:
 
 
 def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path, kind: str, engine: str,
-             teacher_pid: int) -> tuple[float, int, float, str]:
+             teacher_pid: int, **limits: float) -> tuple[float, int, float, str]:
     from bootfinetune.stages.bootstrap import run_bootstrap
     from bootfinetune.config import BootstrapConfig
     from bootfinetune.run.rundir import RunDir
 
     run = RunDir.at(str(workdir), f"run-{time.time_ns()}")
     config = BootstrapConfig(num_actors=actors, num_threads=threads, batch_size=batch_size,
-                             actor_cpus=0.5, max_errors=0, engine=engine)
+                             actor_cpus=0.5, max_errors=0, engine=engine, **limits)
     cpu = TreeCPU(exclude=(teacher_pid,))
     started = time.perf_counter()
     result = run_bootstrap(run, teachers=[make_program(kind)], examples=data, metric=metric, config=config,
@@ -233,9 +239,14 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=1, help="1: one local Ray node; 2+: a local multi-node cluster")
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the best counts")
     ap.add_argument("--skip-dspy", action="store_true")
+    ap.add_argument("--rate-limit", type=float, default=0,
+                    help="R: the teacher allows R calls/s (429 with Retry-After past it); ours runs with "
+                         "max_calls_per_second=R, DSPy as it is; reports the rate each achieved and the 429s")
     args = ap.parse_args()
     if args.serve is not None:
-        return serve(args.serve)
+        return serve(args.serve, args.rate_limit)
+    if args.rate_limit:
+        return rate_limited(args)
 
     import logging
 
@@ -301,6 +312,63 @@ def main() -> None:
               f"({row['ours_over_limit']}x limit, {row['ours_cpu_ms_per_call']} ms CPU/call, {row['engine']}); "
               f"DSPy {row['dspy_s']} s ({row['dspy_over_limit']}x limit, {row['dspy_cpu_ms_per_call']} ms CPU/call); "
               f"speedup {row['speedup_vs_dspy']}x")
+
+
+def rate_limited(args) -> None:
+    """Both sides against a teacher that allows `args.rate_limit` calls/s: the rate achieved and the 429s.
+
+    The achieved rate is the teacher's accepted calls over the time from the first to the last; "429s after
+    1 s" counts those more than a second after a side's first accepted call.
+    """
+    import logging
+    import urllib.request
+
+    logging.getLogger("dspy").setLevel(logging.ERROR)
+    logging.getLogger("bootfinetune.stages.ratelimit").setLevel(logging.ERROR)
+    rate = args.rate_limit
+    teacher = Teacher(args.latency, rate)
+    lm = dspy.LM(args.model, api_base=teacher.url, api_key="unused", cache=False, num_retries=3)
+    cluster, _ = start_ray(args.nodes)
+    import ray
+
+    def window(start: float, end: float) -> dict:
+        stats = json.load(urllib.request.urlopen(teacher.url + "/stats"))
+        ok = [t for t in stats["accepted"] if start <= t <= end]
+        limited = [t for t in stats["limited"] if start <= t <= end]
+        achieved = (len(ok) - 1) / (ok[-1] - ok[0]) if len(ok) > 1 else None
+        return {"accepted": len(ok), "achieved_calls_per_s": achieved and round(achieved, 2),
+                "within_10pct": achieved is not None and abs(achieved - rate) <= 0.1 * rate,
+                "429s": len(limited), "429s_after_1s": sum(t > ok[0] + 1.0 for t in limited) if ok else None}
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-bootstrap-") as tmp:
+            for case in args.cases:
+                spec, _, case_actors = case.partition("@")
+                n, in_flight = (int(x) for x in spec.lower().split("x"))
+                actors = int(case_actors) if case_actors else args.actors[0]
+                row = {"program": args.program[0], "n": n, "in_flight": in_flight, "teacher_limit_calls_per_s": rate}
+                start = time.monotonic()
+                seconds, kept, _, engine = run_ours(lm, examples(n, f"rl-ours-{time.time()}"), actors,
+                                                    max(1, in_flight // actors), args.batch_size, Path(tmp),
+                                                    args.program[0], args.engine, teacher.proc.pid,
+                                                    max_calls_per_second=rate)
+                row["ours"] = {"seconds": round(seconds, 2), "kept": kept, "engine": engine,
+                               **window(start, time.monotonic())}
+                if not args.skip_dspy:
+                    from dspy.teleprompt.bootstrap_trace import bootstrap_trace_data
+
+                    start = time.monotonic()
+                    with dspy.context(lm=lm):
+                        results = bootstrap_trace_data(make_program(args.program[0]), examples(n, f"rl-dspy-{time.time()}"),
+                                                       metric=metric, num_threads=in_flight, raise_on_error=False)
+                    row["dspy"] = {"seconds": round(time.monotonic() - start, 2),
+                                   "kept": sum(1 for r in results if r.get("score")), **window(start, time.monotonic())}
+                print(json.dumps(row), flush=True)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        teacher.close()
 
 
 if __name__ == "__main__":
