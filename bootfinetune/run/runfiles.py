@@ -163,7 +163,7 @@ class BootstrapSummary:
     calls: int = 0
     """Predictor calls recorded."""
     teacher_calls: int = 0
-    """Calls made to the teacher's LM by this run (predictor calls, failures included); 0 for reused traces."""
+    """Calls the teacher's LM answered for this run (cache hits excluded); 0 for reused traces."""
     reused: int = 0
     """Examples whose traces were read from the trace store instead of asking the teacher."""
     unattributed: int = 0
@@ -176,6 +176,9 @@ class BootstrapSummary:
     """Examples run per Ray node id (where the bootstrap actors ran)."""
     engine: str = ""
     """How the actors ran the teacher programs: "async", "threads" (one per teacher, joined by "+"); "" if none ran."""
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Teacher usage of this run by model: {"calls", "prompt_tokens", "completion_tokens", "cost_usd"}, as DSPy
+    reported it; `cost_usd` is None where DSPy knows no price for the model. Reused traces cost nothing."""
 
     @classmethod
     def from_json(cls, data: Any, source: Any = FILE) -> "BootstrapSummary":

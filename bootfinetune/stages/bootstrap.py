@@ -39,7 +39,8 @@ from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
 from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
-from bootfinetune.stages.runner import StreamingTeacherRunner, TeacherRunner, engine_of, is_kept, score_value
+from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, engine_of, is_kept,
+                                        score_value)
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
 
@@ -327,6 +328,7 @@ def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started
         store_key = (keys[key[0]], key[1])
         if store_key in fresh and store_key not in counted:
             summary.teacher_calls += result.get("teacher_calls", 0)
+            add_usage(summary.usage, result.get("usage") or {})
             counted.add(store_key)
         if result.get("node"):
             summary.nodes[result["node"]] = summary.nodes.get(result["node"], 0) + 1

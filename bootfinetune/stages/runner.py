@@ -77,22 +77,26 @@ def score_value(score: Any) -> float | None:
 
 
 class TeacherUsage:
-    """One example's teacher calls and their tokens, by model: DSPy hands a `usage_tracker` each call's usage.
+    """One example's teacher calls, their tokens and their cost, by model, as DSPy itself reports them.
 
-    Set as the example's `dspy.context(usage_tracker=...)`. DSPy calls `add_usage` once per LM call that
-    was not a cache hit (failed calls included), so `calls` counts what reached a provider, and it costs
-    nothing else (a callback would make DSPy inspect the arguments of every module, adapter and LM call).
+    Set per example as `dspy.context(usage_tracker=usage, caller_modules=[usage])`: DSPy hands a usage
+    tracker each answered call's usage (`add_usage`; a cache hit is not handed over, so `calls` counts what
+    a provider answered), and then appends the call's history entry, with the cost its pricing estimated
+    (None for a model it has no price for), to the history of every module calling, this one first. No
+    callback is needed, which would make DSPy inspect the arguments of every module, adapter and LM call.
     A program that opens its own `dspy.track_usage()` hides its calls inside it from this count.
     """
 
     def __init__(self, pacer: Pacer | None = None):
         self.calls = 0
-        self.by_model: dict[str, dict[str, int]] = {}
+        self.by_model: dict[str, dict[str, Any]] = {}
         self.pacer = pacer
+        self.history = _CostLog(self)
+        self._billed: str | None = None  # the model of the call just answered, until its history entry comes
 
     def add_usage(self, lm: str, usage_entry: dict[str, Any] | None) -> None:
         self.calls += 1
-        totals = self.by_model.setdefault(str(lm), {"calls": 0})
+        totals = self.by_model.setdefault(str(lm), {"calls": 0, "cost_usd": 0.0})
         totals["calls"] += 1
         tokens = 0
         for key in ("prompt_tokens", "completion_tokens"):
@@ -100,8 +104,32 @@ class TeacherUsage:
             if isinstance(value, int) and not isinstance(value, bool):
                 totals[key] = totals.get(key, 0) + value
                 tokens += value
+        self._billed = str(lm)
         if self.pacer is not None:
             self.pacer.after_call(tokens)
+
+    def __deepcopy__(self, memo: dict) -> TeacherUsage:
+        return self  # dspy.Parallel copies the tracker per thread: the example's calls there count here too
+
+    def add_cost(self, entry: dict[str, Any]) -> None:
+        model, self._billed = self._billed, None
+        if model is None or model not in self.by_model:  # a cache hit: its cost was paid before
+            return
+        totals, cost = self.by_model[model], entry.get("cost")
+        if totals["cost_usd"] is not None:
+            totals["cost_usd"] = None if cost is None else totals["cost_usd"] + float(cost)
+
+
+class _CostLog(list):
+    """A history DSPy appends a call's entry to (as it does a calling module's): keeps only its cost."""
+
+    def __init__(self, usage: TeacherUsage):
+        super().__init__()
+        self.usage = usage
+
+    def append(self, entry: Any) -> None:
+        if isinstance(entry, dict):
+            self.usage.add_cost(entry)
 
 
 class TeacherRunner:
@@ -184,7 +212,7 @@ class TeacherRunner:
                 finally:  # a cancelled slot frees its place too
                     retry_after = result.pop("_rate_limited", None)
                     await self.pacer.release(retry_after)
-                _add_usage(spent, result.get("usage") or {})
+                add_usage(spent, result.get("usage") or {})
                 if retry_after is None or attempt == RATE_LIMIT_RETRIES:
                     break
             result["usage"] = spent  # every attempt's calls were made (and paid)
@@ -193,7 +221,7 @@ class TeacherRunner:
 
     def _start(self, example_json: str) -> tuple[dspy.Example, TeacherUsage, list, dict[str, Any]]:
         usage, trace = TeacherUsage(self.pacer), []
-        context = {**self.context, "trace": trace, "usage_tracker": usage}
+        context = {**self.context, "trace": trace, "usage_tracker": usage, "caller_modules": [usage]}
         if self.callbacks:
             context["callbacks"] = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + self.callbacks
         return example_from_json(example_json), usage, trace, context
@@ -260,11 +288,16 @@ class TeacherRunner:
                 "usage": usage.by_model, "unattributed": unattributed, "node": self.node}
 
 
-def _add_usage(total: dict[str, dict[str, int]], usage: dict[str, dict[str, int]]) -> None:
+def add_usage(total: dict[str, dict[str, Any]], usage: dict[str, dict[str, Any]]) -> None:
+    """Adds `usage` ({model: {calls, prompt_tokens, completion_tokens, cost_usd}}) into `total`; an unknown
+    cost (None) makes the sum unknown."""
     for model, counts in usage.items():
         into = total.setdefault(model, {})
         for key, value in counts.items():
-            into[key] = into.get(key, 0) + value
+            if key not in into or into[key] is None or value is None:
+                into[key] = value if key not in into else None
+            else:
+                into[key] += value
 
 
 class StreamingTeacherRunner(TeacherRunner):

