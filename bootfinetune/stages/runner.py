@@ -85,13 +85,18 @@ class TeacherUsage:
     (None for a model it has no price for), to the history of every module calling, this one first. No
     callback is needed, which would make DSPy inspect the arguments of every module, adapter and LM call.
     A program that opens its own `dspy.track_usage()` hides its calls inside it from this count.
+
+    With `dspy.configure(track_usage=True)` DSPy gives each prediction its usage only from a tracker of its
+    own, so then (`from_history`) this one is not set as the tracker and reads each call's usage from its
+    history entry instead (an entry with no usage is a cache hit).
     """
 
-    def __init__(self, pacer: Pacer | None = None):
+    def __init__(self, pacer: Pacer | None = None, from_history: bool = False):
         self.calls = 0
         self.by_model: dict[str, dict[str, Any]] = {}
         self.pacer = pacer
         self.history = _CostLog(self)
+        self.from_history = from_history
         self._billed: str | None = None  # the model of the call just answered, until its history entry comes
 
     def add_usage(self, lm: str, usage_entry: dict[str, Any] | None) -> None:
@@ -112,6 +117,8 @@ class TeacherUsage:
         return self  # dspy.Parallel copies the tracker per thread: the example's calls there count here too
 
     def add_cost(self, entry: dict[str, Any]) -> None:
+        if self.from_history and entry.get("usage"):
+            self.add_usage(str(entry.get("model")), entry["usage"])
         model, self._billed = self._billed, None
         if model is None or model not in self.by_model:  # a cache hit: its cost was paid before
             return
@@ -220,8 +227,11 @@ class TeacherRunner:
             return result
 
     def _start(self, example_json: str) -> tuple[dspy.Example, TeacherUsage, list, dict[str, Any]]:
-        usage, trace = TeacherUsage(self.pacer), []
-        context = {**self.context, "trace": trace, "usage_tracker": usage, "caller_modules": [usage]}
+        tracked = self.context.get("track_usage", dspy.settings.track_usage)
+        usage, trace = TeacherUsage(self.pacer, from_history=bool(tracked)), []
+        context = {**self.context, "trace": trace, "caller_modules": [usage]}
+        if not tracked:
+            context["usage_tracker"] = usage
         if self.callbacks:
             context["callbacks"] = list(self.context.get("callbacks") or dspy.settings.callbacks or []) + self.callbacks
         return example_from_json(example_json), usage, trace, context

@@ -1,6 +1,7 @@
 """The actor's callable class and the data stage, run in this process (no Ray)."""
 
 import json
+import uuid
 
 import dspy
 import pytest
@@ -181,7 +182,8 @@ def test_teacher_tokens_and_cost_per_model_as_dspy_reports_them(teacher_server):
     """Tokens and cost by model, per example; a model DSPy has no price for costs None (unknown), not 0;
     a cache hit is not a teacher call."""
     priced = dspy.LM("openai/gpt-4o-mini", api_base=teacher_server.url, api_key="unused", cache=False)
-    unpriced = dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="unused", cache=True)
+    model = f"openai/unpriced-{uuid.uuid4().hex[:8]}"  # fresh in DSPy's on-disk cache, unknown to its price list
+    unpriced = dspy.LM(model, api_base=teacher_server.url, api_key="unused", cache=True)
     examples = two_step_examples(2, offset=501)  # three calls each
     first = run_examples(TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": priced}), examples)
     usage = first[0]["usage"]["openai/gpt-4o-mini"]
@@ -189,5 +191,5 @@ def test_teacher_tokens_and_cost_per_model_as_dspy_reports_them(teacher_server):
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0 and usage["cost_usd"] > 0
     runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": unpriced})
     fresh, cached = run_examples(runner, examples), run_examples(runner, examples)
-    assert fresh[0]["usage"]["openai/scripted-teacher"]["cost_usd"] is None
+    assert fresh[0]["usage"][model]["cost_usd"] is None
     assert fresh[0]["teacher_calls"] == 3 and cached[0]["teacher_calls"] == 0 and cached[0]["usage"] == {}
