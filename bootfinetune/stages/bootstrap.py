@@ -39,7 +39,7 @@ from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
 from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
-from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, engine_of, is_kept,
+from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
                                         score_value)
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
@@ -170,7 +170,9 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
             if any((key, t) not in stored for t in teacher_ids):
                 first_of.setdefault(key, (split, i))
     fresh: dict[tuple[str, int], dict] = {}
-    engines = [engine_of(t) if config.engine == "auto" else config.engine for t in teachers]
+    budgeted = bool(config.max_calls_per_second or config.max_tokens_per_minute)
+    engines = [choose_engine(t, config.num_threads, budgeted) if config.engine == "auto" else config.engine
+               for t in teachers]
     if first_of and config.num_threads > HTTP_POOL:
         logger.warning("bootstrap: num_threads=%d slots per actor, but DSPy's HTTP client keeps at most %d connections "
                        "per LM in a process: the extra calls wait for one. Use more actors (num_actors) instead.",

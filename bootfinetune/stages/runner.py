@@ -5,13 +5,14 @@ every batch the actor holds): a finished example frees its slot at once and the 
 this batch or another, takes it. There is no batch barrier on the slots; a batch's results go back
 together once its last example is done, while the actor's other batches keep the slots busy.
 
-Two engines, chosen per program by `engine_of` and reported (log line, `BootstrapSummary.engine`):
+Two engines, chosen per program by `choose_engine` and reported (log line, `BootstrapSummary.engine`):
 
 - "async": the program's class defines `aforward` for its own `forward` (dspy.Predict,
-  dspy.ChainOfThought, or a module that writes both): it runs as a coroutine (`acall`) on the
-  actor's event loop, so a slot costs no thread;
-- "threads": only `forward` (the common user module): it runs on `num_threads` threads, handed
-  out from the same event loop.
+  dspy.ChainOfThought, or a module that writes both) and the actor keeps at least `ASYNC_MIN_SLOTS`
+  examples in flight: it runs as a coroutine (`acall`) on the actor's event loop, so a slot costs no thread;
+- "threads": otherwise (only `forward`, the common user module; or fewer slots, where threads cost less
+  CPU per call; or under a teacher budget): it runs on `num_threads` threads, handed out from the same
+  event loop.
 
 A metric always runs on a thread (it may call an LM itself and must not stall the loop).
 """
@@ -55,6 +56,26 @@ def engine_of(program: Any) -> str:
     forward = next((i for i, cls in enumerate(mro) if "forward" in cls.__dict__), None)
     aforward = next((i for i, cls in enumerate(mro) if "aforward" in cls.__dict__), None)
     return "async" if aforward is not None and (forward is None or aforward <= forward) else "threads"
+
+
+ASYNC_MIN_SLOTS = 33
+"""Slots per actor from which "auto" runs a program that has `aforward` on the event loop. Below, threads
+cost less client CPU per call with DSPy 3.4.1, whose async path hands each call's preparation and pricing to
+threads anyway (bench/RESULTS.md section 1a: 8.5 vs 10.2 ms per call at 16 slots, even at 32)."""
+
+
+def choose_engine(program: Any, slots: int, budgeted: bool = False) -> str:
+    """The engine "auto" picks: "async" for a program with `aforward` (`engine_of`) when an actor keeps at
+    least `ASYNC_MIN_SLOTS` examples in flight, else "threads"; always threads under a teacher budget, whose
+    callback blocks the thread of each call while it waits.
+
+    >>> import dspy
+    >>> [choose_engine(dspy.Predict("q -> a"), n) for n in (16, 64)], choose_engine(dspy.Predict("q -> a"), 64, True)
+    (['threads', 'async'], 'threads')
+    """
+    if budgeted:
+        return "threads"
+    return "async" if slots >= ASYNC_MIN_SLOTS and engine_of(program) == "async" else "threads"
 
 
 def is_kept(score: Any, threshold: float | None) -> bool:
@@ -155,7 +176,7 @@ class TeacherRunner:
         metric_threshold: For float scores: keep when score >= threshold.
         secrets: Strings to redact from error messages.
         split: "train" or "val", copied into each record of a batch without a "split" column.
-        engine: "auto" (`engine_of` each teacher), "async" or "threads".
+        engine: "auto" (`choose_engine` for each teacher), "async" or "threads".
         budget: The run's `TeacherBudget` actor (`bootfinetune.stages.ratelimit`), or None.
     """
 
@@ -174,8 +195,7 @@ class TeacherRunner:
         self.metric_threshold = metric_threshold
         self.secrets = secrets or []
         self.split = split
-        # Under a budget each LM call waits in a callback, which blocks its thread: programs run on threads.
-        self.engines = [("threads" if budget is not None else engine_of(t)) if engine == "auto" else engine
+        self.engines = [choose_engine(t, num_threads, budget is not None) if engine == "auto" else engine
                         for t in teachers]
         self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
         self.num_threads = num_threads

@@ -120,10 +120,11 @@ def test_data_stage_uses_the_students_prompt_and_keeps_or_drops_duplicates(tmp_p
 
 
 def test_engines_are_chosen_by_aforward_and_give_the_same_records(teacher_lm):
-    from bootfinetune.stages.runner import engine_of
+    from bootfinetune.stages.runner import choose_engine, engine_of
 
-    program = dspy.ChainOfThought("rewritten -> answer")  # has aforward: runs on the event loop
+    program = dspy.ChainOfThought("rewritten -> answer")  # has aforward: runs on the event loop with many slots
     assert engine_of(program) == "async" and engine_of(TwoStep()) == "threads"
+    assert choose_engine(program, 64) == "async" and choose_engine(program, 8) == choose_engine(TwoStep(), 64) == "threads"
     examples = [dspy.Example(rewritten=f"item {i}!", answer=f"ITEM {i}!").with_inputs("rewritten") for i in range(6)]
     metric = lambda example, prediction, trace=None: prediction.answer == example.answer  # noqa: E731
     by_engine = {}
