@@ -269,6 +269,9 @@ class ModelManifest:
     """Records dropped per epoch to even out the workers' batches."""
     world_size: int = 0
     """Training workers."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """The DeepSpeed engine trained with and why: zero_stage, offload_optimizer, offload_params, reason,
+    estimate_bytes (model states per worker), memory_bytes (memory per worker); see `zero_stage`."""
     nodes: list = field(default_factory=list)
     """The Ray node of each rank."""
     starts: list[dict[str, int]] = field(default_factory=list)

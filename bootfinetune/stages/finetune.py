@@ -298,7 +298,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     out = run.model_dir(job.key)
     run.remove("models", out.name)
     with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config,
+        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, trained_config(config, state),
                                  tokenizer=tokenizer, base_vocab=base_vocab)
     tokenizer.save_pretrained(out)
 
@@ -336,6 +336,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         answer_tokens_max=state.get("answer_tokens_max") or None,
         dropped_per_epoch=state["dropped_per_epoch"],
         world_size=state["world_size"],
+        engine=state.get("engine") or {},
         nodes=state.get("nodes", []),
         starts=state["starts"],
         history=history,
@@ -392,6 +393,15 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
         gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
     model.save_pretrained(out)
     return None
+
+
+def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
+    engine = state.get("engine") or {}
+    if not engine:
+        return config
+    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
+                               offload_params=engine["offload_params"])
 
 
 def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:

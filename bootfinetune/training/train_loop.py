@@ -30,7 +30,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +41,7 @@ from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
+from bootfinetune.training.engine_choice import resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class LoopState:
     answer_logits_only: bool = False
     """Whether the head ran on answer positions only (see `answer_logits_only`)."""
     world_size: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)
+    """The ZeRO stage and offload trained with, and why (`engine_choice.EngineChoice`)."""
     data_hash: str | None = None
     seconds: float = 0.0
 
@@ -204,6 +207,10 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
 
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
+    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None)
+    state.engine = choice.to_json()
+    tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
+                 offload_params=choice.offload_params)
     ds_config = deepspeed_config(tc, world)
     # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
     # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
@@ -216,9 +223,9 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         if rank == 0:
-            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
-                     data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
-                     state.epochs_done + 1)
+            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d; "
+                     "engine %s", data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
+                     state.epochs_done + 1, choice.describe())
         reporter = None
         if rank == 0:
             from bootfinetune.training.progress import Reporter
