@@ -27,8 +27,6 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,13 +40,10 @@ from bootfinetune.training.render import Encoded, collate, encode_records, model
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
 from bootfinetune.training.engine_choice import resolve_engine
+from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-"""Loop state inside a checkpoint (written by rank 0 after the DeepSpeed files)."""
-DS_DIR = "deepspeed"
-"""DeepSpeed checkpoint folder inside a checkpoint."""
 BUCKET_FACTOR = 16
 """Micro batches per length bucket: examples are sorted by length within buckets this big."""
 
@@ -143,6 +138,9 @@ class LoopState:
     world_size: int = 1
     engine: dict[str, Any] = field(default_factory=dict)
     """The ZeRO stage and offload trained with, and why (`engine_choice.EngineChoice`)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Fixed cost around the steps: loop_started_at (Unix time the latest start entered the loop),
+    setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (all checkpoints so far)."""
     data_hash: str | None = None
     seconds: float = 0.0
 
@@ -192,7 +190,9 @@ class Prepared:
 
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
-    resume_dir, state = _find_resume(cfg)
+    started = time.time()
+    resume_dir, saved = find_resume(cfg.ray, cfg.checkpoint_dir)
+    state = LoopState(**saved) if saved else LoopState()
     if state.epochs_done >= tc.epochs:
         return asdict(state) if rank == 0 else None
     if state.data_hash and cfg.data_hash and state.data_hash != cfg.data_hash:
@@ -222,6 +222,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             state.answer_logits_only = head_only
         if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
         if rank == 0:
             log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d; "
                      "engine %s", data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
@@ -339,7 +340,10 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
     if rank == 0:
         log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
                  eval_loss, toks / max(train_seconds, 1e-9))
-    _save_and_report(cfg, engine, state, epoch + 1, rank)
+    metrics = {"epoch": epoch + 1, "global_step": state.global_step, "train_loss": mean_loss / world,
+               "eval_loss": eval_loss, "start_epoch": state.starts[-1]["epoch"]}
+    seconds = save_and_report(cfg.ray, cfg.checkpoint_dir, engine, asdict(state), metrics, epoch + 1, rank)
+    state.timings["checkpoint_seconds"] = round(state.timings.get("checkpoint_seconds", 0.0) + seconds, 3)
 
 
 def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
@@ -409,53 +413,6 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
     engine.train()
     total, count = all_reduce([total, count], device, "sum")
     return total / max(count, 1)
-
-
-def _save_and_report(cfg: LoopConfig, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
-    """Writes a resumable checkpoint (every rank its shards, rank 0 the state) and reports it."""
-    metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": state.history[-1]["train_loss"],
-               "eval_loss": state.history[-1]["eval_loss"], "start_epoch": state.starts[-1]["epoch"]}
-    if cfg.ray:
-        import ray.train
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"bootfinetune-ckpt-{epoch}-"))
-        try:
-            _write_checkpoint(tmp, engine, state, epoch, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"epoch_{epoch:03d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    elif cfg.checkpoint_dir:
-        _write_checkpoint(Path(cfg.checkpoint_dir) / f"epoch_{epoch:03d}", engine, state, epoch, rank)
-
-
-def _write_checkpoint(path: Path, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
-    import torch.distributed as dist
-
-    engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
-    if rank == 0:  # written last: its presence means the checkpoint is whole
-        from bootfinetune.run.jsonio import write_json
-
-        write_json(path / STATE_FILE, asdict(state))
-    dist.barrier()
-
-
-def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
-    """The checkpoint to resume from (Ray's latest, or the newest whole one in checkpoint_dir)."""
-    path = None
-    if cfg.ray:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            path = Path(ckpt.to_directory()) if ckpt.filesystem.type_name != "local" else Path(ckpt.path)
-    elif cfg.checkpoint_dir and Path(cfg.checkpoint_dir).is_dir():
-        done = sorted(p for p in Path(cfg.checkpoint_dir).glob("epoch_*") if (p / STATE_FILE).exists())
-        path = done[-1] if done else None
-    if path is None or not (path / STATE_FILE).exists():
-        return None, LoopState()
-    raw = json.loads((path / STATE_FILE).read_text())
-    return path, LoopState(**raw)
 
 
 def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:
