@@ -45,6 +45,7 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
                                  trust_remote_code=tc.trust_remote_code)
+    model.config.use_cache = False  # training decodes nothing; a KV cache would also hide packed rows' records
     if added_tokens:
         if tc.lora:
             raise ValueError(f"lora=True with added tokens {added_tokens}: LoRA keeps the embeddings "

@@ -37,6 +37,7 @@ from bootfinetune.training.distributed import all_reduce, process_group, rank_no
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.training.packing import micro_batch, pack_rows, unit_lengths
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
 from bootfinetune.training.engine_choice import resolve_engine
@@ -187,6 +188,8 @@ class Prepared:
     pad_id: int
     multiple: int | None
     """Batches are padded to a multiple of this (on a GPU)."""
+    rows: list[list[int]] | None = None
+    """Packed rows (record indices) when records are packed (`packing`, causal), else None."""
 
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
@@ -208,7 +211,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
     choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None)
-    state.engine = choice.to_json()
+    state.engine = {**choice.to_json(), "packed": data.rows is not None}
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
                  offload_params=choice.offload_params)
     ds_config = deepspeed_config(tc, world)
@@ -267,8 +270,10 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
     state.answer_tokens_max = int(all_reduce([answer_lengths[-1]], device, "max")[0])
 
+    rows = pack_rows([len(e.input_ids) for e in train_ex], tc.max_length, tc.seed) if (
+        tc.packing and kind == "causal") else None  # seq2seq has no packed attention: a record a row
     # Every rank must run the same number of steps (collectives would hang otherwise).
-    n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
+    n_micro = int(all_reduce([math.ceil(len(rows or train_ex) / tc.bsize)], device, "min")[0])
     if cfg.max_steps_per_epoch:
         n_micro = min(n_micro, cfg.max_steps_per_epoch)
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
@@ -277,7 +282,7 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
                     n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
-                    multiple=8 if tc.use_gpu else None)
+                    multiple=8 if tc.use_gpu else None, rows=rows)
 
 
 def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
@@ -289,14 +294,13 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
     engine.train()
     kind, n_micro, train_ex = data.kind, data.n_micro, data.train_ex
     curve_every = max(1, data.total_steps // 100)
-    batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
-    state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
+    batches = length_batches(unit_lengths(train_ex, data.rows), tc.bsize, tc.seed + epoch)
+    state.dropped_per_epoch = sum(len(data.rows[r]) if data.rows else 1 for b in batches[n_micro:] for r in b)
     loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
     window, window_n = torch.zeros((), device=device), 0
     for i, idx in enumerate(batches[:n_micro]):
-        batch = collate([train_ex[j] for j in idx], data.pad_id, data.multiple)
+        batch, real = micro_batch(train_ex, data.rows, idx, data.pad_id, data.multiple)
         answers = int((batch["labels"] != -100).sum())
-        real = int(batch["attention_mask"].sum())
         answer_toks += answers
         toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
         padded += batch["input_ids"].numel() - real
