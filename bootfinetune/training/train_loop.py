@@ -141,7 +141,8 @@ class LoopState:
     """The ZeRO stage and offload trained with, and why (`engine_choice.EngineChoice`)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Fixed cost around the steps: loop_started_at (Unix time the latest start entered the loop),
-    setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (all checkpoints so far)."""
+    setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (the checkpoints written before
+    the one holding this state: a checkpoint's own time is known only after it is written)."""
     data_hash: str | None = None
     seconds: float = 0.0
 
@@ -226,6 +227,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
+        state.timings.setdefault("checkpoint_seconds", 0.0)
         if rank == 0:
             log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d; "
                      "engine %s", data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
