@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--zero-stage", type=lambda s: s if s == "auto" else int(s), default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on CPU")
     ap.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     ap.add_argument("--workdir", default="/tmp/bootfinetune-bench-finetune")

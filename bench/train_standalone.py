@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="micro batches per epoch")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--zero-stage", type=lambda s: s if s == "auto" else int(s), default="auto")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is present")
     ap.add_argument("--workdir", default="/tmp/bootfinetune-bench")
@@ -102,7 +102,7 @@ def main() -> None:
         print(json.dumps({
             "summary": True, "size": args.size, "parameters": params, "world_size": state["world_size"],
             "device": torch.cuda.get_device_name() if use_gpu else "cpu", "bf16": args.bf16,
-            "zero_stage": args.zero_stage, "seq_len": args.seq_len, "bsize": args.bsize,
+            "zero_stage": args.zero_stage, "engine": state.get("engine"), "seq_len": args.seq_len, "bsize": args.bsize,
             "tokens_per_second": last["tokens_per_second"],
             "padding_fraction": round(last["padded_tokens"] / max(1, last["tokens"] + last["padded_tokens"]), 4),
             "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None,

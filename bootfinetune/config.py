@@ -126,12 +126,16 @@ class TrainConfig:
     """AdamW beta2 (second-moment decay); 0.95 adapts faster on small, shifting gradients."""
     max_grad_norm: float = option(1.0, within=(0, None))
     """Clip gradients to this global norm; 0 turns clipping off."""
-    zero_stage: Literal[0, 1, 2, 3] = option(2, hint="DeepSpeed ZeRO stage must be 0, 1, 2 or 3.")
-    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    zero_stage: Literal["auto", 0, 1, 2, 3] = option(
+        "auto", hint="DeepSpeed ZeRO stage must be 'auto', 0, 1, 2 or 3.")
+    """DeepSpeed ZeRO stage: "auto" (by the model's size: plain data parallel or ZeRO-1 when the model and its
+    optimizer state fit each worker, ZeRO-2/3 and offload when not; the manifest's `engine` says which and
+    why), or 0, 1, 2 or 3."""
     offload_optimizer: bool = False
-    """Offload optimizer state to CPU memory (ZeRO-2/3)."""
+    """Offload optimizer state to CPU memory (ZeRO-1/2/3; with zero_stage="auto" it is kept and a stage
+    that allows it is chosen)."""
     offload_params: bool = False
-    """Offload parameters to CPU memory (ZeRO-3 only)."""
+    """Offload parameters to CPU memory (ZeRO-3 only; with zero_stage="auto", ZeRO-3 is chosen)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora: bool = False
@@ -151,6 +155,10 @@ class TrainConfig:
     answer_logits_only: bool = True
     """Causal models with a plain LM head: compute logits only at answer positions (the same loss;
     the head's time and the full-vocabulary logits of the prompt are saved)."""
+    packing: bool = False
+    """Causal models: pack several records into each row of max_length tokens (attention never crosses
+    records: position ids restart per record), so a micro batch of `bsize` rows carries many records and no
+    padding between them; each record's loss is the same as unpacked. Seq2seq keeps a record a row."""
     seed: int = option(0, at_least=0)
     """Seed for data order, held-out split and initialisation of new weights."""
     eval_fraction: float = option(0.1, within=(0, 0.5))
@@ -336,9 +344,9 @@ def _target(config: Config, target: Any) -> list[str]:
 
 def _offload(config: Config, _: Any) -> list[str]:
     t, p = config.train, []
-    if t.offload_params is True and t.zero_stage != 3:
+    if t.offload_params is True and t.zero_stage not in (3, "auto"):
         p.append("offload_params=True needs zero_stage=3; set zero_stage=3 or offload_params=False.")
-    if t.offload_optimizer is True and t.zero_stage not in (1, 2, 3):
+    if t.offload_optimizer is True and t.zero_stage not in (1, 2, 3, "auto"):
         p.append("offload_optimizer=True needs zero_stage 1, 2 or 3; raise zero_stage or turn offload off.")
     return p
 
@@ -422,7 +430,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is Literal:
-            kwargs.update(type=type(args[0]), choices=list(args))
+            kwargs.update(type=_literal_type(args), choices=list(args))
         elif hint in (int, float):
             kwargs["type"] = hint
         elif float in args:  # float | None
@@ -434,6 +442,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
         shown = defaults[name] if name in defaults else _default_of(name)
         kwargs["help"] = f"{FIELD_HELP.get(name, '')} (default: {shown})".replace("%", "%%")
         parser.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, ()), **kwargs)
+
+
+def _literal_type(choices: tuple) -> Callable[[str], Any]:
+    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int."""
+    if len({type(c) for c in choices}) == 1:
+        return type(choices[0])
+    return lambda text: int(text) if text.lstrip("-").isdigit() else text
 
 
 def _default_of(name: str) -> Any:

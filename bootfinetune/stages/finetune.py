@@ -36,7 +36,8 @@ from bootfinetune.training.render import model_kind, renderer_identity
 from bootfinetune.stages.representable import add_answer_tokens, fit_embeddings
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest
-from bootfinetune.training.train_loop import DS_DIR, STATE_FILE, train_loop
+from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE
+from bootfinetune.training.train_loop import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,9 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=keep),
     )
+    fit_started = time.time()
     result = trainer.fit()
+    fit_seconds = time.time() - fit_started
     if result.checkpoint is None:
         raise FinetuneError(f"finetuning model {job.key!r} reported no checkpoint; see {experiment}.")
     with result.checkpoint.as_directory() as latest:
@@ -297,10 +300,12 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
 
     out = run.model_dir(job.key)
     run.remove("models", out.name)
+    export_started = time.time()
     with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, config,
+        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, trained_config(config, state),
                                  tokenizer=tokenizer, base_vocab=base_vocab)
     tokenizer.save_pretrained(out)
+    timings = _timings(state, fit_started, fit_seconds, time.time() - export_started)
 
     history = state["history"]
     manifest = ModelManifest(
@@ -336,6 +341,8 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         answer_tokens_max=state.get("answer_tokens_max") or None,
         dropped_per_epoch=state["dropped_per_epoch"],
         world_size=state["world_size"],
+        engine=state.get("engine") or {},
+        timings=timings,
         nodes=state.get("nodes", []),
         starts=state["starts"],
         history=history,
@@ -392,6 +399,26 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
         gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
     model.save_pretrained(out)
     return None
+
+
+def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, export_seconds: float) -> dict[str, float]:
+    """Where the job's time went (the manifest's `timings`), from the driver's clock and the loop's state."""
+    loop = state.get("timings") or {}
+    train = sum(h.get("train_seconds", 0.0) for h in state["history"])
+    out = {"fit_seconds": fit_seconds, "train_seconds": train, "export_seconds": export_seconds,
+           "setup_seconds": loop.get("setup_seconds"), "checkpoint_seconds": loop.get("checkpoint_seconds")}
+    if loop.get("loop_started_at") and len(state["starts"]) == 1:  # Ray Train's start, before the loop ran
+        out["ray_train_start_seconds"] = loop["loop_started_at"] - fit_started
+    return {k: round(v, 3) for k, v in out.items() if v is not None}
+
+
+def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
+    engine = state.get("engine") or {}
+    if not engine:
+        return config
+    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
+                               offload_params=engine["offload_params"])
 
 
 def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:

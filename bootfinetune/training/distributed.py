@@ -69,12 +69,41 @@ def process_group(*, ray: bool, use_gpu: bool) -> Iterator[tuple[int, int, Any]]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        with no_shm_comm_op():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         yield dist.get_rank(), dist.get_world_size(), device(ray=ray, use_gpu=use_gpu)
     finally:
         if alone:
             os.environ.clear()
             os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def no_shm_comm_op() -> Iterator[None]:
+    """DeepSpeed's communication backend without its CPU shared-memory op.
+
+    On a CPU-only torch, `deepspeed.init_distributed` JIT-builds `deepspeed_shm_comm` (C++ with
+    ninja: a minute or more in every fresh virtual environment, after probing every op's compiler)
+    the first time a process makes the backend. Only `inference_all_reduce` uses it, which is
+    tensor-parallel inference (AutoTP); training reduces through torch.distributed (gloo), so the
+    training loop never needs it, with one worker or many. DeepSpeed has no switch for it, so its
+    builder is replaced while the backend is made (the backend then records no op, as on a
+    platform without one).
+    """
+    import sys
+
+    import deepspeed.comm.torch  # noqa: F401 (the module, not the `torch` name deepspeed.comm re-exports)
+
+    module = sys.modules["deepspeed.comm.torch"]
+    original = getattr(module, "build_shm_op", None)
+    if original is None:  # a DeepSpeed without it: nothing to skip
+        yield
+        return
+    module.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        module.build_shm_op = original
 
 
 def device(*, ray: bool, use_gpu: bool) -> Any:

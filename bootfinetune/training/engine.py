@@ -45,6 +45,7 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
                                  trust_remote_code=tc.trust_remote_code)
+    model.config.use_cache = False  # training decodes nothing; a KV cache would also hide packed rows' records
     if added_tokens:
         if tc.lora:
             raise ValueError(f"lora=True with added tokens {added_tokens}: LoRA keeps the embeddings "
@@ -82,7 +83,20 @@ def make_optimizer(params: list, tc: TrainConfig) -> Any:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, fused=fused_adamw_supported(params))
+
+
+def fused_adamw_supported(params: list) -> bool:
+    """Whether torch's fused AdamW (one kernel for the whole update, instead of several per tensor)
+    runs on these parameters: floating point, all on a device torch has the fused kernels for (CUDA;
+    CPU since torch 2.4: the list torch gives). DeepSpeed later swaps in its fp32 master partitions on the same device."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the helper: not worth guessing
+        return False
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -91,6 +105,8 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
     The optimizer and scheduler are torch objects handed to `deepspeed.initialize`, so the
     config has no `optimizer`/`scheduler` block (see `make_optimizer` for which optimizer runs).
     """
+    if tc.zero_stage == "auto":
+        raise ValueError("zero_stage='auto' is resolved before the DeepSpeed config (see engine_choice.resolve_engine).")
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}

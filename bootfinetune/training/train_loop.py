@@ -27,10 +27,8 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,15 +37,14 @@ from bootfinetune.training.distributed import all_reduce, process_group, rank_no
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.training.packing import micro_batch, pack_rows, unit_lengths
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
+from bootfinetune.training.engine_choice import resolve_engine
+from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-"""Loop state inside a checkpoint (written by rank 0 after the DeepSpeed files)."""
-DS_DIR = "deepspeed"
-"""DeepSpeed checkpoint folder inside a checkpoint."""
 BUCKET_FACTOR = 16
 """Micro batches per length bucket: examples are sorted by length within buckets this big."""
 
@@ -140,6 +137,12 @@ class LoopState:
     answer_logits_only: bool = False
     """Whether the head ran on answer positions only (see `answer_logits_only`)."""
     world_size: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)
+    """The ZeRO stage and offload trained with, and why (`engine_choice.EngineChoice`)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Fixed cost around the steps: loop_started_at (Unix time the latest start entered the loop),
+    setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (the checkpoints written before
+    the one holding this state: a checkpoint's own time is known only after it is written)."""
     data_hash: str | None = None
     seconds: float = 0.0
 
@@ -186,10 +189,14 @@ class Prepared:
     pad_id: int
     multiple: int | None
     """Batches are padded to a multiple of this (on a GPU)."""
+    rows: list[list[int]] | None = None
+    """Packed rows (record indices) when records are packed (`packing`, causal), else None."""
 
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
-    resume_dir, state = _find_resume(cfg)
+    started = time.time()
+    resume_dir, saved = find_resume(cfg.ray, cfg.checkpoint_dir)
+    state = LoopState(**saved) if saved else LoopState()
     if state.epochs_done >= tc.epochs:
         return asdict(state) if rank == 0 else None
     if state.data_hash and cfg.data_hash and state.data_hash != cfg.data_hash:
@@ -204,6 +211,10 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
 
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
+    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None)
+    state.engine = {**choice.to_json(), "packed": data.rows is not None}
+    tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
+                 offload_params=choice.offload_params)
     ds_config = deepspeed_config(tc, world)
     # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
     # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
@@ -215,10 +226,12 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             state.answer_logits_only = head_only
         if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
+        state.timings.setdefault("checkpoint_seconds", 0.0)
         if rank == 0:
-            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d",
-                     data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
-                     state.epochs_done + 1)
+            log.info("%s %s: %d train / %d eval records per rank, %d micro batches per epoch, start epoch %d; "
+                     "engine %s", data.kind, cfg.target, len(data.train_ex), len(data.eval_ex), data.n_micro,
+                     state.epochs_done + 1, choice.describe())
         reporter = None
         if rank == 0:
             from bootfinetune.training.progress import Reporter
@@ -259,8 +272,10 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
     state.answer_tokens_max = int(all_reduce([answer_lengths[-1]], device, "max")[0])
 
+    rows = pack_rows([len(e.input_ids) for e in train_ex], tc.max_length, tc.seed) if (
+        tc.packing and kind == "causal") else None  # seq2seq has no packed attention: a record a row
     # Every rank must run the same number of steps (collectives would hang otherwise).
-    n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
+    n_micro = int(all_reduce([math.ceil(len(rows or train_ex) / tc.bsize)], device, "min")[0])
     if cfg.max_steps_per_epoch:
         n_micro = min(n_micro, cfg.max_steps_per_epoch)
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
@@ -269,7 +284,7 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
                     n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
-                    multiple=8 if tc.use_gpu else None)
+                    multiple=8 if tc.use_gpu else None, rows=rows)
 
 
 def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
@@ -281,14 +296,13 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
     engine.train()
     kind, n_micro, train_ex = data.kind, data.n_micro, data.train_ex
     curve_every = max(1, data.total_steps // 100)
-    batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
-    state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
+    batches = length_batches(unit_lengths(train_ex, data.rows), tc.bsize, tc.seed + epoch)
+    state.dropped_per_epoch = sum(len(data.rows[r]) if data.rows else 1 for b in batches[n_micro:] for r in b)
     loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
     window, window_n = torch.zeros((), device=device), 0
     for i, idx in enumerate(batches[:n_micro]):
-        batch = collate([train_ex[j] for j in idx], data.pad_id, data.multiple)
+        batch, real = micro_batch(train_ex, data.rows, idx, data.pad_id, data.multiple)
         answers = int((batch["labels"] != -100).sum())
-        real = int(batch["attention_mask"].sum())
         answer_toks += answers
         toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
         padded += batch["input_ids"].numel() - real
@@ -332,7 +346,10 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
     if rank == 0:
         log.info("epoch %d: train loss %.4f eval loss %s, %.0f tokens/s", epoch + 1, mean_loss / world,
                  eval_loss, toks / max(train_seconds, 1e-9))
-    _save_and_report(cfg, engine, state, epoch + 1, rank)
+    metrics = {"epoch": epoch + 1, "global_step": state.global_step, "train_loss": mean_loss / world,
+               "eval_loss": eval_loss, "start_epoch": state.starts[-1]["epoch"]}
+    seconds = save_and_report(cfg.ray, cfg.checkpoint_dir, engine, asdict(state), metrics, epoch + 1, rank)
+    state.timings["checkpoint_seconds"] = round(state.timings.get("checkpoint_seconds", 0.0) + seconds, 3)
 
 
 def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
@@ -402,53 +419,6 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
     engine.train()
     total, count = all_reduce([total, count], device, "sum")
     return total / max(count, 1)
-
-
-def _save_and_report(cfg: LoopConfig, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
-    """Writes a resumable checkpoint (every rank its shards, rank 0 the state) and reports it."""
-    metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": state.history[-1]["train_loss"],
-               "eval_loss": state.history[-1]["eval_loss"], "start_epoch": state.starts[-1]["epoch"]}
-    if cfg.ray:
-        import ray.train
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"bootfinetune-ckpt-{epoch}-"))
-        try:
-            _write_checkpoint(tmp, engine, state, epoch, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"epoch_{epoch:03d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    elif cfg.checkpoint_dir:
-        _write_checkpoint(Path(cfg.checkpoint_dir) / f"epoch_{epoch:03d}", engine, state, epoch, rank)
-
-
-def _write_checkpoint(path: Path, engine: Any, state: LoopState, epoch: int, rank: int) -> None:
-    import torch.distributed as dist
-
-    engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
-    if rank == 0:  # written last: its presence means the checkpoint is whole
-        from bootfinetune.run.jsonio import write_json
-
-        write_json(path / STATE_FILE, asdict(state))
-    dist.barrier()
-
-
-def _find_resume(cfg: LoopConfig) -> tuple[Path | None, LoopState]:
-    """The checkpoint to resume from (Ray's latest, or the newest whole one in checkpoint_dir)."""
-    path = None
-    if cfg.ray:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            path = Path(ckpt.to_directory()) if ckpt.filesystem.type_name != "local" else Path(ckpt.path)
-    elif cfg.checkpoint_dir and Path(cfg.checkpoint_dir).is_dir():
-        done = sorted(p for p in Path(cfg.checkpoint_dir).glob("epoch_*") if (p / STATE_FILE).exists())
-        path = done[-1] if done else None
-    if path is None or not (path / STATE_FILE).exists():
-        return None, LoopState()
-    raw = json.loads((path / STATE_FILE).read_text())
-    return path, LoopState(**raw)
 
 
 def _load_rows(cfg: LoopConfig, rank: int, world: int) -> tuple[list[dict], list[dict]]:

@@ -66,6 +66,9 @@ def gpt2_run(ray_cluster, targets, tmp_path_factory):
 def check_export(run: RunDir, job: FinetuneJob, config: TrainConfig, manifest: dict, kind: str) -> None:
     """The manifest is complete, the loss fell, and the export loads, generates and reproduces the eval loss."""
     assert MANIFEST_FIELDS <= set(manifest)
+    assert manifest["engine"]["zero_stage"] == config.zero_stage and "given" in manifest["engine"]["reason"]
+    assert {"fit_seconds", "train_seconds", "setup_seconds", "checkpoint_seconds", "export_seconds"} <= set(
+        manifest["timings"]) and manifest["timings"]["fit_seconds"] > manifest["timings"]["train_seconds"] > 0
     assert manifest["model_kind"] == kind and manifest["predictors"] == list(job.predictors)
     assert manifest["renderer"]["kind"] == kind and manifest["world_size"] == 2
     assert len(manifest["losses"]["train"]) == len(manifest["losses"]["eval"]) == config.epochs
@@ -213,3 +216,5 @@ def test_driver_killed_mid_training_resumes_from_last_checkpoint(ray_cluster, ta
     assert 1 <= resumed["epoch"] < config.epochs
     assert resumed["global_step"] == resumed["epoch"] * manifest["history"][0]["steps"]
     assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
+    # zero_stage="auto" on 2 workers: ZeRO-1, chosen before the kill and kept by the resumed start
+    assert manifest["engine"]["zero_stage"] == 1 and manifest["engine"]["reason"].endswith("kept on resume")

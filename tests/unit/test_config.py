@@ -89,7 +89,7 @@ def test_choices_are_literals_and_every_field_has_help():
 
     from bootfinetune.config import FIELD_HELP, FIELD_TYPES, FIELDS
 
-    assert typing.get_args(FIELD_TYPES["zero_stage"]) == (0, 1, 2, 3)
+    assert typing.get_args(FIELD_TYPES["zero_stage"]) == ("auto", 0, 1, 2, 3)
     assert typing.get_args(FIELD_TYPES["lr_schedule"]) == ("linear", "cosine", "constant")
     assert set(FIELD_HELP) == set(FIELDS) and all(FIELD_HELP.values())
 
@@ -111,6 +111,10 @@ def test_flags_come_from_the_fields():
     assert config_arguments(parser.parse_args([])) == {"epochs": 10}  # the rest keeps Config's defaults
     with pytest.raises(SystemExit):
         parser.parse_args(["--zero-stage", "5"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--zero-stage", "three"])
+    assert config_arguments(parser.parse_args(["--zero-stage", "auto"]))["zero_stage"] == "auto"
+    assert Config.from_options().train.zero_stage == "auto"  # the default: chosen by the model's size
     assert "Micro batch size per worker. (default: 12)" in " ".join(parser.format_help().split())
 
 

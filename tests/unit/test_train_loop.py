@@ -42,6 +42,7 @@ def test_loop_without_ray_loss_falls(tmp_path_factory, data, kind):
     state = _loop(target, data, epochs=3)
     history = state["history"]
     assert state["kind"] == kind and state["world_size"] == 1 and state["starts"] == [{"epoch": 0, "global_step": 0}]
+    assert state["engine"]["zero_stage"] == 0 and state["engine"]["reason"].startswith("auto")  # one worker: plain
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["eval_loss"] < 0.8 * state["eval_loss_before"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -89,8 +90,10 @@ def test_deepspeed_config_follows_the_options():
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW is handed in instead
-    plain = deepspeed_config(TrainConfig(), world_size=1)["zero_optimization"]
+    plain = deepspeed_config(TrainConfig(zero_stage=2), world_size=1)["zero_optimization"]
     assert plain == {"stage": 2}
+    with pytest.raises(ValueError, match="auto"):  # the default is resolved by the loop first (engine_choice)
+        deepspeed_config(TrainConfig(), world_size=1)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])

@@ -1,0 +1,181 @@
+"""Which DeepSpeed engine a run gets: the ZeRO stage and offload, from the model's size and the memory at hand.
+
+`zero_stage="auto"` (the default) picks the least sharding whose model states (weights, gradients
+and AdamW's state) fit each worker: with one worker plain data parallel (stage 0: DeepSpeed's
+engine without a ZeRO optimizer, nothing to shard with no peer), with several ZeRO-1 (the
+optimizer state sharded, the weights and gradients whole: the same traffic as DDP, as Ray's own
+Qwen3-0.6B benchmark runs); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
+smaller step does not fit. An explicit stage (and explicit offload flags) always win.
+
+The estimate counts bytes per parameter, as DeepSpeed's own `estimate_zero*_model_states_mem_needs`
+do: weights (2 in bf16, 4 in fp32), gradients of the trainable ones (same width), AdamW's two fp32
+moments (8) and, in bf16, the fp32 master copy (4), each divided by the workers where the stage
+shards it. Activations depend on batch and length and are not estimated: the states must fit in
+`HEADROOM` of the memory, the rest is left to them. The memory is the GPU's on a GPU run, and on
+CPU the host's available memory shared by the workers on that node; the smallest over the ranks counts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bootfinetune.config import TrainConfig
+
+HEADROOM = 0.5
+"""Share of a worker's memory the model states may take; the rest is for activations and buffers."""
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine one run trains with, and why (recorded in the manifest as `engine`)."""
+
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    reason: str
+    estimate_bytes: int | None = None
+    """Model states per worker under this choice (None when the stage was given and not estimated)."""
+    memory_bytes: int | None = None
+    """The memory per worker the estimate was held against."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """E.g. "ZeRO-0 (auto: model states 0.01 GiB ...)"."""
+        off = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        return f"ZeRO-{self.zero_stage}{' + offload ' + '/'.join(off) if off else ''} ({self.reason})"
+
+
+def model_state_bytes(params: int, trainable: int, *, bf16: bool, world: int, stage: int,
+                      offload_optimizer: bool = False, offload_params: bool = False) -> int:
+    """Bytes of weights, gradients and AdamW state one worker holds in device memory.
+
+    Example:
+        >>> model_state_bytes(1000, 1000, bf16=False, world=1, stage=0)  # 4 weights + 4 grads + 8 moments
+        16000
+        >>> model_state_bytes(1000, 1000, bf16=True, world=4, stage=1)   # 2 + 2 + (4 master + 8) / 4
+        7000
+    """
+    width = 2 if bf16 else 4
+    weights, grads = width * params, width * trainable
+    optim = (8 + (4 if bf16 else 0)) * trainable
+    if offload_optimizer:
+        optim = 0
+    if stage >= 1:
+        optim //= world
+    if stage >= 2:
+        grads //= world
+    if stage >= 3:
+        weights = 0 if offload_params else weights // world
+    return weights + grads + optim
+
+
+def _ladder(world: int) -> list[tuple[int, bool, bool]]:
+    """(stage, offload_optimizer, offload_params) from the least sharding to the most.
+    With one worker ZeRO shards nothing: only offload saves memory there."""
+    if world == 1:
+        return [(0, False, False), (2, True, False), (3, True, True)]
+    return [(1, False, False), (2, False, False), (3, False, False), (3, True, False), (3, True, True)]
+
+
+def _with_given(option: tuple[int, bool, bool], tc: TrainConfig) -> tuple[int, bool, bool]:
+    """A ladder step with the offload the options ask for, at a stage that allows it."""
+    stage, optimizer, params = option
+    optimizer, params = optimizer or tc.offload_optimizer, params or tc.offload_params
+    return (3 if params else max(stage, 1) if optimizer else stage), optimizer, params
+
+
+def choose_engine(tc: TrainConfig, params: int, trainable: int, world: int, memory_bytes: int) -> EngineChoice:
+    """The engine for a model of `params` weights (`trainable` of them in the optimizer) on `world` workers
+    with `memory_bytes` each. A given `zero_stage` wins; given offload flags are kept."""
+    if tc.zero_stage != "auto":
+        return EngineChoice(int(tc.zero_stage), tc.offload_optimizer, tc.offload_params,
+                            f"zero_stage={tc.zero_stage} given")
+    budget = int(memory_bytes * HEADROOM)
+    options = list(dict.fromkeys(_with_given(o, tc) for o in _ladder(world)))
+
+    def need(o: tuple[int, bool, bool]) -> int:
+        return model_state_bytes(params, trainable, bf16=tc.bf16, world=world, stage=o[0],
+                                 offload_optimizer=o[1], offload_params=o[2])
+
+    fits = [o for o in options if need(o) <= budget]
+    pick = fits[0] if fits else options[-1]
+    size = f"{params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable, {'bf16' if tc.bf16 else 'fp32'})"
+    states = f"model states {_size(need(pick))} per worker"
+    room = f"{HEADROOM:.0%} of {_size(memory_bytes)}"
+    if not fits:
+        reason = f"auto: {size} do not fit even fully offloaded ({states} > {room}); expect out-of-memory"
+    elif pick == options[0]:
+        reason = f"auto: {size} on {world} worker(s): {states} fit in {room}"
+    else:
+        less = need(options[options.index(pick) - 1])
+        reason = (f"auto: {size} on {world} worker(s): {_size(less)} with less sharding would not fit "
+                  f"in {room}; {states}")
+    return EngineChoice(pick[0], pick[1], pick[2], reason, need(pick), int(memory_bytes))
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+def count_parameters(target: str, kind: str, tc: TrainConfig) -> tuple[int, int]:
+    """(weights, trainable weights) of the target as the loop will train it, counted on the meta device
+    (no weights are read or allocated). Tied weights count once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(target, trust_remote_code=tc.trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=tc.trust_remote_code)
+        if tc.lora:
+            from bootfinetune.training.lora import apply_lora
+
+            model = apply_lora(model, tc, kind)
+    params = list(model.parameters())  # unique Parameters: tied ones appear once
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def worker_memory(use_gpu: bool, device: Any, workers_on_node: int) -> int:
+    """Bytes one worker may use: its GPU's memory, or on CPU the host's available memory shared by
+    the node's workers."""
+    if use_gpu:
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return host_available_bytes() // max(1, workers_on_node)
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_engine(target: str, kind: str, tc: TrainConfig, rank: int, world: int, nodes: list[str], device: Any,
+                   resumed: dict[str, Any] | None) -> EngineChoice:
+    """The engine for this (re)start, the same on every rank. A resumed run keeps its checkpoint's
+    engine (a DeepSpeed checkpoint loads only into the stage that wrote it)."""
+    from bootfinetune.training.distributed import all_reduce
+
+    if tc.zero_stage != "auto":
+        return choose_engine(tc, 0, 0, world, 0)
+    if resumed:
+        return EngineChoice(int(resumed["zero_stage"]), bool(resumed["offload_optimizer"]),
+                            bool(resumed["offload_params"]), f"{resumed.get('reason', '')}; kept on resume",
+                            resumed.get("estimate_bytes"), resumed.get("memory_bytes"))
+    params, trainable = count_parameters(target, kind, tc)
+    mine = worker_memory(tc.use_gpu, device, nodes.count(nodes[min(rank, len(nodes) - 1)]))
+    memory = int(all_reduce([mine], device, "min")[0])
+    return choose_engine(tc, params, trainable, world, memory)
+

@@ -1,0 +1,103 @@
+"""zero_stage="auto": the engine follows the memory estimate, a given stage wins, no JIT-built comm op."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.training.engine_choice import (HEADROOM, _ladder, choose_engine, count_parameters,
+                                                 model_state_bytes)
+
+GB = 10**9
+H100 = 80 * 2**30
+
+
+@pytest.mark.parametrize("params,trainable,world,bf16,expected", [
+    (0.5e9, 0.5e9, 1, True, (0, False, False)),   # 8 GB of states on one 80 GiB GPU: plain
+    (7e9, 7e9, 1, True, (2, True, False)),        # 112 GB: only the optimizer offloaded fits (28 GB left)
+    (7e9, 40e6, 1, True, (0, False, False)),      # LoRA on 7B: 14 GB of frozen weights, tiny optimizer
+    (7e9, 7e9, 8, True, (1, False, False)),       # 14 + 14 + 84/8 GB: ZeRO-1 fits
+    (13e9, 13e9, 8, True, (3, False, False)),     # ZeRO-1 71.5 GB, ZeRO-2 48.8 GB, ZeRO-3 26 GB
+    (70e9, 70e9, 8, True, (3, True, False)),      # ZeRO-3 140 GB; optimizer offloaded 35 GB
+    (1.5e9, 1.5e9, 2, False, (1, False, False)),  # fp32: 6 + 6 + 12/2 = 18 GB
+])
+def test_auto_follows_the_memory_estimate(params, trainable, world, bf16, expected):
+    tc = TrainConfig(bf16=bf16)
+    choice = choose_engine(tc, int(params), int(trainable), world, H100)
+    assert (choice.zero_stage, choice.offload_optimizer, choice.offload_params) == expected
+    assert choice.estimate_bytes == model_state_bytes(int(params), int(trainable), bf16=bf16, world=world,
+                                                      stage=expected[0], offload_optimizer=expected[1],
+                                                      offload_params=expected[2])
+    assert choice.estimate_bytes <= HEADROOM * H100 and choice.memory_bytes == H100
+    assert choice.reason.startswith("auto") and f"on {world} worker" in choice.reason
+
+
+def test_auto_takes_the_least_sharding_that_fits_over_a_grid():
+    tc = TrainConfig(bf16=True)
+    for params in (1e6, 1e8, 5e8, 1.5e9, 3e9, 8e9, 14e9, 34e9, 72e9, 180e9):
+        for world in (1, 2, 4, 8, 16):
+            for memory in (8 * 2**30, H100):
+                choice = choose_engine(tc, int(params), int(params), world, memory)
+                ladder = _ladder(world)
+                picked = ladder.index((choice.zero_stage, choice.offload_optimizer, choice.offload_params))
+                need = [model_state_bytes(int(params), int(params), bf16=True, world=world, stage=s,
+                                          offload_optimizer=o, offload_params=p) for s, o, p in ladder]
+                if need[picked] <= HEADROOM * memory:
+                    assert all(n > HEADROOM * memory for n in need[:picked]), (params, world, memory)
+                else:  # nothing fits: the most sharded, and the reason says so
+                    assert picked == len(ladder) - 1 and "do not fit" in choice.reason
+
+
+def test_one_worker_never_gets_a_stage_that_shards_nothing():
+    assert [s for s, o, p in _ladder(1) if not (o or p)] == [0]
+    assert _ladder(4)[0] == (1, False, False)  # several workers: ZeRO-1, weights and gradients whole
+
+
+def test_a_given_stage_or_offload_wins():
+    huge = int(1e12)
+    given = choose_engine(TrainConfig(zero_stage=1), huge, huge, 2, 2**30)
+    assert (given.zero_stage, given.offload_optimizer, given.estimate_bytes) == (1, False, None)
+    assert given.reason == "zero_stage=1 given"
+    tiny = choose_engine(TrainConfig(zero_stage=3, offload_optimizer=True), 1000, 1000, 1, H100)
+    assert (tiny.zero_stage, tiny.offload_optimizer, tiny.offload_params) == (3, True, False)
+    kept = choose_engine(TrainConfig(offload_params=True), 1000, 1000, 1, H100)  # auto, offload_params asked
+    assert (kept.zero_stage, kept.offload_params) == (3, True)
+    kept = choose_engine(TrainConfig(offload_optimizer=True), 1000, 1000, 4, H100)
+    assert (kept.zero_stage, kept.offload_optimizer) == (1, True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_parameters_are_counted_as_the_loop_trains_them(tmp_path, lora):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bootfinetune.testing.tiny_models import build_tiny_causal
+    from bootfinetune.training.lora import apply_lora
+
+    target = build_tiny_causal(tmp_path / "m")
+    tc = TrainConfig(target=str(target), lora=lora, lora_r=4)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    if lora:
+        model = apply_lora(model, tc, "causal")
+    real = list(model.parameters())
+    assert count_parameters(str(target), "causal", tc) == (
+        sum(p.numel() for p in real), sum(p.numel() for p in real if p.requires_grad))
+
+
+def test_the_process_group_builds_no_shared_memory_op(tmp_path):
+    """A fresh JIT cache stays empty: DeepSpeed's CPU shm op (a minute or more of C++ per venv) is not built."""
+    code = ("from bootfinetune.training.distributed import process_group\n"
+            "import deepspeed.comm.comm as c\n"
+            "with process_group(ray=False, use_gpu=False) as (rank, world, dev):\n"
+            "    assert (rank, world) == (0, 1) and c.cdb.shm_comm_op is None\n"
+            "print('ok')\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())
