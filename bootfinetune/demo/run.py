@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         say(f"compiled program on a held-out ticket: {example.message!r} -> city={prediction.city!r}, "
             f"country={prediction.country!r} (expected {example.country!r})")
     except Exception as exc:  # an unparsable answer from a weak model is worth seeing, not a crash
-        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {exc}")
+        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
     report = tp.report
     print()
