@@ -42,6 +42,7 @@ from bootfinetune.run.names import folder_names
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
+from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
 from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
@@ -193,6 +194,7 @@ class BootstrapFinetune(Teleprompter):
             run.sync()
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
+        report_held()  # "N more warning(s) ... not shown"
         return trained.compiled
 
     def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
@@ -274,7 +276,8 @@ class BootstrapFinetune(Teleprompter):
         writer.check()
         from bootfinetune.runtime.ray_env import ensure_ray
 
-        ensure_ray(config.run.ray_address)
+        ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
+        quiet_ray(config.run.verbose)
         # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
         stage = dict(teachers=list(teachers), metric=self.metric, config=config.bootstrap,
                      teacher_settings=self.teacher_settings, secrets=secrets, store=store,
@@ -409,7 +412,8 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
         raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
     from bootfinetune.runtime.ray_env import ensure_ray
 
-    ensure_ray(ray_address or config.run.ray_address)
+    ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
+    quiet_ray(config.run.verbose)
     started = time.time()
     t = config.train
     logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%s, %d epoch(s), "

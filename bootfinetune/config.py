@@ -191,6 +191,10 @@ class RunOptions:
     """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
     writer_lease_s: float = option(180.0, resource=True, within=(2, None))
     """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
+    verbose: bool = option(False, resource=True)
+    """Show Ray's own lines (Ray Data's per-dataset lines, workers' output such as Ray Train's warnings) and
+    every repeated DSPy warning; off, they stay in Ray's session logs and a terminal-less output gets one line
+    per stage and progress lines at a bounded rate."""
 
 
 @dataclass

@@ -133,7 +133,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.time()
-    os.environ.setdefault("BOOTFINETUNE_PROGRESS", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -180,8 +179,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from bootfinetune.runtime.ray_env import ensure_ray
 
-    # Worker logs stay in the Ray session logs: the stage lines and bars below say what happens.
-    say(ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False))
+    # Worker logs stay in the Ray session logs unless --verbose: the stage lines and progress say what happens.
+    ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2),  # its line is logged
+               log_to_driver=bool(options.get("verbose")))
     cpus = int(ray.cluster_resources().get("CPU", 2))
     if not options.get("use_gpu"):  # the workers share this machine's CPUs
         options.setdefault("cpus_per_worker", max(1, cpus // options.get("num_workers", TrainConfig.num_workers)))
@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         say(f"compiled program on a held-out ticket: {example.message!r} -> city={prediction.city!r}, "
             f"country={prediction.country!r} (expected {example.country!r})")
     except Exception as exc:  # an unparsable answer from a weak model is worth seeing, not a crash
-        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {exc}")
+        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
     report = tp.report
     print()

@@ -83,6 +83,10 @@ def _setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    from bootfinetune.runtime.console import bars_off, interactive
+
+    if not interactive():  # a job's log: no redrawn bars, from the first model the config builds on
+        bars_off()
 
 
 def _parser(description: str, config: bool = True, run_dir: bool = False) -> argparse.ArgumentParser:
@@ -100,7 +104,8 @@ def _parser(description: str, config: bool = True, run_dir: bool = False) -> arg
 def _connect(job: JobConfig | None, address: str | None) -> None:
     from bootfinetune.runtime.ray_env import ensure_ray
 
-    ensure_ray(address or (job.config.run.ray_address if job else None))
+    ensure_ray(address or (job.config.run.ray_address if job else None),
+               log_to_driver=bool(job and job.config.run.verbose))  # workers' output: Ray's session logs
 
 
 def _result(kind: str, **fields: Any) -> int:

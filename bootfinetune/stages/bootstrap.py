@@ -34,6 +34,7 @@ import dspy
 from bootfinetune.config import BootstrapConfig
 from bootfinetune.errors import BootstrapError
 from bootfinetune.run.jsonio import iter_jsonl, write_json, write_jsonl
+from bootfinetune.runtime.console import ProgressLine
 from bootfinetune.run.records import CallRecord, FailureRecord, example_to_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import BootstrapSummary, read_record
@@ -188,11 +189,13 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                              metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine,
                              budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute))
         failures = dict.fromkeys(todo, 0)
+        progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
         try:
             with store.appender() as appender:
                 for split, index, teacher, result in run_jobs(
                         list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
                         batch_size=config.batch_size, num_cpus=config.actor_cpus):
+                    progress.advance()
                     key = keys[split][index]
                     if (key, teacher) in stored:  # another teacher's result for this example was missing
                         continue

@@ -102,9 +102,9 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
         else:
             pending.append(job)
 
-    from bootfinetune.training.progress import BarDrawer, bars_enabled
+    from bootfinetune.runtime.console import progress_drawer
 
-    drawer = BarDrawer([j.key for j in pending]) if pending and bars_enabled() else None
+    drawer = progress_drawer([j.key for j in pending]) if pending else None  # bars on a terminal, else lines
     progress = ({"progress_board": drawer.name, "progress_namespace": drawer.namespace} if drawer else {})
     need = worker_resources(config)
     budget = {k: float(v) for k, v in ray.available_resources().items()}
@@ -438,7 +438,8 @@ def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()) as said:  # it prints a line per step of the merge
+    # It prints a line per step of the merge, and a progress bar (stderr) over the partition files.
+    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     log.debug("zero_to_fp32: %s", said.getvalue().strip())
     return state

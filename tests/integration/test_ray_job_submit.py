@@ -113,6 +113,8 @@ def test_readme_ray_job_submit_line_compiles(ray_head, tmp_path):
     proc = submit(cmd, {**env, "BOOTFINETUNE_STAGING": str(tmp_path / "staging"),
                         "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=900)
     out = proc.stdout + proc.stderr
+    if os.environ.get("BOOTFINETUNE_TEST_DUMP"):  # the log, to measure it (README, "What a compile prints")
+        Path(os.environ["BOOTFINETUNE_TEST_DUMP"]).write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
     result = json.loads(re.search(r"BOOTFINETUNE_RESULT (\{.*\})", out).group(1))
@@ -121,6 +123,18 @@ def test_readme_ray_job_submit_line_compiles(ray_head, tmp_path):
     assert (run_dir / "models" / "all" / "manifest.json").exists() and (run_dir / "program.json").exists()
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stages"]["bootstrap"]["examples"] == 24 and report["stages"]["bootstrap"]["teacher_calls"] == 48
+    assert_readable_log(out, budget=60)
+
+
+def assert_readable_log(out: str, budget: int) -> None:
+    """A job's log without a terminal: no redrawn bars, none of Ray's per-dataset or worker lines, few lines."""
+    lines = out.splitlines()
+    assert "\r" not in out and "\x1b[A" not in out, "a progress bar was redrawn"
+    for noise in ("execution finished", "Starting execution of Dataset", "Failed to query Ray Train",
+                  "(RayTrainWorker", "(TrainController", "Loading weights"):
+        assert noise not in out, noise
+    assert len(lines) <= budget, f"{len(lines)} lines:\n" + "\n".join(lines)
+    assert any(line.startswith("[bootfinetune] finetune all: ") for line in lines)
 
 
 def test_a_bad_config_fails_the_job_before_any_work(ray_head, tmp_path):

@@ -1,0 +1,82 @@
+"""Console output without a terminal: bounded progress lines; Ray Data INFO lines and repeated DSPy warnings kept out."""
+
+import logging
+
+import pytest
+
+from bootfinetune.runtime import console
+from bootfinetune.runtime.console import ProgressLine, quiet_ray
+
+
+@pytest.fixture
+def lines(caplog):
+    caplog.set_level(logging.INFO, logger="bootfinetune.progress")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "bootfinetune.progress"]
+
+
+def test_progress_lines_come_once_per_tenth_never_twice(lines):
+    p = ProgressLine("bootstrap", 700, unit="teacher runs", every_s=1e9, enabled=True)
+    for _ in range(700):
+        p.advance()
+    said = lines()
+    assert said == [f"bootstrap: {70 * k}/700 teacher runs ({10 * k}%)" for k in range(1, 11)]
+    assert len(set(said)) == len(said)
+
+
+def test_a_slow_stage_gets_a_line_after_the_interval_and_a_terminal_gets_none(lines, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    p = ProgressLine("finetune all", 1000, every_s=30, enabled=True)
+    for step in range(1, 50):  # 5% in 49 s: one line, when 30 s have passed
+        now[0] = float(step)
+        p.update(step, detail="loss 1.0")
+    assert lines() == ["finetune all: 30/1000 (3%), loss 1.0"]
+    now[0] = 200.0
+    assert p.update(49) == "finetune all: 49/1000 (4%)"
+    now[0] = 400.0
+    assert p.update(49) is None  # stalled: no line repeating the last one
+    monkeypatch.setenv("BOOTFINETUNE_PROGRESS", "1")  # a terminal: Ray Data's and the training bars are live
+    silent = ProgressLine("bootstrap", 10)
+    assert [silent.update(n) for n in range(11)] == [None] * 11
+
+
+def test_quiet_ray_keeps_ray_data_info_and_repeated_dspy_warnings_off_the_console(monkeypatch, capsys):
+    import ray.data
+
+    monkeypatch.setenv("BOOTFINETUNE_PROGRESS", "0")
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    console.report_held()  # what an earlier compile in this process held back is reported and forgotten
+    quiet_ray(verbose=False)
+    quiet_ray(verbose=False)  # idempotent: one filter each
+    assert context.enable_progress_bars is False
+    ray_data = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    ray_data.info("Dataset dataset_1 execution finished in 1.00 seconds")
+    ray_data.warning("Progress bars disabled. To enable, set ...")
+    ray_data.warning("a real Ray Data warning")
+    dspy_lm = logging.getLogger("dspy.clients.lm")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dspy_lm.addHandler(handler)
+    try:
+        for _ in range(40):
+            dspy_lm.warning("LM response was truncated; increase max_tokens or inspect history.")
+        dspy_lm.warning("another warning")
+    finally:
+        dspy_lm.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "execution finished" not in err and "Progress bars disabled" not in err
+    assert "a real Ray Data warning" in err
+    assert [r.getMessage()[:26] for r in records] == ["LM response was truncated;", "another warning"]
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda fmt, *a: said.append(fmt % a))
+    console.report_held()
+    assert said == ["39 more warning(s) 'LM response was truncated...' not shown (verbose=True shows them all)"]
+    quiet_ray(verbose=True)
+    dspy_lm.addHandler(handler)
+    try:
+        dspy_lm.warning("LM response was truncated; again")
+    finally:
+        dspy_lm.removeHandler(handler)
+    assert len(records) == 3  # verbose: every one shows
