@@ -6,8 +6,8 @@ actor (`ProgressBoard`) at most a few times a second; a thread on the driver rea
 board and draws one `tqdm` bar per model key. Without Ray (torchrun, one process) the loop
 logs the same figures instead.
 
-Bars are drawn when stderr is a terminal or `BOOTFINETUNE_PROGRESS=1` (the demo sets it);
-`BOOTFINETUNE_PROGRESS=0` turns them off.
+Bars are drawn when stderr is a terminal or `BOOTFINETUNE_PROGRESS=1`; `BOOTFINETUNE_PROGRESS=0` turns
+them off (then `bootfinetune.runtime.console` prints a progress line at a bounded rate instead).
 """
 
 from __future__ import annotations
