@@ -25,13 +25,19 @@ SECRET_KEY = "s3-secret-i17-777"
 SECRETS = [HEADER_KEY, URL_PASSWORD, URL_USER, ACCESS_KEY, SECRET_KEY]
 
 
-def test_header_url_and_storage_credentials_reach_no_file_and_no_log(ray_cluster, s3_server, tmp_path, monkeypatch,
-                                                                     caplog):
+def test_header_url_and_storage_credentials_reach_no_file_and_no_log(ray_cluster, s3_server, tmp_path, monkeypatch):
     target = str(build_tiny_causal(tmp_path / "tiny-llama"))
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
     # pyarrow takes S3 credentials as the URI's user info (moto accepts any)
     storage = s3_server.uri("runs", "secrets").replace("s3://", f"s3://{ACCESS_KEY}:{SECRET_KEY}@")
-    caplog.set_level(logging.DEBUG, logger="bootfinetune")
+    # Every record of bootfinetune's loggers, from a handler on its own logger (not through the root's, which
+    # the suite's earlier tests may have left otherwise).
+    logger, records, handler = logging.getLogger("bootfinetune"), [], logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    saved = (logger.level, logger.disabled)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.disabled = False
     with TeacherServer(two_step_script) as server:
         base = server.url.replace("http://", f"http://{URL_USER}:{URL_PASSWORD}@")
         teacher = dspy.LM("openai/scripted-teacher", api_base=base, api_key="sk-i17-plain-key",
@@ -57,7 +63,10 @@ def test_header_url_and_storage_credentials_reach_no_file_and_no_log(ray_cluster
             data = path.read_bytes()
             found += [(str(path), s) for s in SECRETS + ["sk-i17-plain-key"] if s.encode() in data]
     assert not found, found
-    logged = "\n".join(r.getMessage() for r in caplog.records)
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.disabled = saved[1]
+    logged = "\n".join(r.getMessage() for r in records)
     assert "storage" in logged or run.name in logged  # the compile did log where it went
     assert not [s for s in SECRETS if s in logged], logged
     assert not [s for s in SECRETS if s in str(tp.report)]
