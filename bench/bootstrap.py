@@ -191,6 +191,15 @@ def run_ours(lm, data, actors: int, threads: int, batch_size: int, workdir: Path
     return seconds, result.summary.kept, cpu.seconds(), result.summary.engine
 
 
+def stop(cluster, teacher: Teacher) -> None:
+    import ray
+
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+    teacher.close()
+
+
 def start_ray(nodes: int):
     import ray
 
@@ -303,10 +312,7 @@ def main() -> None:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        teacher.close()
+        stop(cluster, teacher)
     for row in rows:
         print(f"{row['program']:8s} n={row['n']} in flight {row['in_flight']}: ours {row['ours_s']} s "
               f"({row['ours_over_limit']}x limit, {row['ours_cpu_ms_per_call']} ms CPU/call, {row['engine']}); "
@@ -329,7 +335,6 @@ def rate_limited(args) -> None:
     teacher = Teacher(args.latency, rate)
     lm = dspy.LM(args.model, api_base=teacher.url, api_key="unused", cache=False, num_retries=3)
     cluster, _ = start_ray(args.nodes)
-    import ray
 
     def window(start: float, end: float) -> dict:
         stats = json.load(urllib.request.urlopen(teacher.url + "/stats"))
@@ -365,10 +370,7 @@ def rate_limited(args) -> None:
                                    "kept": sum(1 for r in results if r.get("score")), **window(start, time.monotonic())}
                 print(json.dumps(row), flush=True)
     finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        teacher.close()
+        stop(cluster, teacher)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 
@@ -58,6 +59,9 @@ def cmd_bootstrap(args) -> int:
     print(f"run directory: {prepared.run.root}")
     print(f"bootstrap: {s.examples} examples, {s.kept} kept, {s.failed} failed, {s.teacher_calls} teacher calls, "
           f"{s.seconds:.1f}s{' (read back, teacher not called)' if prepared.bootstrap.resumed else ''}")
+    from bootfinetune.run.report_html import teacher_usage
+
+    print(f"  teacher tokens: {teacher_usage(asdict(s))}")
     for name in prepared.plan.predictors:
         print(f"  predictor {name}: {s.per_predictor.get(name, 0)} kept calls -> model key "
               f"{prepared.plan.key_of[name]}")

@@ -126,6 +126,36 @@ def bar_chart(bars: list[tuple[str, float | None]], *, title: str, width: int = 
     return "".join(out)
 
 
+def teacher_usage(boot: dict) -> str:
+    """The teacher's tokens and cost over the trainset and valset bootstraps of a report, in one phrase.
+
+    >>> teacher_usage({"usage": {"openai/x": {"calls": 2, "prompt_tokens": 300, "completion_tokens": 20,
+    ...                                       "cost_usd": 0.0012}}, "val": {"usage": {}}})
+    '320 tokens (300 prompt, 20 completion), $0.0012'
+    >>> teacher_usage({"usage": {"openai/mine": {"calls": 1, "prompt_tokens": 10, "completion_tokens": 2,
+    ...                                          "cost_usd": None}}})
+    '12 tokens (10 prompt, 2 completion), cost unknown (no price for openai/mine)'
+    """
+    totals: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+    unpriced = []
+    for summary in (boot, boot.get("val") or {}):
+        for model, usage in (summary.get("usage") or {}).items():
+            totals["prompt_tokens"] += usage.get("prompt_tokens") or 0
+            totals["completion_tokens"] += usage.get("completion_tokens") or 0
+            if usage.get("cost_usd") is None:
+                unpriced.append(model)
+            else:
+                totals["cost_usd"] += usage["cost_usd"]
+    if "usage" not in boot:
+        return "n/a (not recorded)"
+    if not totals["prompt_tokens"] and not totals["completion_tokens"] and not unpriced:
+        return "none (no teacher call: traces reused)"
+    tokens = totals["prompt_tokens"] + totals["completion_tokens"]
+    cost = (f"cost unknown (no price for {', '.join(sorted(set(unpriced)))})" if unpriced
+            else f"${totals['cost_usd']:.4g}")
+    return f"{tokens} tokens ({totals['prompt_tokens']} prompt, {totals['completion_tokens']} completion), {cost}"
+
+
 def _loss_series(key: str, summary: dict[str, Any], color: str) -> list[dict[str, Any]]:
     """Train loss by optimizer step (the step curve, or per-epoch means) and eval loss per epoch."""
     series = []
@@ -161,7 +191,7 @@ def render_report(report: dict[str, Any], *, title: str = "bootfinetune run") ->
                            title=f"Metric on the valset ({metric.get('examples', 0)} examples)"))
     rows = [("examples bootstrapped", boot.get("examples")), ("kept by the metric", boot.get("kept")),
             ("failed", boot.get("failed")), ("teacher calls", boot.get("teacher_calls")),
-            ("models trained", len(finetune))]
+            ("teacher tokens and cost", teacher_usage(boot)), ("models trained", len(finetune))]
     for key, f in finetune.items():
         rows.append((f"{key}: best epoch / eval loss",
                      f"{f.get('best_epoch')} / {_fmt((f.get('eval_loss') or [None])[(f.get('best_epoch') or 1) - 1])}"))

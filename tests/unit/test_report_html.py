@@ -58,3 +58,22 @@ def test_losses_spanning_decades_get_a_log_axis():
     flat = line_chart([{"name": "train", "points": [(0, 2.0), (100, 1.0)]}], title="t", x_label="step",
                       y_label="loss")
     assert "log scale" not in flat
+
+
+def test_report_page_and_demo_table_show_teacher_tokens_and_cost():
+    from bootfinetune.demo.run import summary_rows
+
+    priced = {**REPORT, "stages": {**REPORT["stages"], "bootstrap": {
+        **REPORT["stages"]["bootstrap"],
+        "usage": {"openai/gpt-4o-mini": {"calls": 80, "prompt_tokens": 9000, "completion_tokens": 700, "cost_usd": 0.0018}},
+        "val": {"usage": {"openai/gpt-4o-mini": {"calls": 20, "prompt_tokens": 1000, "completion_tokens": 300,
+                                                 "cost_usd": 0.0004}}}}}}
+    parsed = _Collect()
+    parsed.feed(render_report(priced, title="run"))
+    assert "11000 tokens (10000 prompt, 1000 completion), $0.0022" in parsed.text
+    unpriced = {**priced, "stages": {**priced["stages"], "bootstrap": {
+        **priced["stages"]["bootstrap"],
+        "usage": {"openai/scripted": {"calls": 80, "prompt_tokens": 9000, "completion_tokens": 700, "cost_usd": None}}}}}
+    row = dict(summary_rows(unpriced, 1.0))["teacher tokens"]
+    assert row.endswith("cost unknown (no price for openai/scripted)") and row.startswith("11000 tokens")
+    assert dict(summary_rows(REPORT, 1.0))["teacher tokens"] == "n/a (not recorded)"
