@@ -21,10 +21,10 @@ only when `ray.init(log_to_driver=True)`; the entry points pass `verbose` there 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 from typing import Any
+
+from bootfinetune.training.progress import BoardReader
 
 log = logging.getLogger("bootfinetune.progress")
 
@@ -86,7 +86,7 @@ class ProgressLine:
         return self.update(self._done + n, detail=detail)
 
 
-class BoardLines:
+class BoardLines(BoardReader):
     """Training progress as lines: the `ProgressBoard` the training workers report to, read by a thread.
 
     The non-interactive twin of `training.progress.BarDrawer` (same board, same `name`/`namespace`
@@ -94,43 +94,11 @@ class BoardLines:
     """
 
     def __init__(self, keys: list[str], poll_s: float = 1.0) -> None:
-        import ray
-
-        from bootfinetune.training.progress import ProgressBoard
-
-        self.poll_s = poll_s
-        self.name = f"bootfinetune-progress-{uuid.uuid4().hex[:8]}"
-        self.namespace = ray.get_runtime_context().namespace
-        self._actor = ray.remote(num_cpus=0)(ProgressBoard).options(name=self.name).remote()
+        super().__init__(keys, poll_s)
         self._lines = {k: ProgressLine(f"finetune {k}", 0, unit="steps", enabled=True) for k in keys}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="progress-lines", daemon=True)
 
-    def __enter__(self) -> "BoardLines":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:
-            self._read()
-        finally:
-            ray.kill(self._actor)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self._read()
-            except Exception as exc:  # progress is never worth ending training for
-                log.debug("progress lines: %s", exc)
-
-    def _read(self) -> None:
-        import ray
-
-        for key, info in ray.get(self._actor.read.remote(), timeout=10).items():
+    def _show(self) -> None:
+        for key, info in self._latest().items():
             if key in self._lines:
                 self._lines[key].update(info["step"], info["total"],
                                         f"epoch {info['epoch']}/{info['epochs']}, loss {info['loss']:.4f}")

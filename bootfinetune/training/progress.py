@@ -79,8 +79,9 @@ class Reporter:
             log.info("%s: step %d/%d, epoch %d/%d, loss %.4f", self.key, step, total, epoch, epochs, loss)
 
 
-class BarDrawer:
-    """Driver side: creates the board actor and draws its contents until stopped."""
+class BoardReader:
+    """Driver side: creates the `ProgressBoard` actor the workers report to (by `name` in `namespace`) and
+    shows its contents every `poll_s` on a thread until stopped; a subclass says how (`_show`, `_close`)."""
 
     def __init__(self, keys: list[str], poll_s: float = 0.5) -> None:
         import ray
@@ -90,36 +91,61 @@ class BarDrawer:
         self.name = f"bootfinetune-progress-{uuid.uuid4().hex[:8]}"
         self.namespace = ray.get_runtime_context().namespace
         self._actor = ray.remote(num_cpus=0)(ProgressBoard).options(name=self.name).remote()
-        self._bars: dict[str, Any] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="progress-bars", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
-    def __enter__(self) -> "BarDrawer":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._draw()  # the final figures
-        for bar in self._bars.values():
-            bar.close()
         import ray
 
-        ray.kill(self._actor)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._show()  # the final figures
+            self._close()
+        finally:
+            ray.kill(self._actor)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                self._draw()
-            except Exception as exc:  # a drawing problem must not end training
-                log.debug("progress bars: %s", exc)
+                self._show()
+            except Exception as exc:  # showing progress is never worth ending training for
+                log.debug("progress: %s", exc)
+
+    def _latest(self) -> dict[str, dict[str, Any]]:
+        import ray
+
+        return ray.get(self._actor.read.remote(), timeout=10)
+
+    def _show(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+class BarDrawer(BoardReader):
+    """Live bars, one per model (a terminal)."""
+
+    def __init__(self, keys: list[str], poll_s: float = 0.5) -> None:
+        super().__init__(keys, poll_s)
+        self._bars: dict[str, Any] = {}
+
+    def _show(self) -> None:
+        self._draw()
+
+    def _close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
 
     def _draw(self) -> None:
-        import ray
         from tqdm.auto import tqdm
 
-        latest = ray.get(self._actor.read.remote(), timeout=10)
+        latest = self._latest()
         for key in self.keys:
             info = latest.get(key)
             if info is None:
