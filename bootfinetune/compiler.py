@@ -185,9 +185,8 @@ class BootstrapFinetune(Teleprompter):
             trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
                                  adapter=resolve_adapter(self.adapter))
             writer.check()
-            metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
-            self.report = run.update_report(metric=metric_report,
-                                            stages={"evaluate": {"seconds": eval_seconds}}).to_json()
+            metric_report, evaluate_stage = self._evaluate(prepared, student, trained.compiled)
+            self.report = run.update_report(metric=metric_report, stages={"evaluate": evaluate_stage}).to_json()
             from bootfinetune.run.report_html import write_report_html
 
             html_path = write_report_html(run)
@@ -197,25 +196,28 @@ class BootstrapFinetune(Teleprompter):
         report_held()  # "N more warning(s) ... not shown"
         return trained.compiled
 
-    def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
-        """metric.{before, after, teacher} on the valset (None without a valset or a metric)."""
+    def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, dict]:
+        """metric.{before, after, teacher} on the valset (None without a valset or a metric), and the evaluate
+        stage's report section: seconds, and the student's LM usage before and after finetuning."""
         started = time.time()
         config, valset = prepared.config, prepared.valset
         result: dict[str, Any] = {"before": None, "after": None, "teacher": None,
                                   "examples": len(valset) if valset else 0}
         if not valset or self.metric is None or not config.inference.evaluate:
             result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
-            return result, 0.0
+            return result, {"seconds": 0.0}
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
                             adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code)
-        result["before"] = evaluate_program(base, valset, self.metric, **common).score
-        result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
+        before = evaluate_program(base, valset, self.metric, **common)
+        after = evaluate_program(compiled, valset, self.metric, **common)
+        result["before"], result["after"] = before.score, after.score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
-        return result, round(time.time() - started, 3)
+        return result, {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage,
+                                                                               "after": after.usage}}
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
                 **options: Any) -> Prepared:
@@ -455,8 +457,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 
     Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in
-    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, then `about`
-    (what the caller names the valset and metric by); the file also holds `name`.
+    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, usage (the
+    program's LM tokens by model), then `about` (what the caller names the valset and metric by); the file also
+    holds `name`.
     """
     from bootfinetune.stages.rebind import load
 
@@ -464,7 +467,7 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     program = load(run_dir)
     result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
     out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
-           **(about or {})}
+           "usage": result.usage, **(about or {})}
     path = run.evaluation_json(name)
     write_json(path, {**out, "name": name})
     run.update_report(evaluations={name: path.name})
