@@ -39,6 +39,7 @@ from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_l
 from bootfinetune.stages.rebind import base_program, program_class, program_state, rebind_run
 from bootfinetune.common.redaction import collect_secrets, redact_uri
 from bootfinetune.run.names import folder_names
+from bootfinetune.run.report_html import student_usage, teacher_usage
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
@@ -216,8 +217,9 @@ class BootstrapFinetune(Teleprompter):
         result["before"], result["after"] = before.score, after.score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
-        return result, {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage,
-                                                                               "after": after.usage}}
+        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage}}
+        logger.info("  student tokens while scoring: %s", student_usage(stage))
+        return result, stage
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
                 **options: Any) -> Prepared:
@@ -294,6 +296,8 @@ class BootstrapFinetune(Teleprompter):
         logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %d example(s) from the trace store, "
                     "%.1fs%s", s.kept, s.examples, s.failed, s.teacher_calls, s.reused, s.seconds,
                     " (read back)" if boot.resumed else "")
+        logger.info("  teacher tokens (trainset and valset): %s",
+                    teacher_usage({**asdict(s), "val": asdict(val_boot.summary) if val_boot else {}}))
         started = time.time()
         data = build_datasets(run, boot.calls, plan, student, adapter=self.adapter,
                               exclude_demos=config.bootstrap.exclude_demos,
