@@ -136,8 +136,11 @@ class TrainConfig:
     that allows it is chosen)."""
     offload_params: bool = False
     """Offload parameters to CPU memory (ZeRO-3 only; with zero_stage="auto", ZeRO-3 is chosen)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: Literal["auto", True, False] = option(
+        "auto", resource=True, hint="use 'auto' (on when the memory estimate says so), True or False.")
+    """Recompute activations in the backward pass (about a third more compute, far less memory): "auto" turns it
+    on only when a micro batch's activations would not fit beside the model states (the manifest's `engine`
+    says so and why); True or False decide."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
     lora_r: int = option(16, at_least=1)
@@ -449,9 +452,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
 
 
 def _literal_type(choices: tuple) -> Callable[[str], Any]:
-    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int."""
+    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int and,
+    where True/False are choices, "true"/"false" as bools."""
     if len({type(c) for c in choices}) == 1:
         return type(choices[0])
+    if any(isinstance(c, bool) for c in choices):
+        return lambda text: {"true": True, "false": False}.get(text.lower(), text)
     return lambda text: int(text) if text.lstrip("-").isdigit() else text
 
 

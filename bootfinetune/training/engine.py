@@ -58,7 +58,7 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
         from bootfinetune.training.lora import apply_lora
 
         model = apply_lora(model, tc, kind)
-    if tc.gradient_checkpointing:
+    if tc.gradient_checkpointing is True:  # "auto" is decided before (engine_choice.choose_checkpointing)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)

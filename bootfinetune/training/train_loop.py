@@ -36,11 +36,11 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.training.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
-from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.training.render import IGNORE_INDEX, Encoded, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, pack_rows, unit_lengths
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
-from bootfinetune.training.engine_choice import resolve_engine
+from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -211,10 +211,13 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
 
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
-    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None)
+    micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
+                        for e in data.train_ex], data.rows, tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
+    micro = tuple(int(v) for v in all_reduce(list(micro), device, "max"))
+    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None, micro)
     state.engine = {**choice.to_json(), "packed": data.rows is not None}
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
-                 offload_params=choice.offload_params)
+                 offload_params=choice.offload_params, gradient_checkpointing=choice.gradient_checkpointing)
     ds_config = deepspeed_config(tc, world)
     # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
     # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
