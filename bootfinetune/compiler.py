@@ -45,6 +45,7 @@ from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
+from bootfinetune.training import tracking
 from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
 
@@ -174,6 +175,7 @@ class BootstrapFinetune(Teleprompter):
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
         config = self.config.replace(**documented, **options)
+        tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
         with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
             prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
             run, config, writer = prepared.run, prepared.config, prepared.writer
@@ -192,6 +194,7 @@ class BootstrapFinetune(Teleprompter):
 
             html_path = write_report_html(run)
             run.sync()
+            tracking.log_compile_result(run.location, self.report)  # into the active MLflow run, if any
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
         report_held()  # "N more warning(s) ... not shown"
@@ -418,6 +421,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
         raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
     from bootfinetune.runtime.ray_env import ensure_ray
 
+    runs = tracking.training_runs(config.run.mlflow_tracking_uri, run.location)  # None unless a URI is set
     ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
     quiet_ray(config.run.verbose)
     started = time.time()
@@ -425,7 +429,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%s, %d epoch(s), "
                 "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
                 t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
-    manifests = finetune_models(run, jobs, config.train)
+    manifests = finetune_models(run, jobs, config.train, tracking=runs)
     seconds = round(time.time() - started, 3)
     for key, m in manifests.items():
         logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s; engine ZeRO-%s (%s)", key,
@@ -492,5 +496,7 @@ def documented_options(student: dspy.Module, constructor_options: dict[str, Any]
         chosen["target"] = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
     return chosen
 
+
+tracking.patch_for_autolog(BootstrapFinetune)  # mlflow.dspy.autolog turned on before this import records us too
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

@@ -197,6 +197,10 @@ class RunOptions:
     """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
     writer_lease_s: float = option(180.0, resource=True, within=(2, None))
     """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
+    mlflow_tracking_uri: str | None = option(None, resource=True)
+    """MLflow tracking URI for training runs (a run per model key: options, step loss, eval loss per epoch);
+    None: MLflow's own ($MLFLOW_TRACKING_URI, mlflow.set_tracking_uri, an active run), else no tracking.
+    Needs `pip install 'bootfinetune[mlflow]'`."""
     verbose: bool = option(False, resource=True)
     """Show Ray's own lines (Ray Data's per-dataset lines, workers' output such as Ray Train's warnings) and
     every repeated DSPy warning; off, they stay in Ray's session logs and a terminal-less output gets one line
@@ -389,6 +393,12 @@ def _ray_address(config: Config, address: Any) -> list[str]:
     return []
 
 
+def _mlflow_uri(config: Config, uri: Any) -> list[str]:
+    if uri is not None and (not isinstance(uri, str) or not uri):
+        return ["mlflow_tracking_uri: give a URI such as 'http://host:5000' or 'file:///path/mlruns', or None."]
+    return []
+
+
 def _device(config: Config, device: Any) -> list[str]:
     if device is not None and (not isinstance(device, str) or not device.startswith(("cpu", "cuda"))):
         return [f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically."]
@@ -397,7 +407,8 @@ def _device(config: Config, device: Any) -> list[str]:
 
 _EXTRA_CHECKS: dict[str, Callable[[Config, Any], list[str]]] = {
     "target": _target, "offload_params": _offload, "lora_target_modules": _lora_targets,
-    "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device}
+    "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device,
+    "mlflow_tracking_uri": _mlflow_uri}
 """Rules a field's type and range cannot say, run right after that field's own checks."""
 
 

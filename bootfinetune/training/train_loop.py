@@ -41,6 +41,7 @@ from bootfinetune.training.packing import micro_batch, pack_rows, unit_lengths
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
+from bootfinetune.training.tracking import open_tracker
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class LoopConfig:
     """Ray namespace of that actor."""
     progress_key: str = "model"
     """The model key shown beside the progress."""
+    tracking: dict[str, Any] | None = None
+    """The MLflow run rank 0 logs into: {"run_id", "connection"} (under Ray an ObjectRef); see `tracking`."""
     on_step: Callable[[StepInfo], None] | None = None
     """Called on every rank after each micro batch (instrumentation, fault injection: see
     `testing.FailOnce`); it must pickle, since it travels to every worker."""
@@ -240,11 +243,14 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             from bootfinetune.training.progress import Reporter
 
             reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
+        tracker = open_tracker(cfg.tracking, state, rank)  # rank 0 only, when the driver made an MLflow run
         if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:
             state.eval_loss_before = _evaluate(engine, data, tc, device, state)
         for epoch in range(state.epochs_done, tc.epochs):
-            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device)
+            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device, tracker)
             _finish_epoch(cfg, tc, engine, data, state, epoch, sums, rank, world, device)
+            if tracker is not None:
+                tracker.update(state, force=True)
         return asdict(state) if rank == 0 else None
     finally:
         if hf_ds is not None:
@@ -291,7 +297,8 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
 
 
 def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
-                 reporter: Any, rank: int, world: int, device: Any) -> tuple[Any, int, int, int, float]:
+                 reporter: Any, rank: int, world: int, device: Any,
+                 tracker: Any = None) -> tuple[Any, int, int, int, float]:
     """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding and seconds."""
     import torch
 
@@ -323,6 +330,8 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
                 window, window_n = torch.zeros((), device=device), 0
                 if on_curve:
                     state.loss_curve.append([step, round(mean, 5)])
+                    if tracker is not None:
+                        tracker.update(state)
                 reporter.report(step, data.total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
         if cfg.on_step is not None:
             cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))
