@@ -59,8 +59,6 @@ def _short(values: list) -> str:
     return "[" + ", ".join(shown if len(shown) <= 4 else shown[:2] + ["..."] + shown[-2:]) + "]"
 
 
-
-
 @dataclass
 class Prepared:
     """Stages 1-3 done: the plan, the bootstrap results and the finetuning files."""
@@ -145,6 +143,7 @@ class BootstrapFinetune(Teleprompter):
         if num_threads is not None:
             self.options["num_threads"] = num_threads
         self.config = Config.from_options(**self.options)  # unknown or bad options fail here, before any compile
+        tracking.patch_for_autolog(BootstrapFinetune)  # mlflow.dspy.autolog turned on before our import records us too
         self.run_dir: RunDir | None = None
         self.report: dict[str, Any] = {}
 
@@ -496,7 +495,5 @@ def documented_options(student: dspy.Module, constructor_options: dict[str, Any]
         chosen["target"] = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
     return chosen
 
-
-tracking.patch_for_autolog(BootstrapFinetune)  # mlflow.dspy.autolog turned on before this import records us too
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

@@ -6,8 +6,9 @@ until a tracking URI is set or the user has imported it):
 - **The compile**, in the user's active MLflow run (the one `mlflow.dspy.autolog(log_compiles=True)`
   starts around `compile`, or the user's own `mlflow.start_run()`): `log_compile_result` adds the
   metric before/after finetuning (and the teacher's), teacher calls and tokens, and tags the run
-  with the run directory. `patch_for_autolog` makes autolog record our `compile` when it was turned on
-  before bootfinetune was imported (autolog patches only the Teleprompter subclasses that exist then).
+  with the run directory. `patch_for_autolog` (called as a `BootstrapFinetune` is made) makes autolog record
+  our `compile` when it was turned on before bootfinetune was imported (autolog patches only the
+  Teleprompter subclasses that exist then).
 - **Training**, when a tracking URI is set (`resolve_uri`): the `mlflow_tracking_uri` option, else
   MLflow's own (`mlflow.set_tracking_uri`, `MLFLOW_TRACKING_URI`, or the URI of an active run).
   `TrainingRuns` (driver) creates one MLflow run per model key, nested under the active run when

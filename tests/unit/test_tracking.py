@@ -70,7 +70,8 @@ def test_a_uri_without_mlflow_stops_the_compile_before_any_work(without_mlflow, 
     assert SECRET not in message and "https://***@mlflow.example:443" in message
     assert tp.run_dir is None  # stopped before the run directory was chosen
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
-    assert "$MLFLOW_TRACKING_URI" in tracking.problems(None)[0] and "unset MLFLOW_TRACKING_URI" in tracking.problems(None)[0]
+    problem = tracking.problems(None)[0]
+    assert "$MLFLOW_TRACKING_URI" in problem and "unset MLFLOW_TRACKING_URI" in problem
 
 
 def test_config_json_records_the_uri_redacted_and_never_reuses_it():
