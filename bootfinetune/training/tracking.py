@@ -242,7 +242,7 @@ class TrainingRuns:
 def mlflow_env() -> dict[str, str]:
     """The driver's MLflow environment variables (MLFLOW_TRACKING_TOKEN, _USERNAME, _PASSWORD,
     MLFLOW_ALLOW_FILE_STORE...): rank 0 connects the way the driver does, wherever it runs."""
-    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") and k != "MLFLOW_RUN_ID"}
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") and k != "MLFLOW_RUN_ID" and v}
 
 
 def _experiment_id(client: Any) -> str:
