@@ -42,6 +42,8 @@ FLUSH_EVERY_S = 10.0
 """Least time between two batches of step metrics sent from rank 0 (epoch ends always send)."""
 TAG = "bootfinetune."
 """Prefix of the tags we set on MLflow runs."""
+_SAID: list[bool] = []
+"""Whether the driver-only callback line was logged (once per process)."""
 
 
 def _mlflow_loaded() -> Any:
@@ -138,8 +140,8 @@ def actor_callbacks(callbacks: list) -> list:
     and does nothing, and unpickling it there would need mlflow on every worker. Said once.
     """
     kept = [c for c in callbacks if type(c).__module__ != "mlflow.dspy.callback"]
-    if len(kept) != len(callbacks) and not getattr(actor_callbacks, "said", False):
-        actor_callbacks.said = True  # type: ignore[attr-defined]
+    if len(kept) != len(callbacks) and not _SAID:
+        _SAID.append(True)
         log.info("MLflow's DSPy callback (mlflow.dspy.autolog) stays on the driver: Ray actors run without it; "
                  "the compile, its evaluation and training are still tracked from the driver and rank 0")
     return kept
@@ -155,7 +157,6 @@ def usage_totals(report: dict[str, Any]) -> dict[str, float]:
     boot = (report.get("stages") or {}).get("bootstrap") or {}
     splits = [boot] + ([boot["val"]] if boot.get("val") else [])
     totals: dict[str, float] = {"teacher_calls": float(sum(s.get("teacher_calls") or 0 for s in splits))}
-    costs = []
     for part in ("prompt_tokens", "completion_tokens"):
         values = [u.get(part) for s in splits for u in (s.get("usage") or {}).values()]
         if any(v is not None for v in values):
