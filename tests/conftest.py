@@ -15,6 +15,14 @@ from tests.s3server import CREDENTIALS  # noqa: E402
 
 os.environ.update(CREDENTIALS)
 os.environ.setdefault("BOOTFINETUNE_STAGING", os.path.join(os.environ.get("TMPDIR", "/tmp"), "bootfinetune-test-staging"))
+# Ray Train settings for the tests' tiny runs, set before any driver (this process, or the subprocess drivers
+# that inherit its environment) starts a TorchTrainer; Ray Train passes them to its controller and workers.
+# - The controller polls the workers every 2 s by default: a run of a few seconds then waits up to 2 s to
+#   register each report and again to see the workers finish. 0.5 s cuts that wait; a poll that takes longer
+#   is not a failure (a worker counts as hung only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+# - The preemption watcher is one more actor process per run, watching for node drains no test makes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
