@@ -33,7 +33,9 @@ def lora_compile(ray_cluster, tmp_path_factory):
                                storage_path=str(root / "runs"), max_tokens=16, num_workers=2, zero_stage=3, lora=True,
                                lora_r=8, lora_alpha=16)
         student = TwoStep()
-        compiled = tp.compile(student, trainset=two_step_examples(24), target=str(base), epochs=4, bsize=4,
+        # 16 examples, 2 epochs: the train loss falls from the first epoch to the second (what the test
+        # asserts) by a wide margin (about 0.6-1.0 at this lr), at a third of the training time of 24 x 4.
+        compiled = tp.compile(student, trainset=two_step_examples(16), target=str(base), epochs=2, bsize=4,
                               lr=1e-2)
     return tp, student, compiled, base, root
 
