@@ -179,14 +179,25 @@ def test_pickle_program_dir_and_json_load_in_a_new_process(models, tmp_path):
     state = json.loads((tmp_path / "program.json").read_text())["lm"]
     assert state["engine"]["class"] == "bootfinetune.serving.lm:FinetunedEngine" and "api_key" not in json.dumps(state)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for kind, name in [("cloudpickle", "program.pkl"), ("program_dir", "program_dir"), ("json", "program.json")]:
-        out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, kind, str(tmp_path / name), str(models["blue"]),
-                              json.dumps(QUESTIONS)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT=")][-1][7:])
-        # The same model string in a new process (DSPy's cache key), from the saved state and rebuilt alike.
-        assert result == {"answers": ["blue"] * 3, "model": program.lm.model, "rebuilt": program.lm.model}, kind
+    # One new process per form, started together: each loads alone (no engine cached by another load), and
+    # their start-ups (imports of torch, transformers, dspy: most of the time) overlap.
+    procs = {kind: subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, kind, str(tmp_path / name),
+                                     str(models["blue"]), json.dumps(QUESTIONS)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for kind, name in [("cloudpickle", "program.pkl"), ("program_dir", "program_dir"),
+                                ("json", "program.json")]}
+    try:
+        for kind, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (kind, stderr[-3000:])
+            result = json.loads([ln for ln in stdout.splitlines() if ln.startswith("RESULT=")][-1][7:])
+            # The same model string in a new process (DSPy's cache key), from the saved state and rebuilt alike.
+            assert result == {"answers": ["blue"] * 3, "model": program.lm.model, "rebuilt": program.lm.model}, kind
+    finally:
+        for proc in procs.values():  # a failed or hung load leaves no process behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_engine_pickles_without_its_batcher_and_answers_after(models):
