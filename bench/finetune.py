@@ -25,7 +25,9 @@ Trainer's ratio uses the faster of its two set-ups. The step time is split into 
 optimizer (measured around those calls: for ours by the loop's `time_phases` timers; for the Trainers
 by wrapping the model's forward and `accelerator.backward`, and gradient clipping plus the optimizer
 step between the callbacks around it), and "data": the rest of the epoch (batches, collation, the
-scheduler, logging), all summed over the last epoch and divided by its micro batches.
+scheduler, logging), all summed over the last epoch and divided by its micro batches. On a shared box
+the wall time follows the load; each engine also gives its process's CPU seconds over the last epoch
+(`tokens_per_cpu_second`), which follow it much less, and the ratios in those.
 MFU (GPU) = model FLOPs per token x tokens/s / peak bf16 (989 TFLOP/s for an H100 SXM):
 FLOPs per token = 6 x (non-embedding parameters) + 6 x layers x hidden x mean context
 (causal attention) + 6 x vocab x hidden x (share of positions the loss needs: answers).
@@ -174,15 +176,32 @@ def run_ours(args, model_dir: Path, data: Path, engine: str) -> dict:
                      eval_fraction=0.0, **packing)
     empty = Path(args.workdir) / "empty.jsonl"
     write_jsonl(empty, [])
+    cpu = CpuClock(args.epochs)
     state = train_loop({"target": str(model_dir), "train": dataclasses.asdict(tc), "train_path": str(records),
-                        "eval_path": str(empty), "time_phases": True})
+                        "eval_path": str(empty), "time_phases": True, "on_step": cpu})
     last = state["history"][-1]
     micro = last["steps"] * args.accumsteps
     return {"tokens_per_second": last["tokens_per_second"], "epoch_seconds": last["train_seconds"],
             "tokens": last["tokens"], "padded_tokens": last["padded_tokens"], "micro_batches": micro,
             "optimizer_steps": last["steps"], "loss": round(last["train_loss"], 4),
-            "packing": tc.packing, "engine": state["engine"].get("zero_stage"),
+            "packing": state["engine"].get("packed"), "zero_stage": state["engine"].get("zero_stage"),
+            "cpu_seconds": round(cpu.seconds, 3), "tokens_per_cpu_second": round(last["tokens"] / cpu.seconds, 1),
             **split(last["train_seconds"], last.get("phase_seconds", {}), micro)}
+
+
+class CpuClock:
+    """An `on_step` hook: this process's CPU seconds (all threads) over the last epoch's steps, from the end of
+    the one before. On a shared box CPU time moves less with the load than wall time (the load takes CPUs away,
+    not work); OpenMP threads that spin while waiting count too, alike for every engine."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.started, self.seconds = epochs, 0.0, 0.0
+
+    def __call__(self, info) -> None:
+        if info.step == info.micro_batches - 1 and info.epoch == self.epochs - 2:
+            self.started = time.process_time()
+        elif info.step == info.micro_batches - 1 and info.epoch == self.epochs - 1:
+            self.seconds = time.process_time() - self.started
 
 
 class Timer:
@@ -198,10 +217,12 @@ class Timer:
             def on_epoch_begin(self, args, state, control, **kw):
                 timer.sync()
                 timer.started, timer.phases, timer.micro, timer.steps = time.perf_counter(), {}, 0, 0
+                timer.cpu_started = time.process_time()
 
             def on_epoch_end(self, args, state, control, **kw):
                 timer.sync()
                 timer.epochs.append(time.perf_counter() - timer.started)
+                timer.cpu_seconds = time.process_time() - timer.cpu_started
 
             def on_substep_end(self, args, state, control, **kw):
                 timer.micro += 1
@@ -218,6 +239,7 @@ class Timer:
 
         self.callback, self.epochs, self.started, self.loss = _CB(), [], 0.0, None
         self.phases, self.micro, self.steps, self.opt_started = {}, 0, 0, 0.0
+        self.cpu_started, self.cpu_seconds = 0.0, 0.0
         self.trainer_cls = trainer_cls
 
     @staticmethod
@@ -262,6 +284,8 @@ class Timer:
         seconds = self.epochs[-1]
         return {"tokens_per_second": round(stats["tokens"] / seconds, 1), "epoch_seconds": round(seconds, 3),
                 "micro_batches": self.micro, "optimizer_steps": self.steps, "loss": self.loss,
+                "cpu_seconds": round(self.cpu_seconds, 3),
+                "tokens_per_cpu_second": round(stats["tokens"] / self.cpu_seconds, 1),
                 **split(seconds, self.phases, self.micro)}
 
 
@@ -355,19 +379,29 @@ def worker(args) -> None:
 
 
 def summary_line(size: str, results: dict, gpu: bool) -> str | None:
-    """`<size>: ours N tokens/s; ours/hf X.XXx, ours/trl Y.YYx` (hf: the faster of its set-ups)."""
+    """A line of details (which HF set-up was faster, ours against its own variants, the ratios in tokens per
+    CPU second: steadier on a shared box), then `<size>: ours N tokens/s; ours/hf X.XXx, ours/trl Y.YYx`
+    (hf: the faster of its set-ups)."""
     if "ours" not in results:
         return None
-    ours = results["ours"]["tokens_per_second"]
-    hf = max((r["tokens_per_second"], e) for e, r in results.items() if e.startswith("hf")) if any(
+
+    def ratios(key: str) -> list[str]:
+        ours = results["ours"][key]
+        hf = [(r[key], e) for e, r in results.items() if e.startswith("hf")]
+        out = [f"ours/hf {ours / max(hf)[0]:.2f}x"] if hf else []
+        if "trl" in results:
+            out.append(f"ours/trl {ours / results['trl'][key]:.2f}x")
+        return out
+
+    best_hf = max((r["tokens_per_second"], e) for e, r in results.items() if e.startswith("hf"))[1] if any(
         e.startswith("hf") for e in results) else None
-    parts = [f"ours/hf {ours / hf[0]:.2f}x ({hf[1]})"] if hf else []
-    if "trl" in results:
-        parts.append(f"ours/trl {ours / results['trl']['tokens_per_second']:.2f}x")
-    parts += [f"ours/{e} {ours / r['tokens_per_second']:.2f}x" for e, r in results.items()
-              if e.startswith("ours-")]
-    return (f"{size}: ours {ours:.0f} tokens/s; " + ", ".join(parts)
-            + (f"; MFU {results['ours']['mfu']:.1%}" if gpu else ""))
+    variants = [f"ours/{e} {results['ours']['tokens_per_second'] / r['tokens_per_second']:.2f}x"
+                for e, r in results.items() if e.startswith("ours-")]
+    detail = ", ".join([f"hf = {best_hf}"] * bool(best_hf) + variants
+                       + ([f"per CPU second: {', '.join(ratios('tokens_per_cpu_second'))}"] if not gpu else [])
+                       + ([f"MFU {results['ours']['mfu']:.1%}"] if gpu else []))
+    return (f"{size} ({detail})\n{size}: ours {results['ours']['tokens_per_second']:.0f} tokens/s; "
+            + ", ".join(ratios("tokens_per_second")))
 
 
 def main() -> None:
@@ -383,7 +417,7 @@ def main() -> None:
     ap.add_argument("--bsize", type=int, default=8)
     ap.add_argument("--accumsteps", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="micro batches of records per epoch "
-                    "(default 12 CPU, 30 GPU)")
+                    "(default 8 CPU, 30 GPU)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bf16", action="store_true")
@@ -405,7 +439,7 @@ def main() -> None:
     gpu = torch.cuda.is_available() and not args.cpu
     sizes = args.size or (["0.5b", "1.5b"] if gpu else ["small"])
     args.seq_len = args.seq_len or (1024 if gpu else 512)
-    args.steps = args.steps or (30 if gpu else 12)
+    args.steps = args.steps or (30 if gpu else 8)
     device = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
 
     def emit(obj: dict) -> None:
@@ -455,9 +489,10 @@ def main() -> None:
         if line:
             summary.append(line)
     for line in summary:
-        print(line)
         if args.out:
-            emit({"summary": line})
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"summary": line}) + "\n")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

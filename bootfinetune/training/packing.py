@@ -90,7 +90,8 @@ def micro_batch(records: Sequence[Encoded], pad_id: int, multiple: int | None,
     """The tensors of one micro batch and its real (non-padding) tokens: the records one a row, padded, or
     (`pack`) in as few rows as first-fit finds, none longer than the batch's longest record, so the packed
     batch is never larger than the padded one, in rows, width or attention. Packed or not, it scores the
-    same answer tokens: the same loss and gradients, only the padding goes.
+    same answer tokens: the same loss and gradients, only the padding goes. A batch where no two records
+    share a row (a tight length bucket) stays as it is unpacked: padded, with its attention mask.
 
     Example:
         >>> recs = [Encoded([5, 6, 7, 8], [-100] * 4, False)] + [Encoded([5, 6], [-100, 6], False)] * 2
@@ -100,12 +101,13 @@ def micro_batch(records: Sequence[Encoded], pad_id: int, multiple: int | None,
     """
     from bootfinetune.training.render import collate
 
-    if not pack:
+    lengths = [len(e.input_ids) for e in records]
+    rows = pack_rows(lengths, max(lengths), seed=0) if pack else []
+    if len(rows) == len(records) or not pack:  # nothing to pack together (e.g. a tight length bucket)
         batch = collate(list(records), pad_id, multiple)
         return batch, int(batch["attention_mask"].sum())
-    lengths = [len(e.input_ids) for e in records]
-    rows = [[records[j] for j in row] for row in pack_rows(lengths, max(lengths), seed=0)]
-    return collate_packed(rows, pad_id, multiple), real_tokens(rows)
+    packed = [[records[j] for j in row] for row in rows]
+    return collate_packed(packed, pad_id, multiple), real_tokens(packed)
 
 
 def packs_exactly(model: Any) -> bool:

@@ -101,6 +101,8 @@ def test_a_packed_micro_batch_gives_the_loss_and_gradients_of_the_unpacked_one(m
     packed, real_packed = micro_batch(encoded, tokenizer.pad_token_id, None, pack=True)
     assert packed["input_ids"].shape[0] == 3 and real_packed == real  # fewer rows, the same tokens
     assert packed["input_ids"].shape[1] == unpacked["input_ids"].shape[1]  # no wider
+    alike, _ = micro_batch(encoded[1:], tokenizer.pad_token_id, None, pack=True)  # no two fit in one row:
+    assert "attention_mask" in alike and alike["input_ids"].shape[0] == 4  # left as it is unpacked
     loss_u, grads_u = loss_and_grads(unpacked)
     loss_p, grads_p = loss_and_grads(packed)
     model.zero_grad()
