@@ -39,11 +39,13 @@ from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_l
 from bootfinetune.stages.rebind import base_program, program_class, program_state, rebind_run
 from bootfinetune.common.redaction import collect_secrets, redact_uri
 from bootfinetune.run.names import folder_names
+from bootfinetune.run.report_html import student_usage, teacher_usage
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
+from bootfinetune.training import tracking
 from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
                                  trace_identity)
 
@@ -55,8 +57,6 @@ DEFAULT_TARGET = TrainConfig.target
 def _short(values: list) -> str:
     shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
     return "[" + ", ".join(shown if len(shown) <= 4 else shown[:2] + ["..."] + shown[-2:]) + "]"
-
-
 
 
 @dataclass
@@ -143,6 +143,7 @@ class BootstrapFinetune(Teleprompter):
         if num_threads is not None:
             self.options["num_threads"] = num_threads
         self.config = Config.from_options(**self.options)  # unknown or bad options fail here, before any compile
+        tracking.patch_for_autolog(BootstrapFinetune)  # mlflow.dspy.autolog turned on before our import records us too
         self.run_dir: RunDir | None = None
         self.report: dict[str, Any] = {}
 
@@ -173,6 +174,7 @@ class BootstrapFinetune(Teleprompter):
         documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
                                         lr=lr, epochs=epochs, bf16=bf16)
         config = self.config.replace(**documented, **options)
+        tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
         with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
             prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
             run, config, writer = prepared.run, prepared.config, prepared.writer
@@ -185,37 +187,41 @@ class BootstrapFinetune(Teleprompter):
             trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
                                  adapter=resolve_adapter(self.adapter))
             writer.check()
-            metric_report, eval_seconds = self._evaluate(prepared, student, trained.compiled)
-            self.report = run.update_report(metric=metric_report,
-                                            stages={"evaluate": {"seconds": eval_seconds}}).to_json()
+            metric_report, evaluate_stage = self._evaluate(prepared, student, trained.compiled)
+            self.report = run.update_report(metric=metric_report, stages={"evaluate": evaluate_stage}).to_json()
             from bootfinetune.run.report_html import write_report_html
 
             html_path = write_report_html(run)
             run.sync()
+            tracking.log_compile_result(run.location, self.report)  # into the active MLflow run, if any
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
         report_held()  # "N more warning(s) ... not shown"
         return trained.compiled
 
-    def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, float]:
-        """metric.{before, after, teacher} on the valset (None without a valset or a metric)."""
+    def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, dict]:
+        """metric.{before, after, teacher} on the valset (None without a valset or a metric), and the evaluate
+        stage's report section: seconds, and the student's LM usage before and after finetuning."""
         started = time.time()
         config, valset = prepared.config, prepared.valset
         result: dict[str, Any] = {"before": None, "after": None, "teacher": None,
                                   "examples": len(valset) if valset else 0}
         if not valset or self.metric is None or not config.inference.evaluate:
             result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
-            return result, 0.0
+            return result, {"seconds": 0.0}
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
                             adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code)
-        result["before"] = evaluate_program(base, valset, self.metric, **common).score
-        result["after"] = evaluate_program(compiled, valset, self.metric, **common).score
+        before = evaluate_program(base, valset, self.metric, **common)
+        after = evaluate_program(compiled, valset, self.metric, **common)
+        result["before"], result["after"] = before.score, after.score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
-        return result, round(time.time() - started, 3)
+        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage}}
+        logger.info("  student tokens while scoring: %s", student_usage(stage))
+        return result, stage
 
     def prepare(self, student: dspy.Module, *, trainset: list, teacher: Any = None, valset: list | None = None,
                 **options: Any) -> Prepared:
@@ -292,6 +298,8 @@ class BootstrapFinetune(Teleprompter):
         logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %d example(s) from the trace store, "
                     "%.1fs%s", s.kept, s.examples, s.failed, s.teacher_calls, s.reused, s.seconds,
                     " (read back)" if boot.resumed else "")
+        logger.info("  teacher tokens (trainset and valset): %s",
+                    teacher_usage({**asdict(s), "val": asdict(val_boot.summary) if val_boot else {}}))
         started = time.time()
         data = build_datasets(run, boot.calls, plan, student, adapter=self.adapter,
                               exclude_demos=config.bootstrap.exclude_demos,
@@ -412,6 +420,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
         raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
     from bootfinetune.runtime.ray_env import ensure_ray
 
+    runs = tracking.training_runs(config.run.mlflow_tracking_uri, run.location)  # None unless a URI is set
     ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
     quiet_ray(config.run.verbose)
     started = time.time()
@@ -419,7 +428,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%s, %d epoch(s), "
                 "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
                 t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
-    manifests = finetune_models(run, jobs, config.train)
+    manifests = finetune_models(run, jobs, config.train, tracking=runs)
     seconds = round(time.time() - started, 3)
     for key, m in manifests.items():
         logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s; engine ZeRO-%s (%s)", key,
@@ -455,8 +464,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 
     Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in
-    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, then `about`
-    (what the caller names the valset and metric by); the file also holds `name`.
+    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, usage (the
+    program's LM tokens by model), then `about` (what the caller names the valset and metric by); the file also
+    holds `name`.
     """
     from bootfinetune.stages.rebind import load
 
@@ -464,7 +474,7 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     program = load(run_dir)
     result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
     out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
-           **(about or {})}
+           "usage": result.usage, **(about or {})}
     path = run.evaluation_json(name)
     write_json(path, {**out, "name": name})
     run.update_report(evaluations={name: path.name})

@@ -136,8 +136,14 @@ class TrainConfig:
     that allows it is chosen)."""
     offload_params: bool = False
     """Offload parameters to CPU memory (ZeRO-3 only; with zero_stage="auto", ZeRO-3 is chosen)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: Literal["auto", True, False] = option(
+        "auto", resource=True, hint="use 'auto' (on when the memory estimate says so), True or False.")
+    """Recompute activations in the backward pass (about a third more compute, far less memory): "auto" turns it
+    on only when a micro batch's activations would not fit beside the model states (the manifest's `engine`
+    says so and why); True or False decide."""
+    compile_layers: bool = option(False, resource=True)
+    """`torch.compile` each decoder layer (the model's `_no_split_modules` blocks), shapes dynamic: faster steps
+    after a one-time compile of a minute or more, so for runs of many steps; not with ZeRO-3 (skipped, logged)."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
     lora_r: int = option(16, at_least=1)
@@ -192,6 +198,10 @@ class RunOptions:
     """Seconds to wait when another process writes the same run; 0 stops at once with an error naming it."""
     writer_lease_s: float = option(180.0, resource=True, within=(2, None))
     """Cloud storage_path: seconds a writer's lease on the run lasts unrenewed; a crashed writer's is taken over after."""
+    mlflow_tracking_uri: str | None = option(None, resource=True)
+    """MLflow tracking URI for training runs (a run per model key: options, step loss, eval loss per epoch);
+    None: MLflow's own ($MLFLOW_TRACKING_URI, mlflow.set_tracking_uri, an active run), else no tracking.
+    Needs `pip install 'bootfinetune[mlflow]'`."""
     verbose: bool = option(False, resource=True)
     """Show Ray's own lines (Ray Data's per-dataset lines, workers' output such as Ray Train's warnings) and
     every repeated DSPy warning; off, they stay in Ray's session logs and a terminal-less output gets one line
@@ -384,6 +394,12 @@ def _ray_address(config: Config, address: Any) -> list[str]:
     return []
 
 
+def _mlflow_uri(config: Config, uri: Any) -> list[str]:
+    if uri is not None and (not isinstance(uri, str) or not uri):
+        return ["mlflow_tracking_uri: give a URI such as 'http://host:5000' or 'file:///path/mlruns', or None."]
+    return []
+
+
 def _device(config: Config, device: Any) -> list[str]:
     if device is not None and (not isinstance(device, str) or not device.startswith(("cpu", "cuda"))):
         return [f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically."]
@@ -392,7 +408,8 @@ def _device(config: Config, device: Any) -> list[str]:
 
 _EXTRA_CHECKS: dict[str, Callable[[Config, Any], list[str]]] = {
     "target": _target, "offload_params": _offload, "lora_target_modules": _lora_targets,
-    "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device}
+    "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device,
+    "mlflow_tracking_uri": _mlflow_uri}
 """Rules a field's type and range cannot say, run right after that field's own checks."""
 
 
@@ -450,9 +467,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
 
 
 def _literal_type(choices: tuple) -> Callable[[str], Any]:
-    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int."""
+    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int and,
+    where True/False are choices, "true"/"false" as bools."""
     if len({type(c) for c in choices}) == 1:
         return type(choices[0])
+    if any(isinstance(c, bool) for c in choices):
+        return lambda text: {"true": True, "false": False}.get(text.lower(), text)
     return lambda text: int(text) if text.lstrip("-").isdigit() else text
 
 

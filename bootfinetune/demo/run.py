@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bootfinetune.config import FIELDS, TrainConfig, add_config_arguments, config_arguments
 from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
-from bootfinetune.run.report_html import teacher_usage
+from bootfinetune.run.report_html import student_usage, teacher_usage
 
 STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
 """The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
@@ -101,6 +101,7 @@ def summary_rows(report: dict, elapsed: float) -> list[tuple[str, str]]:
     rows = [("trainset examples kept", f"{boot.get('kept')} of {boot.get('examples')} "
                                        f"({boot.get('failed')} failed, {boot.get('teacher_calls')} teacher calls)"),
             ("teacher tokens", teacher_usage(boot)),
+            ("student tokens (scoring)", student_usage(stages.get("evaluate", {}))),
             ("valset examples", f"{val.get('examples', 0)}"),
             ("models trained", ", ".join(f"{k} ({len(v.get('train_loss') or [])} epochs, best {v.get('best_epoch')})"
                                          for k, v in finetune.items()) or "none"),

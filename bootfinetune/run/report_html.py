@@ -126,6 +126,21 @@ def bar_chart(bars: list[tuple[str, float | None]], *, title: str, width: int = 
     return "".join(out)
 
 
+def _usage_totals(summaries: list[dict]) -> tuple[int, int, float, list[str]]:
+    """Prompt tokens, completion tokens, the known cost and the models without a price, over usage sections."""
+    prompt = completion = 0
+    cost, unpriced = 0.0, []
+    for usage_by_model in summaries:
+        for model, usage in (usage_by_model or {}).items():
+            prompt += usage.get("prompt_tokens") or 0
+            completion += usage.get("completion_tokens") or 0
+            if usage.get("cost_usd") is None:
+                unpriced.append(model)
+            else:
+                cost += usage["cost_usd"]
+    return prompt, completion, cost, sorted(set(unpriced))
+
+
 def teacher_usage(boot: dict) -> str:
     """The teacher's tokens and cost over the trainset and valset bootstraps of a report, in one phrase.
 
@@ -136,24 +151,31 @@ def teacher_usage(boot: dict) -> str:
     ...                                          "cost_usd": None}}})
     '12 tokens (10 prompt, 2 completion), cost unknown (no price for openai/mine)'
     """
-    totals: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
-    unpriced = []
-    for summary in (boot, boot.get("val") or {}):
-        for model, usage in (summary.get("usage") or {}).items():
-            totals["prompt_tokens"] += usage.get("prompt_tokens") or 0
-            totals["completion_tokens"] += usage.get("completion_tokens") or 0
-            if usage.get("cost_usd") is None:
-                unpriced.append(model)
-            else:
-                totals["cost_usd"] += usage["cost_usd"]
     if "usage" not in boot:
         return "n/a (not recorded)"
-    if not totals["prompt_tokens"] and not totals["completion_tokens"] and not unpriced:
+    prompt, completion, cost, unpriced = _usage_totals([boot.get("usage"), (boot.get("val") or {}).get("usage")])
+    if not prompt and not completion and not unpriced:
         return "none (no teacher call: traces reused)"
-    tokens = totals["prompt_tokens"] + totals["completion_tokens"]
-    cost = (f"cost unknown (no price for {', '.join(sorted(set(unpriced)))})" if unpriced
-            else f"${totals['cost_usd']:.4g}")
-    return f"{tokens} tokens ({totals['prompt_tokens']} prompt, {totals['completion_tokens']} completion), {cost}"
+    priced = f"cost unknown (no price for {', '.join(unpriced)})" if unpriced else f"${cost:.4g}"
+    return f"{prompt + completion} tokens ({prompt} prompt, {completion} completion), {priced}"
+
+
+def student_usage(evaluate: dict) -> str:
+    """The student's tokens while the valset was scored, before and after finetuning (the report's
+    stages.evaluate), in one phrase. A local model has no price, so no cost is given.
+
+    >>> student_usage({"usage": {"before": {"m": {"calls": 4, "prompt_tokens": 400, "completion_tokens": 90}},
+    ...                          "after": {"m": {"calls": 4, "prompt_tokens": 400, "completion_tokens": 30}}}})
+    'before 490 (400 prompt, 90 completion), after 430 (400 prompt, 30 completion)'
+    """
+    usage = evaluate.get("usage")
+    if not usage:
+        return "n/a (not evaluated)"
+    parts = []
+    for when in ("before", "after"):
+        prompt, completion, _, _ = _usage_totals([usage.get(when)])
+        parts.append(f"{when} {prompt + completion} ({prompt} prompt, {completion} completion)")
+    return ", ".join(parts)
 
 
 def _loss_series(key: str, summary: dict[str, Any], color: str) -> list[dict[str, Any]]:
@@ -191,7 +213,9 @@ def render_report(report: dict[str, Any], *, title: str = "bootfinetune run") ->
                            title=f"Metric on the valset ({metric.get('examples', 0)} examples)"))
     rows = [("examples bootstrapped", boot.get("examples")), ("kept by the metric", boot.get("kept")),
             ("failed", boot.get("failed")), ("teacher calls", boot.get("teacher_calls")),
-            ("teacher tokens and cost", teacher_usage(boot)), ("models trained", len(finetune))]
+            ("teacher tokens and cost", teacher_usage(boot)),
+            ("student tokens, scoring the valset", student_usage(stages.get("evaluate") or {})),
+            ("models trained", len(finetune))]
     for key, f in finetune.items():
         rows.append((f"{key}: best epoch / eval loss",
                      f"{f.get('best_epoch')} / {_fmt((f.get('eval_loss') or [None])[(f.get('best_epoch') or 1) - 1])}"))

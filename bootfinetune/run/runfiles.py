@@ -131,11 +131,19 @@ class RunDescription:
         return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
-        return _to_json(self)
+        data = _to_json(self)
+        run = (data.get("options") or {}).get("run") or {}
+        if run.get("mlflow_tracking_uri"):  # it may hold credentials (https://user:token@host)
+            from bootfinetune.common.redaction import redact_uri
+
+            data["options"] = {**data["options"],  # a copy: the record keeps the URI it was given
+                               "run": {**run, "mlflow_tracking_uri": redact_uri(run["mlflow_tracking_uri"])}}
+        return data
 
     def flat_options(self) -> dict[str, Any]:
-        """Every recorded option in one dict (`Config.from_options` takes it)."""
-        return {k: v for group in self.options.values() for k, v in group.items()}
+        """Every recorded option in one dict (`Config.from_options` takes it), but `mlflow_tracking_uri`:
+        recorded redacted, it is not reused (each entry is given its own, or MLflow's environment)."""
+        return {k: v for group in self.options.values() for k, v in group.items() if k != "mlflow_tracking_uri"}
 
     def trusts_remote_code(self, given: bool | None = None) -> bool:
         """`given`, or the `trust_remote_code` the run was trained with (its train options; False if unrecorded)."""

@@ -2,7 +2,8 @@
 
 Output that is not a terminal (a Ray job's log, CI, a file) gets one line per stage start and
 end (the compiler's `stage k/6` lines) and progress lines at a bounded rate: one each time a
-stage crosses a tenth of its work, or `LINE_EVERY_S` after the last one (`ProgressLine`).
+stage crosses a tenth of its work, or, between tenths, `LINE_EVERY_S` after the last line, spacing out
+to a quarter of the stage's time so far (`ProgressLine`): a slow stage of an hour gets ~30 lines, not 120.
 Nothing is redrawn: Ray Data's bars and Hugging Face's weight loading bars are off (`bars_off`).
 A terminal keeps live bars (Ray Data's, and the training bars of `bootfinetune.training.progress`).
 
@@ -29,7 +30,10 @@ from bootfinetune.training.progress import BoardReader
 log = logging.getLogger("bootfinetune.progress")
 
 LINE_EVERY_S = 30.0
-"""Most seconds between two progress lines of one stage (when it has not crossed a tenth of its work)."""
+"""Seconds between two progress lines of a stage that has not crossed a tenth of its work since the last one;
+from two minutes into the stage, a quarter of its time so far (`SPACING`) when that is longer."""
+SPACING = 0.25
+"""Between tenths, a line at most every `SPACING` x the stage's time so far (once that exceeds `LINE_EVERY_S`)."""
 STEPS = 10
 """Progress lines per stage when each tenth of the work comes sooner than `LINE_EVERY_S`."""
 REPEATED = ("LM response was truncated",)
@@ -60,7 +64,7 @@ class ProgressLine:
         self.what, self.total, self.unit, self.every_s = what, max(0, total), unit, every_s
         self.enabled = (not interactive()) if enabled is None else enabled
         self._tenth = 0
-        self._last = time.monotonic()
+        self._started = self._last = time.monotonic()
         self._done = 0
         self._said = 0  # what the last line said: a stalled stage gets no line repeating it
 
@@ -73,7 +77,7 @@ class ProgressLine:
             return None
         tenth = min(STEPS, done * STEPS // self.total)
         now = time.monotonic()
-        if tenth <= self._tenth and now - self._last < self.every_s:
+        if tenth <= self._tenth and now - self._last < max(self.every_s, SPACING * (now - self._started)):
             return None
         self._tenth, self._last, self._said = max(tenth, self._tenth), now, done
         line = f"{self.what}: {done}/{self.total}{' ' + self.unit if self.unit else ''} ({100 * done // self.total}%)"

@@ -86,6 +86,10 @@ def driver_settings() -> dict[str, Any]:
                                    "inside them. Make it picklable to carry it.", name, type(exc).__name__, exc)
                 continue
         carried[name] = value
+    if carried.get("callbacks"):
+        from bootfinetune.training.tracking import actor_callbacks
+
+        carried["callbacks"] = actor_callbacks(carried["callbacks"])  # MLflow's stays on the driver
     return carried
 
 

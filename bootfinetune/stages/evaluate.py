@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import dspy
 
 from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, run_examples, score_value
+from bootfinetune.stages.runner import add_usage
 from bootfinetune.run.records import example_to_json
 
 RAY_EVAL_MIN_EXAMPLES = 256
@@ -34,6 +35,9 @@ class EvalResult:
     """Examples whose run or metric raised."""
     seconds: float
     """Wall time."""
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The program's LM usage by model: {"calls", "prompt_tokens", "completion_tokens", "cost_usd"} (cost None
+    where DSPy knows no price, as for a finetuned model); cache hits spend nothing and are not counted."""
 
 
 def _score(value: Any) -> float:
@@ -65,7 +69,10 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
         results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]
     failed = sum("failure" in r for r in results)
     total = sum(_score(r.get("score")) for r in results if "failure" not in r)
-    return EvalResult(round(total / len(examples), 6), len(examples), failed, round(time.time() - started, 3))
+    usage: dict[str, dict[str, Any]] = {}
+    for r in results:
+        add_usage(usage, r.get("usage") or {})
+    return EvalResult(round(total / len(examples), 6), len(examples), failed, round(time.time() - started, 3), usage)
 
 
 def teacher_score(val: BootstrapResult | None, metric: Callable | None) -> float | None:

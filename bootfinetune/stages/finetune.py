@@ -66,7 +66,7 @@ class FinetuneJob:
 
 
 def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *,
-                    hooks: dict[str, dict[str, Any]] | None = None) -> dict[str, ModelManifest]:
+                    hooks: dict[str, dict[str, Any]] | None = None, tracking: Any = None) -> dict[str, ModelManifest]:
     """Finetunes every job (side by side when the cluster has room) and exports each model.
 
     Args:
@@ -75,6 +75,7 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
         config: Training options, shared by every job (each job has its own target).
         hooks: Extra `LoopConfig` fields per key, merged into that key's loop config (e.g.
             `{"all": {"on_step": testing.FailOnce("/tmp/x")}}` in the fault tests); not for normal use.
+        tracking: `training.tracking.TrainingRuns`: an MLflow run per key trained, logged into from rank 0.
 
     Returns:
         Each key's manifest (the record models/{key}/manifest.json holds).
@@ -120,6 +121,8 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
                 job = pending.pop(0)
                 budget = {k: v - need.get(k, 0.0) for k, v in budget.items()}
                 job_hooks = {**progress, "progress_key": job.key, **(hooks or {}).get(job.key, {})}
+                if tracking is not None and (spec := tracking.start(job.key, job.target, config)):
+                    job_hooks["tracking"] = {**spec, "connection": ray.put(spec["connection"])}  # never in a file
                 running[pool.submit(_run_job, run, job, config, job_hooks)] = job
             done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done_futures:
@@ -129,6 +132,8 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
                     manifests[job.key] = fut.result()
                 except BaseException as e:  # collected, raised below once every job has ended
                     errors[job.key] = e
+                if tracking is not None:
+                    tracking.end(job.key, ok=job.key not in errors)
     if errors:
         detail = "; ".join(f"{k!r}: {e}" for k, e in errors.items())
         raise FinetuneError(f"finetuning failed for model key(s) {sorted(errors)}: {detail}") from next(iter(errors.values()))

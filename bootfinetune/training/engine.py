@@ -58,14 +58,37 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
         from bootfinetune.training.lora import apply_lora
 
         model = apply_lora(model, tc, kind)
-    if tc.gradient_checkpointing:
+    if tc.gradient_checkpointing is True:  # "auto" is decided before (engine_choice.choose_checkpointing)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if tc.compile_layers:
+        compile_layers(model, tc)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = lr_scheduler(optimizer, tc, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine, head_only
+
+
+def compile_layers(model: Any, tc: TrainConfig) -> int:
+    """`torch.compile`s each of the model's repeated blocks in place (the classes its `_no_split_modules` names:
+    `LlamaDecoderLayer`, `T5Block`...), with dynamic shapes since batches vary in length; returns how many.
+    The embeddings and the head (the answer-only head's gather included) stay eager. Under ZeRO-3 the
+    parameters are gathered by hooks around each module, which a compiled block would trace through: skipped."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if tc.zero_stage == 3:
+        log.warning("compile_layers=True is skipped under ZeRO-3 (its parameter gathering hooks wrap every layer)")
+        return 0
+    names = set(getattr(model, "_no_split_modules", None) or getattr(getattr(model, "base_model", None),
+                                                                      "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    log.info("compile_layers: %d %s block(s) compiled (the first steps include compiling them)", len(blocks),
+             "/".join(sorted(names)) or "no")
+    return len(blocks)
 
 
 def make_optimizer(params: list, tc: TrainConfig) -> Any:

@@ -10,9 +10,14 @@ smaller step does not fit. An explicit stage (and explicit offload flags) always
 The estimate counts bytes per parameter, as DeepSpeed's own `estimate_zero*_model_states_mem_needs`
 do: weights (2 in bf16, 4 in fp32), gradients of the trainable ones (same width), AdamW's two fp32
 moments (8) and, in bf16, the fp32 master copy (4), each divided by the workers where the stage
-shards it. Activations depend on batch and length and are not estimated: the states must fit in
-`HEADROOM` of the memory, the rest is left to them. The memory is the GPU's on a GPU run, and on
-CPU the host's available memory shared by the workers on that node; the smallest over the ranks counts.
+shards it. The states must fit in `HEADROOM` of the memory, the rest is left to activations. The
+memory is the GPU's on a GPU run, and on CPU the host's available memory shared by the workers on
+that node; the smallest over the ranks counts.
+
+`gradient_checkpointing="auto"` (the default) then weighs a micro batch's activations (`activation_bytes`:
+the longest micro batch of the data, its per-layer tensors and the head's logits) against what the states
+leave: checkpointing (recomputing each layer in the backward pass, about a third more compute) is turned
+on only when they would not fit without it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class EngineChoice:
     """Model states per worker under this choice (None when the stage was given and not estimated)."""
     memory_bytes: int | None = None
     """The memory per worker the estimate was held against."""
+    gradient_checkpointing: bool = False
+    checkpointing_reason: str = ""
+    activation_bytes: int | None = None
+    """A micro batch's activations without checkpointing (None when checkpointing was given, not estimated)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +56,9 @@ class EngineChoice:
     def describe(self) -> str:
         """E.g. "ZeRO-0 (auto: model states 0.01 GiB ...)"."""
         off = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
-        return f"ZeRO-{self.zero_stage}{' + offload ' + '/'.join(off) if off else ''} ({self.reason})"
+        text = f"ZeRO-{self.zero_stage}{' + offload ' + '/'.join(off) if off else ''} ({self.reason})"
+        ckpt = f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        return f"{text}; {ckpt}{f' ({self.checkpointing_reason})' if self.checkpointing_reason else ''}"
 
 
 def model_state_bytes(params: int, trainable: int, *, bf16: bool, world: int, stage: int,
@@ -118,6 +129,94 @@ def choose_engine(tc: TrainConfig, params: int, trainable: int, world: int, memo
     return EngineChoice(pick[0], pick[1], pick[2], reason, need(pick), int(memory_bytes))
 
 
+def activation_bytes(dims: dict[str, int], micro_tokens: int, head_tokens: int, *, bf16: bool,
+                     checkpointing: bool) -> int:
+    """Bytes a micro batch's forward pass keeps for the backward pass, on one worker.
+
+    Per layer and token (attention through SDPA, so no score matrix is kept): about 10 x hidden values for the
+    attention block (norm, q/k/v, attention output, projection) and 4 x intermediate for the MLP (gate, up,
+    activation, product), at 2 bytes (bf16) or 4; with checkpointing a layer keeps only its input (hidden values)
+    and one layer at a time is recomputed whole. The head's float32 logits, twice (softmax and its gradient),
+    over the `head_tokens` positions that get logits (the answers with the answer-only head).
+
+    Example:
+        >>> d = {"hidden": 1024, "intermediate": 4096, "layers": 24, "vocab": 32000}
+        >>> round(activation_bytes(d, 8 * 1024, 8 * 64, bf16=True, checkpointing=False) / 2**30, 2)
+        9.87
+        >>> round(activation_bytes(d, 8 * 1024, 8 * 64, bf16=True, checkpointing=True) / 2**30, 2)
+        0.9
+    """
+    width = 2 if bf16 else 4
+    layer = micro_tokens * (10 * dims["hidden"] + 4 * dims["intermediate"]) * width
+    kept = dims["layers"] * micro_tokens * dims["hidden"] * width + layer if checkpointing else dims["layers"] * layer
+    return kept + 2 * 4 * head_tokens * dims["vocab"]
+
+
+def micro_sizes(lengths: list[int], answers: list[int], rows: list[list[int]] | None, bsize: int,
+                answers_only: bool) -> tuple[int, int]:
+    """(tokens, positions that get logits) of the largest micro batch one rank can form: `bsize` of its longest
+    units (records, or packed rows of record indices) padded to the longest; the logits cover the answers with
+    the answer-only head (or a seq2seq decoder), else every position.
+
+    Example:
+        >>> micro_sizes([100, 300, 200], [5, 20, 10], None, bsize=2, answers_only=True)
+        (600, 40)
+        >>> micro_sizes([100, 300, 200], [5, 20, 10], [[0, 2], [1]], bsize=2, answers_only=False)
+        (600, 600)
+    """
+    units = [[i] for i in range(len(lengths))] if rows is None else rows
+    longest = max((sum(lengths[i] for i in u) for u in units), default=0)
+    most_answers = max((sum(answers[i] for i in u) for u in units), default=0)
+    n = min(bsize, len(units))
+    return n * longest, n * (most_answers if answers_only else longest)
+
+
+def choose_checkpointing(tc: TrainConfig, choice: EngineChoice, dims: dict[str, int] | None, micro_tokens: int,
+                         head_tokens: int) -> EngineChoice:
+    """`choice` with gradient checkpointing decided: as given, or ("auto") on only when a micro batch's
+    activations do not fit in the memory the model states leave."""
+    from dataclasses import replace
+
+    if tc.gradient_checkpointing != "auto":
+        return replace(choice, gradient_checkpointing=bool(tc.gradient_checkpointing),
+                       checkpointing_reason=f"gradient_checkpointing={tc.gradient_checkpointing} given")
+    if dims is None or not choice.memory_bytes:
+        return replace(choice, gradient_checkpointing=False,
+                       checkpointing_reason="auto: no memory estimate (model shape unknown): off")
+    plain = activation_bytes(dims, micro_tokens, head_tokens, bf16=tc.bf16, checkpointing=False)
+    room = int(choice.memory_bytes * 0.9) - (choice.estimate_bytes or 0)
+    where = f"{micro_tokens} tokens a micro batch: activations {_size(plain)}"
+    if plain <= room:
+        return replace(choice, gradient_checkpointing=False, activation_bytes=plain,
+                       checkpointing_reason=f"auto: {where} fit in the {_size(max(room, 0))} the states leave")
+    saved = activation_bytes(dims, micro_tokens, head_tokens, bf16=tc.bf16, checkpointing=True)
+    tail = "" if saved <= room else "; even so they do not fit: expect out-of-memory, lower bsize or max_length"
+    return replace(choice, gradient_checkpointing=True, activation_bytes=plain,
+                   checkpointing_reason=f"auto: {where} > the {_size(max(room, 0))} the states leave; "
+                                        f"{_size(saved)} with checkpointing{tail}")
+
+
+def model_dims(target: str, tc: TrainConfig) -> dict[str, int] | None:
+    """hidden, intermediate, layers and vocab of the target's config (None where it names them otherwise)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(target, trust_remote_code=tc.trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = {"hidden": ("hidden_size", "d_model", "n_embd"), "intermediate": ("intermediate_size", "d_ff", "n_inner"),
+             "layers": ("num_hidden_layers", "num_layers", "n_layer"), "vocab": ("vocab_size",)}
+    dims = {}
+    for key, options in names.items():
+        value = next((getattr(text, n) for n in options if isinstance(getattr(text, n, None), int)), None)
+        if value is None and key == "intermediate" and "hidden" in dims:
+            value = 4 * dims["hidden"]  # GPT-2's n_inner=None means 4 x hidden
+        if value is None:
+            return None
+        dims[key] = value
+    if getattr(text, "num_decoder_layers", None):  # seq2seq: encoder and decoder layers both keep activations
+        dims["layers"] += int(text.num_decoder_layers)
+    return dims
+
+
 def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
@@ -163,19 +262,30 @@ def host_available_bytes() -> int:
 
 
 def resolve_engine(target: str, kind: str, tc: TrainConfig, rank: int, world: int, nodes: list[str], device: Any,
-                   resumed: dict[str, Any] | None) -> EngineChoice:
+                   resumed: dict[str, Any] | None, micro: tuple[int, int] = (0, 0)) -> EngineChoice:
     """The engine for this (re)start, the same on every rank. A resumed run keeps its checkpoint's
-    engine (a DeepSpeed checkpoint loads only into the stage that wrote it)."""
+    engine (a DeepSpeed checkpoint loads only into the stage that wrote it). `micro`: the tokens of the
+    largest micro batch (padded) and of its positions that get logits, the same on every rank."""
     from bootfinetune.training.distributed import all_reduce
 
-    if tc.zero_stage != "auto":
-        return choose_engine(tc, 0, 0, world, 0)
     if resumed:
         return EngineChoice(int(resumed["zero_stage"]), bool(resumed["offload_optimizer"]),
                             bool(resumed["offload_params"]), f"{resumed.get('reason', '')}; kept on resume",
-                            resumed.get("estimate_bytes"), resumed.get("memory_bytes"))
+                            resumed.get("estimate_bytes"), resumed.get("memory_bytes"),
+                            bool(resumed.get("gradient_checkpointing", tc.gradient_checkpointing is True)),
+                            f"{resumed.get('checkpointing_reason', '')}; kept on resume",
+                            resumed.get("activation_bytes"))
+    if tc.zero_stage != "auto" and tc.gradient_checkpointing != "auto":
+        return choose_checkpointing(tc, choose_engine(tc, 0, 0, world, 0), None, 0, 0)
     params, trainable = count_parameters(target, kind, tc)
     mine = worker_memory(tc.use_gpu, device, nodes.count(nodes[min(rank, len(nodes) - 1)]))
     memory = int(all_reduce([mine], device, "min")[0])
-    return choose_engine(tc, params, trainable, world, memory)
+    choice = choose_engine(tc, params, trainable, world, memory)
+    if tc.zero_stage != "auto":  # a given stage: its states still count against the memory for activations
+        from dataclasses import replace
+
+        o = (choice.zero_stage, choice.offload_optimizer, choice.offload_params)
+        choice = replace(choice, memory_bytes=memory, estimate_bytes=model_state_bytes(
+            params, trainable, bf16=tc.bf16, world=world, stage=o[0], offload_optimizer=o[1], offload_params=o[2]))
+    return choose_checkpointing(tc, choice, model_dims(target, tc), *micro)
 

@@ -36,11 +36,12 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.training.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
-from bootfinetune.training.render import Encoded, collate, encode_records, model_kind
+from bootfinetune.training.render import IGNORE_INDEX, Encoded, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, packs_exactly
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
-from bootfinetune.training.engine_choice import resolve_engine
+from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
+from bootfinetune.training.tracking import open_tracker
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class LoopConfig:
     """Ray namespace of that actor."""
     progress_key: str = "model"
     """The model key shown beside the progress."""
+    tracking: dict[str, Any] | None = None
+    """The MLflow run rank 0 logs into: {"run_id", "connection"} (under Ray an ObjectRef); see `tracking`."""
     on_step: Callable[[StepInfo], None] | None = None
     """Called on every rank after each micro batch (instrumentation, fault injection: see
     `testing.FailOnce`); it must pickle, since it travels to every worker."""
@@ -214,9 +217,13 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
 
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
-    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None)
+    # packed micro batches are never larger than padded ones: the unpacked sizes bound them
+    micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
+                        for e in data.train_ex], None, tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
+    micro = tuple(int(v) for v in all_reduce(list(micro), device, "max"))
+    choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None, micro)
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
-                 offload_params=choice.offload_params)
+                 offload_params=choice.offload_params, gradient_checkpointing=choice.gradient_checkpointing)
     ds_config = deepspeed_config(tc, world)
     # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
     # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
@@ -242,11 +249,14 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             from bootfinetune.training.progress import Reporter
 
             reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
+        tracker = open_tracker(cfg.tracking, state, rank)  # rank 0 only, when the driver made an MLflow run
         if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:
             state.eval_loss_before = _evaluate(engine, data, tc, device, state)
         for epoch in range(state.epochs_done, tc.epochs):
-            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device)
+            sums = _train_epoch(cfg, tc, engine, data, state, epoch, reporter, rank, world, device, tracker)
             _finish_epoch(cfg, tc, engine, data, state, epoch, sums, rank, world, device)
+            if tracker is not None:
+                tracker.update(state, force=True)
         return asdict(state) if rank == 0 else None
     finally:
         if hf_ds is not None:
@@ -291,7 +301,8 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
 
 
 def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
-                 reporter: Any, rank: int, world: int, device: Any) -> tuple[Any, int, int, int, float, Any]:
+                 reporter: Any, rank: int, world: int, device: Any,
+                 tracker: Any = None) -> tuple[Any, int, int, int, float, Any]:
     """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding, seconds and
     (with `time_phases`) seconds per phase."""
     import torch
@@ -330,6 +341,8 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
                 window, window_n = torch.zeros((), device=device), 0
                 if on_curve:
                     state.loss_curve.append([step, round(mean, 5)])
+                    if tracker is not None:
+                        tracker.update(state)
                 reporter.report(step, data.total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
         if cfg.on_step is not None:
             cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))

@@ -59,6 +59,13 @@ def test_demo_runs_every_stage_and_writes_both_reports(ray_cluster, tmp_path, ca
     assert report["stages"]["bootstrap"]["examples"] == 40
     assert report["stages"]["bootstrap"]["teacher_calls"] == 80  # extract and locate, once per ticket
     assert 0 <= report["metric"]["after"] <= 1 and report["metric"]["teacher"] > 0.8
+    # The student's tokens while scoring the valset, before and after: two calls an example (extract, locate)
+    # at least, counted by the tokenizer, no price for a local model (null, not 0).
+    for when in ("before", "after"):
+        (model, usage), = report["stages"]["evaluate"]["usage"][when].items()
+        assert usage["calls"] >= 2 * 12 and usage["prompt_tokens"] > 100 * 12 and usage["completion_tokens"] > 0
+        assert usage["cost_usd"] is None, usage
+    assert "student tokens (scoring)" in out and f"after {sum(v for k, v in usage.items() if k.endswith('_tokens'))} (" in out
     curve = report["stages"]["finetune"]["all"]["loss_curve"]
     assert len(curve) >= 2 and curve[0][0] < curve[-1][0]  # optimizer steps, increasing
     page = html_path.read_text()

@@ -76,9 +76,11 @@ def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
     assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "engine",
                                 "max_calls_per_second", "max_tokens_per_minute", "max_errors",
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
-                                "ray_address", "writer_wait_s", "writer_lease_s", "verbose"}
+                                "ray_address", "writer_wait_s", "writer_lease_s", "verbose", "mlflow_tracking_uri",
+                                "gradient_checkpointing", "compile_layers"}  # same computation, another way
     base = Config.from_options()
-    more = base.replace(num_actors=8, cpus_per_worker=4.0, storage_path="/elsewhere")
+    more = base.replace(num_actors=8, cpus_per_worker=4.0, storage_path="/elsewhere",
+                        mlflow_tracking_uri="http://mlflow:5000")
     assert identity_options(more) == identity_options(base)
     assert identity_options(more, "train") == identity_options(base, "train")
     assert identity_options(base.replace(num_workers=2)) != identity_options(base)  # the global batch

@@ -97,3 +97,18 @@ def test_quiet_ray_keeps_ray_data_info_and_repeated_dspy_warnings_off_the_consol
     finally:
         dspy_lm.removeHandler(handler)
     assert len(records) == 3  # verbose: every one shows
+
+
+def test_between_tenths_lines_space_out_with_the_stage_time(lines, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    p = ProgressLine("finetune all", 10_000, every_s=30, enabled=True)
+    for second in range(1, 3601):  # an hour at 1 step in 10 s: under a tenth of the work, progress every 10 s
+        now[0] = float(second)
+        if second % 10 == 0:
+            p.update(second // 10)
+    times = [int(m.split("/")[0].split()[-1]) * 10 for m in lines()]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[:4] == [30, 60, 90, 120]  # every 30 s while the stage is young
+    assert all(gap >= 0.25 * a - 10 for a, gap in zip(times, gaps))  # then a quarter of the time so far
+    assert 10 <= len(times) <= 20  # an hour: ~18 lines, where a line every 30 s would be 120

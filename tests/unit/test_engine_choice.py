@@ -101,3 +101,57 @@ def test_the_process_group_builds_no_shared_memory_op(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
     assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())
+
+
+QWEN_1_5B = {"hidden": 1536, "intermediate": 8960, "layers": 28, "vocab": 151936}
+
+
+@pytest.mark.parametrize("bsize,seq,expected", [
+    (4, 512, False),    # 2k tokens: ~6 GiB of activations beside 21 GiB of bf16 states: room to spare
+    (8, 1024, False),   # 8k tokens: ~23 GiB still fit in the ~50 GiB the states leave
+    (32, 1024, True),   # 32k tokens: ~93 GiB do not; checkpointing keeps ~6 GiB
+    (64, 2048, True),   # 131k tokens: do not fit even checkpointed: on, and the reason says out-of-memory
+])
+def test_gradient_checkpointing_auto_follows_the_activation_estimate(bsize, seq, expected):
+    from bootfinetune.training.engine_choice import activation_bytes, choose_checkpointing
+
+    tc = TrainConfig(bf16=True)
+    engine = choose_engine(tc, int(1.78e9), int(1.78e9), 1, H100)
+    micro, head = bsize * seq, bsize * 32  # answers of 32 tokens get logits
+    choice = choose_checkpointing(tc, engine, QWEN_1_5B, micro, head)
+    assert choice.gradient_checkpointing is expected and choice.checkpointing_reason.startswith("auto")
+    plain = activation_bytes(QWEN_1_5B, micro, head, bf16=True, checkpointing=False)
+    room = 0.9 * H100 - engine.estimate_bytes
+    assert choice.activation_bytes == plain and (plain > room) is expected  # on exactly when they do not fit
+    saved = activation_bytes(QWEN_1_5B, micro, head, bf16=True, checkpointing=True)
+    assert saved < plain / 4
+    assert ("out-of-memory" in choice.checkpointing_reason) is (saved > room)
+    assert ("checkpointing on" if expected else "checkpointing off") in choice.describe()
+
+
+def test_a_given_gradient_checkpointing_wins_and_cpu_memory_leaves_it_off():
+    from bootfinetune.training.engine_choice import choose_checkpointing, micro_sizes
+
+    engine = choose_engine(TrainConfig(), 500_000, 500_000, 1, 8 * 2**30)
+    for given in (True, False):
+        choice = choose_checkpointing(TrainConfig(gradient_checkpointing=given), engine, QWEN_1_5B, 10**6, 10**6)
+        assert choice.gradient_checkpointing is given and "given" in choice.checkpointing_reason
+    # The demo's shape on an 8 GiB host: 8 records of <= 96 tokens is nothing to checkpoint.
+    tiny = {"hidden": 96, "intermediate": 256, "layers": 4, "vocab": 1024}
+    micro = micro_sizes([96] * 20, [12] * 20, None, bsize=8, answers_only=True)
+    assert micro == (768, 96)
+    assert choose_checkpointing(TrainConfig(), engine, tiny, *micro).gradient_checkpointing is False
+
+
+def test_model_dims_read_llama_gpt2_and_t5_configs(tmp_path):
+    from transformers import GPT2Config, LlamaConfig, T5Config
+
+    from bootfinetune.training.engine_choice import model_dims
+
+    LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=3, vocab_size=500).save_pretrained(tmp_path / "l")
+    GPT2Config(n_embd=32, n_layer=2, vocab_size=300).save_pretrained(tmp_path / "g")
+    T5Config(d_model=48, d_ff=96, num_layers=2, num_decoder_layers=3, vocab_size=400).save_pretrained(tmp_path / "t")
+    tc = TrainConfig()
+    assert model_dims(str(tmp_path / "l"), tc) == {"hidden": 64, "intermediate": 176, "layers": 3, "vocab": 500}
+    assert model_dims(str(tmp_path / "g"), tc) == {"hidden": 32, "intermediate": 128, "layers": 2, "vocab": 300}
+    assert model_dims(str(tmp_path / "t"), tc) == {"hidden": 48, "intermediate": 96, "layers": 5, "vocab": 400}

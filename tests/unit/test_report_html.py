@@ -77,3 +77,17 @@ def test_report_page_and_demo_table_show_teacher_tokens_and_cost():
     row = dict(summary_rows(unpriced, 1.0))["teacher tokens"]
     assert row.endswith("cost unknown (no price for openai/scripted)") and row.startswith("11000 tokens")
     assert dict(summary_rows(REPORT, 1.0))["teacher tokens"] == "n/a (not recorded)"
+
+
+def test_report_page_and_demo_table_show_the_students_tokens_while_scoring():
+    from bootfinetune.demo.run import summary_rows
+
+    scored = {**REPORT, "stages": {**REPORT["stages"], "evaluate": {"seconds": 2.0, "usage": {
+        "before": {"openai/student": {"calls": 40, "prompt_tokens": 4000, "completion_tokens": 640, "cost_usd": None}},
+        "after": {"openai/student": {"calls": 40, "prompt_tokens": 4000, "completion_tokens": 200, "cost_usd": None}}}}}}
+    parsed = _Collect()
+    parsed.feed(render_report(scored, title="run"))
+    expected = "before 4640 (4000 prompt, 640 completion), after 4200 (4000 prompt, 200 completion)"
+    assert expected in parsed.text
+    assert dict(summary_rows(scored, 1.0))["student tokens (scoring)"] == expected
+    assert dict(summary_rows(REPORT, 1.0))["student tokens (scoring)"] == "n/a (not evaluated)"

@@ -161,3 +161,28 @@ def test_answer_logits_only_leaves_other_heads_alone(tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_t5(tmp_path / "t5"))
     assert answer_logits_only(model) is False
     assert "forward" not in vars(model)
+
+
+def test_compiled_layers_train_as_the_eager_ones(tmp_path, data):
+    import logging
+
+    records, handler = [], logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("bootfinetune.training.engine")
+    saved = (logger.level, logger.disabled)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    try:
+        target = build_tiny_causal(tmp_path / "m", num_layers=1)
+        eager = _loop(target, data, epochs=1, max_steps_per_epoch=2)
+        compiled = _loop(target, data, epochs=1, max_steps_per_epoch=2, compile_layers=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.disabled = saved[1]
+    said = [r.getMessage() for r in records]
+    assert any(m.startswith("compile_layers: 1 LlamaDecoderLayer block(s) compiled") for m in said), said
+    # Inductor fuses and reorders float32 arithmetic: the same steps, to rounding.
+    assert compiled["history"][0]["train_loss"] == pytest.approx(eager["history"][0]["train_loss"], rel=1e-4)
+    assert compiled["history"][0]["eval_loss"] == pytest.approx(eager["history"][0]["eval_loss"], rel=1e-4)
