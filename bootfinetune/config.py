@@ -161,10 +161,11 @@ class TrainConfig:
     answer_logits_only: bool = True
     """Causal models with a plain LM head: compute logits only at answer positions (the same loss;
     the head's time and the full-vocabulary logits of the prompt are saved)."""
-    packing: bool = False
-    """Causal models: pack several records into each row of max_length tokens (attention never crosses
-    records: position ids restart per record), so a micro batch of `bsize` rows carries many records and no
-    padding between them; each record's loss is the same as unpacked. Seq2seq keeps a record a row."""
+    packing: bool = True
+    """Causal models: pack each micro batch's `bsize` records into as few rows of at most max_length tokens as
+    fit (attention never crosses records: position ids restart per record), instead of one padded row each.
+    The same records, steps and loss per step as unpacked, less padding. Seq2seq models, and causal ones whose
+    attention mask transformers does not build (remote code), keep a record a row (manifest: engine.packed)."""
     seed: int = option(0, at_least=0)
     """Seed for data order, held-out split and initialisation of new weights."""
     eval_fraction: float = option(0.1, within=(0, 0.5))

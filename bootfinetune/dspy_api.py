@@ -22,7 +22,9 @@ _TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulati
                     "max_length": "max_length", "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay",
                     "lr_scheduler_type": "lr_schedule", "seed": "seed", "bf16": "bf16",
                     "gradient_checkpointing": "gradient_checkpointing", "max_grad_norm": "max_grad_norm",
-                    "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2"}
+                    "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2",
+                    # TRL packs rows of max_length; ours packs each micro batch's records (the same loss per step)
+                    "packing": "packing"}
 _TRAIN_KWARGS_24 = {"bsize", "accumsteps", "lr", "epochs", "bf16"}
 # Keys of DSPy 3.x's local provider (`dspy.clients.lm_local`): an equivalent, or why there is none.
 _LOCAL_PROVIDER_KWARGS = {"use_peft": "lora"}
@@ -30,10 +32,8 @@ _NO_EQUIVALENT = {
     "output_dir": "bootfinetune writes every run under storage_path/run_name; set storage_path (and run_name) instead",
     "device": "Ray places the training workers; set use_gpu=True (with num_workers, gpus_per_worker) for GPUs, "
               "use_gpu=False for CPUs",
-    "packing": "sequence packing is not available in bootfinetune yet (each record is its own padded sequence); "
-               "remove packing or set it to False",
 }
-_NO_OP_VALUES = {"device": None, "packing": False}
+_NO_OP_VALUES = {"device": None}
 """Values of those keys that ask for what bootfinetune does anyway: accepted and ignored."""
 
 

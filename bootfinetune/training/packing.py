@@ -1,14 +1,23 @@
-"""Packing: several causal records in one row, none attending to another, instead of one padded record a row.
+"""Packing: a micro batch's causal records in as few rows as fit, none attending to another, instead of one
+padded record a row.
 
 DSPy's records are short and uneven (prompts of a hundred to a few hundred tokens, answers of tens),
-so a row per record is mostly padding even in length buckets. `pack_rows` fills rows of
-`max_length` tokens with whole records (first-fit over the records longest first, in a seeded
-order); `collate_packed` lays them out with position ids that restart at 0 for each record and no
-attention mask, which transformers turns into a block-diagonal causal mask (`masking_utils.
-find_packed_sequence_indices`; the model must run without a KV cache, so the engine turns
-`use_cache` off). Labels stay -100 over prompts and padding; each record's first label is set to -100,
-the one a row of its own never uses either (the label shift), so no record is predicted from the one
-before it. Seq2seq models have no such path: they keep one record a row (length buckets).
+so a row per record carries padding even in length buckets. `micro_batch` packs the `bsize` records
+of a micro batch into rows no longer than its longest record (`pack_rows`: first-fit, longest first) and
+`collate_packed` lays them out with position ids that restart at 0 for each record and no attention
+mask, which transformers turns into a block-diagonal causal mask (`masking_utils.
+find_packed_sequence_indices`; the model must run without a KV cache, so the engine turns `use_cache`
+off). Labels stay -100 over prompts and padding; each record's first label is set to -100, the one a
+row of its own never uses either (the label shift), so no record is predicted from the one before it.
+
+The micro batch keeps its records, so the step count, the records per step and the loss (the mean
+over the same answer tokens) are those of the unpacked loop: packing is exact per step, not only per
+record, and a packed micro batch is never larger than the padded one (no more rows, none wider), so the
+memory a user sized `bsize` for holds; only its padding goes. Rows as wide as `max_length` would pack more
+records together but make the batch wider than a length bucket's (more attention work, more memory).
+Rows of `max_length` filled from the whole epoch (TRL's packing) would instead make fewer, larger steps.
+Seq2seq models have no such path, nor have models whose mask transformers does not build
+(`packs_exactly`): they keep one record a row (length buckets).
 """
 
 from __future__ import annotations
@@ -76,21 +85,36 @@ def real_tokens(rows: Sequence[Sequence[Encoded]]) -> int:
     return sum(len(e.input_ids) for row in rows for e in row)
 
 
-def micro_batch(train_ex: Sequence[Encoded], rows: Sequence[Sequence[int]] | None, idx: Sequence[int], pad_id: int,
-                multiple: int | None) -> tuple[dict[str, Any], int]:
-    """The tensors of one micro batch and its real (non-padding) tokens: `idx` indexes packed rows when
-    `rows` is given, else records (one a row, padded)."""
+def micro_batch(records: Sequence[Encoded], pad_id: int, multiple: int | None,
+                pack: bool) -> tuple[dict[str, Any], int]:
+    """The tensors of one micro batch and its real (non-padding) tokens: the records one a row, padded, or
+    (`pack`) in as few rows as first-fit finds, none longer than the batch's longest record, so the packed
+    batch is never larger than the padded one, in rows, width or attention. Packed or not, it scores the
+    same answer tokens: the same loss and gradients, only the padding goes. A batch where no two records
+    share a row (a tight length bucket) stays as it is unpacked: padded, with its attention mask.
+
+    Example:
+        >>> recs = [Encoded([5, 6, 7, 8], [-100] * 4, False)] + [Encoded([5, 6], [-100, 6], False)] * 2
+        >>> b, real = micro_batch(recs, pad_id=0, multiple=None, pack=True)
+        >>> b["input_ids"].tolist(), real
+        ([[5, 6, 7, 8], [5, 6, 5, 6]], 8)
+    """
     from bootfinetune.training.render import collate
 
-    if rows is None:
-        batch = collate([train_ex[j] for j in idx], pad_id, multiple)
+    lengths = [len(e.input_ids) for e in records]
+    rows = pack_rows(lengths, max(lengths), seed=0) if pack else []
+    if len(rows) == len(records) or not pack:  # nothing to pack together (e.g. a tight length bucket)
+        batch = collate(list(records), pad_id, multiple)
         return batch, int(batch["attention_mask"].sum())
-    packed = [[train_ex[j] for j in rows[r]] for r in idx]
+    packed = [[records[j] for j in row] for row in rows]
     return collate_packed(packed, pad_id, multiple), real_tokens(packed)
 
 
-def unit_lengths(train_ex: Sequence[Encoded], rows: Sequence[Sequence[int]] | None) -> list[int]:
-    """The length of each unit a micro batch is made of: a packed row, or a record."""
-    if rows is None:
-        return [len(e.input_ids) for e in train_ex]
-    return [sum(len(train_ex[j].input_ids) for j in r) for r in rows]
+def packs_exactly(model: Any) -> bool:
+    """Whether `model` keeps packed records apart: its attention mask comes from transformers'
+    `masking_utils.create_causal_mask`, which makes position ids that restart per record a block-diagonal
+    mask (or a varlen call with flash attention). Models with their own mask code (remote code, older
+    architectures) would let a record see the one before it: they keep a record a row."""
+    import sys
+
+    return any(hasattr(sys.modules.get(type(m).__module__), "create_causal_mask") for m in model.modules())

@@ -37,7 +37,7 @@ from bootfinetune.training.distributed import all_reduce, process_group, rank_no
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import IGNORE_INDEX, Encoded, collate, encode_records, model_kind
-from bootfinetune.training.packing import micro_batch, pack_rows, unit_lengths
+from bootfinetune.training.packing import micro_batch, packs_exactly
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
@@ -103,6 +103,9 @@ class LoopConfig:
     on_step: Callable[[StepInfo], None] | None = None
     """Called on every rank after each micro batch (instrumentation, fault injection: see
     `testing.FailOnce`); it must pickle, since it travels to every worker."""
+    time_phases: bool = False
+    """Time each micro batch's forward, backward and optimizer step (with a device sync around each on a
+    GPU, so off unless measured: benchmarks); each epoch's history then has `phase_seconds`."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -192,8 +195,8 @@ class Prepared:
     pad_id: int
     multiple: int | None
     """Batches are padded to a multiple of this (on a GPU)."""
-    rows: list[list[int]] | None = None
-    """Packed rows (record indices) when records are packed (`packing`, causal), else None."""
+    packed: bool = False
+    """Each micro batch's records are packed into rows (`packing`, a causal model that `packs_exactly`)."""
 
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
@@ -214,11 +217,11 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
 
     set_seed(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
+    # packed micro batches are never larger than padded ones: the unpacked sizes bound them
     micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
-                        for e in data.train_ex], data.rows, tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
+                        for e in data.train_ex], None, tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
     micro = tuple(int(v) for v in all_reduce(list(micro), device, "max"))
     choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None, micro)
-    state.engine = {**choice.to_json(), "packed": data.rows is not None}
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
                  offload_params=choice.offload_params, gradient_checkpointing=choice.gradient_checkpointing)
     ds_config = deepspeed_config(tc, world)
@@ -230,6 +233,9 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                                          cfg.added_tokens, data.total_steps, ds_config)
         if head_only is not None:
             state.answer_logits_only = head_only
+        # seq2seq has no packed attention, nor has a model with its own mask code: a record a row
+        data.packed = tc.packing and data.kind == "causal" and packs_exactly(engine.module)
+        state.engine = {**choice.to_json(), "packed": data.packed}
         if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
@@ -281,10 +287,8 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
     state.answer_tokens_max = int(all_reduce([answer_lengths[-1]], device, "max")[0])
 
-    rows = pack_rows([len(e.input_ids) for e in train_ex], tc.max_length, tc.seed) if (
-        tc.packing and kind == "causal") else None  # seq2seq has no packed attention: a record a row
     # Every rank must run the same number of steps (collectives would hang otherwise).
-    n_micro = int(all_reduce([math.ceil(len(rows or train_ex) / tc.bsize)], device, "min")[0])
+    n_micro = int(all_reduce([math.ceil(len(train_ex) / tc.bsize)], device, "min")[0])
     if cfg.max_steps_per_epoch:
         n_micro = min(n_micro, cfg.max_steps_per_epoch)
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
@@ -293,32 +297,39 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
                     n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
-                    multiple=8 if tc.use_gpu else None, rows=rows)
+                    multiple=8 if tc.use_gpu else None)
 
 
 def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
                  reporter: Any, rank: int, world: int, device: Any,
-                 tracker: Any = None) -> tuple[Any, int, int, int, float]:
-    """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding and seconds."""
+                 tracker: Any = None) -> tuple[Any, int, int, int, float, Any]:
+    """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding, seconds and
+    (with `time_phases`) seconds per phase."""
     import torch
 
     t0 = time.time()
     engine.train()
     kind, n_micro, train_ex = data.kind, data.n_micro, data.train_ex
     curve_every = max(1, data.total_steps // 100)
-    batches = length_batches(unit_lengths(train_ex, data.rows), tc.bsize, tc.seed + epoch)
-    state.dropped_per_epoch = sum(len(data.rows[r]) if data.rows else 1 for b in batches[n_micro:] for r in b)
+    batches = length_batches([len(e.input_ids) for e in train_ex], tc.bsize, tc.seed + epoch)
+    state.dropped_per_epoch = sum(len(b) for b in batches[n_micro:])
     loss_sum, answer_toks, toks, padded = torch.zeros((), device=device), 0, 0, 0
     window, window_n = torch.zeros((), device=device), 0
+    clock = PhaseClock(device) if cfg.time_phases else None
     for i, idx in enumerate(batches[:n_micro]):
-        batch, real = micro_batch(train_ex, data.rows, idx, data.pad_id, data.multiple)
+        batch, real = micro_batch([train_ex[j] for j in idx], data.pad_id, data.multiple, data.packed)
         answers = int((batch["labels"] != -100).sum())
         answer_toks += answers
         toks += real + (answers if kind == "seq2seq" else 0)  # seq2seq: encoder + decoder tokens
         padded += batch["input_ids"].numel() - real
-        loss = engine(**to_device(batch, device, state.answer_logits_only)).loss
+        inputs = to_device(batch, device, state.answer_logits_only)
+        clock and clock.lap(None)
+        loss = engine(**inputs).loss
+        clock and clock.lap("forward")
         engine.backward(loss)
+        clock and clock.lap("backward")
         engine.step()
+        clock and clock.lap("optimizer")
         loss_sum += loss.detach().float()  # no host sync per step
         window += loss.detach().float()
         window_n += 1
@@ -335,14 +346,34 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
                 reporter.report(step, data.total_steps, mean, epoch + 1, tc.epochs, force=on_curve)
         if cfg.on_step is not None:
             cfg.on_step(StepInfo(epoch, i, n_micro, state.starts[-1]["epoch"], rank, world))
-    return loss_sum, answer_toks, toks, padded, time.time() - t0
+    phases = {k: round(v, 4) for k, v in clock.seconds.items()} if clock else None
+    return loss_sum, answer_toks, toks, padded, time.time() - t0, phases
+
+
+class PhaseClock:
+    """Seconds spent per phase of the steps (`LoopConfig.time_phases`); `lap(name)` charges the time since
+    the previous lap to `name` (None: to nothing), after a device sync on a GPU."""
+
+    def __init__(self, device: Any):
+        self.seconds: dict[str, float] = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.cuda, self.last = getattr(device, "type", str(device)) == "cuda", time.perf_counter()
+
+    def lap(self, name: str | None) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name is not None:
+            self.seconds[name] += now - self.last
+        self.last = now
 
 
 def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
-                  sums: tuple[Any, int, int, int, float], rank: int, world: int, device: Any) -> None:
+                  sums: tuple[Any, int, int, int, float, Any], rank: int, world: int, device: Any) -> None:
     """Evaluates, records the epoch in the state (summed over ranks), and writes and reports the checkpoint."""
     t0 = time.time()
-    loss_sum, answer_toks, toks, padded, train_seconds = sums
+    loss_sum, answer_toks, toks, padded, train_seconds, phases = sums
     mean_loss, answer_toks, toks, padded = all_reduce(
         [float(loss_sum) / max(1, data.n_micro), answer_toks, toks, padded], device, "sum")
     eval_loss = _evaluate(engine, data, tc, device, state) if data.n_eval else None
@@ -353,6 +384,7 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
         "steps": data.steps_per_epoch, "train_seconds": round(train_seconds, 3),
         "tokens_per_second": round(toks / max(train_seconds, 1e-9), 1),
         "lr": float(engine.get_lr()[0]),
+        **({"phase_seconds": phases} if phases else {}),
     })
     state.seconds += train_seconds + time.time() - t0
     if rank == 0:

@@ -37,13 +37,14 @@ def test_both_constructor_generations_read_as_meant():
 def test_train_kwargs_take_every_generations_names():
     assert translate_train_kwargs({"bsize": 4, "learning_rate": 1e-4, "num_train_epochs": 2, "use_peft": True,
                                    "max_seq_length": 256, "packing": False, "device": None}) == {
-        "bsize": 4, "lr": 1e-4, "epochs": 2, "lora": True, "max_length": 256}
+        "bsize": 4, "lr": 1e-4, "epochs": 2, "lora": True, "max_length": 256, "packing": False}
+    assert BootstrapFinetune(train_kwargs={"packing": True}).options["packing"] is True  # TRL's name: ours
     assert BootstrapFinetune(train_kwargs={"use_peft": True}).options["lora"] is True
 
 
 @pytest.mark.parametrize("key, value, equivalent", [
     ("output_dir", "/tmp/out", "storage_path"), ("device", "cuda:0", "use_gpu=True"),
-    ("packing", True, "not available in bootfinetune yet"), ("frobnicate", 1, "known keys"),
+    ("frobnicate", 1, "known keys"),
 ])
 def test_train_kwargs_without_an_equivalent_are_refused_naming_one(key, value, equivalent):
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,5 @@
-"""Packing changes no record's loss: records packed into one row give the losses they give alone."""
+"""Packing changes no record's loss: records packed into one row give the losses they give alone, and a micro
+batch packed gives the loss and gradients it gives one record a row."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.run.jsonio import write_jsonl
 from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
 from bootfinetune.training.answer_head import answer_logits_only
-from bootfinetune.training.packing import collate_packed, pack_rows
+from bootfinetune.training.packing import collate_packed, micro_batch, pack_rows, packs_exactly
 from bootfinetune.training.render import collate, encode_records
 from bootfinetune.training.train_loop import to_device, train_loop
 
@@ -83,6 +84,38 @@ def test_the_answer_only_head_gives_the_records_mean_loss_on_packed_rows(model_a
     assert loss == pytest.approx(sums / tokens, abs=TOLERANCE)
 
 
+def test_a_packed_micro_batch_gives_the_loss_and_gradients_of_the_unpacked_one(model_and_records):
+    """The loop's default: the same micro batch, packed, is the same step (only the padding goes)."""
+    target, tokenizer, model, _ = model_and_records
+    records = toy_records(5, seed=4)
+    records[0]["messages"][1]["content"] *= 4  # one long record: the others pack in pairs beside its width
+    encoded, _ = encode_records(tokenizer, records, "causal", 1024)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    unpacked, real = micro_batch(encoded, tokenizer.pad_token_id, None, pack=False)
+    packed, real_packed = micro_batch(encoded, tokenizer.pad_token_id, None, pack=True)
+    assert packed["input_ids"].shape[0] == 3 and real_packed == real  # fewer rows, the same tokens
+    assert packed["input_ids"].shape[1] == unpacked["input_ids"].shape[1]  # no wider
+    alike, _ = micro_batch(encoded[1:], tokenizer.pad_token_id, None, pack=True)  # no two fit in one row:
+    assert "attention_mask" in alike and alike["input_ids"].shape[0] == 4  # left as it is unpacked
+    loss_u, grads_u = loss_and_grads(unpacked)
+    loss_p, grads_p = loss_and_grads(packed)
+    model.zero_grad()
+    # fp32: the same tokens' losses summed in another order (other shapes): ulps, as for the records above
+    assert loss_p == pytest.approx(loss_u, abs=TOLERANCE)
+    assert float((grads_p - grads_u).abs().max()) < TOLERANCE * float(grads_u.abs().max())
+
+
+def test_packing_is_used_only_where_transformers_builds_the_mask(model_and_records):
+    assert packs_exactly(model_and_records[2])  # llama: masking_utils.create_causal_mask
+    assert not packs_exactly(torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8)))
+
+
 def test_rows_hold_every_record_once_within_the_length():
     rng = random.Random(0)
     lengths = [rng.randint(100, 400) for _ in range(500)]
@@ -98,11 +131,12 @@ def test_the_loop_trains_on_packed_rows(tmp_path, model_and_records):
     target = model_and_records[0]
     write_jsonl(tmp_path / "train.jsonl", toy_records(40, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", toy_records(8, seed=1))
-    tc = TrainConfig(target=str(target), bsize=2, lr=3e-3, max_length=512, epochs=2, packing=True)
+    tc = TrainConfig(target=str(target), bsize=2, lr=3e-3, max_length=512, epochs=2)
+    assert tc.packing  # the default
     state = train_loop({"target": str(target), "train": dataclasses.asdict(tc),
                         "train_path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl")})
     assert state["engine"]["packed"] is True
     history = state["history"]
-    assert state["global_step"] < 2 * 40 / 2  # rows of several records: fewer steps than a record a row
+    assert state["global_step"] == 2 * 40 / 2  # each micro batch packed: the steps of a record a row
     assert all(h["padded_tokens"] < 0.2 * h["tokens"] for h in history)
     assert history[-1]["eval_loss"] < state["eval_loss_before"]
