@@ -14,6 +14,8 @@ epochs; each engine runs in its own process, one at a time.
   records packed into rows, LM head on answer positions).
 - `ours-nopack`: the same with `packing=False` (one padded record a row); `ours-pack`: `packing=True`.
 - `ours-fullhead`: `answer_logits_only=False` (the head on every position).
+- `ours-compile`: `compile_layers=True` (`torch.compile` of each decoder layer; tokens/s from the last epoch,
+  so after the one-time compile, whose cost shows in `wall_seconds`).
 - `hf-group`: `transformers.Trainer` with its length-grouped sampler, padding per batch.
 - `hf-packed`: `transformers.Trainer` with `DataCollatorWithFlattening` (the micro batch's records in one
   row, position ids restarting per record: the Trainer's own padding-free packing).
@@ -60,7 +62,7 @@ SIZES = {
     # A small Llama for CPU runs.
     "small": dict(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=688, vocab_size=8192),
 }
-ENGINES = ("ours", "ours-nopack", "ours-pack", "ours-fullhead", "hf-group", "hf-packed", "trl")
+ENGINES = ("ours", "ours-nopack", "ours-pack", "ours-fullhead", "ours-compile", "hf-group", "hf-packed", "trl")
 DEFAULT_ENGINES = ("ours", "ours-nopack", "hf-group", "hf-packed", "trl")
 H100_BF16_PEAK = 989e12
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -169,7 +171,8 @@ def run_ours(args, model_dir: Path, data: Path, engine: str) -> dict:
     records = Path(args.workdir) / "records.jsonl"
     assert sum(1 for _ in iter_jsonl(records)) == sum(1 for _ in iter_jsonl(data))
     use_gpu = torch.cuda.is_available() and not args.cpu
-    packing = {"ours-nopack": {"packing": False}, "ours-pack": {"packing": True}}.get(engine, {})
+    packing = {"ours-nopack": {"packing": False}, "ours-pack": {"packing": True},
+               "ours-compile": {"compile_layers": True}}.get(engine, {})
     tc = TrainConfig(target=str(model_dir), bsize=args.bsize, accumsteps=args.accumsteps, lr=args.lr,
                      epochs=args.epochs, bf16=args.bf16, max_length=args.seq_len, zero_stage=args.zero_stage,
                      use_gpu=use_gpu, answer_logits_only=engine != "ours-fullhead", warmup_ratio=0.0,
