@@ -152,23 +152,20 @@ def activation_bytes(dims: dict[str, int], micro_tokens: int, head_tokens: int, 
     return kept + 2 * 4 * head_tokens * dims["vocab"]
 
 
-def micro_sizes(lengths: list[int], answers: list[int], rows: list[list[int]] | None, bsize: int,
-                answers_only: bool) -> tuple[int, int]:
+def micro_sizes(lengths: list[int], answers: list[int], bsize: int, answers_only: bool) -> tuple[int, int]:
     """(tokens, positions that get logits) of the largest micro batch one rank can form: `bsize` of its longest
-    units (records, or packed rows of record indices) padded to the longest; the logits cover the answers with
+    records padded to the longest (a packed micro batch is never larger); the logits cover the answers with
     the answer-only head (or a seq2seq decoder), else every position.
 
     Example:
-        >>> micro_sizes([100, 300, 200], [5, 20, 10], None, bsize=2, answers_only=True)
+        >>> micro_sizes([100, 300, 200], [5, 20, 10], bsize=2, answers_only=True)
         (600, 40)
-        >>> micro_sizes([100, 300, 200], [5, 20, 10], [[0, 2], [1]], bsize=2, answers_only=False)
+        >>> micro_sizes([100, 300, 200], [5, 20, 10], bsize=2, answers_only=False)
         (600, 600)
     """
-    units = [[i] for i in range(len(lengths))] if rows is None else rows
-    longest = max((sum(lengths[i] for i in u) for u in units), default=0)
-    most_answers = max((sum(answers[i] for i in u) for u in units), default=0)
-    n = min(bsize, len(units))
-    return n * longest, n * (most_answers if answers_only else longest)
+    n = min(bsize, len(lengths))
+    longest = max(lengths, default=0)
+    return n * longest, n * (max(answers, default=0) if answers_only else longest)
 
 
 def choose_checkpointing(tc: TrainConfig, choice: EngineChoice, dims: dict[str, int] | None, micro_tokens: int,

@@ -219,7 +219,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     data = _prepare(cfg, tc, state, rank, world, device)
     # packed micro batches are never larger than padded ones: the unpacked sizes bound them
     micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
-                        for e in data.train_ex], None, tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
+                        for e in data.train_ex], tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
     micro = tuple(int(v) for v in all_reduce(list(micro), device, "max"))
     choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None, micro)
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,

@@ -138,7 +138,7 @@ def test_a_given_gradient_checkpointing_wins_and_cpu_memory_leaves_it_off():
         assert choice.gradient_checkpointing is given and "given" in choice.checkpointing_reason
     # The demo's shape on an 8 GiB host: 8 records of <= 96 tokens is nothing to checkpoint.
     tiny = {"hidden": 96, "intermediate": 256, "layers": 4, "vocab": 1024}
-    micro = micro_sizes([96] * 20, [12] * 20, None, bsize=8, answers_only=True)
+    micro = micro_sizes([96] * 20, [12] * 20, bsize=8, answers_only=True)
     assert micro == (768, 96)
     assert choose_checkpointing(TrainConfig(), engine, tiny, *micro).gradient_checkpointing is False
 
