@@ -128,9 +128,9 @@ class TrainConfig:
     """Clip gradients to this global norm; 0 turns clipping off."""
     zero_stage: Literal["auto", 0, 1, 2, 3] = option(
         "auto", hint="DeepSpeed ZeRO stage must be 'auto', 0, 1, 2 or 3.")
-    """DeepSpeed ZeRO stage: "auto" (by the model's size: plain data parallel or ZeRO-1 when the model and its
-    optimizer state fit each worker, ZeRO-2/3 and offload when not; the manifest's `engine` says which and
-    why), or 0, 1, 2 or 3."""
+    """DeepSpeed ZeRO stage: "auto" (by the model's size: when the model and its optimizer state fit each
+    worker, plain torch on one worker (no DeepSpeed) or ZeRO-1 on several; ZeRO-2/3 and offload when not; the
+    manifest's `engine` says which and why), or 0, 1, 2 or 3 (DeepSpeed's engine at that stage)."""
     offload_optimizer: bool = False
     """Offload optimizer state to CPU memory (ZeRO-1/2/3; with zero_stage="auto" it is kept and a stage
     that allows it is chosen)."""

@@ -281,8 +281,9 @@ class ModelManifest:
     world_size: int = 0
     """Training workers."""
     engine: dict[str, Any] = field(default_factory=dict)
-    """The DeepSpeed engine trained with and why: zero_stage, offload_optimizer, offload_params, reason,
-    estimate_bytes (model states per worker), memory_bytes (memory per worker); see `zero_stage`."""
+    """The engine trained with and why: engine ("torch": the plain one, or "deepspeed"), zero_stage,
+    offload_optimizer, offload_params, reason, estimate_bytes (model states per worker), memory_bytes (memory
+    per worker), gradient checkpointing and packing; see `zero_stage`."""
     timings: dict[str, float] = field(default_factory=dict)
     """Where the job's seconds went: fit_seconds (Ray Train's fit), ray_train_start_seconds (fit to the loop's
     start), setup_seconds (data, model, DeepSpeed), train_seconds (the steps), checkpoint_seconds, export_seconds."""

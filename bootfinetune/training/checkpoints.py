@@ -1,8 +1,9 @@
 """The training loop's checkpoints: written per epoch (every rank its DeepSpeed shards, rank 0 the loop
 state), reported to Ray Train or kept in a folder, and found again when a run restarts.
 
-A checkpoint directory holds `deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`) and
-`trainer_state.json` (the loop's `LoopState`, written last: its presence means the checkpoint is whole).
+A checkpoint directory holds `deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`; the plain
+engine writes its stage-0 layout there: `torch_engine`) and `trainer_state.json` (the loop's `LoopState`,
+written last: its presence means the checkpoint is whole).
 """
 
 from __future__ import annotations

@@ -56,10 +56,11 @@ def set_threads() -> None:
 
 @contextlib.contextmanager
 def process_group(*, ray: bool, use_gpu: bool) -> Iterator[tuple[int, int, Any]]:
-    """(rank, world size, device) in a process group. Ray Train and torchrun make the group; a
-    plain process gets a world of 1, its env vars set only while the loop runs. That group is
-    kept for the process's life: DeepSpeed caches it, so a destroyed one breaks the next run."""
-    import deepspeed
+    """(rank, world size, device) in a torch process group. Ray Train and torchrun make the group (Ray
+    Train before the loop runs; under torchrun it is made here from the env vars); a plain process gets a
+    world of 1, its env vars set only while the loop runs. That group is kept for the process's life:
+    DeepSpeed caches it, so a destroyed one breaks the next run. DeepSpeed itself is not imported here:
+    the plain engine (one worker) never needs it (`deepspeed_comm` when the engine is DeepSpeed's)."""
     import torch.distributed as dist
 
     backend = "nccl" if use_gpu else "gloo"
@@ -69,13 +70,23 @@ def process_group(*, ray: bool, use_gpu: bool) -> Iterator[tuple[int, int, Any]]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     try:
-        with no_shm_comm_op():
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, init_method="env://")
         yield dist.get_rank(), dist.get_world_size(), device(ray=ray, use_gpu=use_gpu)
     finally:
         if alone:
             os.environ.clear()
             os.environ.update(saved)
+
+
+def deepspeed_comm(use_gpu: bool) -> None:
+    """DeepSpeed's communication backend over the process group `process_group` made (a no-op once made),
+    without its shared-memory op (`no_shm_comm_op`); `deepspeed.initialize` would otherwise make it itself."""
+    import deepspeed
+
+    with no_shm_comm_op():
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
 
 
 @contextlib.contextmanager

@@ -1,16 +1,19 @@
-"""The DeepSpeed engine one start of the training loop trains: model, optimizer, schedule and ZeRO config.
+"""The engine one start of the training loop trains: model, optimizer, schedule, and DeepSpeed's ZeRO config.
 
 `build_engine` loads the target, fits the embeddings to added tokens, patches the LM head to
 answer positions, wraps the model in LoRA adapters and turns on gradient checkpointing as the
-options say, then hands it with a torch optimizer and LR schedule to `deepspeed.initialize`.
+options say, then hands it with a torch optimizer and LR schedule to `deepspeed.initialize`, or,
+where `engine_choice` picked the plain engine (one worker, nothing to shard), to `TorchEngine`.
 `train_loop` calls it once per (re)start; `deepspeed_config`, `make_optimizer` and
 `lr_scheduler` map the options to DeepSpeed and torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
-from typing import Any
+from typing import Any, Iterator
 
 from bootfinetune.training.answer_head import answer_logits_only
 from bootfinetune.config import TrainConfig
@@ -18,8 +21,8 @@ from bootfinetune.stages.representable import fit_embeddings
 
 
 def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_vocab: int, added_tokens: list[str],
-                 total_steps: int, ds_config: dict[str, Any]) -> tuple[Any, bool | None]:
-    """The DeepSpeed engine over `target` for these options.
+                 total_steps: int, ds_config: dict[str, Any] | None, device: Any = None) -> tuple[Any, bool | None]:
+    """The engine over `target` for these options: DeepSpeed's, or with `ds_config=None` the plain one.
 
     Args:
         target: Model id or local directory to start from.
@@ -29,7 +32,8 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
         base_vocab: The tokenizer's size before the added tokens.
         added_tokens: Tokens added so every answer survives the tokenizer (see `representable`).
         total_steps: Optimizer steps of the whole run, for the LR schedule.
-        ds_config: `deepspeed_config(tc, world_size)`.
+        ds_config: `deepspeed_config(tc, world_size)`, or None for `TorchEngine` (one worker).
+        device: This rank's device (the plain engine moves the model there; DeepSpeed does itself).
 
     Returns:
         The engine, and whether the LM head runs on answer positions only (None where not tried:
@@ -38,7 +42,6 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     Raises:
         ValueError: LoRA with added tokens (LoRA keeps the embeddings frozen).
     """
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -61,13 +64,43 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     if tc.gradient_checkpointing is True:  # "auto" is decided before (engine_choice.choose_checkpointing)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if ds_config is None and device is not None:
+        model.to(device)  # before the optimizer: its fused kernel is chosen for where the parameters are
     if tc.compile_layers:
         compile_layers(model, tc)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = lr_scheduler(optimizer, tc, total_steps)
+    if ds_config is None:
+        from bootfinetune.training.torch_engine import TorchEngine
+
+        return TorchEngine(model, optimizer, scheduler, accumsteps=tc.accumsteps, max_grad_norm=tc.max_grad_norm,
+                           bf16=tc.bf16, device=device), head_only
+    import deepspeed
+
+    from bootfinetune.training.distributed import deepspeed_comm
+
+    deepspeed_comm(tc.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine, head_only
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any] | None, tc: TrainConfig) -> Iterator[None]:
+    """Under ZeRO-3, `from_pretrained` loads straight into shards (zero.Init) while this is open, so no rank
+    holds the whole model; transformers needs `accelerate` for that, else each rank loads it whole and
+    DeepSpeed shards it. Elsewhere it does nothing."""
+    if ds_config is None or tc.zero_stage != 3 or not importlib.util.find_spec("accelerate"):
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del config  # transformers holds it by a weak reference: alive until here
+        unset_hf_deepspeed_config()
 
 
 def compile_layers(model: Any, tc: TrainConfig) -> int:
@@ -152,9 +185,22 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def lr_scheduler(optimizer: Any, tc: TrainConfig, total_steps: int) -> Any:
-    """Warmup over `warmup_ratio` of the optimizer steps, then linear/cosine decay or constant."""
-    from transformers import get_scheduler
+    """Warmup over `warmup_ratio` of the optimizer steps (linear from 0), then linear decay to 0, half a cosine
+    down to 0, or constant: the Hugging Face schedules of those names (`get_scheduler`, the same factors at every
+    step: `unit/test_train_loop.py`). Written here because `transformers.get_scheduler` lives with the Trainer,
+    whose import pulls in PEFT when it is installed: seconds in every worker, for three formulas."""
+    from torch.optim.lr_scheduler import LambdaLR
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.lr_schedule]
-    warmup = math.ceil(tc.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    warmup, schedule = math.ceil(tc.warmup_ratio * total_steps), tc.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return LambdaLR(optimizer, factor)

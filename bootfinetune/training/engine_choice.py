@@ -1,8 +1,8 @@
-"""Which DeepSpeed engine a run gets: the ZeRO stage and offload, from the model's size and the memory at hand.
+"""Which engine a run gets: the plain one or DeepSpeed's ZeRO stage and offload, from the model's size and the memory at hand.
 
 `zero_stage="auto"` (the default) picks the least sharding whose model states (weights, gradients
-and AdamW's state) fit each worker: with one worker plain data parallel (stage 0: DeepSpeed's
-engine without a ZeRO optimizer, nothing to shard with no peer), with several ZeRO-1 (the
+and AdamW's state) fit each worker: with one worker the plain torch engine (`torch_engine`: nothing
+to shard with no peer, so no DeepSpeed; recorded as stage 0, whose checkpoint layout it shares), with several ZeRO-1 (the
 optimizer state sharded, the weights and gradients whole: the same traffic as DDP, as Ray's own
 Qwen3-0.6B benchmark runs); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
 smaller step does not fit. An explicit stage (and explicit offload flags) always win.
@@ -49,6 +49,8 @@ class EngineChoice:
     checkpointing_reason: str = ""
     activation_bytes: int | None = None
     """A micro batch's activations without checkpointing (None when checkpointing was given, not estimated)."""
+    engine: str = "deepspeed"
+    """"deepspeed", or "torch" for the plain engine (`torch_engine.TorchEngine`: one worker, ZeRO-0 by auto)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +58,10 @@ class EngineChoice:
     def describe(self) -> str:
         """E.g. "ZeRO-0 (auto: model states 0.01 GiB ...)"."""
         off = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
-        text = f"ZeRO-{self.zero_stage}{' + offload ' + '/'.join(off) if off else ''} ({self.reason})"
+        if self.engine == "torch":
+            text = f"plain torch, no DeepSpeed ({self.reason})"
+        else:
+            text = f"ZeRO-{self.zero_stage}{' + offload ' + '/'.join(off) if off else ''} ({self.reason})"
         ckpt = f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
         return f"{text}; {ckpt}{f' ({self.checkpointing_reason})' if self.checkpointing_reason else ''}"
 
@@ -126,7 +131,9 @@ def choose_engine(tc: TrainConfig, params: int, trainable: int, world: int, memo
         less = need(options[options.index(pick) - 1])
         reason = (f"auto: {size} on {world} worker(s): {_size(less)} with less sharding would not fit "
                   f"in {room}; {states}")
-    return EngineChoice(pick[0], pick[1], pick[2], reason, need(pick), int(memory_bytes))
+    plain = world == 1 and pick == (0, False, False)  # DeepSpeed would shard and reduce nothing: torch alone
+    return EngineChoice(pick[0], pick[1], pick[2], reason, need(pick), int(memory_bytes),
+                        engine="torch" if plain else "deepspeed")
 
 
 def activation_bytes(dims: dict[str, int], micro_tokens: int, head_tokens: int, *, bf16: bool,
@@ -271,7 +278,7 @@ def resolve_engine(target: str, kind: str, tc: TrainConfig, rank: int, world: in
                             resumed.get("estimate_bytes"), resumed.get("memory_bytes"),
                             bool(resumed.get("gradient_checkpointing", tc.gradient_checkpointing is True)),
                             f"{resumed.get('checkpointing_reason', '')}; kept on resume",
-                            resumed.get("activation_bytes"))
+                            resumed.get("activation_bytes"), resumed.get("engine", "deepspeed"))
     if tc.zero_stage != "auto" and tc.gradient_checkpointing != "auto":
         return choose_checkpointing(tc, choose_engine(tc, 0, 0, world, 0), None, 0, 0)
     params, trainable = count_parameters(target, kind, tc)

@@ -1,6 +1,7 @@
 """The per-worker training loop: one plain function, under Ray Train or without Ray.
 
-`train_loop(loop_config)` finetunes `target` with DeepSpeed on the records it is given:
+`train_loop(loop_config)` finetunes `target` with DeepSpeed (or, on one worker with nothing to shard,
+the plain torch engine: `torch_engine`) on the records it is given:
 
 - under Ray Train (`loop_config["ray"] = True`, what `finetune.py` passes to `TorchTrainer`):
   rows come from the object store (`train_ref` / `eval_ref`: the records the driver put there once,
@@ -16,13 +17,12 @@
 (epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
 
 Each (re)start runs `_prepare` (tokenizer, this rank's encoded data, step counts), then
-`train_engine.build_engine` (model, LoRA, optimizer, DeepSpeed), then per epoch `_train_epoch`
+`engine.build_engine` (model, LoRA, optimizer, DeepSpeed or the plain engine), then per epoch `_train_epoch`
 (the steps) and `_finish_epoch` (evaluation, history, checkpoint).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -39,7 +39,7 @@ from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import IGNORE_INDEX, Encoded, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, packs_exactly
 from bootfinetune.stages.representable import add_answer_tokens
-from bootfinetune.training.engine import build_engine, deepspeed_config
+from bootfinetune.training.engine import build_engine, deepspeed_config, zero3_loading
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.tracking import open_tracker
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
@@ -144,7 +144,7 @@ class LoopState:
     """Whether the head ran on answer positions only (see `answer_logits_only`)."""
     world_size: int = 1
     engine: dict[str, Any] = field(default_factory=dict)
-    """The ZeRO stage and offload trained with, and why (`engine_choice.EngineChoice`)."""
+    """The engine (plain torch or DeepSpeed's ZeRO stage and offload) trained with, and why (`engine_choice.EngineChoice`)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Fixed cost around the steps: loop_started_at (Unix time the latest start entered the loop),
     setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (the checkpoints written before
@@ -154,7 +154,7 @@ class LoopState:
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Finetunes `loop_config["target"]` with DeepSpeed; see the module docstring.
+    """Finetunes `loop_config["target"]`; see the module docstring.
 
     Args:
         loop_config: `LoopConfig` fields as a dict.
@@ -212,10 +212,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     state.world_size, state.data_hash = world, cfg.data_hash
     state.nodes = rank_nodes(world)
 
-    from transformers import set_seed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    set_seed(tc.seed)
+    seed_everything(tc.seed)
     data = _prepare(cfg, tc, state, rank, world, device)
     # packed micro batches are never larger than padded ones: the unpacked sizes bound them
     micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
@@ -224,19 +221,16 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     choice = resolve_engine(cfg.target, data.kind, tc, rank, world, state.nodes, device, state.engine or None, micro)
     tc = replace(tc, zero_stage=choice.zero_stage, offload_optimizer=choice.offload_optimizer,
                  offload_params=choice.offload_params, gradient_checkpointing=choice.gradient_checkpointing)
-    ds_config = deepspeed_config(tc, world)
-    # ZeRO-3: let from_pretrained load straight into shards (zero.Init) so no rank holds the whole
-    # model; transformers needs `accelerate` for that, else each rank loads it whole and DeepSpeed shards it.
-    hf_ds = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 and importlib.util.find_spec("accelerate") else None
-    try:
+    ds_config = deepspeed_config(tc, world) if choice.engine == "deepspeed" else None
+    with zero3_loading(ds_config, tc):
         engine, head_only = build_engine(cfg.target, tc, data.kind, data.tokenizer, data.base_vocab,
-                                         cfg.added_tokens, data.total_steps, ds_config)
+                                         cfg.added_tokens, data.total_steps, ds_config, device)
         if head_only is not None:
             state.answer_logits_only = head_only
         # seq2seq has no packed attention, nor has a model with its own mask code: a record a row
         data.packed = tc.packing and data.kind == "causal" and packs_exactly(engine.module)
         state.engine = {**choice.to_json(), "packed": data.packed}
-        if resume_dir is not None:  # DeepSpeed unpickles its own files (weights_only=False): a trusted run only
+        if resume_dir is not None:  # DeepSpeed unpickles its files (weights_only=False): a trusted run only
             engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
         state.timings.setdefault("checkpoint_seconds", 0.0)
@@ -258,9 +252,17 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
             if tracker is not None:
                 tracker.update(state, force=True)
         return asdict(state) if rank == 0 else None
-    finally:
-        if hf_ds is not None:
-            unset_hf_deepspeed_config()
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (every device's), as `transformers.set_seed` does; not that
+    one, whose module imports the Trainer's (and PEFT with them: seconds in every worker)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, world: int, device: Any) -> Prepared:

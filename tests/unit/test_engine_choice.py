@@ -58,6 +58,17 @@ def test_one_worker_never_gets_a_stage_that_shards_nothing():
     assert _ladder(4)[0] == (1, False, False)  # several workers: ZeRO-1, weights and gradients whole
 
 
+def test_the_plain_engine_is_only_for_one_worker_with_nothing_to_shard():
+    """auto on one worker whose states fit: torch without DeepSpeed; a given stage (0 too), several workers or
+    offload keep DeepSpeed."""
+    assert choose_engine(TrainConfig(), 10**6, 10**6, 1, H100).engine == "torch"
+    assert "plain torch" in choose_engine(TrainConfig(), 10**6, 10**6, 1, H100).describe()
+    assert choose_engine(TrainConfig(zero_stage=0), 10**6, 10**6, 1, H100).engine == "deepspeed"
+    assert choose_engine(TrainConfig(), 10**6, 10**6, 2, H100).engine == "deepspeed"
+    assert choose_engine(TrainConfig(bf16=True), int(7e9), int(7e9), 1, H100).engine == "deepspeed"  # offloaded
+    assert choose_engine(TrainConfig(offload_optimizer=True), 10**6, 10**6, 1, H100).engine == "deepspeed"
+
+
 def test_a_given_stage_or_offload_wins():
     huge = int(1e12)
     given = choose_engine(TrainConfig(zero_stage=1), huge, huge, 2, 2**30)
@@ -90,11 +101,16 @@ def test_parameters_are_counted_as_the_loop_trains_them(tmp_path, lora):
 
 
 def test_the_process_group_builds_no_shared_memory_op(tmp_path):
-    """A fresh JIT cache stays empty: DeepSpeed's CPU shm op (a minute or more of C++ per venv) is not built."""
-    code = ("from bootfinetune.training.distributed import process_group\n"
-            "import deepspeed.comm.comm as c\n"
+    """A fresh JIT cache stays empty: DeepSpeed's CPU shm op (a minute or more of C++ per venv) is not built.
+    The process group itself does not import DeepSpeed (the plain engine never needs it); its backend is made
+    over that group when a DeepSpeed engine is built."""
+    code = ("import sys\n"
+            "from bootfinetune.training.distributed import deepspeed_comm, process_group\n"
             "with process_group(ray=False, use_gpu=False) as (rank, world, dev):\n"
-            "    assert (rank, world) == (0, 1) and c.cdb.shm_comm_op is None\n"
+            "    assert (rank, world) == (0, 1) and 'deepspeed' not in sys.modules\n"
+            "    deepspeed_comm(use_gpu=False)\n"
+            "    import deepspeed.comm.comm as c\n"
+            "    assert c.cdb.shm_comm_op is None and c.cdb.is_initialized()\n"
             "print('ok')\n")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -29,7 +29,7 @@ def one_thread(monkeypatch):
 
 
 def _loop(target, data, **options):
-    extra = {k: options.pop(k) for k in ("checkpoint_dir", "max_steps_per_epoch") if k in options}
+    extra = {k: options.pop(k) for k in ("checkpoint_dir", "max_steps_per_epoch", "on_step") if k in options}
     tc = TrainConfig(target=str(target), bsize=8, lr=3e-3, max_length=256, **options)
     return train_loop({"target": str(target), "train": dataclasses.asdict(tc), "train_path": str(data / "train.jsonl"),
                        "eval_path": str(data / "eval.jsonl"), **extra})
@@ -63,6 +63,63 @@ def test_loop_resumes_from_its_last_checkpoint_not_step_zero(tmp_path, data):
     assert second["history"][1]["eval_loss"] < first["history"][0]["eval_loss"]
     again = _loop(target, data, epochs=2, checkpoint_dir=str(ckpt))  # finished: nothing to do
     assert again["starts"] == second["starts"] and again["history"] == second["history"]
+
+
+@pytest.mark.parametrize("accumsteps,bf16", [(1, False), (2, False), (1, True)])
+def test_the_plain_engine_trains_as_deepspeed_stage_0(tmp_path, data, accumsteps, bf16):
+    """auto on one worker trains without DeepSpeed (`torch_engine`); the losses, step counts, lr and
+    exported weights are those of DeepSpeed's stage-0 engine on the same data and seed (fp32, gradient
+    clipping on: max_grad_norm 0.05 clips every step here; accumulation over 2 micro batches). With bf16,
+    DeepSpeed keeps bf16 weights beside fp32 masters where ours computes under autocast from fp32 weights:
+    the losses then agree to bf16's precision only (2e-2)."""
+    import torch
+
+    from bootfinetune.stages.finetune import consolidated_state_dict
+
+    target = build_tiny_causal(tmp_path / "m")
+    opts = dict(epochs=2, accumsteps=accumsteps, bf16=bf16, max_grad_norm=0.05)
+    plain = _loop(target, data, checkpoint_dir=str(tmp_path / "plain"), **opts)
+    ds = _loop(target, data, checkpoint_dir=str(tmp_path / "ds"), zero_stage=0, **opts)
+    assert plain["engine"]["engine"] == "torch" and ds["engine"]["engine"] == "deepspeed"
+    assert plain["global_step"] == ds["global_step"] == 2 * (5 // accumsteps)
+    tol = 2e-2 if bf16 else 1e-5
+    for a, b in zip(plain["history"], ds["history"]):
+        assert a["steps"] == b["steps"] and a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=tol)
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=tol)
+    if not bf16:  # the export reads both checkpoints alike (stage 0's layout), to the same weights
+        ours = consolidated_state_dict(tmp_path / "plain" / "epoch_002" / "deepspeed", "epoch_2", 0)
+        theirs = consolidated_state_dict(tmp_path / "ds" / "epoch_002" / "deepspeed", "epoch_2", 0)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+
+
+class _StopInThirdEpoch:
+    """`on_step`: raises at the first micro batch of the third epoch, once (the run dies after two checkpoints)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, step) -> None:
+        if step.epoch == 2 and not self.fired:
+            self.fired = True
+            raise RuntimeError("stopped")
+
+
+def test_the_plain_engine_resumes_where_an_uninterrupted_run_is(tmp_path, data):
+    """A run stopped in its third epoch and started again (from the second epoch's checkpoint: weights, AdamW
+    moments, schedule, step count) gives the losses of the run that was never stopped (a Llama without dropout:
+    no random draws in the steps)."""
+    target = build_tiny_causal(tmp_path / "m")
+    whole = _loop(target, data, epochs=3, checkpoint_dir=str(tmp_path / "whole"))
+    with pytest.raises(RuntimeError, match="stopped"):
+        _loop(target, data, epochs=3, checkpoint_dir=str(tmp_path / "cut"), on_step=_StopInThirdEpoch())
+    resumed = _loop(target, data, epochs=3, checkpoint_dir=str(tmp_path / "cut"))
+    assert resumed["engine"]["engine"] == "torch" and resumed["starts"][-1] == {"epoch": 2, "global_step": 10}
+    assert resumed["global_step"] == whole["global_step"] == 15
+    last, again = whole["history"][-1], resumed["history"][-1]
+    assert again["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
+    assert again["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5) and again["lr"] == last["lr"]
 
 
 def test_length_batches_cover_every_index_once_and_cut_padding():
@@ -112,6 +169,31 @@ def test_lr_warms_up_then_follows_the_schedule(schedule):
         assert lrs[2:] == [1.0] * 8
     else:
         assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("total, ratio", [(10, 0.2), (37, 0.05), (5, 0.0)])
+def test_lr_schedule_matches_the_hugging_face_one_of_its_name(schedule, total, ratio):
+    """Ours is written out so that workers need not import transformers' Trainer modules; the lr at every step
+    is the one `transformers.get_scheduler` gives for the same name, warmup and length."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched, out = make(opt), []
+        for _ in range(total + 2):  # and past the end, where linear and cosine stay at 0
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: lr_scheduler(o, TrainConfig(lr=0.5, warmup_ratio=ratio, lr_schedule=schedule), total))
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
+    theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=math.ceil(ratio * total), num_training_steps=total))
+    assert ours == pytest.approx(theirs, abs=1e-12)
 
 
 def test_unknown_loop_config_key_is_refused():
