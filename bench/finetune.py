@@ -401,7 +401,8 @@ def summary_line(size: str, results: dict, gpu: bool) -> str | None:
     variants = [f"ours/{e} {results['ours']['tokens_per_second'] / r['tokens_per_second']:.2f}x"
                 for e, r in results.items() if e.startswith("ours-")]
     detail = ", ".join([f"hf = {best_hf}"] * bool(best_hf) + variants
-                       + ([f"per CPU second: {', '.join(ratios('tokens_per_cpu_second'))}"] if not gpu else [])
+                       + ([f"per CPU second: {', '.join(ratios('tokens_per_cpu_second'))}"]
+                          if not gpu and ratios("tokens_per_cpu_second") else [])
                        + ([f"MFU {results['ours']['mfu']:.1%}"] if gpu else []))
     return (f"{size} ({detail})\n{size}: ours {results['ours']['tokens_per_second']:.0f} tokens/s; "
             + ", ".join(ratios("tokens_per_second")))

@@ -95,6 +95,9 @@ def zero3_loading(ds_config: dict[str, Any] | None, tc: TrainConfig) -> Iterator
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    from bootfinetune.training.distributed import deepspeed_comm
+
+    deepspeed_comm(tc.use_gpu)  # first: the config reads the world size from DeepSpeed's backend
     config = HfDeepSpeedConfig(ds_config)
     try:
         yield
