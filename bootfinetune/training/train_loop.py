@@ -442,14 +442,15 @@ def evaluate(engine: Any, eval_ex: list[Encoded], train_ex: list[Encoded], tc: T
              multiple: int | None, device: Any, kind: str, answer_index: bool = False) -> float:
     """Mean loss per answer token over every rank's eval examples.
 
-    Ranks may hold different numbers of eval batches; under ZeRO-3 a forward is a
-    collective, so short ranks run weight-0 batches until all have done the same count.
+    Batches of 2 x bsize records sorted by length (with no gradients a forward's largest tensor is its logits,
+    which a training step holds twice). Ranks may hold different numbers of eval batches; under ZeRO-3 a forward
+    is a collective, so short ranks run weight-0 batches until all have done the same count.
     """
     import torch
 
     engine.eval()
     order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i].input_ids))
-    batches = [order[i:i + tc.bsize] for i in range(0, len(order), tc.bsize)]
+    batches = [order[i:i + 2 * tc.bsize] for i in range(0, len(order), 2 * tc.bsize)]
     n = int(all_reduce([len(batches)], device, "max")[0])
     total, count = 0.0, 0
     with torch.no_grad():
