@@ -68,6 +68,11 @@ class BudgetClock:
         self.reserved["tokens"] += tokens
         return start - now
 
+    def reserve_at(self, calls: float, tokens: float) -> tuple[float, float]:
+        """`reserve`, for a caller in another process: (seconds to wait, the start as Unix time on this host)."""
+        delay = self.reserve(calls, tokens)
+        return delay, time.time() + delay
+
     def settle(self, calls: float, tokens: float) -> None:
         """Charges (or refunds, when negative) what an example used beyond what it reserved."""
         self.next_free += calls * self.call_cost + tokens * self.token_cost
@@ -125,6 +130,27 @@ def rate_limited(exc: BaseException) -> float | None:
     return retry_after if math.isfinite(retry_after) and retry_after > 0 else 0.0
 
 
+def wait_for_start(delay: float, start: float, sent: float, received: float) -> float:
+    """Seconds from `received` until a call reserved remotely may start.
+
+    The budget booked it `delay` seconds after the reservation reached it, at Unix time `start` on the
+    budget's host; the reservation was sent at `sent` and its reply `received` here. The booked start lies in
+    [sent + delay, received + delay] on this clock: waiting `delay` from the reply (the latest end) would add the
+    reply's latency to every call, and replies that come back late and unevenly (a busy start) would send calls
+    out bunched. So the budget's own clock places it, kept inside that interval, where clocks that disagree
+    (another node) cannot move a call earlier than the reservation allows.
+
+    >>> wait_for_start(1.0, start=101.0, sent=100.0, received=100.3)  # clocks agree: 0.3 s of latency saved
+    0.7
+    >>> wait_for_start(1.0, start=95.0, sent=100.0, received=100.3)  # a clock 5 s behind: the earliest bound
+    0.7
+    >>> wait_for_start(1.0, start=109.0, sent=100.0, received=100.3)  # a clock ahead: never later than delay
+    1.0
+    """
+    booked = min(max(start, sent + delay), received + delay)
+    return max(0.0, round(booked - received, 6))
+
+
 class Pacer:
     """One actor's side of the teacher's limits: paces each call to the budget and adapts calls in flight.
 
@@ -172,7 +198,9 @@ class Pacer:
         else:
             import ray
 
-            delay = ray.get(self.budget.reserve.remote(1, estimate))
+            sent = time.time()
+            delay, start = ray.get(self.budget.reserve_at.remote(1, estimate))
+            delay = wait_for_start(delay, start, sent, time.time())
         if delay > 0:
             time.sleep(delay)
 

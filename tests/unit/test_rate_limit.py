@@ -3,6 +3,7 @@
 import json
 
 import dspy
+import pytest
 
 from bootfinetune.run.records import example_to_json
 from bootfinetune.stages.ratelimit import BudgetClock, rate_limited
@@ -71,3 +72,21 @@ def test_the_clock_charges_what_an_example_used_beyond_its_estimate():
     assert round(clock.reserve(1, 0, now=0.0), 3) == 0.8
     clock.settle(-1, 0)  # a refund: it made no call
     assert round(clock.reserve(1, 0, now=5.0), 3) == 0.0
+
+
+def test_a_remote_reservation_starts_at_its_booked_time_not_after_the_reply():
+    """The reply's latency is not added to the wait when the budget's clock places the start; a clock that
+    disagrees (another node) can move a call no earlier than the reservation was sent plus its delay, and
+    never later than the reply plus its delay (the wait before this change)."""
+    from bootfinetune.stages.ratelimit import wait_for_start
+
+    sent, received = 100.0, 100.3
+    assert wait_for_start(1.0, 101.0, sent, received) == pytest.approx(0.7)  # booked 1 s after sending
+    assert wait_for_start(0.0, 100.0, sent, received) == 0.0  # already due
+    for skew in (-50.0, -0.2, 0.0, 0.1, 0.2, 50.0):
+        for delay in (0.0, 0.05, 1.0):
+            booked_here = 100.1 + delay + skew  # the budget got it at 100.1 (this clock), its clock off by skew
+            wait = wait_for_start(delay, booked_here, sent, received)
+            assert max(0.0, sent + delay - received) - 1e-9 <= wait <= delay + 1e-9
+            if skew == 0.0:
+                assert received + wait == pytest.approx(max(received, 100.1 + delay))
