@@ -161,3 +161,21 @@ def test_bad_messages_are_refused(tokenizers):
         encode_example(tok, MESSAGES[:-1], kind, 128)
     with pytest.raises(ValueError, match="role"):
         encode_prompt(tok, [{"role": "user"}], kind)
+
+
+@pytest.mark.parametrize("name", ["chat", "plain", "t5"])
+def test_batch_encoding_gives_the_ids_of_one_call_per_text(tokenizers, name):
+    """Records are tokenized in batch calls; each gets the ids a call of its own gives (byte-level BPE with and
+    without a chat template, T5's SentencePiece), including uneven lengths, accents, whitespace and a cut one."""
+    tok, kind = tokenizers[name]
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+               for q, a in [("Où est Zoë?  Kraków\n\tnow", "Kraków, Poland"), ("x", "y"),
+                            ("a much longer question " * 12, "a longer answer " * 3), ("2+2?", " 4 ")]]
+    records += [{"messages": MESSAGES}]
+    batch, cut = encode_records(tok, records, kind, 48)
+    alone = [encode_records(tok, [r], kind, 48)[0][0] for r in records]
+    assert batch == alone and cut == sum(e.truncated for e in alone) >= 1
+    for r, e in zip(records, batch):  # uncut prompts are exactly what inference sends (one call per text)
+        if not e.truncated:
+            prompt = encode_prompt(tok, r["messages"][:-1], kind)
+            assert (e.input_ids if kind == "seq2seq" else e.input_ids[:len(prompt)]) == prompt
