@@ -425,15 +425,15 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     quiet_ray(config.run.verbose)
     started = time.time()
     t = config.train
-    logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, ZeRO-%s, %d epoch(s), "
+    logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, zero_stage %s, %d epoch(s), "
                 "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
                 t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
     manifests = finetune_models(run, jobs, config.train, tracking=runs)
     seconds = round(time.time() - started, 3)
     for key, m in manifests.items():
-        logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s; engine ZeRO-%s (%s)", key,
-                    _short(m.losses["train"]), _short(m.losses["eval"]), m.best_epoch, run.model_dir(key),
-                    m.engine.get("zero_stage", "?"), m.engine.get("reason", "not recorded"))
+        engine = "plain torch" if m.engine.get("engine") == "torch" else f"ZeRO-{m.engine.get('zero_stage', '?')}"
+        logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s; engine %s (%s)", key, _short(
+            m.losses["train"]), _short(m.losses["eval"]), m.best_epoch, run.model_dir(key), engine, m.engine.get("reason"))
     run.update_report(stages={"finetune": {"seconds": seconds, **{k: m.summary() for k, m in manifests.items()}}})
     trained = Trained(manifests, seconds)
     if to_stage == "rebind":

@@ -285,8 +285,10 @@ class ModelManifest:
     offload_optimizer, offload_params, reason, estimate_bytes (model states per worker), memory_bytes (memory
     per worker), gradient checkpointing and packing; see `zero_stage`."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Where the job's seconds went: fit_seconds (Ray Train's fit), ray_train_start_seconds (fit to the loop's
-    start), setup_seconds (data, model, DeepSpeed), train_seconds (the steps), checkpoint_seconds, export_seconds."""
+    """Where the job's seconds went: fit_seconds (Ray Train's fit), and within it ray_train_start_seconds (fit to
+    the loop's start), setup_seconds (data, model, DeepSpeed), train_seconds (the steps), eval_seconds (the eval
+    passes), checkpoint_seconds (all checkpoints but the last) and ray_train_end_seconds (the last checkpoint's
+    writing and report, then Ray Train's teardown, to fit's return); then export_seconds."""
     nodes: list = field(default_factory=list)
     """The Ray node of each rank."""
     starts: list[dict[str, int]] = field(default_factory=list)

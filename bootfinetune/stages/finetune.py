@@ -411,9 +411,12 @@ def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, expo
     loop = state.get("timings") or {}
     train = sum(h.get("train_seconds", 0.0) for h in state["history"])
     out = {"fit_seconds": fit_seconds, "train_seconds": train, "export_seconds": export_seconds,
-           "setup_seconds": loop.get("setup_seconds"), "checkpoint_seconds": loop.get("checkpoint_seconds")}
+           "setup_seconds": loop.get("setup_seconds"), "checkpoint_seconds": loop.get("checkpoint_seconds"),
+           "eval_seconds": loop.get("eval_seconds")}
     if loop.get("loop_started_at") and len(state["starts"]) == 1:  # Ray Train's start, before the loop ran
         out["ray_train_start_seconds"] = loop["loop_started_at"] - fit_started
+    if loop.get("reported_at"):  # the last checkpoint's writing and report, and Ray Train's teardown
+        out["ray_train_end_seconds"] = fit_started + fit_seconds - loop["reported_at"]
     return {k: round(v, 3) for k, v in out.items() if v is not None}
 
 

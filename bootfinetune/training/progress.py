@@ -158,3 +158,22 @@ class BarDrawer(BoardReader):
             bar.n = info["step"]
             bar.set_postfix_str(f"epoch {info['epoch']}/{info['epochs']} loss {info['loss']:.4f}", refresh=False)
             bar.refresh()
+
+
+class PhaseClock:
+    """Seconds spent per phase of the steps (`LoopConfig.time_phases`); `lap(name)` charges the time since
+    the previous lap to `name` (None: to nothing), after a device sync on a GPU."""
+
+    def __init__(self, device: Any):
+        self.seconds: dict[str, float] = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.cuda, self.last = getattr(device, "type", str(device)) == "cuda", time.perf_counter()
+
+    def lap(self, name: str | None) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name is not None:
+            self.seconds[name] += now - self.last
+        self.last = now

@@ -42,6 +42,7 @@ from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config, zero3_loading
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.tracking import open_tracker
+from bootfinetune.training.progress import PhaseClock
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class LoopState:
     timings: dict[str, float] = field(default_factory=dict)
     """Fixed cost around the steps: loop_started_at (Unix time the latest start entered the loop),
     setup_seconds (its data, model and DeepSpeed set-up), checkpoint_seconds (the checkpoints written before
-    the one holding this state: a checkpoint's own time is known only after it is written)."""
+    the one holding this state: a checkpoint's own time is known only after it is written), eval_seconds (the
+    eval passes, over all starts), reported_at (Unix time the newest checkpoint began to be written)."""
     data_hash: str | None = None
     seconds: float = 0.0
 
@@ -352,25 +354,6 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
     return loss_sum, answer_toks, toks, padded, time.time() - t0, phases
 
 
-class PhaseClock:
-    """Seconds spent per phase of the steps (`LoopConfig.time_phases`); `lap(name)` charges the time since
-    the previous lap to `name` (None: to nothing), after a device sync on a GPU."""
-
-    def __init__(self, device: Any):
-        self.seconds: dict[str, float] = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        self.cuda, self.last = getattr(device, "type", str(device)) == "cuda", time.perf_counter()
-
-    def lap(self, name: str | None) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if name is not None:
-            self.seconds[name] += now - self.last
-        self.last = now
-
-
 def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
                   sums: tuple[Any, int, int, int, float, Any], rank: int, world: int, device: Any) -> None:
     """Evaluates, records the epoch in the state (summed over ranks), and writes and reports the checkpoint."""
@@ -394,14 +377,18 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
                  eval_loss, toks / max(train_seconds, 1e-9))
     metrics = {"epoch": epoch + 1, "global_step": state.global_step, "train_loss": mean_loss / world,
                "eval_loss": eval_loss, "start_epoch": state.starts[-1]["epoch"]}
+    state.timings["reported_at"] = round(time.time(), 3)  # the last one: where the driver's wait for Ray begins
     seconds = save_and_report(cfg.ray, cfg.checkpoint_dir, engine, asdict(state), metrics, epoch + 1, rank)
     state.timings["checkpoint_seconds"] = round(state.timings.get("checkpoint_seconds", 0.0) + seconds, 3)
 
 
 def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
-    """`evaluate` on this start's eval examples."""
-    return evaluate(engine, data.eval_ex, data.train_ex, tc, data.pad_id, data.multiple, device, data.kind,
+    """`evaluate` on this start's eval examples; its seconds go to `timings["eval_seconds"]`."""
+    t0 = time.time()
+    loss = evaluate(engine, data.eval_ex, data.train_ex, tc, data.pad_id, data.multiple, device, data.kind,
                     state.answer_logits_only)
+    state.timings["eval_seconds"] = round(state.timings.get("eval_seconds", 0.0) + time.time() - t0, 3)
+    return loss
 
 
 def to_device(batch: dict[str, Any], device: Any, answer_index: bool) -> dict[str, Any]:

@@ -67,8 +67,12 @@ def check_export(run: RunDir, job: FinetuneJob, config: TrainConfig, manifest: d
     """The manifest is complete, the loss fell, and the export loads, generates and reproduces the eval loss."""
     assert MANIFEST_FIELDS <= set(manifest)
     assert manifest["engine"]["zero_stage"] == config.zero_stage and "given" in manifest["engine"]["reason"]
-    assert {"fit_seconds", "train_seconds", "setup_seconds", "checkpoint_seconds", "export_seconds"} <= set(
-        manifest["timings"]) and manifest["timings"]["fit_seconds"] > manifest["timings"]["train_seconds"] > 0
+    timings = manifest["timings"]
+    parts = ("ray_train_start_seconds",) * (len(manifest["starts"]) == 1) + (
+        "setup_seconds", "train_seconds", "eval_seconds", "checkpoint_seconds", "ray_train_end_seconds")
+    assert set(parts) | {"fit_seconds", "export_seconds"} <= set(timings), timings
+    assert all(timings[k] >= 0 for k in parts) and sum(timings[k] for k in parts) <= timings["fit_seconds"] + 0.1, timings
+    assert timings["train_seconds"] > 0 and timings["eval_seconds"] > 0 and timings["ray_train_end_seconds"] > 0
     assert manifest["model_kind"] == kind and manifest["predictors"] == list(job.predictors)
     assert manifest["renderer"]["kind"] == kind and manifest["world_size"] == 2
     assert len(manifest["losses"]["train"]) == len(manifest["losses"]["eval"]) == config.epochs
