@@ -408,14 +408,14 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
 
 def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, export_seconds: float) -> dict[str, float]:
     """Where the job's time went (the manifest's `timings`), from the driver's clock and the loop's state."""
-    loop = state.get("timings") or {}
-    train = sum(h.get("train_seconds", 0.0) for h in state["history"])
+    loop, train = state.get("timings") or {}, sum(h.get("train_seconds", 0.0) for h in state["history"])
     out = {"fit_seconds": fit_seconds, "train_seconds": train, "export_seconds": export_seconds,
            "setup_seconds": loop.get("setup_seconds"), "checkpoint_seconds": loop.get("checkpoint_seconds"),
            "eval_seconds": loop.get("eval_seconds")}
-    if loop.get("loop_started_at") and len(state["starts"]) == 1:  # Ray Train's start, before the loop ran
+    # times from this fit only: a loop that found every epoch done (killed before export) returns an older state
+    if len(state["starts"]) == 1 and loop.get("loop_started_at", 0) >= fit_started:  # Ray Train's start
         out["ray_train_start_seconds"] = loop["loop_started_at"] - fit_started
-    if loop.get("reported_at"):  # the last checkpoint's writing and report, and Ray Train's teardown
+    if loop.get("reported_at", 0) >= fit_started:  # the last checkpoint's writing and report, Ray Train's teardown
         out["ray_train_end_seconds"] = fit_started + fit_seconds - loop["reported_at"]
     return {k: round(v, 3) for k, v in out.items() if v is not None}
 

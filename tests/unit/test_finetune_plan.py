@@ -6,7 +6,7 @@ import pytest
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.stages.finetune import (FinetuneJob, _best_epoch, finished_manifest, fits, load_job_data, split_records,
+from bootfinetune.stages.finetune import (FinetuneJob, _best_epoch, _timings, finished_manifest, fits, load_job_data, split_records,
                                    worker_resources)
 from bootfinetune.run.jsonio import write_json, write_jsonl
 from bootfinetune.run.rundir import RunDir
@@ -66,3 +66,20 @@ def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path
     assert finished_manifest(run, job, TrainConfig(epochs=2, max_failures=5, cpus_per_worker=4.0)) is not None
     write_jsonl(run.data_file("all"), toy_records(11))
     assert finished_manifest(run, job, config) is None
+
+
+def test_timings_take_ray_trains_start_and_end_from_this_fit_only():
+    """A fit whose loop found every epoch done (a driver killed after training, before the export) returns the
+    state an earlier fit wrote: its loop start and last report are from before this fit and say nothing of it."""
+    history = [{"train_seconds": 3.0}, {"train_seconds": 4.0}]
+    loop = {"loop_started_at": 1012.0, "setup_seconds": 2.0, "eval_seconds": 1.5, "checkpoint_seconds": 0.2,
+            "reported_at": 1030.0}
+    fresh = _timings({"timings": loop, "history": history, "starts": [{"epoch": 0}]}, 1000.0, 31.0, 1.0)
+    assert fresh == {"fit_seconds": 31.0, "train_seconds": 7.0, "export_seconds": 1.0, "setup_seconds": 2.0,
+                     "checkpoint_seconds": 0.2, "eval_seconds": 1.5, "ray_train_start_seconds": 12.0,
+                     "ray_train_end_seconds": 1.0}
+    later = _timings({"timings": loop, "history": history, "starts": [{"epoch": 0}]}, 5000.0, 9.0, 1.0)
+    assert "ray_train_start_seconds" not in later and "ray_train_end_seconds" not in later
+    resumed = _timings({"timings": loop, "history": history, "starts": [{"epoch": 0}, {"epoch": 1}]}, 1000.0, 31.0, 1.0)
+    assert "ray_train_start_seconds" not in resumed and resumed["ray_train_end_seconds"] == 1.0
+
