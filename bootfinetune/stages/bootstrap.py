@@ -41,7 +41,7 @@ from bootfinetune.run.runfiles import BootstrapSummary, read_record
 from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
-                                        score_value)
+                                        pack_for_actors, score_value)
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
 
@@ -312,7 +312,7 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=runner_kwargs,
+        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=pack_for_actors(runner_kwargs),
                                    compute=ray.data.ActorPoolStrategy(
                                        size=num_actors, max_tasks_in_flight_per_actor=calls,
                                        max_concurrent_calls_per_actor=calls),

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import dspy
+from dspy.clients.base_lm import BaseLM
 
 from bootfinetune.common.redaction import redact
 from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
@@ -330,14 +331,57 @@ def add_usage(total: dict[str, dict[str, Any]], usage: dict[str, dict[str, Any]]
                 into[key] += value
 
 
+SHIPPED = ("teachers", "metric", "settings", "teacher_settings")
+"""The runner arguments that hold user objects (and LMs): packed by `pack_for_actors`."""
+
+
+def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The runner's arguments as an actor gets them: the user objects packed into one pickle, every LM
+    in them without its call history (`StreamingTeacherRunner` unpacks them).
+
+    A `dspy.LM` pickles with its `history`, up to `max_history_size` (10,000) calls of earlier use in the
+    driver: a teacher that already ran over a devset weighs megabytes, which every actor would unpickle
+    to keep a history nobody reads there. The user's LMs themselves are left as they are.
+    """
+    import io
+
+    import ray.cloudpickle
+
+    class Packer(ray.cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, BaseLM) and getattr(obj, "history", None):
+                return _lm_without_history, (type(obj), {**obj.__getstate__(), "history": []})
+            return super().reducer_override(obj)
+
+    buffer = io.BytesIO()
+    Packer(buffer, protocol=5).dump({k: runner_kwargs[k] for k in SHIPPED if k in runner_kwargs})
+    return {**{k: v for k, v in runner_kwargs.items() if k not in SHIPPED}, "packed": buffer.getvalue()}
+
+
+def _lm_without_history(cls: type, state: dict[str, Any]) -> Any:
+    lm = cls.__new__(cls)
+    if getattr(cls, "__setstate__", None) is not None:
+        lm.__setstate__(state)
+    else:
+        lm.__dict__.update(state)
+    return lm
+
+
 class StreamingTeacherRunner(TeacherRunner):
     """The class Ray Data runs: an async `__call__`, so Ray Data gives the actor an event loop and keeps
     several batches of a task in flight on it at once, all sharing the actor's slots.
+
+    Built from `pack_for_actors(runner_kwargs)`.
 
     (A coroutine, not an async generator yielding a row per example: Ray Data 2.60 collects an async
     generator's whole output per batch before passing it on, so per-row yields would only add a block
     conversion per row.)
     """
+
+    def __init__(self, packed: bytes, **kwargs: Any):
+        import ray.cloudpickle
+
+        super().__init__(**ray.cloudpickle.loads(packed), **kwargs)
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         return await self.run_batch(batch)

@@ -194,3 +194,33 @@ def test_teacher_tokens_and_cost_per_model_as_dspy_reports_them(teacher_server):
     fresh, cached = run_examples(runner, examples), run_examples(runner, examples)
     assert fresh[0]["usage"][model]["cost_usd"] is None
     assert fresh[0]["teacher_calls"] == 3 and cached[0]["teacher_calls"] == 0 and cached[0]["usage"] == {}
+
+
+def test_actors_get_the_teacher_lms_without_their_history(teacher_server):
+    """A teacher LM that already answered many calls in the driver keeps that history there; the copy each
+    actor unpickles carries none of it, and the runner built from the packed arguments still works."""
+    import asyncio
+
+    import ray.cloudpickle
+
+    from bootfinetune.stages.runner import StreamingTeacherRunner, pack_for_actors
+
+    teacher = dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="unused", cache=False)
+    program = TwoStep()
+    program.answer.set_lm(teacher)  # the same LM in a predictor and in the settings: it stays one object
+    examples = two_step_examples(3)
+    run_examples(TeacherRunner([program], metric=two_step_metric, teacher_settings={"lm": teacher}), examples)
+    history = list(teacher.history)
+    assert len(history) == 9
+    kwargs = dict(teachers=[program], metric=two_step_metric, teacher_settings={"lm": teacher}, num_threads=2)
+    packed = pack_for_actors(kwargs)
+    assert set(packed) == {"packed", "num_threads"}
+    assert len(packed["packed"]) < len(ray.cloudpickle.dumps(kwargs)) / 2
+    runner = StreamingTeacherRunner(**packed)
+    lm = runner.context["lm"]
+    assert lm is not teacher and lm.history == [] and runner.teachers[0].answer.predict.lm is lm
+    assert (lm.model, lm.kwargs) == (teacher.model, teacher.kwargs)
+    assert teacher.history == history  # the user's LM is untouched
+    batch = {"example_index": [0, 1, 2], "example": [example_to_json(e) for e in examples]}
+    results = [json.loads(r) for r in asyncio.run(runner(batch))["result"]]
+    assert [r["kept"] for r in results] == [True, True, True] and len(lm.history) == 9
