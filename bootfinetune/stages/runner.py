@@ -350,7 +350,9 @@ def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
     class Packer(ray.cloudpickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, BaseLM) and getattr(obj, "history", None):
-                return _lm_without_history, (type(obj), {**obj.__getstate__(), "history": []})
+                state = obj.__getstate__()
+                if isinstance(state, dict):  # an LM class with a state of its own kind pickles as it is
+                    return _lm_without_history, (type(obj), {**state, "history": []})
             return super().reducer_override(obj)
 
     buffer = io.BytesIO()
