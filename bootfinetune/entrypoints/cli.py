@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
     t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")
-    t.add_argument("--host", default="127.0.0.1")
-    t.add_argument("--port", type=int, default=8765)
+    t.add_argument("--host", default="127.0.0.1", help="where it listens (0.0.0.0 exposes it)")
+    t.add_argument("--port", type=int, default=8765, help="its port: the teacher's api_base is http://HOST:PORT/v1")
     t.add_argument("--latency", type=float, default=0.0, help="seconds each answer waits")
     t.set_defaults(func=cmd_teacher_server)
     return parser

@@ -72,6 +72,28 @@ def test_generated_defaults_do_not_depend_on_this_machine(monkeypatch):
     assert "/somewhere/else" not in docs.render("cli:demo") and "~/.cache/bootfinetune" in docs.render("cli:demo")
 
 
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_pages_finds_its_page_and_heading():
+    pages = PAGES + [REPO / "bench" / "RESULTS.md"]
+    broken = []
+    for page in pages:
+        for target, _, fragment in re.findall(r"\]\(([^)#\s]*)(#?)([^)\s]*)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                broken.append(f"{page.name}: {target}")
+            elif fragment and path.suffix == ".md" and fragment not in {
+                    anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}:
+                broken.append(f"{page.name}: {target}#{fragment}")
+    assert broken == []
+    assert anchor("`dspy.configure` settings in the workers") == "dspyconfigure-settings-in-the-workers"
+
+
 # -- commands in the docs --------------------------------------------------------------------------
 
 def commands(text: str) -> list[list[str]]:
@@ -142,6 +164,25 @@ def test_every_command_in_the_docs_parses():
     assert {c[1] for c in every if c[0] == "bootfinetune"} >= {"demo", "compile", "retrain", "evaluate", "serve",
                                                                 "teacher-server", "bootstrap"}
     assert any(c[1] == "ray_jobs/compile.py" for c in every if c[0] == "python")
+
+
+def recipe_commands(path: Path) -> list[list[str]]:
+    """The commands a script's docstring or a YAML's comments and entrypoint give, as `commands` reads them."""
+    text = "\n".join(line.strip().lstrip("#").strip() for line in path.read_text().splitlines())
+    text = text.replace("\\\\\n", " ").replace("\\\n", " ")  # continued lines, escaped in a docstring or not
+    lines = [line[line.index("python ray_jobs/"):] if "python ray_jobs/" in line else line for line in text.splitlines()]
+    lines = [line for line in lines if line.startswith(("bootfinetune ", "python ray_jobs/"))]
+    return commands("```bash\n" + "\n".join(lines) + "\n```\n")
+
+
+def test_every_command_in_the_scripts_and_recipes_parses():
+    paths = [REPO / "bootfinetune" / "entrypoints" / "cli.py", *sorted((REPO / "ray_jobs").rglob("*.py")),
+             *sorted((REPO / "ray_jobs").rglob("*.yaml")), *sorted((REPO / "cluster").rglob("*.yaml"))]
+    found = {path.relative_to(REPO).as_posix(): recipe_commands(path) for path in paths}
+    problems = [f"{name}: {' '.join(c)}: {parse_problem(c)}" for name, cs in found.items() for c in cs if parse_problem(c)]
+    assert problems == []
+    assert len(found["bootfinetune/entrypoints/cli.py"]) == 7 and len(found["ray_jobs/finetune.py"]) == 2
+    assert all(found[f"ray_jobs/{job}.py"] for job in JOB_HELP)
 
 
 def test_a_renamed_flag_fails_the_command_check():
