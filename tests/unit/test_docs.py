@@ -18,6 +18,7 @@ import yaml
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import FIELD_HELP, FIELDS
+from bootfinetune.demo.run import summary_rows
 from bootfinetune.entrypoints.cli import build_parser
 from bootfinetune.entrypoints.jobconfig import parse_job_config
 from bootfinetune.entrypoints.jobs import JOB_HELP, job_parser
@@ -211,6 +212,13 @@ def test_readme_is_read_in_five_minutes():
     assert titles == ["Install", "The two commands", "What the demo prints", "Your own program", "Reference"]
     assert "https://download.pytorch.org/whl/cpu" in readme_section("Install")
     assert all((REPO / link).exists() for link in re.findall(r"\]\(((?:docs|bench)/[^)#]+)", text))
+
+
+def test_readme_shows_the_demos_own_summary():
+    [(_, table)] = [b for b in fenced_blocks(readme_section("What the demo prints")) if b[0] == ""]
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert len(labels) >= 10 and set(labels) <= {label for label, _ in summary_rows({}, 0.0)}
+    assert "metric after (finetuned)" in labels
 
 
 def test_readme_walkthrough_is_right_about_the_api(tmp_path, monkeypatch):
