@@ -344,8 +344,8 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
             on_curve = step % curve_every == 0
             if on_curve or reporter.due():  # the host sync happens only here
                 mean = float(window) / window_n
-                window, window_n = torch.zeros((), device=device), 0
-                if on_curve:
+                if on_curve:  # a curve point is the mean of its steps alone, whenever progress was reported
+                    window, window_n = torch.zeros((), device=device), 0
                     state.loss_curve.append([step, round(mean, 5)])
                     if tracker is not None:
                         tracker.update(state)

@@ -225,6 +225,24 @@ def test_a_run_with_our_schedule_trains_as_one_with_the_hugging_face_schedule(tm
     assert [h["lr"] for h in ours["history"]] == pytest.approx([h["lr"] for h in hf["history"]], abs=1e-12)
 
 
+def test_the_loss_curve_does_not_depend_on_when_progress_was_reported(tmp_path, data, monkeypatch):
+    """A seeded run gives the same loss curve whether progress lines came at every step or never (200 steps:
+    a point every 2 optimizer steps, so a progress line between two points must not cut the mean short)."""
+    from bootfinetune.training import progress
+
+    target = build_tiny_causal(tmp_path / "m")
+    tc = TrainConfig(target=str(target), bsize=1, lr=1e-3, max_length=256, epochs=5)
+    runs = []
+    for every in (0.0, 1e9):
+        monkeypatch.setattr(progress, "LOG_EVERY_S", every)
+        runs.append(train_loop({"target": str(target), "train": dataclasses.asdict(tc),
+                                "train_path": str(data / "train.jsonl")}))
+    often, never = runs
+    assert often["global_step"] == 200 and [p[0] for p in often["loss_curve"]] == list(range(2, 201, 2))
+    assert often["loss_curve"] == never["loss_curve"]
+    assert [h["train_loss"] for h in often["history"]] == [h["train_loss"] for h in never["history"]]
+
+
 def test_unknown_loop_config_key_is_refused():
     with pytest.raises(ValueError, match="unknown loop_config keys"):
         LoopConfig.from_dict({"target": "x", "train": {}, "bogus": 1})
