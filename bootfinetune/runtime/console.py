@@ -187,7 +187,7 @@ def counted_cuts() -> Iterator[None]:
     """While open, DSPy's "LM response was truncated" warnings are not logged in this process: the caller counts
     the answers cut (the evaluate stage's `cut`, from each call's finish reason) and reports them once."""
     dspy_lm, counted = logging.getLogger("dspy.clients.lm"), _Counted()
-    dspy_lm.addFilter(counted)
+    dspy_lm.filters.insert(0, counted)  # first: `RepeatFilter` would count them as held back otherwise
     try:
         yield
     finally:

@@ -57,10 +57,12 @@ def test_demo_learns_its_task_in_every_stage_and_writes_both_reports(ray_cluster
     # Readable without a terminal: nothing redrawn, none of Ray Data's per-dataset lines, a bounded length.
     whole = captured.out + captured.err
     assert "\r" not in whole and "execution finished" not in whole and "Starting execution" not in whole
-    assert len(whole.splitlines()) <= 60, whole
+    # ~45 fixed lines, and per stage a progress line at each tenth plus, on a slow (loaded) box, a few timed ones
+    assert len(whole.splitlines()) <= 75, whole
     progress = [line for line in out.splitlines() if line.startswith(("[bootfinetune] bootstrap: ",
                                                                      "[bootfinetune] finetune all: "))]
-    assert progress and len(progress) == len(set(progress)) and len(progress) <= 2 * 11
+    assert progress and len(progress) == len(set(progress)) and len(progress) <= 2 * 15
+    assert "warning(s) 'LM response was truncated" not in whole  # counted in the summary instead
     for stage in ("stage 1/6 checks", "stage 2/6 bootstrap", "stage 3/6 data", "stage 4/6 finetune",
                   "stage 5/6 rebind", "stage 6/6 evaluate", "metric after (finetuned)", "report.html:"):
         assert stage in out, stage
