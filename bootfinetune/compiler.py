@@ -34,9 +34,8 @@ from bootfinetune.stages.evaluate import evaluate_program, teacher_score
 from bootfinetune.stages.finetune import FinetuneJob, finetune_models
 from bootfinetune.common.importpath import class_path
 from bootfinetune.run.jsonio import fingerprint, write_json
-from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
-                                        raise_if_unfixable)
-from bootfinetune.stages.rebind import base_program, program_class, program_state, rebind_run
+from bootfinetune.stages.representable import TokenPlan, adapter_parse, check_lora, plan_for_files, raise_if_unfixable
+from bootfinetune.stages.rebind import base_limits, base_program, program_class, program_state, rebind_run
 from bootfinetune.common.redaction import collect_secrets, redact_uri
 from bootfinetune.run.names import folder_names
 from bootfinetune.run.report_html import student_usage, teacher_usage
@@ -46,8 +45,7 @@ from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
 from bootfinetune.training import tracking
-from bootfinetune.stages.traces import (TraceStore, example_key, trace_id,
-                                 trace_identity)
+from bootfinetune.stages.traces import TraceStore, example_key, trace_id, trace_identity
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +198,8 @@ class BootstrapFinetune(Teleprompter):
         return trained.compiled
 
     def _evaluate(self, prepared: Prepared, student: dspy.Module, compiled: dspy.Module) -> tuple[dict, dict]:
-        """metric.{before, after, teacher} on the valset (None without a valset or a metric), and the evaluate
-        stage's report section: seconds, and the student's LM usage before and after finetuning."""
+        """metric.{before, after, teacher} on the valset (None without a valset or a metric; the base student within
+        its finetuned self's limits: `base_limits`), and the evaluate stage's seconds and student LM usage."""
         started = time.time()
         config, valset = prepared.config, prepared.valset
         result: dict[str, Any] = {"before": None, "after": None, "teacher": None,
@@ -212,8 +210,10 @@ class BootstrapFinetune(Teleprompter):
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
+        limits = {j.key: base_limits(j.target, j.train_file, j.added_tokens or (), config) for j in prepared.finetune_jobs()}
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
-                            adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code)
+                            adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code,
+                            limits=limits)
         before = evaluate_program(base, valset, self.metric, **common)
         after = evaluate_program(compiled, valset, self.metric, **common)
         result["before"], result["after"] = before.score, after.score
@@ -425,7 +425,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     quiet_ray(config.run.verbose)
     started = time.time()
     t = config.train
-    logger.info("stage 4/6 finetune: %d model(s) on %d Ray Train worker(s) each (%s, zero_stage %s, %d epoch(s), "
+    logger.info("stage 4/6 finetune: %d model(s), %d Ray Train worker(s) per model (%s, zero_stage %s, %d epoch(s), "
                 "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
                 t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
     manifests = finetune_models(run, jobs, config.train, tracking=runs)

@@ -162,11 +162,12 @@ def teacher_usage(boot: dict) -> str:
 
 def student_usage(evaluate: dict) -> str:
     """The student's tokens while the valset was scored, before and after finetuning (the report's
-    stages.evaluate), in one phrase. A local model has no price, so no cost is given.
+    stages.evaluate), in one phrase, with the answers cut at their token limit. A local model has no price,
+    so no cost is given.
 
-    >>> student_usage({"usage": {"before": {"m": {"calls": 4, "prompt_tokens": 400, "completion_tokens": 90}},
+    >>> student_usage({"usage": {"before": {"m": {"calls": 4, "prompt_tokens": 400, "completion_tokens": 90, "cut": 3}},
     ...                          "after": {"m": {"calls": 4, "prompt_tokens": 400, "completion_tokens": 30}}}})
-    'before 490 (400 prompt, 90 completion), after 430 (400 prompt, 30 completion)'
+    'before 490 (400 prompt, 90 completion; 3 of 4 answers cut at the token limit), after 430 (400 prompt, 30 completion)'
     """
     usage = evaluate.get("usage")
     if not usage:
@@ -174,7 +175,10 @@ def student_usage(evaluate: dict) -> str:
     parts = []
     for when in ("before", "after"):
         prompt, completion, _, _ = _usage_totals([usage.get(when)])
-        parts.append(f"{when} {prompt + completion} ({prompt} prompt, {completion} completion)")
+        models = (usage.get(when) or {}).values()
+        cut, calls = sum(m.get("cut") or 0 for m in models), sum(m.get("calls") or 0 for m in models)
+        more = f"; {cut} of {calls} answers cut at the token limit" if cut else ""
+        parts.append(f"{when} {prompt + completion} ({prompt} prompt, {completion} completion{more})")
     return ", ".join(parts)
 
 

@@ -6,7 +6,7 @@
   bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
   data/{folder}.jsonl   finetuning records (chat messages) per model key
   models/{folder}/      Hugging Face export + manifest.json (written last: the model is done)
-  checkpoints/{folder}/ Ray Train run for that key (resumable DeepSpeed checkpoints)
+  checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest)
   report.json           counts, losses, metrics, time and tokens per stage
   program.json          the compiled program's state
   evaluations/{name}.json  scores of the evaluate job
@@ -105,6 +105,12 @@ class RunDir:
         fs, path = storage.filesystem(self._uri("checkpoints"))
         return path, fs
 
+    def checkpoint_location(self, key: str) -> str:
+        """Where model key `key`'s checkpoints go: checkpoints/{folder} on the URI, or in the folder."""
+        if self.remote is None:
+            return str(self.checkpoint_dir(key))
+        return self._uri("checkpoints", self.folder(key))
+
     def remove_checkpoints(self, key: str) -> None:
         """Deletes checkpoints/{folder} (in the folder, and on the URI when there is one)."""
         self.remove("checkpoints", self.folder(key))
@@ -198,7 +204,7 @@ class RunDir:
         return self.path("checkpoints")
 
     def checkpoint_dir(self, key: str) -> Path:
-        """checkpoints/{folder}: the Ray Train run of model key `key` (its RunConfig name is the folder)."""
+        """checkpoints/{folder}: model key `key`'s checkpoints (`epoch_{NNN}/`), in the local folder or mirror."""
         return self.path("checkpoints", self.folder(key))
 
     def evaluation_json(self, name: str) -> Path:

@@ -267,11 +267,12 @@ class ModelManifest:
     seconds: float = 0.0
     """Training time the workers measured."""
     wall_seconds: float = 0.0
-    """Wall time of the job, export included."""
+    """Wall time of the model's share of its Ray Train run (`started_at` to `finished_at`), export included."""
     started_at: float = 0.0
-    """Unix time the job started."""
+    """Unix time its share of the run began: the run's start for the run's first model, else the previous
+    model's end (several models share a run: `stages.train_runs`)."""
     finished_at: float = 0.0
-    """Unix time the manifest was written."""
+    """Unix time its share ended: when the next model of the run started, or the run returned; the export follows."""
     truncated: dict[str, Any] = field(default_factory=dict)
     """Records cut to max_length ({"train", "eval"}), max_length, and the prompt length inference keeps."""
     answer_tokens_max: int | None = None
@@ -286,10 +287,11 @@ class ModelManifest:
     offload_optimizer, offload_params, reason, estimate_bytes (model states per worker), memory_bytes (memory
     per worker), gradient checkpointing and packing; see `zero_stage`."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Where the job's seconds went: fit_seconds (Ray Train's fit), and within it ray_train_start_seconds (fit to
-    the loop's start), setup_seconds (data, model, DeepSpeed), train_seconds (the steps), eval_seconds (the eval
-    passes), checkpoint_seconds (all checkpoints but the last) and ray_train_end_seconds (the last checkpoint's
-    writing and report, then Ray Train's teardown, to fit's return); then export_seconds."""
+    """Where the job's seconds went: fit_seconds (its share of Ray Train's fit), and within it
+    ray_train_start_seconds (from the share's start to the loop's: Ray Train's start for a run's first model),
+    setup_seconds (data, model, DeepSpeed), train_seconds (the steps), eval_seconds (the eval passes),
+    checkpoint_seconds (all checkpoints but the last) and ray_train_end_seconds (the last checkpoint's writing and
+    report, then the next model's start or Ray Train's teardown); then export_seconds."""
     nodes: list = field(default_factory=list)
     """The Ray node of each rank."""
     starts: list[dict[str, int]] = field(default_factory=list)
@@ -299,7 +301,7 @@ class ModelManifest:
     loss_curve: list = field(default_factory=list)
     """Train loss over steps."""
     checkpoint: str = ""
-    """The Ray Train checkpoint exported."""
+    """The checkpoint exported (`checkpoints/{folder}/epoch_{NNN}`, a path or a URI without credentials)."""
     train_config: dict[str, Any] = field(default_factory=dict)
     """The `TrainConfig` it was trained with."""
     lora: dict[str, Any] | None = None

@@ -21,9 +21,10 @@ only when `ray.init(log_to_driver=True)`; the entry points pass `verbose` there 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from bootfinetune.training.progress import BoardReader
 
@@ -172,6 +173,25 @@ def quiet_ray(verbose: bool) -> None:
     for handler in consoles:
         (handler.removeFilter if verbose else handler.addFilter)(_RAY_DATA_CONSOLE)  # added once at most
     (dspy_lm.removeFilter if verbose else dspy_lm.addFilter)(_REPEATS)
+
+
+class _Counted(logging.Filter):
+    """Drops DSPy's per-call truncation warnings: what they say is counted elsewhere (`counted_cuts`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(REPEATED[0])
+
+
+@contextlib.contextmanager
+def counted_cuts() -> Iterator[None]:
+    """While open, DSPy's "LM response was truncated" warnings are not logged in this process: the caller counts
+    the answers cut (the evaluate stage's `cut`, from each call's finish reason) and reports them once."""
+    dspy_lm, counted = logging.getLogger("dspy.clients.lm"), _Counted()
+    dspy_lm.filters.insert(0, counted)  # first: `RepeatFilter` would count them as held back otherwise
+    try:
+        yield
+    finally:
+        dspy_lm.removeFilter(counted)
 
 
 def report_held() -> None:

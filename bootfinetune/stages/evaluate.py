@@ -4,6 +4,9 @@ Small valsets run in this process with threads (the finetuned LM batches concurr
 into one `generate`); large ones are spread over Ray Data actors, each loading the model
 once. The teacher's score needs no new calls: the valset was bootstrapped through the
 teacher already, and those traces carry the metric's scores.
+
+The base student answers as its finetuned self will (`rebind.base_limits`). An answer cut at its token limit
+is counted (`usage[model]["cut"]`, from each call's finish reason) instead of DSPy warning once per call.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dspy
 from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, run_examples, score_value
 from bootfinetune.stages.runner import add_usage
 from bootfinetune.run.records import example_to_json
+from bootfinetune.runtime.console import counted_cuts
 
 RAY_EVAL_MIN_EXAMPLES = 256
 """Valsets at least this large are evaluated on Ray Data actors."""
@@ -37,7 +41,8 @@ class EvalResult:
     """Wall time."""
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The program's LM usage by model: {"calls", "prompt_tokens", "completion_tokens", "cost_usd"} (cost None
-    where DSPy knows no price, as for a finetuned model); cache hits spend nothing and are not counted."""
+    where DSPy knows no price, as for a finetuned model), and "cut": answers that stopped at their token
+    limit (absent when none did); cache hits spend nothing and are not counted."""
 
 
 def _score(value: Any) -> float:
@@ -66,7 +71,8 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
                                                            num_actors=num_actors, batch_size=max(num_threads, 8),
                                                            num_cpus=actor_cpus)]
     else:
-        results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]
+        with counted_cuts():
+            results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]
     failed = sum("failure" in r for r in results)
     total = sum(_score(r.get("score")) for r in results if "failure" not in r)
     usage: dict[str, dict[str, Any]] = {}
@@ -84,3 +90,4 @@ def teacher_score(val: BootstrapResult | None, metric: Callable | None) -> float
         if call.teacher == 0:
             per_example[call.example_index] = _score(call.score)
     return round(sum(per_example.values()) / val.summary.examples, 6)
+

@@ -1,17 +1,17 @@
-"""Stage 4, finetune: one Ray Train + DeepSpeed job per model key, then a Hugging Face export.
+"""Stage 4, finetune: the models of a compile trained on Ray Train + DeepSpeed, then a Hugging Face export each.
 
-`finetune_models(run, jobs, config)` trains every `FinetuneJob` with a `TorchTrainer`
-running `train_loop.train_loop` on `num_workers` workers. Jobs run side by side while the
-cluster has room for their workers and queue otherwise. Each finished key gets
-`models/{folder}/` (the key's safe folder name, `RunDir.folder`): the best epoch (lowest eval loss) as a consolidated Hugging Face directory
-(safetensors, config, tokenizer, generation config) and `manifest.json`, written last.
+`finetune_models(run, jobs, config)` trains every `FinetuneJob` on `num_workers` Ray Train workers. The
+models share Ray Train runs: as many run side by side as the cluster has room for, and each run trains its
+models one after another in one worker group (`train_runs`), so a compile pays Ray Train's start and the
+workers' set-up once per run, not once per model. Each finished key gets `models/{folder}/` (the key's safe
+folder name, `RunDir.folder`): the best epoch (lowest eval loss) as a consolidated Hugging Face directory
+(safetensors, config, tokenizer, generation config; `export`) and `manifest.json`, written last.
 
-Resuming: a key whose manifest shows the same target, data and training options is not
-trained again (one that differs is retrained, and the log says what changed). A key whose driver died
-mid-training resumes from its last checkpoint when the same call runs again, because the
-Ray Train run lives at `checkpoints/{folder}` (`RunConfig(storage_path, name=folder)`), and Ray
-Train V2 restores a run found there. Workers that fail are restarted from the last
-checkpoint (`FailureConfig(max_failures)`).
+Resuming: a key whose manifest shows the same target, data and training options is not trained again (one
+that differs is retrained, and the log says what changed). Each key's checkpoints live in its own folder,
+`checkpoints/{folder}/epoch_{NNN}` (the best epoch and the latest are kept), so a key whose driver died
+mid-training resumes from its last checkpoint when the same call runs again, and a run that failed restarts
+from it (`max_failures` times per key; a key given up does not stop the others).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import random
+import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,16 @@ from typing import Any
 from bootfinetune.common.chat import ends_with_answer
 from bootfinetune.config import RESOURCE_OPTIONS, TrainConfig
 from bootfinetune.errors import FinetuneError
+from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.training.render import model_kind, renderer_identity
-from bootfinetune.stages.representable import add_answer_tokens, fit_embeddings
+from bootfinetune.stages.export import consolidated_state_dict, export_checkpoint, trained_config  # noqa: F401
+from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.stages.train_runs import Outcome, Trainee, fits, train_in_lanes, worker_resources  # noqa: F401
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest
-from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE
-from bootfinetune.training.train_loop import train_loop
+from bootfinetune.run import storage
+from bootfinetune.training.checkpoints import best_epoch, epoch_name, local_copy, whole_epochs
 
 log = logging.getLogger(__name__)
 
@@ -107,33 +109,32 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
 
     drawer = progress_drawer([j.key for j in pending]) if pending else None  # bars on a terminal, else lines
     progress = ({"progress_board": drawer.name, "progress_namespace": drawer.namespace} if drawer else {})
-    need = worker_resources(config)
-    budget = {k: float(v) for k, v in ray.available_resources().items()}
     errors: dict[str, BaseException] = {}
-    running: dict[Future, FinetuneJob] = {}
-    with contextlib.ExitStack() as stack, \
-            ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="finetune") as pool:
+    staged: dict[str, _Staged] = {}
+    with contextlib.ExitStack() as stack:
         if drawer is not None:
             stack.enter_context(drawer)
-        while pending or running:
-            # A job starts when its workers fit in what is left; one always may, when none runs.
-            while pending and (not running or fits(need, budget)):
-                job = pending.pop(0)
-                budget = {k: v - need.get(k, 0.0) for k, v in budget.items()}
-                job_hooks = {**progress, "progress_key": job.key, **(hooks or {}).get(job.key, {})}
-                if tracking is not None and (spec := tracking.start(job.key, job.target, config)):
-                    job_hooks["tracking"] = {**spec, "connection": ray.put(spec["connection"])}  # never in a file
-                running[pool.submit(_run_job, run, job, config, job_hooks)] = job
-            done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done_futures:
-                job = running.pop(fut)
-                budget = {k: v + need.get(k, 0.0) for k, v in budget.items()}
-                try:
-                    manifests[job.key] = fut.result()
-                except BaseException as e:  # collected, raised below once every job has ended
-                    errors[job.key] = e
-                if tracking is not None:
-                    tracking.end(job.key, ok=job.key not in errors)
+        for job in pending:
+            job_hooks = {**progress, "progress_key": job.key, **(hooks or {}).get(job.key, {})}
+            try:
+                staged[job.key] = _stage(run, job, config, job_hooks)
+            except Exception as e:  # this key only: the others still train
+                errors[job.key] = _named(job, e)
+        for key, s in staged.items():
+            if tracking is not None and (spec := tracking.start(key, s.job.target, config)):
+                s.trainee.loop_config["tracking"] = {**spec, "connection": ray.put(spec["connection"])}  # never in a file
+        storage_path, storage_fs = run.checkpoint_storage()
+        budget = {k: float(v) for k, v in ray.available_resources().items()}
+        outcomes = train_in_lanes([s.trainee for s in staged.values()], config, storage_path, storage_fs, budget)
+        for key, outcome in outcomes.items():
+            try:
+                if outcome.error is not None:
+                    raise outcome.error
+                manifests[key] = _export(run, staged[key], config, outcome)
+            except Exception as e:  # collected, raised below once every job has ended
+                errors[key] = _named(staged[key].job, e)
+            if tracking is not None:
+                tracking.end(key, ok=key not in errors)
     if errors:
         detail = "; ".join(f"{k!r}: {e}" for k, e in errors.items())
         raise FinetuneError(f"finetuning failed for model key(s) {sorted(errors)}: {detail}") from next(iter(errors.values()))
@@ -156,19 +157,6 @@ def decide_tokens(jobs: list[FinetuneJob], config: TrainConfig) -> list[Finetune
                for j in jobs]
     check_lora(decided, config.lora)  # the caller's tokens too (a retrain reuses the compile's)
     return decided
-
-
-def worker_resources(config: TrainConfig) -> dict[str, float]:
-    """Ray resources one job's workers hold together."""
-    need = {"CPU": config.num_workers * config.cpus_per_worker}
-    if config.use_gpu:
-        need["GPU"] = config.num_workers * config.gpus_per_worker
-    return need
-
-
-def fits(need: dict[str, float], budget: dict[str, float]) -> bool:
-    """Whether `need` fits in `budget` (resources not in the budget count as 0)."""
-    return all(budget.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
 
 
 def data_hash(path: Path) -> str:
@@ -238,24 +226,36 @@ def _job_fingerprint(job: FinetuneJob, config: TrainConfig) -> str:
     return fingerprint(identity)
 
 
-def _run_job(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> ModelManifest:
-    """Trains one key and exports it. Every failure comes out as a FinetuneError naming the key."""
-    try:
-        return _train_and_export(run, job, config, hooks)
-    except FinetuneError:
-        raise
-    except Exception as e:
-        raise FinetuneError(f"finetuning model {job.key!r} (target {job.target!r}) failed: "
-                            f"{type(e).__name__}: {e}") from e
+@dataclass
+class _Staged:
+    """A key ready to train: what its workers get (`trainee`) and what its export needs."""
+
+    job: FinetuneJob
+    trainee: Trainee
+    records: tuple[int, int, str]
+    """Train records, eval records, and where eval came from."""
+    kind: str
+    tokenizer: Any
+    """The target's tokenizer with the added tokens (exported beside the model)."""
+    base_vocab: int
+    job_fp: str
 
 
-def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> ModelManifest:
+def _named(job: FinetuneJob, e: BaseException) -> FinetuneError:
+    """Every failure of a key comes out as a FinetuneError naming it."""
+    if isinstance(e, FinetuneError):
+        return e
+    error = FinetuneError(f"finetuning model {job.key!r} (target {job.target!r}) failed: {type(e).__name__}: {e}")
+    error.__cause__ = e
+    return error
+
+
+def _stage(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, Any]) -> _Staged:
+    """Reads and checks a key's data, loads its tokenizer, clears checkpoints of other data or options, and
+    puts its records in the object store for its workers."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoConfig, AutoTokenizer
 
-    started = time.time()
     train_records, eval_records, eval_source = load_job_data(job, config)
     kind = model_kind(AutoConfig.from_pretrained(job.target, trust_remote_code=config.trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(job.target, trust_remote_code=config.trust_remote_code)
@@ -263,68 +263,51 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     add_answer_tokens(tokenizer, job.added_tokens or ())
 
     job_fp = _job_fingerprint(job, config)
-    experiment = run.checkpoint_dir(job.key)
-    stamp = experiment / JOB_STAMP
+    stamp = run.checkpoint_dir(job.key) / JOB_STAMP
     if stamp.exists() and read_json(stamp).get("job_fingerprint") != job_fp:
-        log.warning("checkpoints in %s are from other data or options; starting %r over", experiment, job.key)
+        log.warning("checkpoints in %s are from other data or options; starting %r over", stamp.parent, job.key)
         run.remove_checkpoints(job.key)
     write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
     run.sync()
-
+    place = run.checkpoint_location(job.key)  # on a cloud URI, the workers write the checkpoints there
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
                    "train_ref": ray.put(_rows(train_records)),
-                   "eval_ref": ray.put(_rows(eval_records)) if eval_records else None,
+                   "eval_ref": ray.put(_rows(eval_records)) if eval_records else None, "checkpoint_dir": place,
                    "data_hash": data_hash(job.train_file), "added_tokens": list(job.added_tokens or ()), **hooks}
-    storage_path, storage_fs = run.checkpoint_storage()  # on a cloud URI, workers write checkpoints there
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
-    keep = (CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
-            if eval_records else CheckpointConfig(num_to_keep=1))  # best + latest are kept (latest always is)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=experiment.name,
-                             failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=keep),
-    )
-    fit_started = time.time()
-    result = trainer.fit()
-    fit_seconds = time.time() - fit_started
-    if result.checkpoint is None:
-        raise FinetuneError(f"finetuning model {job.key!r} reported no checkpoint; see {experiment}.")
-    with result.checkpoint.as_directory() as latest:
-        state = json.loads((Path(latest) / STATE_FILE).read_text())
-    kept = {m["epoch"]: c for c, m in (result.best_checkpoints or []) if "epoch" in m}
-    if not kept:
-        raise FinetuneError(f"model {job.key!r}: Ray Train kept no epoch checkpoints in {experiment}.")
-    best = _best_epoch([h for h in state["history"] if h["epoch"] in kept])  # Ray kept the best and the latest
-    if best not in kept:
-        raise FinetuneError(f"model {job.key!r}: no checkpoint of epoch {best} in {experiment}.")
-    best_ckpt = kept[best]
+    return _Staged(job, Trainee(job.key, loop_config, place), (len(train_records), len(eval_records), eval_source),
+                   kind, tokenizer, base_vocab, job_fp)
 
+
+def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome) -> ModelManifest:
+    """The best kept epoch of a finished key as models/{folder}/, and its manifest (written last)."""
+    job, state, place = staged.job, outcome.state or {}, staged.trainee.checkpoint_dir
+    kept = set(whole_epochs(place))
+    history = state["history"]
+    best = best_epoch([h for h in history if h["epoch"] in kept] or history)
+    if best not in kept:
+        raise FinetuneError(f"model {job.key!r}: no checkpoint of epoch {best} in {redact_uri(place)}.")
     out = run.model_dir(job.key)
     run.remove("models", out.name)
     export_started = time.time()
-    with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, trained_config(config, state),
-                                 tokenizer=tokenizer, base_vocab=base_vocab)
-    tokenizer.save_pretrained(out)
-    timings = _timings(state, fit_started, fit_seconds, time.time() - export_started)
-
-    history = state["history"]
+    with tempfile.TemporaryDirectory(prefix="bootfinetune-export-") as scratch:
+        ckpt_dir = local_copy(place, best, Path(scratch))
+        lora = export_checkpoint(ckpt_dir, best, job.target, staged.kind, out, trained_config(config, state),
+                                 tokenizer=staged.tokenizer, base_vocab=staged.base_vocab)
+    staged.tokenizer.save_pretrained(out)
+    timings = _timings(state, outcome.begin, outcome.end - outcome.begin, time.time() - export_started)
+    train_n, eval_n, eval_source = staged.records
     manifest = ModelManifest(
         key=job.key,
         folder=out.name,
         target=job.target,
         predictors=list(job.predictors),
-        model_kind=kind,
-        renderer=renderer_identity(tokenizer, kind),
+        model_kind=staged.kind,
+        renderer=renderer_identity(staged.tokenizer, staged.kind),
         data_file=str(job.train_file),
         data_hash=data_hash(job.train_file),
         eval_hash=data_hash(job.eval_file) if job.eval_file else None,
-        train_records=len(train_records),
-        eval_records=len(eval_records),
+        train_records=train_n,
+        eval_records=eval_n,
         eval_source=eval_source,
         epochs=config.epochs,
         losses={"train": [h["train_loss"] for h in history], "eval": [h["eval_loss"] for h in history]},
@@ -335,14 +318,14 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                      "total": sum(h["tokens"] for h in history),
                      "padding": sum(h["padded_tokens"] for h in history)},
         seconds=round(state["seconds"], 3),
-        wall_seconds=round(time.time() - started, 3),
-        started_at=round(started, 3),
-        finished_at=round(time.time(), 3),
+        wall_seconds=round(outcome.end - outcome.begin + timings["export_seconds"], 3),
+        started_at=round(outcome.begin, 3),
+        finished_at=round(outcome.end, 3),
         truncated={"train": state["truncated_train"], "eval": state["truncated_eval"],
                    "max_length": config.max_length,
                    # inference cuts a causal prompt to the room training left it beside a typical answer
                    "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
-                                                              if kind == "causal" else 0)},
+                                                              if staged.kind == "causal" else 0)},
         answer_tokens_max=state.get("answer_tokens_max") or None,
         dropped_per_epoch=state["dropped_per_epoch"],
         world_size=state["world_size"],
@@ -352,58 +335,16 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         starts=state["starts"],
         history=history,
         loss_curve=state.get("loss_curve", []),
-        checkpoint=best_ckpt.path,
+        checkpoint=redact_uri(storage.join_uri(place, epoch_name(best))) if storage.is_uri(place)
+        else str(Path(place) / epoch_name(best)),
         train_config=dataclasses.asdict(config),
         lora=lora,
         added_tokens=list(job.added_tokens or ()),
-        job_fingerprint=job_fp,
+        job_fingerprint=staged.job_fp,
     )
     run.write_manifest(manifest)  # last: its presence means the key is finished
     run.sync()
     return manifest
-
-
-def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
-                      config: TrainConfig, *, tokenizer: Any = None, base_vocab: int | None = None) -> dict[str, Any] | None:
-    """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
-
-    The base model is loaded from `target` (for its config and generation config), the
-    checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
-    (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
-    A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
-    returns the adapter's facts for the manifest; a full finetune returns None.
-    With `tokenizer` longer than `base_vocab` (tokens added for training), the base's
-    embeddings are fitted to it first, as the training loop did.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
-    if config.lora:
-        from bootfinetune.training.lora import export_lora
-
-        try:
-            return export_lora(state_dict, target, kind, out, config)
-        except ValueError as exc:
-            raise FinetuneError(f"checkpoint {ckpt_dir}: {exc}") from exc
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
-                                 trust_remote_code=config.trust_remote_code)
-    if tokenizer is not None and base_vocab is not None and len(tokenizer) > base_vocab:
-        fit_embeddings(model, tokenizer, base_vocab)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = _tied_names(model)
-    if unexpected or set(missing) - tied:
-        raise FinetuneError(f"checkpoint {ckpt_dir} does not match {target}: missing {sorted(set(missing) - tied)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}.")
-    model.tie_weights()
-    if config.bf16:
-        model = model.to(torch.bfloat16)
-    gen = model.generation_config
-    if gen is not None and gen.pad_token_id is None:
-        gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
-    model.save_pretrained(out)
-    return None
 
 
 def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, export_seconds: float) -> dict[str, float]:
@@ -418,58 +359,6 @@ def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, expo
     if loop.get("reported_at", 0) >= fit_started:  # the last checkpoint's writing and report, Ray Train's teardown
         out["ray_train_end_seconds"] = fit_started + fit_seconds - loop["reported_at"]
     return {k: round(v, 3) for k, v in out.items() if v is not None}
-
-
-def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
-    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
-    engine = state.get("engine") or {}
-    if not engine:
-        return config
-    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
-                               offload_params=engine["offload_params"])
-
-
-def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
-    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module.
-
-    Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
-    merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
-    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (docs/failures.md, "Trust").
-    """
-    import torch
-
-    if zero_stage == 0:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # It prints a line per step of the merge, and a progress bar (stderr) over the partition files.
-    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    log.debug("zero_to_fp32: %s", said.getvalue().strip())
-    return state
-
-
-def _tied_names(model: Any) -> set[str]:
-    """Parameter names that share storage with another one (e.g. lm_head.weight tied to the embeddings)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            tied |= {name, seen[ptr]}
-        else:
-            seen[ptr] = name
-    return tied
-
-
-def _best_epoch(history: list[dict[str, Any]]) -> int:
-    """The epoch (1-based) with the lowest eval loss; the last one when there is no eval data."""
-    scored = [(h["eval_loss"], h["epoch"]) for h in history if h.get("eval_loss") is not None]
-    return min(scored)[1] if scored else history[-1]["epoch"]
 
 
 def load_job_data(job: FinetuneJob, config: TrainConfig) -> tuple[list[dict], list[dict], str]:

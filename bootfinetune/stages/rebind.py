@@ -10,6 +10,7 @@ with (`adapters.scope_adapter`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,32 @@ from bootfinetune.stages.adapters import adapter_from_spec, scope_adapter
 from bootfinetune.common.chat import LOCAL_API_KEY
 from bootfinetune.common.redaction import public_lm_state
 from bootfinetune.stages.checks import ProgramPlan
-from bootfinetune.config import InferenceConfig
+from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.common.importpath import resolve
-from bootfinetune.run.jsonio import read_json
+from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import FinetunedLM
+from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.render import answer_token_counts, encode_records, model_kind
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription
+
+
+@dataclass(frozen=True)
+class ScoringLimits:
+    """How a base (not finetuned) model answers while it is scored: as its finetuned self will."""
+
+    max_tokens_ceiling: int
+    """Most new tokens an answer may have: `token_ceiling` of the longest training answer."""
+    max_length: int | None
+    """Prompt tokens kept: training's max_length less a typical answer (causal), as the manifest records."""
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
            exclude_demos: bool = False, inference: InferenceConfig | None = None,
            sources: dict[str, str | None] | None = None, adapter: Any = None,
-           trust_remote_code: bool = False) -> dspy.Module:
+           trust_remote_code: bool = False, limits: dict[str, ScoringLimits] | None = None) -> dspy.Module:
     """A copy of `student` whose predictor `name` calls `FinetunedLM(model_of[key_of[name]])`.
 
     Args:
@@ -44,10 +58,14 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
         adapter: The DSPy adapter the models were trained with; every predictor formats its
             prompts with it whatever `dspy.settings.adapter` says. None leaves the setting in charge.
         trust_remote_code: Let the models' own code run when they load (the run's `trust_remote_code`).
+        limits: Model key -> the ceiling and prompt length its LM keeps, for models without a manifest that
+            records them (base targets: `base_limits`).
     """
-    inference = inference or InferenceConfig()
+    inference, limits = inference or InferenceConfig(), limits or {}
     lms = {key: FinetunedLM(str(path), key=key, device=inference.device, max_tokens=inference.max_tokens,
-                            max_tokens_ceiling=inference.max_tokens_ceiling,
+                            max_tokens_ceiling=limits[key].max_tokens_ceiling if key in limits
+                            else inference.max_tokens_ceiling,
+                            max_length=limits[key].max_length if key in limits else None,
                             batch_size=inference.generate_batch_size, source=(sources or {}).get(key),
                             trust_remote_code=trust_remote_code)
            for key, path in model_of.items()}
@@ -63,10 +81,29 @@ def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str
 
 
 def base_program(student: dspy.Module, plan: ProgramPlan, *, exclude_demos: bool,
-                 inference: InferenceConfig, adapter: Any = None, trust_remote_code: bool = False) -> dspy.Module:
-    """The student on its base (not finetuned) targets: the 'before' of the report."""
+                 inference: InferenceConfig, adapter: Any = None, trust_remote_code: bool = False,
+                 limits: dict[str, ScoringLimits] | None = None) -> dspy.Module:
+    """The student on its base (not finetuned) targets: the 'before' of the report, answering within `limits`
+    (per model key, `base_limits`) as its finetuned self will."""
     return rebind(student, plan.key_of, dict(plan.target_of), exclude_demos=exclude_demos, inference=inference,
-                  adapter=adapter, trust_remote_code=trust_remote_code)
+                  adapter=adapter, trust_remote_code=trust_remote_code, limits=limits)
+
+
+def base_limits(target: str, data_file: Path, added_tokens: list[str] | tuple[str, ...], config: Config) -> ScoringLimits:
+    """The limits of a model key's base target, from the teacher's answers in its training data, measured in
+    the target's tokens as training measures them (`render.answer_token_counts`); an explicit
+    `max_tokens_ceiling` wins."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    remote = config.train.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=remote)
+    add_answer_tokens(tokenizer, added_tokens)
+    kind = model_kind(AutoConfig.from_pretrained(target, trust_remote_code=remote))
+    encoded, _ = encode_records(tokenizer, read_jsonl(data_file), kind, config.train.max_length)
+    counts = answer_token_counts(encoded) or [0]
+    ceiling = config.inference.max_tokens_ceiling or token_ceiling(counts[-1], config.inference.max_tokens)
+    median = counts[len(counts) // 2] if kind == "causal" else 0
+    return ScoringLimits(ceiling, config.train.max_length - median)
 
 
 def program_state(program: dspy.Module) -> dict[str, Any]:

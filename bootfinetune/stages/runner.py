@@ -145,8 +145,22 @@ class TeacherUsage:
         if model is None or model not in self.by_model:  # a cache hit: its cost was paid before
             return
         totals, cost = self.by_model[model], entry.get("cost")
+        if cut_short(entry):
+            totals["cut"] = totals.get("cut", 0) + 1
         if totals["cost_usd"] is not None:
             totals["cost_usd"] = None if cost is None else totals["cost_usd"] + float(cost)
+
+
+def cut_short(entry: dict[str, Any]) -> bool:
+    """Whether a DSPy history entry's answer stopped at its token limit (finish reason "length")."""
+    response = entry.get("response")
+    for item in response if isinstance(response, (list, tuple)) else [response]:
+        choices = getattr(item, "choices", None) or (item.get("choices") if isinstance(item, dict) else None)
+        for choice in choices or [item]:
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else getattr(choice, "finish_reason", None)
+            if reason == "length":
+                return True
+    return False
 
 
 class _CostLog(list):

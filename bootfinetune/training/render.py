@@ -138,6 +138,12 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], kind: Mode
     return out, sum(e.truncated for e in out)
 
 
+def answer_token_counts(examples: Iterable[Encoded]) -> list[int]:
+    """Each example's answer length in tokens (its labels, EOS included), shortest first: the training loop's
+    median and longest answer, and the ceiling scoring and serving derive from the longest."""
+    return sorted(e.answer_tokens for e in examples)
+
+
 def _fit(body: list[int], answer: list[int], prefix: list[int], suffix: list[int], kind: ModelKind, max_length: int,
          eos: int | None) -> Encoded:
     """One example from its prompt body and answer ids, cut to `max_length` (see the module docstring)."""

@@ -3,18 +3,17 @@
 `train_loop(loop_config)` finetunes `target` with DeepSpeed (or, on one worker with nothing to shard,
 the plain torch engine: `torch_engine`) on the records it is given:
 
-- under Ray Train (`loop_config["ray"] = True`, what `finetune.py` passes to `TorchTrainer`):
-  rows come from the object store (`train_ref` / `eval_ref`: the records the driver put there once,
-  each rank taking its slice, as without Ray), every rank calls
-  `ray.train.report(metrics, checkpoint=...)` once per epoch, and a restarted or rerun job
-  resumes from `ray.train.get_checkpoint()` at the next epoch;
+- under Ray Train (`loop_config["ray"] = True`, what `model_queue.train_models` runs for each model of a
+  `TorchTrainer` run): rows come from the object store (`train_ref` / `eval_ref`: the records the driver put
+  there once, each rank taking its slice, as without Ray), and every rank calls `ray.train.report(metrics)`
+  once per epoch;
 - without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU machine that has no
-  Ray): rows come from the JSONL files `train_path` / `eval_path`, and per-epoch checkpoints
-  go to `checkpoint_dir` when one is given (and are resumed from there).
+  Ray): rows come from the JSONL files `train_path` / `eval_path`.
 
-`ray` is imported only in the first case. A checkpoint directory holds
-`deepspeed/` (a resumable DeepSpeed checkpoint, tag `epoch_{n}`) and `trainer_state.json`
-(epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
+`ray` is imported only in the first case. Either way, per-epoch checkpoints go to `checkpoint_dir` (a folder,
+or a cloud URI) when one is given, and a (re)start resumes from the newest whole one there at the next epoch
+(`checkpoints`: `deepspeed/`, a resumable DeepSpeed checkpoint tagged `epoch_{n}`, and `trainer_state.json`:
+epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
 
 Each (re)start runs `_prepare` (tokenizer, this rank's encoded data, step counts), then
 `engine.build_engine` (model, LoRA, optimizer, DeepSpeed or the plain engine), then per epoch `_train_epoch`
@@ -27,6 +26,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,14 +36,14 @@ from bootfinetune.config import TrainConfig
 from bootfinetune.training.distributed import all_reduce, process_group, rank_nodes, set_threads
 from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
-from bootfinetune.training.render import IGNORE_INDEX, Encoded, collate, encode_records, model_kind
+from bootfinetune.training.render import IGNORE_INDEX, Encoded, answer_token_counts, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, packs_exactly
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config, zero3_loading
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.tracking import open_tracker
 from bootfinetune.training.progress import PhaseClock
-from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, find_resume, save_and_report  # noqa: F401
+from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, latest_state, local_copy, report, save_checkpoint  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class LoopConfig:
     eval_path: str | None = None
     """Without Ray: JSONL of eval records (optional)."""
     checkpoint_dir: str | None = None
-    """Without Ray: folder for per-epoch checkpoints (epoch_{n}/), resumed from if present."""
+    """Folder or cloud URI for per-epoch checkpoints (epoch_{NNN}/), resumed from if present; None: none kept."""
     data_hash: str | None = None
     """Hash of the training data, recorded in the state to catch a resume onto other data."""
     added_tokens: list[str] = field(default_factory=list)
@@ -203,13 +203,13 @@ class Prepared:
 
 def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any) -> dict[str, Any] | None:
     started = time.time()
-    resume_dir, saved = find_resume(cfg.ray, cfg.checkpoint_dir)
+    resume_epoch, saved = latest_state(cfg.checkpoint_dir)
     state = LoopState(**saved) if saved else LoopState()
     if state.epochs_done >= tc.epochs:
         return asdict(state) if rank == 0 else None
     if state.data_hash and cfg.data_hash and state.data_hash != cfg.data_hash:
-        raise RuntimeError(f"checkpoint {resume_dir} was trained on other data ({state.data_hash} != "
-                           f"{cfg.data_hash}); delete it to start over.")
+        raise RuntimeError(f"checkpoint {resume_epoch} in {cfg.checkpoint_dir} was trained on other data "
+                           f"({state.data_hash} != {cfg.data_hash}); delete it to start over.")
     state.starts.append({"epoch": state.epochs_done, "global_step": state.global_step})
     state.world_size, state.data_hash = world, cfg.data_hash
     state.nodes = rank_nodes(world)
@@ -232,8 +232,10 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
         # seq2seq has no packed attention, nor has a model with its own mask code: a record a row
         data.packed = tc.packing and data.kind == "causal" and packs_exactly(engine.module)
         state.engine = {**choice.to_json(), "packed": data.packed}
-        if resume_dir is not None:  # DeepSpeed unpickles its files (weights_only=False): a trusted run only
-            engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
+        if resume_epoch is not None:  # DeepSpeed unpickles its files (weights_only=False): a trusted run only
+            with tempfile.TemporaryDirectory(prefix="bootfinetune-resume-") as scratch:
+                resume_dir = local_copy(str(cfg.checkpoint_dir), resume_epoch, Path(scratch))
+                engine.load_checkpoint(str(resume_dir / DS_DIR), tag=f"epoch_{state.epochs_done}")
         state.timings.update(loop_started_at=round(started, 3), setup_seconds=round(time.time() - started, 3))
         state.timings.setdefault("checkpoint_seconds", 0.0)
         if rank == 0:
@@ -287,7 +289,7 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
         int(x) for x in all_reduce([trunc_train, trunc_eval, len(eval_ex)], device, "sum"))
     if not train_ex:
         raise RuntimeError(f"rank {rank} got no training records; give more data or fewer workers.")
-    answer_lengths = sorted(sum(1 for t in e.labels if t != -100) for e in train_ex)
+    answer_lengths = answer_token_counts(train_ex)
     state.answer_tokens_median = answer_lengths[len(answer_lengths) // 2]
     state.answer_tokens_max = int(all_reduce([answer_lengths[-1]], device, "max")[0])
 
@@ -342,8 +344,8 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
             on_curve = step % curve_every == 0
             if on_curve or reporter.due():  # the host sync happens only here
                 mean = float(window) / window_n
-                window, window_n = torch.zeros((), device=device), 0
-                if on_curve:
+                if on_curve:  # a curve point is the mean of its steps alone, whenever progress was reported
+                    window, window_n = torch.zeros((), device=device), 0
                     state.loss_curve.append([step, round(mean, 5)])
                     if tracker is not None:
                         tracker.update(state)
@@ -378,7 +380,9 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
     metrics = {"epoch": epoch + 1, "global_step": state.global_step, "train_loss": mean_loss / world,
                "eval_loss": eval_loss, "start_epoch": state.starts[-1]["epoch"]}
     state.timings["reported_at"] = round(time.time(), 3)  # the last one: where the driver's wait for Ray begins
-    seconds = save_and_report(cfg.ray, cfg.checkpoint_dir, engine, asdict(state), metrics, epoch + 1, rank)
+    seconds = save_checkpoint(cfg.checkpoint_dir, engine, asdict(state), epoch + 1, rank) if cfg.checkpoint_dir else 0.0
+    if cfg.ray:
+        report(metrics)
     state.timings["checkpoint_seconds"] = round(state.timings.get("checkpoint_seconds", 0.0) + seconds, 3)
 
 

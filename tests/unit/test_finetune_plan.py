@@ -6,10 +6,11 @@ import pytest
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.stages.finetune import (FinetuneJob, _best_epoch, _timings, finished_manifest, fits, load_job_data, split_records,
+from bootfinetune.stages.finetune import (FinetuneJob, _timings, finished_manifest, fits, load_job_data, split_records,
                                    worker_resources)
 from bootfinetune.run.jsonio import write_json, write_jsonl
 from bootfinetune.run.rundir import RunDir
+from bootfinetune.training.checkpoints import best_epoch
 from bootfinetune.testing.tiny_models import toy_records
 
 
@@ -48,8 +49,8 @@ def test_jobs_fit_side_by_side_only_while_resources_last():
 
 def test_best_epoch_is_lowest_eval_loss_else_last():
     history = [{"epoch": 1, "eval_loss": 2.0}, {"epoch": 2, "eval_loss": 1.5}, {"epoch": 3, "eval_loss": 1.7}]
-    assert _best_epoch(history) == 2
-    assert _best_epoch([{"epoch": 1, "eval_loss": None}, {"epoch": 2, "eval_loss": None}]) == 2
+    assert best_epoch(history) == 2
+    assert best_epoch([{"epoch": 1, "eval_loss": None}, {"epoch": 2, "eval_loss": None}]) == 2
 
 
 def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path):

@@ -140,3 +140,10 @@ def test_the_loop_trains_on_packed_rows(tmp_path, model_and_records):
     assert state["global_step"] == 2 * 40 / 2  # each micro batch packed: the steps of a record a row
     assert all(h["padded_tokens"] < 0.2 * h["tokens"] for h in history)
     assert history[-1]["eval_loss"] < state["eval_loss_before"]
+    # the same run unpacked (a padded record a row): the same loss at every optimizer step of the whole run
+    unpacked = train_loop({"target": str(target), "train": dataclasses.asdict(dataclasses.replace(tc, packing=False)),
+                           "train_path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl")})
+    assert unpacked["engine"]["packed"] is False and unpacked["global_step"] == state["global_step"]
+    assert [p[0] for p in state["loss_curve"]] == [p[0] for p in unpacked["loss_curve"]]
+    assert [p[1] for p in state["loss_curve"]] == pytest.approx([p[1] for p in unpacked["loss_curve"]], rel=1e-4)
+    assert [h["eval_loss"] for h in history] == pytest.approx([h["eval_loss"] for h in unpacked["history"]], rel=1e-4)

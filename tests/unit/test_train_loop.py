@@ -83,6 +83,9 @@ def test_the_plain_engine_trains_as_deepspeed_stage_0(tmp_path, data, accumsteps
     assert plain["engine"]["engine"] == "torch" and ds["engine"]["engine"] == "deepspeed"
     assert plain["global_step"] == ds["global_step"] == 2 * (5 // accumsteps)
     tol = 2e-2 if bf16 else 1e-5
+    # the whole run, optimizer step by optimizer step (the loss curve has a point per step on a run this short)
+    assert [p[0] for p in plain["loss_curve"]] == [p[0] for p in ds["loss_curve"]] == list(range(1, plain["global_step"] + 1))
+    assert [p[1] for p in plain["loss_curve"]] == pytest.approx([p[1] for p in ds["loss_curve"]], rel=tol)
     for a, b in zip(plain["history"], ds["history"]):
         assert a["steps"] == b["steps"] and a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=tol)
@@ -194,6 +197,50 @@ def test_lr_schedule_matches_the_hugging_face_one_of_its_name(schedule, total, r
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
     theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=math.ceil(ratio * total), num_training_steps=total))
     assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_run_with_our_schedule_trains_as_one_with_the_hugging_face_schedule(tmp_path, data, monkeypatch, schedule):
+    """Not just the lr at each step: a whole short run (3 epochs, every optimizer step) gives the same losses with
+    our schedule as with `transformers.get_scheduler`'s of the same name in its place."""
+    import math
+
+    from transformers import get_scheduler
+
+    from bootfinetune.training import engine
+
+    target = build_tiny_causal(tmp_path / "m")
+    opts = dict(epochs=3, warmup_ratio=0.2, lr_schedule=schedule)
+    ours = _loop(target, data, **opts)
+
+    def theirs(optimizer, tc, total_steps):
+        return get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+
+    monkeypatch.setattr(engine, "lr_scheduler", theirs)
+    hf = _loop(target, data, **opts)
+    assert len(ours["loss_curve"]) == ours["global_step"] == 15
+    assert [p[1] for p in ours["loss_curve"]] == pytest.approx([p[1] for p in hf["loss_curve"]], rel=1e-6)
+    assert [h["eval_loss"] for h in ours["history"]] == pytest.approx([h["eval_loss"] for h in hf["history"]], rel=1e-6)
+    assert [h["lr"] for h in ours["history"]] == pytest.approx([h["lr"] for h in hf["history"]], abs=1e-12)
+
+
+def test_the_loss_curve_does_not_depend_on_when_progress_was_reported(tmp_path, data, monkeypatch):
+    """A seeded run gives the same loss curve whether progress lines came at every step or never (200 steps:
+    a point every 2 optimizer steps, so a progress line between two points must not cut the mean short)."""
+    from bootfinetune.training import progress
+
+    target = build_tiny_causal(tmp_path / "m")
+    tc = TrainConfig(target=str(target), bsize=1, lr=1e-3, max_length=256, epochs=5)
+    runs = []
+    for every in (0.0, 1e9):
+        monkeypatch.setattr(progress, "LOG_EVERY_S", every)
+        runs.append(train_loop({"target": str(target), "train": dataclasses.asdict(tc),
+                                "train_path": str(data / "train.jsonl")}))
+    often, never = runs
+    assert often["global_step"] == 200 and [p[0] for p in often["loss_curve"]] == list(range(2, 201, 2))
+    assert often["loss_curve"] == never["loss_curve"]
+    assert [h["train_loss"] for h in often["history"]] == [h["train_loss"] for h in never["history"]]
 
 
 def test_unknown_loop_config_key_is_refused():

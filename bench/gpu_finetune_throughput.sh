@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 19's GPU rows (bench/RESULTS.md section 2) in one command, on a machine with one GPU, torch and
-# transformers, and no network (the workplace's device machine: nothing JIT-built, no Ray).
+# The GPU rows of bench/RESULTS.md section 2 (finetuning tokens/s and MFU, ours against HF and TRL) in one
+# command, on a machine with one GPU, torch and transformers, and no network (nothing JIT-built, no Ray).
 #
-#   bash bench/gpu_issue19.sh --fetch   # here, with the package registry: the wheels that machine lacks
-#   bash bench/gpu_issue19.sh           # there (carry bench/wheels): 0.5B and 1.5B, ours beside HF and TRL
+#   bash bench/gpu_finetune_throughput.sh --fetch   # here, with the package registry: the wheels that machine lacks
+#   bash bench/gpu_finetune_throughput.sh           # there (carry bench/wheels): 0.5B and 1.5B, ours beside HF and TRL
 #
 # Each size: the same DSPy-shaped records for every engine (prompts 100-400 tokens, answers 5-60), bf16,
 # sequence 1,024, micro batch 8; at 1.5B ours also with compile_layers (torch.compile of each decoder layer).
