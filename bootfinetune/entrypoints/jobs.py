@@ -216,14 +216,12 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     return _result("evaluate", run_dir=RunDir.from_location(args.run_dir).location, **out)
 
 
-COMPILE_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")
-"""Options that are `compile()`'s own documented arguments: passed there, where they take precedence."""
-
-
 def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(constructor options, compile() arguments), the target resolved when it is an import path."""
+    """(constructor options, compile()'s documented arguments), the target resolved when it is an import path."""
+    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # loads DSPy: only once the job has been checked
+
     options = dict(job.options)
-    args = {k: options.pop(k) for k in COMPILE_ARGS if k in options}
+    args = {k: options.pop(k) for k in DOCUMENTED_ARGS if k in options}
     if "target" in args:
         args["target"] = resolve_target(args["target"])
     return options, args

@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import cloudpickle
 import dspy
 
 from bootfinetune.config import BootstrapConfig
@@ -44,6 +43,7 @@ from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, a
                                         pack_for_actors, score_value)
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.user_code import ship_user_modules
+from bootfinetune.runtime.worker_pickle import dumps
 
 __all__ = ["TeacherRunner", "is_kept", "score_value", "driver_settings", "run_bootstrap", "run_bootstrap_splits",
            "run_examples", "load_bootstrap", "invalidate_changed", "BootstrapResult"]
@@ -78,7 +78,7 @@ def driver_settings() -> dict[str, Any]:
             if name in DEFAULT_CONFIG and value == DEFAULT_CONFIG[name]:
                 continue
             try:
-                cloudpickle.dumps(value)
+                dumps(value)
             except Exception as exc:  # cloudpickle raises many types; the setting stays behind, said once
                 if name not in _WARNED:
                     _WARNED.add(name)
@@ -292,8 +292,9 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
                        num_cpus: float, max_tasks: int, one_at_a_time: bool = False) -> Any:
     """`dataset.map_batches(StreamingTeacherRunner)` on a pool of actors: where user objects are handed to Ray.
 
-    The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) are
-    registered to travel by value first, so the actors need not find them on their path. Retries are
+    The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) go with
+    them as files (`user_code.ship_user_modules`), imported by each actor before it unpickles the
+    objects, so the actors need not find them on their path. Retries are
     bounded (`bootfinetune.stages.retries`): a task that failed all its attempts is dropped rather than
     failing the run, so its rows are missing from the output (results are keyed by example).
 
@@ -303,7 +304,7 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     """
     import ray
 
-    ship_user_modules()
+    code = ship_user_modules()
     calls = 1 if one_at_a_time else ACTOR_CALLS
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
@@ -312,7 +313,7 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=pack_for_actors(runner_kwargs),
+        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs={**pack_for_actors(runner_kwargs), "code": code},
                                    compute=ray.data.ActorPoolStrategy(
                                        size=num_actors, max_tasks_in_flight_per_actor=calls,
                                        max_concurrent_calls_per_actor=calls),
