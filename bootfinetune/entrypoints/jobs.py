@@ -16,11 +16,11 @@ import sys
 import time
 from typing import Any, Iterator
 
-from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
 from bootfinetune.common.importpath import resolve
 from bootfinetune.common.redaction import redact_urls_in
-from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
-                                    load_job_config, parse_job_config, resolve_target)
+from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, dataset_problems,
+                                                load_dataset, load_job_config, parse_job_config, resolve_target)
 from bootfinetune.run.rundir import RunDir
 
 log = logging.getLogger("bootfinetune")
@@ -121,8 +121,8 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
     (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
+    check_environment(job)  # before Ray: a missing file or key variable is the user's to fix, not the cluster's
     _connect(job, args.ray_address)
-    check_environment(job)
     from bootfinetune import BootstrapFinetune
 
     trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
@@ -207,6 +207,13 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
     if job is None:
         raise ConfigError(["--config: evaluate.py needs a job YAML naming valset and metric."])
+    problems = dataset_problems(job, ("valset",))
+    run = RunDir.from_location(args.run_dir)
+    if run.remote is None and not run.program_json.exists():
+        problems.append(f"--run-dir {args.run_dir}: no program.json there; pass the run directory a finished "
+                        f"compile printed (its folder or s3:// / gs:// URI).")
+    if problems:
+        raise ConfigError(problems)
     _connect(job, args.ray_address)
     valset = load_dataset(job.valset)
     b = job.config.bootstrap
@@ -233,11 +240,17 @@ def _program(job: JobConfig) -> Any:
 
 
 def run_main(fn: Any) -> None:
-    """Runs an entrypoint: a ConfigError prints its problems and exits 2 (nothing ran)."""
+    """Runs an entrypoint without a traceback for what the user must fix.
+
+    A ConfigError or ProgramError prints one `error:` line per problem and exits 2 (nothing ran); any
+    other error of ours (a run busy, a bootstrap or finetune that failed) prints its message and exits 1.
+    """
     try:
         sys.exit(fn())
-    except (ConfigError, ProgramError) as e:
-        print("error: the job did not start:", file=sys.stderr)
+    except ProblemsError as e:
         for problem in e.problems:
-            print(f"  - {problem}", file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    except BootFinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
