@@ -212,7 +212,7 @@ class BootstrapFinetune(Teleprompter):
             result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
             return result, {"seconds": 0.0}
         b = config.bootstrap
-        common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
+        common = dict(num_threads=b.num_threads, num_actors=b.num_actors, placement=config.train)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
                             adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code)
@@ -221,7 +221,8 @@ class BootstrapFinetune(Teleprompter):
         result["before"], result["after"] = before.score, after.score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
-        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage}}
+        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage},
+                 "nodes": {"before": before.nodes, "after": after.nodes}}
         logger.info("  student tokens while scoring: %s", student_usage(stage))
         return result, stage
 
@@ -475,7 +476,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
 
     run = RunDir.from_location(run_dir)
     program = load(run_dir)
-    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
+    trained = Config.from_dict(run.read_description().options).train  # where its models may run
+    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,
+                              placement=trained)
     out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
            "usage": result.usage, **(about or {})}
     path = run.evaluation_json(name)

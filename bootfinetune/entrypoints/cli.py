@@ -73,7 +73,7 @@ def cmd_bootstrap(args) -> int:
     import dspy
 
     from bootfinetune import BootstrapFinetune
-    from bootfinetune.config import config_arguments
+    from bootfinetune.entrypoints.flags import config_arguments
     from bootfinetune.entrypoints.teachers import teacher_lm
 
     loaded, problems = {}, []  # every mistake in the arguments at once, before Ray starts
@@ -153,7 +153,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bootfinetune.config import add_config_arguments
+    from bootfinetune.entrypoints.flags import add_config_arguments
     from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
     from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES
 

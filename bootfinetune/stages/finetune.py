@@ -33,10 +33,12 @@ from bootfinetune.config import RESOURCE_OPTIONS, TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.run.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.training.render import model_kind, renderer_identity
-from bootfinetune.stages.representable import add_answer_tokens, fit_embeddings
+from bootfinetune.runtime.placement import worker_resources
+from bootfinetune.stages.export import export_model, trained_config
+from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest
-from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE
+from bootfinetune.training.checkpoints import STATE_FILE
 from bootfinetune.training.train_loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
 
     drawer = progress_drawer([j.key for j in pending]) if pending else None  # bars on a terminal, else lines
     progress = ({"progress_board": drawer.name, "progress_namespace": drawer.namespace} if drawer else {})
-    need = worker_resources(config)
+    need = job_resources(config)
     budget = {k: float(v) for k, v in ray.available_resources().items()}
     errors: dict[str, BaseException] = {}
     running: dict[Future, FinetuneJob] = {}
@@ -158,12 +160,9 @@ def decide_tokens(jobs: list[FinetuneJob], config: TrainConfig) -> list[Finetune
     return decided
 
 
-def worker_resources(config: TrainConfig) -> dict[str, float]:
+def job_resources(config: TrainConfig) -> dict[str, float]:
     """Ray resources one job's workers hold together."""
-    need = {"CPU": config.num_workers * config.cpus_per_worker}
-    if config.use_gpu:
-        need["GPU"] = config.num_workers * config.gpus_per_worker
-    return need
+    return {name: amount * config.num_workers for name, amount in worker_resources(config).items()}
 
 
 def fits(need: dict[str, float], budget: dict[str, float]) -> bool:
@@ -276,14 +275,13 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
                    "eval_ref": ray.put(_rows(eval_records)) if eval_records else None,
                    "data_hash": data_hash(job.train_file), "added_tokens": list(job.added_tokens or ()), **hooks}
     storage_path, storage_fs = run.checkpoint_storage()  # on a cloud URI, workers write checkpoints there
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     keep = (CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
             if eval_records else CheckpointConfig(num_to_keep=1))  # best + latest are kept (latest always is)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_resources(config)),
         run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=experiment.name,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=keep),
@@ -304,12 +302,9 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     best_ckpt = kept[best]
 
     out = run.model_dir(job.key)
-    run.remove("models", out.name)
     export_started = time.time()
-    with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, trained_config(config, state),
-                                 tokenizer=tokenizer, base_vocab=base_vocab)
-    tokenizer.save_pretrained(out)
+    lora, export_node = export_model(run, job.key, best_ckpt, best, target=job.target, kind=kind,
+                                     config=trained_config(config, state), tokenizer=tokenizer, base_vocab=base_vocab)
     timings = _timings(state, fit_started, fit_seconds, time.time() - export_started)
 
     history = state["history"]
@@ -349,6 +344,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         engine=state.get("engine") or {},
         timings=timings,
         nodes=state.get("nodes", []),
+        export_node=export_node,
         starts=state["starts"],
         history=history,
         loss_curve=state.get("loss_curve", []),
@@ -363,49 +359,6 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     return manifest
 
 
-def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
-                      config: TrainConfig, *, tokenizer: Any = None, base_vocab: int | None = None) -> dict[str, Any] | None:
-    """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
-
-    The base model is loaded from `target` (for its config and generation config), the
-    checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
-    (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
-    A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
-    returns the adapter's facts for the manifest; a full finetune returns None.
-    With `tokenizer` longer than `base_vocab` (tokens added for training), the base's
-    embeddings are fitted to it first, as the training loop did.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
-    if config.lora:
-        from bootfinetune.training.lora import export_lora
-
-        try:
-            return export_lora(state_dict, target, kind, out, config)
-        except ValueError as exc:
-            raise FinetuneError(f"checkpoint {ckpt_dir}: {exc}") from exc
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
-                                 trust_remote_code=config.trust_remote_code)
-    if tokenizer is not None and base_vocab is not None and len(tokenizer) > base_vocab:
-        fit_embeddings(model, tokenizer, base_vocab)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = _tied_names(model)
-    if unexpected or set(missing) - tied:
-        raise FinetuneError(f"checkpoint {ckpt_dir} does not match {target}: missing {sorted(set(missing) - tied)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}.")
-    model.tie_weights()
-    if config.bf16:
-        model = model.to(torch.bfloat16)
-    gen = model.generation_config
-    if gen is not None and gen.pad_token_id is None:
-        gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
-    model.save_pretrained(out)
-    return None
-
-
 def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, export_seconds: float) -> dict[str, float]:
     """Where the job's time went (the manifest's `timings`), from the driver's clock and the loop's state."""
     loop, train = state.get("timings") or {}, sum(h.get("train_seconds", 0.0) for h in state["history"])
@@ -418,52 +371,6 @@ def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, expo
     if loop.get("reported_at", 0) >= fit_started:  # the last checkpoint's writing and report, Ray Train's teardown
         out["ray_train_end_seconds"] = fit_started + fit_seconds - loop["reported_at"]
     return {k: round(v, 3) for k, v in out.items() if v is not None}
-
-
-def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
-    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
-    engine = state.get("engine") or {}
-    if not engine:
-        return config
-    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
-                               offload_params=engine["offload_params"])
-
-
-def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
-    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module.
-
-    Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
-    merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
-    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (README, "Trust").
-    """
-    import torch
-
-    if zero_stage == 0:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # It prints a line per step of the merge, and a progress bar (stderr) over the partition files.
-    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    log.debug("zero_to_fp32: %s", said.getvalue().strip())
-    return state
-
-
-def _tied_names(model: Any) -> set[str]:
-    """Parameter names that share storage with another one (e.g. lm_head.weight tied to the embeddings)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            tied |= {name, seen[ptr]}
-        else:
-            seen[ptr] = name
-    return tied
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int:

@@ -1,0 +1,156 @@
+"""Stage 4's last step: the best epoch's checkpoint as a Hugging Face folder, `models/{folder}/`.
+
+`export_checkpoint` merges a DeepSpeed checkpoint (any ZeRO stage) into the base model and writes
+safetensors, or exports a LoRA adapter. `export_model` runs it where a model may run
+(`bootfinetune.runtime.placement`): in a Ray task holding one training worker's resources when the
+training asked for an accelerator (the driver's head may have none, nor the memory for the model),
+else in this process. The folder is written where the run lives: in place in a folder every node
+shares; for a run on a cloud URI, into the exporting node's mirror of the run and up to the URI,
+from which the driver's mirror fetches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from bootfinetune.config import TrainConfig
+from bootfinetune.errors import FinetuneError
+from bootfinetune.run import storage
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.runtime.placement import needs_accelerator, ray_options, worker_resources
+from bootfinetune.stages.representable import fit_embeddings
+from bootfinetune.training.checkpoints import DS_DIR
+from bootfinetune.training.distributed import node_id
+
+log = logging.getLogger(__name__)
+
+
+def export_model(run: RunDir, key: str, checkpoint: Any, epoch: int, *, target: str, kind: str, config: TrainConfig,
+                 tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Writes `models/{folder}/` from a Ray Train checkpoint of epoch `epoch`, where a model may run.
+
+    Args:
+        run: The run directory. key: the model key.
+        checkpoint: The `ray.train.Checkpoint` of that epoch (on the run's storage).
+        config: The training options, with the engine the loop chose (`trained_config`).
+        tokenizer: The target's tokenizer with the tokens added for training; `base_vocab` its size before.
+
+    Returns:
+        (the LoRA adapter's facts for the manifest, or None for a full model; the Ray node that exported it).
+    """
+    args = (run, run.folder(key), checkpoint, epoch, target, kind, config, tokenizer, base_vocab)
+    if not needs_accelerator(config):
+        return _export(*args)
+    import ray
+
+    task = ray.remote(_export).options(**ray_options(worker_resources(config)), max_retries=1)
+    lora, node = ray.get(task.remote(*args))
+    run.pull()  # a cloud run's export went up from the node that wrote it
+    return lora, node
+
+
+def _export(run: RunDir, folder: str, checkpoint: Any, epoch: int, target: str, kind: str, config: TrainConfig,
+            tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
+    """`export_model`'s work, in whichever process runs it."""
+    out = run.path("models", folder)
+    run.remove("models", folder)
+    with checkpoint.as_directory() as ckpt_dir:
+        lora = export_checkpoint(Path(ckpt_dir), epoch, target, kind, out, config, tokenizer=tokenizer,
+                                 base_vocab=base_vocab)
+    tokenizer.save_pretrained(out)
+    if run.remote is not None:
+        storage.push(run.root, run.remote, only=[p.relative_to(run.root).as_posix() for p in out.rglob("*")])
+    return lora, node_id()
+
+
+def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
+                      config: TrainConfig, *, tokenizer: Any = None, base_vocab: int | None = None) -> dict[str, Any] | None:
+    """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
+
+    The base model is loaded from `target` (for its config and generation config), the
+    checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
+    (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
+    A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
+    returns the adapter's facts for the manifest; a full finetune returns None.
+    With `tokenizer` longer than `base_vocab` (tokens added for training), the base's
+    embeddings are fitted to it first, as the training loop did.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
+    if config.lora:
+        from bootfinetune.training.lora import export_lora
+
+        try:
+            return export_lora(state_dict, target, kind, out, config)
+        except ValueError as exc:
+            raise FinetuneError(f"checkpoint {ckpt_dir}: {exc}") from exc
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
+                                 trust_remote_code=config.trust_remote_code)
+    if tokenizer is not None and base_vocab is not None and len(tokenizer) > base_vocab:
+        fit_embeddings(model, tokenizer, base_vocab)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = _tied_names(model)
+    if unexpected or set(missing) - tied:
+        raise FinetuneError(f"checkpoint {ckpt_dir} does not match {target}: missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}.")
+    model.tie_weights()
+    if config.bf16:
+        model = model.to(torch.bfloat16)
+    gen = model.generation_config
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
+    model.save_pretrained(out)
+    return None
+
+
+def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
+    engine = state.get("engine") or {}
+    if not engine:
+        return config
+    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
+                               offload_params=engine["offload_params"])
+
+
+def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
+    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module.
+
+    Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
+    merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
+    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (README, "Trust").
+    """
+    import torch
+
+    if zero_stage == 0:
+        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # It prints a line per step of the merge, and a progress bar (stderr) over the partition files.
+    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    log.debug("zero_to_fp32: %s", said.getvalue().strip())
+    return state
+
+
+def _tied_names(model: Any) -> set[str]:
+    """Parameter names that share storage with another one (e.g. lm_head.weight tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            tied |= {name, seen[ptr]}
+        else:
+            seen[ptr] = name
+    return tied
+
+
