@@ -95,7 +95,8 @@ def peft_alias(options: dict[str, Any], **given: Any) -> dict[str, Any]:
 
 
 def documented_options(student: dspy.Module, constructor_options: dict[str, Any], *, options: dict[str, Any],
-                       int8: Any = None, peft: Any = None, path_prefix: Any = None, **documented: Any) -> dict[str, Any]:
+                       int8: Any = None, peft: Any = None, path_prefix: Any = None,
+                       **documented: Any) -> dict[str, Any]:
     """compile()'s arguments as our options: every one given wins over the constructor's, even at its default.
 
     `documented` holds DSPy 2.4's `target, bsize, accumsteps, lr, epochs, bf16` (None: not given). Of 2.4's

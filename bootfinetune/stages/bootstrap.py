@@ -321,7 +321,8 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs={**pack_for_actors(runner_kwargs), "code": code},
+        return dataset.map_batches(StreamingTeacherRunner,
+                                   fn_constructor_kwargs={**pack_for_actors(runner_kwargs), "code": code},
                                    compute=ray.data.ActorPoolStrategy(
                                        size=num_actors, max_tasks_in_flight_per_actor=calls,
                                        max_concurrent_calls_per_actor=calls),
