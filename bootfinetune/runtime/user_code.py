@@ -10,8 +10,9 @@ which cannot travel or arrives stale. So the package ships the modules' source:
 - `keep_sources` (run by `import bootfinetune`) keeps each user module's Python files as they are
   when the module is imported (and those of user modules already imported), so a driver whose
   folder is moved after its imports still ships its code (files still in place are read afresh);
-- `ship_user_modules` zips the files of every loaded user module (a package whole) and puts the
-  zip in Ray's object store once per call, returning a `UserCode`;
+- `ship_user_modules` zips the files of every loaded user module (a package whole) into a `UserCode`,
+  which goes to each actor with its other constructor arguments (Ray moves a large one through its
+  object store);
 - `install`, on a worker before any user object is unpickled, unpacks that zip into a folder named
   by its content (once per node) and puts the folder first on `sys.path`. User objects pickle by
   reference, so their modules are imported there and create their module-level objects there.
@@ -64,14 +65,14 @@ _shipped: set[str] = set()
 
 @dataclass(frozen=True)
 class UserCode:
-    """The user's modules as a worker gets them: a zip of their files in Ray's object store."""
+    """The user's modules as a worker gets them: a zip of their files."""
 
     digest: str
     """sha256 (16 hex digits) of the zip: the worker's folder name, so one content is unpacked once per node."""
     modules: tuple[str, ...]
     """The top-level modules and packages it holds."""
-    ref: Any = None
-    """The `ray.ObjectRef` of the zip's bytes; None when the user has no modules of their own."""
+    zipped: bytes = b""
+    """The zip (`zip_sources`); empty when the user has no modules of their own."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,7 +217,7 @@ def collect_sources() -> tuple[dict[str, bytes], list[str], list[str]]:
 
 
 def ship_user_modules() -> UserCode:
-    """The user's loaded modules zipped into Ray's object store, for `install` on each worker.
+    """The user's loaded modules zipped, for `install` on each worker.
 
     Call it just before handing user objects (programs, metrics, retrievers, callbacks, teachers)
     to Ray, so that modules imported since the last call are included.
@@ -224,8 +225,6 @@ def ship_user_modules() -> UserCode:
     Raises:
         ProgramError: a user module whose files cannot be read, or too much source to send.
     """
-    import ray  # here, not at the top: `import bootfinetune` loads this module and must stay light
-
     files, names, problems = collect_sources()
     if problems:
         raise ProgramError(problems)
@@ -235,7 +234,7 @@ def ship_user_modules() -> UserCode:
         _shipped.add(digest)
         logger.info("user modules sent to Ray workers as code (imported there): %s (%d files, %d KiB)",
                     ", ".join(names), len(files), len(blob) >> 10)
-    return UserCode(digest, tuple(names), ray.put(blob) if names else None)
+    return UserCode(digest, tuple(names), blob if names else b"")
 
 
 def zip_sources(files: dict[str, bytes]) -> bytes:
@@ -252,13 +251,11 @@ def install(code: UserCode | None) -> Path | None:
 
     Call it before unpickling user objects. Returns the folder, or None when nothing was shipped.
     """
-    if code is None or code.ref is None:
+    if code is None or not code.zipped:
         return None
     root = Path(tempfile.gettempdir()) / CODE_DIR / code.digest
     if not root.is_dir():
-        import ray  # only a worker that unpacks needs it (and has it loaded already)
-
-        unpack(ray.get(code.ref), root)
+        unpack(code.zipped, root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
         importlib.invalidate_caches()

@@ -5,6 +5,9 @@ Each node has 2 CPUs and each actor / worker asks for 1.5, so two of them cannot
 the placement itself forces both nodes into use, and the run records where each piece ran
 (bootstrap summary `nodes`, the model manifest's `nodes` per rank). It runs in its own process,
 as a second cluster cannot join the test session's.
+
+The second test gives only the second node a custom resource standing in for a GPU, and the compile asks for it
+(`resources_per_worker`): training, the export and the metric before and after all run there, none in the driver.
 """
 
 import json

@@ -88,18 +88,21 @@ def test_installed_and_own_modules_are_not_the_users(user_package):
 
 def run_elsewhere(tmp_path, blob: bytes, pickled: bytes, code: str) -> list[str]:
     """A fresh process in another directory, with no path to myshop: what a worker without the files sees.
-    It unpacks the shipped zip as `user_code.install` does, unpickles, and runs `code`."""
+    It installs the shipped zip (`user_code.install`, as an actor does first), unpickles, and runs `code`."""
     (tmp_path / "code.zip").write_bytes(blob)
     (tmp_path / "objects.pkl").write_bytes(pickled)
+    (tmp_path / "worker-tmp").mkdir(exist_ok=True)
     script = ("import os, pickle, sys\n"
               "from pathlib import Path\n"
               "from bootfinetune.runtime import user_code\n"
-              "root = Path(sys.argv[1]) / 'unpacked'\n"
-              "user_code.unpack(Path(sys.argv[1], 'code.zip').read_bytes(), root)\n"
-              "sys.path.insert(0, str(root))\n"
+              "blob = Path(sys.argv[1], 'code.zip').read_bytes()\n"
+              "root = user_code.install(user_code.UserCode('d' + str(len(blob)), ('myshop',), blob))\n"
+              "assert root == user_code.install(user_code.UserCode('d' + str(len(blob)), ('myshop',), blob))\n"
+              "assert sys.path.count(str(root)) == 1  # installed once, however many times asked\n"
               "objects = pickle.loads(Path(sys.argv[1], 'objects.pkl').read_bytes())\n" + code)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd="/", capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                                            "TMPDIR": str(tmp_path / "worker-tmp")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.split()
 
