@@ -1,4 +1,4 @@
-"""Stage 4, finetune: one Ray Train + DeepSpeed job per model key, then a Hugging Face export.
+"""Stage 4, finetune: one Ray Train + DeepSpeed job per model key, then its Hugging Face export (`stages.export`).
 
 `finetune_models(run, jobs, config)` trains every `FinetuneJob` with a `TorchTrainer`
 running `train_loop.train_loop` on `num_workers` workers. Jobs run side by side while the

@@ -117,7 +117,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
             was trained with (recorded in config.json).
         trust_remote_code: Let the models' own code run when they load; None: what the run was
-            trained with (config.json). A run directory is trusted like code either way (README, "Trust").
+            trained with (config.json). A run directory is trusted like code either way (docs/failures.md, "Trust").
 
     Raises:
         ProgramError: no program.json, or config.json's `program_class` is not a dspy.Module subclass.
@@ -148,7 +148,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
 def program_class(path: str, source: Any) -> type:
     """The class config.json names as `program_class`, refused unless it is a `dspy.Module` subclass.
 
-    Importing its module runs that module's code, so a run directory is trusted like code (README,
+    Importing its module runs that module's code, so a run directory is trusted like code (docs/failures.md,
     "Trust"); this check keeps `load` from calling anything else config.json might name (`os:system`).
 
     Raises:
