@@ -16,6 +16,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from bootfinetune.runtime.user_code import keep_sources
+
 _EXPORTS = {
     "bootfinetune.compiler": ["BootstrapFinetune", "Prepared"],
     "bootfinetune.config": ["BootstrapConfig", "Config", "RunOptions", "TrainConfig"],
@@ -34,6 +36,8 @@ __all__ = ["BootFinetuneError", "BootstrapConfig", "BootstrapError", "BootstrapF
            "load", "serve_model", "stop_model"]
 assert sorted(__all__) == sorted(_HOME)
 __version__ = "0.1.0"
+
+keep_sources()  # the user's modules' files as imported, for Ray workers even if the files move later
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from bootfinetune.compiler import BootstrapFinetune, Prepared  # noqa: F401

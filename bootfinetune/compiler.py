@@ -11,7 +11,6 @@ the finetune-only job, `retrain`, the DSPy provider) and `evaluate_run` (the eva
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from contextlib import ExitStack
@@ -25,10 +24,11 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_adapter
 from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap_splits
 from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
-                                 lm_identity, target_from_lm, valset_overlap)
-from bootfinetune.config import Config, TrainConfig, identity_options
+                                 check_user_code, lm_identity, valset_overlap)
+from bootfinetune.config import Config, identity_options
 from bootfinetune.stages.datasets import build_datasets
-from bootfinetune.dspy_api import check_compile_arguments, check_positional, train_kwargs_options
+from bootfinetune.dspy_api import (check_compile_arguments, check_positional, documented_options, peft_alias,
+                                   train_kwargs_options)
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.stages.evaluate import evaluate_program, teacher_score
 from bootfinetune.stages.finetune import FinetuneJob, finetune_models
@@ -48,9 +48,6 @@ from bootfinetune.training import tracking
 from bootfinetune.stages.traces import TraceStore, example_key, trace_id, trace_identity
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TARGET = TrainConfig.target
-"""The documented default `target` ("t5-large")."""
 
 def _short(values: list) -> str:
     shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
@@ -135,7 +132,7 @@ class BootstrapFinetune(Teleprompter):
         self.teacher_settings = dict(teacher_settings or {})
         self.adapter = adapter_option(adapter)
         train_options, self.train_kwargs_lms = train_kwargs_options(train_kwargs)
-        self.options = {"multitask": multitask, **train_options, **options}
+        self.options = {"multitask": multitask, **train_options, **peft_alias(options)}
         if exclude_demos is not None:
             self.options["exclude_demos"] = exclude_demos
         if num_threads is not None:
@@ -146,9 +143,10 @@ class BootstrapFinetune(Teleprompter):
         self.report: dict[str, Any] = {}
 
     def compile(self, student: dspy.Module, trainset: list | None = None, teacher: Any = None, *,
-                valset: list | None = None, target: str | dict[str, str] = DEFAULT_TARGET,
-                bsize: int = TrainConfig.bsize, accumsteps: int = TrainConfig.accumsteps, lr: float = TrainConfig.lr,
-                epochs: int = TrainConfig.epochs, bf16: bool = TrainConfig.bf16, **options: Any) -> dspy.Module:
+                valset: list | None = None, target: str | dict[str, str] | None = None, bsize: int | None = None,
+                accumsteps: int | None = None, lr: float | None = None, epochs: int | None = None,
+                bf16: bool | None = None, int8: bool | None = None, peft: bool | None = None,
+                path_prefix: str | None = None, **options: Any) -> dspy.Module:
         """Compiles `student` into a new program backed by finetuned models; the student is not modified.
 
         Both API generations: DSPy 2.4's keywords (`compile(student=..., trainset=..., target=...)`)
@@ -159,19 +157,23 @@ class BootstrapFinetune(Teleprompter):
             trainset: Examples the teacher runs on.
             teacher: The program whose traces teach (default: the student), or a list of them.
             valset: Held-out examples: eval loss for choosing the epoch, and the metric before/after.
-            target: Hugging Face id or local directory to finetune, or {predictor: target}. Left at its
-                default, DSPy 3.x-style programs whose predictors all have LMs finetune what those LMs name.
-            bsize: Micro batch per worker. accumsteps: gradient accumulation. lr, epochs, bf16: as named.
-                Left at their defaults, the constructor's options (train_kwargs) decide.
-            **options: Any `Config` field, e.g. num_workers=2, zero_stage=3, storage_path="s3://...".
+            target: Hugging Face id or local directory to finetune, or {predictor: target}. Given nowhere,
+                DSPy 3.x-style programs whose predictors all have LMs finetune what those LMs name, else "t5-large".
+            bsize: Micro batch per worker (12). accumsteps: gradient accumulation (1). lr (5e-5), epochs (1),
+                bf16 (False): as named. Each argument given here wins over the constructor's option (and
+                train_kwargs), even at its default; one left out leaves the constructor's (else the default).
+            int8, peft, path_prefix: DSPy 2.4's: `peft=True` trains LoRA adapters (`lora`), `path_prefix`
+                places the run (`storage_path`); `int8=True` is refused, naming the memory-saving options.
+            **options: Any `Config` field, e.g. num_workers=2, zero_stage=3, storage_path="s3://..."; and
+                `use_peft` (DSPy's local provider's name for `lora`).
 
         Returns:
             The compiled program. `self.run_dir` is the run directory it came from.
         """
         check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
-        documented = documented_options(student, self.options, target=target, bsize=bsize, accumsteps=accumsteps,
-                                        lr=lr, epochs=epochs, bf16=bf16)
-        config = self.config.replace(**documented, **options)
+        config = self.config.replace(**documented_options(
+            student, self.options, options=options, int8=int8, peft=peft, path_prefix=path_prefix, target=target,
+            bsize=bsize, accumsteps=accumsteps, lr=lr, epochs=epochs, bf16=bf16))
         tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
         with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
             prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
@@ -208,7 +210,7 @@ class BootstrapFinetune(Teleprompter):
             result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
             return result, {"seconds": 0.0}
         b = config.bootstrap
-        common = dict(num_threads=b.num_threads, num_actors=b.num_actors)
+        common = dict(num_threads=b.num_threads, num_actors=b.num_actors, placement=config.train)
         logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
         limits = {j.key: base_limits(j.target, j.train_file, j.added_tokens or (), config) for j in prepared.finetune_jobs()}
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
@@ -219,7 +221,8 @@ class BootstrapFinetune(Teleprompter):
         result["before"], result["after"] = before.score, after.score
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
-        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage}}
+        stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage},
+                 "nodes": {"before": before.nodes, "after": after.nodes}}
         logger.info("  student tokens while scoring: %s", student_usage(stage))
         return result, stage
 
@@ -251,6 +254,7 @@ class BootstrapFinetune(Teleprompter):
         if self.metric is not None:
             problems += check_picklable(self.metric, "metric")
         problems += check_picklable(driver_settings(), "dspy.configure settings")
+        problems += check_user_code()
         if problems:
             raise ProgramError(problems)
         if valset and (overlap := valset_overlap(trainset, valset)):
@@ -472,7 +476,9 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
 
     run = RunDir.from_location(run_dir)
     program = load(run_dir)
-    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors)
+    trained = Config.from_dict(run.read_description().options).train  # where its models may run
+    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,
+                              placement=trained)
     out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
            "usage": result.usage, **(about or {})}
     path = run.evaluation_json(name)
@@ -480,20 +486,6 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     run.update_report(evaluations={name: path.name})
     run.sync()
     return out
-
-
-def documented_options(student: dspy.Module, constructor_options: dict[str, Any], **given: Any) -> dict[str, Any]:
-    """compile()'s documented arguments (target, bsize, accumsteps, lr, epochs, bf16) as options.
-
-    One left at its default does not override the same option given to the constructor
-    (`train_kwargs={"learning_rate": 1e-4}` keeps its lr). A default `target` with an LM on
-    every predictor (DSPy 3.x style) finetunes what those LMs name.
-    """
-    defaults = {k: p.default for k, p in inspect.signature(BootstrapFinetune.compile).parameters.items()}
-    chosen = {k: v for k, v in given.items() if k not in constructor_options or v != defaults[k]}
-    if chosen.get("target") == DEFAULT_TARGET and all(p.lm is not None for p in student.predictors()):
-        chosen["target"] = {name: target_from_lm(p.lm) or DEFAULT_TARGET for name, p in student.named_predictors()}
-    return chosen
 
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

@@ -12,7 +12,7 @@ Each field is the one home of its option: its type (choices as `Literal`), its d
 range (`option(at_least=...)`, `option(within=...)`), whether it is resource-only (how fast
 or where a run goes, not what it produces: `RESOURCE_OPTIONS`, left out of every identity)
 and its help (the docstring under it, `FIELD_HELP`). Validation (`Config.problems`), the
-command-line flags (`add_config_arguments`) and the YAML job keys (`bootfinetune.entrypoints.jobconfig`)
+command-line flags (`bootfinetune.entrypoints.flags`) and the YAML job keys (`bootfinetune.entrypoints.jobconfig`)
 are generated from them.
 
 `Config.from_options(**flat)` routes each name to its group, raises on unknown names
@@ -21,7 +21,6 @@ are generated from them.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import difflib
@@ -178,6 +177,9 @@ class TrainConfig:
     """Logical CPUs reserved per training worker."""
     gpus_per_worker: float = option(1.0, resource=True, within=(0, None), open_low=True)
     """GPUs per training worker when use_gpu is set."""
+    resources_per_worker: dict[str, float] | None = option(None, resource=True)
+    """Other Ray resources per training worker (Ray ScalingConfig's name): a custom resource or an accelerator
+    type, e.g. {"accelerator_type:A100": 0.001}. Evaluation and model exports ask for the same (and the GPUs)."""
     max_failures: int = option(2, resource=True, at_least=0)
     """Times Ray Train restarts failed workers from the last checkpoint before giving up."""
     trust_remote_code: bool = False
@@ -220,7 +222,8 @@ class InferenceConfig:
     generate_batch_size: int = option(8, at_least=1)
     """Most prompts per batched `generate` call."""
     device: str | None = None
-    """Where the finetuned LMs run ("cpu", "cuda", "cuda:1"); None picks CUDA when present."""
+    """Where the finetuned LMs run ("cpu", "cuda", "cuda:1"); None picks CUDA when present. It describes the Ray
+    workers that run them: a driver without CUDA loads the compiled program's models on its CPU."""
     evaluate: bool = True
     """Score the base student, the teacher and the compiled program on the valset."""
 
@@ -400,6 +403,15 @@ def _mlflow_uri(config: Config, uri: Any) -> list[str]:
     return []
 
 
+def _resources(config: Config, resources: Any) -> list[str]:
+    if resources is not None and not (isinstance(resources, dict) and all(
+            isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v > 0 for k, v in resources.items())):
+        return [f"resources_per_worker={resources!r}: give {{resource name: amount > 0}}, e.g. "
+                f"{{'accelerator_type:A100': 0.001}}; CPUs and GPUs are cpus_per_worker and gpus_per_worker."]
+    return []
+
+
 def _device(config: Config, device: Any) -> list[str]:
     if device is not None and (not isinstance(device, str) or not device.startswith(("cpu", "cuda"))):
         return [f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N', or None to pick automatically."]
@@ -409,7 +421,7 @@ def _device(config: Config, device: Any) -> list[str]:
 _EXTRA_CHECKS: dict[str, Callable[[Config, Any], list[str]]] = {
     "target": _target, "offload_params": _offload, "lora_target_modules": _lora_targets,
     "storage_path": _storage_path, "run_name": _run_name, "ray_address": _ray_address, "device": _device,
-    "mlflow_tracking_uri": _mlflow_uri}
+    "mlflow_tracking_uri": _mlflow_uri, "resources_per_worker": _resources}
 """Rules a field's type and range cannot say, run right after that field's own checks."""
 
 
@@ -421,66 +433,3 @@ def unknown_option_problems(options: dict[str, Any]) -> list[str]:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.append(f"unknown option {name!r}.{hint} Known options: {', '.join(sorted(FIELD_OWNER))}.")
     return problems
-
-
-# -- command-line flags, generated from the fields -------------------------------------------------
-
-def _str_or_list(text: str) -> str | list[str]:
-    """A flag's value for `str | list[str]`: "a,b" is a list, "all-linear" a string."""
-    return [part.strip() for part in text.split(",")] if "," in text else text
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None, *,
-                         defaults: dict[str, Any] | None = None,
-                         aliases: dict[str, tuple[str, ...]] | None = None) -> None:
-    """Adds a `--flag` per config field (`--zero-stage 3`, `--bf16/--no-bf16`), its help the field's docstring.
-
-    A flag left out is absent from the parsed namespace (the config's default applies), unless
-    `defaults` gives the caller's own default for it; `config_arguments` picks the given ones.
-
-    Args:
-        parser: The parser (or argument group) to add to.
-        names: The fields to expose (default: every field).
-        defaults: The caller's own defaults, e.g. the demo's {"epochs": 10}.
-        aliases: Extra flag names per field, e.g. {"storage_path": ("--storage",)}.
-    """
-    defaults, aliases = defaults or {}, aliases or {}
-    for name in names or list(FIELDS):
-        hint = FIELD_TYPES[name]
-        args = typing.get_args(hint)
-        kwargs: dict[str, Any] = {"dest": name, "default": defaults.get(name, argparse.SUPPRESS)}
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is Literal:
-            kwargs.update(type=_literal_type(args), choices=list(args))
-        elif hint in (int, float):
-            kwargs["type"] = hint
-        elif float in args:  # float | None
-            kwargs["type"] = float
-        elif int in args:  # int | None
-            kwargs["type"] = int
-        elif list[str] in args:
-            kwargs["type"] = _str_or_list
-        shown = defaults[name] if name in defaults else _default_of(name)
-        kwargs["help"] = f"{FIELD_HELP.get(name, '')} (default: {shown})".replace("%", "%%")
-        parser.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, ()), **kwargs)
-
-
-def _literal_type(choices: tuple) -> Callable[[str], Any]:
-    """The flag's converter: the choices' type, or for mixed choices ("auto", 0, 1...) digits as int and,
-    where True/False are choices, "true"/"false" as bools."""
-    if len({type(c) for c in choices}) == 1:
-        return type(choices[0])
-    if any(isinstance(c, bool) for c in choices):
-        return lambda text: {"true": True, "false": False}.get(text.lower(), text)
-    return lambda text: int(text) if text.lstrip("-").isdigit() else text
-
-
-def _default_of(name: str) -> Any:
-    f = FIELDS[name]
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-
-
-def config_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The config options a parsed namespace holds (those given, or defaulted by the caller)."""
-    return {k: v for k, v in vars(args).items() if k in FIELDS}

@@ -14,7 +14,9 @@ from typing import Any
 
 import dspy
 
+from bootfinetune.config import TrainConfig
 from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.stages.checks import target_from_lm
 
 # DSPy 3.x `train_kwargs` names (as its local provider and TRL spell them) -> our option names.
 _TRAIN_KWARGS_3X = {"per_device_train_batch_size": "bsize", "gradient_accumulation_steps": "accumsteps",
@@ -34,6 +36,12 @@ _NO_EQUIVALENT = {
               "use_gpu=False for CPUs",
 }
 _NO_OP_VALUES = {"device": None}
+DOCUMENTED_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")
+"""DSPy 2.4's documented `compile` arguments that are options of ours under the same name."""
+INT8_REFUSED = ("int8=True: bootfinetune does not train 8-bit weights (DSPy 2.4 loaded the model with bitsandbytes "
+                "for it, which Ray Train's DeepSpeed workers do not take). To save memory use peft=True (lora=True: "
+                "only small adapters train), zero_stage=3 (the weights sharded across workers) with "
+                "offload_optimizer=True / offload_params=True, or bf16=True; or leave int8 out.")
 """Values of those keys that ask for what bootfinetune does anyway: accepted and ignored."""
 
 
@@ -65,6 +73,60 @@ def translate_train_kwargs(train_kwargs: dict[str, Any] | None) -> dict[str, Any
     if problems:
         raise ConfigError(problems)
     return options
+
+
+def peft_alias(options: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """`options` with DSPy's LoRA switches (`use_peft`, 2.4's `peft`) given as our `lora`; None means not given.
+
+    >>> peft_alias({"use_peft": True, "epochs": 2}), peft_alias({}, peft=None)
+    ({'epochs': 2, 'lora': True}, {})
+    """
+    options = dict(options)
+    switches = {name: value for name, value in (("use_peft", options.pop("use_peft", None)), *given.items())
+                if value is not None}
+    if "lora" in options:
+        switches["lora"] = options["lora"]
+    if len(set(map(repr, switches.values()))) > 1:
+        shown = ", ".join(f"{name}={value!r}" for name, value in switches.items())
+        raise ConfigError([f"{shown}: these all turn LoRA on or off and disagree; give one of them."])
+    if switches:
+        options["lora"] = next(iter(switches.values()))
+    return options
+
+
+def documented_options(student: dspy.Module, constructor_options: dict[str, Any], *, options: dict[str, Any],
+                       int8: Any = None, peft: Any = None, path_prefix: Any = None,
+                       **documented: Any) -> dict[str, Any]:
+    """compile()'s arguments as our options: every one given wins over the constructor's, even at its default.
+
+    `documented` holds DSPy 2.4's `target, bsize, accumsteps, lr, epochs, bf16` (None: not given). Of 2.4's
+    other arguments, `peft` (and `use_peft` in `options`) is `lora`, `path_prefix` is `storage_path`,
+    and `int8=True` is refused (False and None are accepted). A `target` given nowhere, with an LM on
+    every predictor (DSPy 3.x style), finetunes what those LMs name.
+
+    Raises:
+        ConfigError: int8=True; LoRA switches or storage places that disagree.
+    """
+    problems = []
+    if int8 not in (None, False):
+        problems.append(INT8_REFUSED if int8 is True else f"int8={int8!r}: leave it out (8-bit training is not "
+                                                           f"supported; False and None are accepted).")
+    chosen = {name: value for name, value in documented.items() if value is not None}
+    try:
+        chosen.update(peft_alias(options, peft=peft))
+    except ConfigError as exc:
+        problems += exc.problems
+    if path_prefix is not None:
+        if chosen.get("storage_path", path_prefix) != path_prefix:
+            problems.append(f"path_prefix={path_prefix!r} and storage_path={chosen['storage_path']!r}: both place the "
+                            f"run; give one (path_prefix is DSPy 2.4's name for storage_path).")
+        chosen["storage_path"] = path_prefix
+    if problems:
+        raise ConfigError(problems)
+    if "target" not in chosen and "target" not in constructor_options and all(
+            p.lm is not None for p in student.predictors()):
+        chosen["target"] = {name: target_from_lm(p.lm) or TrainConfig.target for name, p in student.named_predictors()}
+    return chosen
 
 
 def train_kwargs_options(train_kwargs: Any) -> tuple[dict[str, Any], list[dspy.BaseLM]]:

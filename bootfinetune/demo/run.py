@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from bootfinetune.config import FIELDS, TrainConfig, add_config_arguments, config_arguments
+from bootfinetune.config import FIELDS, TrainConfig
+from bootfinetune.entrypoints.flags import add_config_arguments, config_arguments
 from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
 from bootfinetune.run.report_html import student_usage, teacher_usage
 

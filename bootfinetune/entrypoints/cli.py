@@ -25,17 +25,28 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
+from bootfinetune.entrypoints.jobconfig import IMPORT_PATH
 from bootfinetune.entrypoints.jobs import JOB_HELP, add_job_arguments, run_compile, run_evaluate, run_finetune
 
 
-def import_object(path: str) -> Any:
-    """Imports `package.module:attr` (attr may be dotted), the current folder first on the path."""
+def import_object(path: str, flag: str) -> Any:
+    """Imports `package.module:attr` (attr may be dotted), the current folder first on the path.
+
+    Raises:
+        ConfigError: naming `flag`, when `path` is not an import path or does not import.
+    """
     from bootfinetune.common.importpath import resolve
 
-    if ":" not in path:
-        raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
+    if not IMPORT_PATH.match(path):
+        raise ConfigError([f"{flag} {path!r}: not an import path; write it as package.module:attr "
+                           f"(e.g. {flag} my_pkg.rag:RAG)."])
     current_folder_first()
-    return resolve(path)
+    try:
+        return resolve(path)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError([f"{flag} {path!r} does not import here ({type(e).__name__}: {e}); run from the folder "
+                           f"that holds the package, or install it."]) from None
 
 
 def current_folder_first() -> None:
@@ -55,11 +66,30 @@ def cmd_job(args) -> int:
     return JOB_COMMANDS[args.command][1](args)
 
 
-def load_examples(path: str, inputs: list[str]):
+def load_examples(path: str, inputs: list[str], flag: str = "--trainset") -> list:
+    """The examples of a JSONL file, one per line, `inputs` marked.
+
+    Raises:
+        ConfigError: naming `flag`, when the file is missing, a line is not a JSON object, or one lacks an input.
+    """
     import dspy
 
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise ConfigError([f"{flag} {path}: cannot be read ({e.strerror}); give the path of a JSONL file, one "
+                           f"example's fields per line."]) from None
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not set(inputs) <= set(row):
+            raise ConfigError([f"{flag} {path}, line {n}: not a JSON object holding the --inputs {inputs}; fix the "
+                               f"line or the --inputs."])
+        rows.append(row)
     return [dspy.Example(**row).with_inputs(*inputs) for row in rows]
 
 
@@ -67,14 +97,21 @@ def cmd_bootstrap(args) -> int:
     import dspy
 
     from bootfinetune import BootstrapFinetune
+    from bootfinetune.entrypoints.flags import config_arguments
     from bootfinetune.entrypoints.teachers import teacher_lm
 
-    program = import_object(args.program)
+    loaded, problems = {}, []  # every mistake in the arguments at once, before Ray starts
+    for flag, load in (("--program", lambda: import_object(args.program, "--program")),
+                       ("--metric", lambda: import_object(args.metric, "--metric") if args.metric else None),
+                       ("--trainset", lambda: load_examples(args.trainset, args.inputs))):
+        try:
+            loaded[flag] = load()
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    program, metric, trainset = loaded["--program"], loaded["--metric"], loaded["--trainset"]
     student = program() if isinstance(program, type) else program
-    metric = import_object(args.metric) if args.metric else None
-    from bootfinetune.config import config_arguments
-
-    trainset = load_examples(args.trainset, args.inputs)
     started = time.time()
     teacher = teacher_lm(args.teacher_model, api_base=args.api_base, api_key_env=args.api_key_env,
                          default_key="unused", option="--api-key-env", timeout=args.teacher_timeout)
@@ -100,7 +137,8 @@ def cmd_bootstrap(args) -> int:
 def cmd_teacher_server(args) -> int:
     from bootfinetune.testing.teacher_server import TeacherServer
 
-    server = TeacherServer(import_object(args.script), host=args.host, port=args.port, latency=args.latency)
+    server = TeacherServer(import_object(args.script, "--script"), host=args.host, port=args.port,
+                           latency=args.latency)
     print(f"scripted teacher at {server.url} (Ctrl-C to stop)", flush=True)
     server.start()
     try:
@@ -139,7 +177,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bootfinetune.config import add_config_arguments
+    from bootfinetune.entrypoints.flags import add_config_arguments
     from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
     from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES
 
@@ -215,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command != "demo" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from bootfinetune.errors import BootFinetuneError
-
     try:
         return args.func(args)
+    except ProblemsError as exc:  # the user's input: one line each, no traceback
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except BootFinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

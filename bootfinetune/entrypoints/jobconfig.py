@@ -36,6 +36,8 @@ from typing import Any
 from bootfinetune.config import FIELD_OWNER, Config
 from bootfinetune.errors import ConfigError
 from bootfinetune.common.importpath import resolve
+from bootfinetune.common.redaction import redact_uri
+from bootfinetune.run.storage import check_writable, filesystem, is_uri
 from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -252,8 +254,6 @@ def load_dataset(spec: Any) -> list:
 
 
 def _read_text(location: str) -> str:
-    from bootfinetune.run.storage import filesystem, is_uri
-
     if is_uri(location):
         fs, path = filesystem(location)
         with fs.open_input_stream(path) as f:
@@ -268,17 +268,41 @@ def resolve_target(target: Any) -> Any:
     return target
 
 
-def check_environment(job: JobConfig) -> None:
-    """What the cluster must provide, checked before the first teacher call: the API key variable, the bucket."""
+def dataset_problems(job: JobConfig, keys: tuple[str, ...] = ("trainset", "valset")) -> list[str]:
+    """A JSONL dataset (`{path: ...}`) of `keys` that is not there: named, with the fix (import paths resolve
+    when the config is read)."""
     problems = []
+    for key in keys:
+        spec = getattr(job, key)
+        if not isinstance(spec, dict):
+            continue
+        location = spec["path"]
+        if is_uri(location):
+            try:
+                fs, path = filesystem(location)
+                found = fs.get_file_info(path).is_file
+            except Exception as e:  # pyarrow raises OSError/ArrowInvalid variants for URIs it cannot reach
+                problems.append(f"{key}.path: {redact_uri(location)} cannot be read ({type(e).__name__}); check the "
+                                f"URI and the credentials on the cluster.")
+                continue
+        else:
+            found = Path(location).expanduser().is_file()
+        if not found:
+            problems.append(f"{key}.path: {redact_uri(location)}: no such file; give the JSONL file's path (relative "
+                            f"to the job's working directory) or its s3:// / gs:// URI.")
+    return problems
+
+
+def check_environment(job: JobConfig, datasets: tuple[str, ...] = ("trainset", "valset")) -> None:
+    """What the job's environment must provide, checked before Ray starts and the first teacher call: the API
+    key variable, the JSONL files of `datasets`, the bucket."""
+    problems = dataset_problems(job, datasets)
     if job.teacher is not None and job.teacher.api_key_env and not os.environ.get(job.teacher.api_key_env):
         problems.append(f"teacher.api_key_env: {job.teacher.api_key_env} is not set in the job's environment; "
                         f"set it where `ray start` runs on the cluster (a secret there) and pass it by name, as "
                         f"cluster/runtime_env.yaml does ({job.teacher.api_key_env}: \"${{{job.teacher.api_key_env}}}\"); "
                         f"never put its value in --runtime-env-json, which Ray keeps in the job's metadata.")
     storage = job.config.run.storage_path
-    from bootfinetune.run.storage import check_writable, is_uri
-
     if is_uri(storage):
         problem = check_writable(storage)
         if problem:

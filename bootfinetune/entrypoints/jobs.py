@@ -19,11 +19,11 @@ import sys
 import time
 from typing import Any, Iterator
 
-from bootfinetune.errors import ConfigError, ProgramError
+from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
 from bootfinetune.common.importpath import resolve
 from bootfinetune.common.redaction import redact_urls_in
-from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, load_dataset,
-                                    load_job_config, parse_job_config, resolve_target)
+from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, dataset_problems,
+                                                load_dataset, load_job_config, parse_job_config, resolve_target)
 from bootfinetune.run.rundir import RunDir
 
 log = logging.getLogger("bootfinetune")
@@ -155,7 +155,7 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
     (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
-    check_environment(job)  # before Ray starts: a missing key or bucket fails in a second
+    check_environment(job)  # before Ray starts: a missing file, key variable or bucket is the user's to fix
     _connect(job, args.ray_address)
     from bootfinetune import BootstrapFinetune
 
@@ -230,6 +230,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from bootfinetune.compiler import evaluate_run
 
     job = load_job_config(args.config, args.set, need=("valset", "metric"))
+    problems = dataset_problems(job, ("valset",))
+    run = RunDir.from_location(args.run_dir)
+    if run.remote is None and not run.program_json.exists():
+        problems.append(f"--run-dir {args.run_dir}: no program.json there; pass the run directory a finished "
+                        f"compile printed (its folder or s3:// / gs:// URI).")
+    if problems:  # before Ray starts
+        raise ConfigError(problems)
     _connect(job, args.ray_address)
     valset = load_dataset(job.valset)
     b = job.config.bootstrap
@@ -259,14 +266,12 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     return run_evaluate(job_parser("evaluate").parse_args(argv))
 
 
-COMPILE_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")
-"""Options that are `compile()`'s own documented arguments: passed there, where they take precedence."""
-
-
 def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(constructor options, compile() arguments), the target resolved when it is an import path."""
+    """(constructor options, compile()'s documented arguments), the target resolved when it is an import path."""
+    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # loads DSPy: only once the job has been checked
+
     options = dict(job.options)
-    args = {k: options.pop(k) for k in COMPILE_ARGS if k in options}
+    args = {k: options.pop(k) for k in DOCUMENTED_ARGS if k in options}
     if "target" in args:
         args["target"] = resolve_target(args["target"])
     return options, args
@@ -278,11 +283,17 @@ def _program(job: JobConfig) -> Any:
 
 
 def run_main(fn: Any) -> None:
-    """Runs an entrypoint: a ConfigError prints its problems and exits 2 (nothing ran)."""
+    """Runs an entrypoint without a traceback for what the user must fix.
+
+    A ConfigError or ProgramError prints one `error:` line per problem and exits 2 (nothing ran); any
+    other error of ours (a run busy, a bootstrap or finetune that failed) prints its message and exits 1.
+    """
     try:
         sys.exit(fn())
-    except (ConfigError, ProgramError) as e:
-        print("error: the job did not start:", file=sys.stderr)
+    except ProblemsError as e:
         for problem in e.problems:
-            print(f"  - {problem}", file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    except BootFinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

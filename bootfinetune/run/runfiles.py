@@ -294,6 +294,8 @@ class ModelManifest:
     report, then the next model's start or Ray Train's teardown); then export_seconds."""
     nodes: list = field(default_factory=list)
     """The Ray node of each rank."""
+    export_node: str | None = None
+    """The Ray node that wrote the Hugging Face export (its model loaded there)."""
     starts: list[dict[str, int]] = field(default_factory=list)
     """Where each (re)start of the training began ({"epoch", "global_step"})."""
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -1,1 +1,2 @@
-"""Joining Ray (`ensure_ray`, the one way in) and shipping the driver's own modules to its workers."""
+"""Joining Ray (`ensure_ray`, the one way in), shipping the driver's own modules to its workers as code, and
+placing the work that runs a model where a training worker's resources are."""

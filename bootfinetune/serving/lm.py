@@ -40,6 +40,7 @@ from bootfinetune.config import InferenceConfig
 from bootfinetune.common.chat import plain_messages
 from bootfinetune.errors import ProgramError
 from bootfinetune.serving.batching import MicroBatcher, StopRows
+from bootfinetune.serving.device import check_fits, load_device
 from bootfinetune.serving.limits import Control, token_ceiling
 from bootfinetune.training.render import decode_answer, encode_prompt, model_kind
 from bootfinetune.run.runfiles import ModelManifest, read_record
@@ -75,12 +76,18 @@ def load_model(model_dir: str, device: str, trust_remote_code: bool = False,
                 f"model: {model_dir} no longer holds the model this LM was built for (fingerprint {fingerprint}, "
                 f"now {found}): it was trained again or replaced. Rebuild the program from the run "
                 f"(bootfinetune.load(run_dir)) or make a new FinetunedLM for the folder.")
+        check_fits(str(model_dir), device)
         if is_adapter(model_dir):
             _LOADED[key] = _load_adapter(str(model_dir), device, trust_remote_code, found)
         else:
             _LOADED[key] = _load_full(str(model_dir), device, trust_remote_code)
         _LOADED_AS[key] = found
         return _LOADED[key]
+
+
+def loaded_models() -> list[tuple[str, str]]:
+    """(directory, device) of every model loaded in this process."""
+    return sorted(_LOADED)
 
 
 def model_fingerprint(model: str | Path) -> str:
@@ -183,12 +190,6 @@ def unload_model(model_dir: str) -> None:
             _LOADED_AS.pop(key, None)
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class FinetunedEngine:
     """A DSPy 3.4 engine that answers with a finetuned Hugging Face model in process.
 
@@ -198,7 +199,8 @@ class FinetunedEngine:
     Args:
         model: The model directory (an export under `models/{key}/`) or a hub id.
         key: The model key it was trained for (names the LM; informational).
-        device: "cpu", "cuda", "cuda:1"...; None picks CUDA when present.
+        device: "cpu", "cuda", "cuda:1"...; None picks CUDA when present. A CUDA device this process lacks
+            (a driver on a head without GPUs) gives the CPU (`serving.device`).
         max_tokens: New tokens per answer when a request does not say (at most the ceiling).
         max_tokens_ceiling: Most new tokens any answer may have; requests asking more are clamped.
             None: `token_ceiling` of the manifest's longest training answer (else `max_tokens`).
@@ -259,7 +261,7 @@ class FinetunedEngine:
     def load(self) -> tuple[Any, Any, str]:
         """(model, tokenizer, kind), loaded now if not yet: a broken folder fails here, not on a request."""
         self.fetch()
-        return load_model(self.model, self.device or default_device(), self.trust_remote_code, self.fingerprint)
+        return load_model(self.model, load_device(self.device, self.model), self.trust_remote_code, self.fingerprint)
 
     def set_batch_size(self, batch_size: int) -> None:
         """Changes how many prompts one `generate` call takes (calls in flight finish as they were)."""
@@ -360,7 +362,7 @@ class FinetunedEngine:
         import torch
         from transformers import StoppingCriteriaList
 
-        device = self.device or default_device()
+        device = load_device(self.device, self.model)
         model, tokenizer, kind = self.load()
         prompts = [encode_prompt(tokenizer, msgs, kind, self.max_length) for msgs, _, _ in requests]
         max_new = max(r[1] for r in requests)

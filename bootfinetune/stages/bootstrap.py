@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import cloudpickle
 import dspy
 
 from bootfinetune.config import BootstrapConfig
@@ -43,7 +42,9 @@ from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_die
 from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
                                         pack_for_actors, score_value)
 from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
+from bootfinetune.runtime.placement import ray_options
 from bootfinetune.runtime.user_code import ship_user_modules
+from bootfinetune.runtime.worker_pickle import dumps
 
 __all__ = ["TeacherRunner", "is_kept", "score_value", "driver_settings", "run_bootstrap", "run_bootstrap_splits",
            "run_examples", "load_bootstrap", "invalidate_changed", "BootstrapResult"]
@@ -78,7 +79,7 @@ def driver_settings() -> dict[str, Any]:
             if name in DEFAULT_CONFIG and value == DEFAULT_CONFIG[name]:
                 continue
             try:
-                cloudpickle.dumps(value)
+                dumps(value)
             except Exception as exc:  # cloudpickle raises many types; the setting stays behind, said once
                 if name not in _WARNED:
                     _WARNED.add(name)
@@ -237,16 +238,19 @@ so a deeper queue lets the driver's node take a small dataset's every block."""
 
 
 def run_examples(indices: list[int], examples: list[dspy.Example], runner_kwargs: dict[str, Any], *,
-                 num_actors: int, batch_size: int, num_cpus: float) -> Iterator[tuple[int, int, dict[str, Any]]]:
+                 num_actors: int, batch_size: int, num_cpus: float,
+                 resources: dict[str, float] | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """`run_jobs` over one list of examples; yields (example_index, teacher, result)."""
     split = runner_kwargs.get("split", "train")
     for _, index, teacher, result in run_jobs([(split, i) for i in indices], {split: examples}, runner_kwargs,
-                                              num_actors=num_actors, batch_size=batch_size, num_cpus=num_cpus):
+                                              num_actors=num_actors, batch_size=batch_size, num_cpus=num_cpus,
+                                              resources=resources):
         yield index, teacher, result
 
 
 def run_jobs(jobs: list[tuple[str, int]], examples: dict[str, list[dspy.Example]], runner_kwargs: dict[str, Any], *,
-             num_actors: int, batch_size: int, num_cpus: float) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
+             num_actors: int, batch_size: int, num_cpus: float,
+             resources: dict[str, float] | None = None) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
     """Runs the runner over the examples `(split, index)` on Ray Data; yields (split, example_index, teacher, result).
 
     Every (example, teacher) is yielded once, as results arrive: in batches first; then the examples a dead
@@ -273,7 +277,7 @@ def run_jobs(jobs: list[tuple[str, int]], examples: dict[str, list[dspy.Example]
         mapped = map_teacher_runner(ray.data.from_items(rows, override_num_blocks=blocks), runner_kwargs,
                                     num_actors=min(num_actors, len(rows)) if alone else num_actors,
                                     batch_size=1 if alone else batch_size, num_cpus=num_cpus, max_tasks=blocks,
-                                    one_at_a_time=alone)
+                                    one_at_a_time=alone, resources=resources)
         errors = BlockErrors()
         with errors.attached():
             for row in mapped.iter_rows():
@@ -289,21 +293,26 @@ def run_jobs(jobs: list[tuple[str, int]], examples: dict[str, list[dspy.Example]
 
 
 def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actors: int, batch_size: int,
-                       num_cpus: float, max_tasks: int, one_at_a_time: bool = False) -> Any:
+                       num_cpus: float, max_tasks: int, one_at_a_time: bool = False,
+                       resources: dict[str, float] | None = None) -> Any:
     """`dataset.map_batches(StreamingTeacherRunner)` on a pool of actors: where user objects are handed to Ray.
 
-    The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) are
-    registered to travel by value first, so the actors need not find them on their path. Retries are
+    The user's own modules (programs, metrics, retrievers, callbacks defined beside the driver) go with
+    them as files (`user_code.ship_user_modules`), imported by each actor before it unpickles the
+    objects, so the actors need not find them on their path. Retries are
     bounded (`bootfinetune.stages.retries`): a task that failed all its attempts is dropped rather than
     failing the run, so its rows are missing from the output (results are keyed by example).
 
     Args:
         max_tasks: An upper bound on the tasks (the dataset's blocks), which bounds actor restarts.
         one_at_a_time: One task per actor at a time, so a worker's death takes no queued task with it.
+        resources: Ray resources per actor instead of `num_cpus` alone (`runtime.placement.worker_resources`):
+            actors that run the finetuned models hold what a training worker held.
     """
     import ray
 
-    ship_user_modules()
+    code = ship_user_modules()
+    placement = ray_options(resources) if resources else {"num_cpus": num_cpus}
     calls = 1 if one_at_a_time else ACTOR_CALLS
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
@@ -312,11 +321,12 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return dataset.map_batches(StreamingTeacherRunner, fn_constructor_kwargs=pack_for_actors(runner_kwargs),
+        return dataset.map_batches(StreamingTeacherRunner,
+                                   fn_constructor_kwargs={**pack_for_actors(runner_kwargs), "code": code},
                                    compute=ray.data.ActorPoolStrategy(
                                        size=num_actors, max_tasks_in_flight_per_actor=calls,
                                        max_concurrent_calls_per_actor=calls),
-                                   batch_size=batch_size, num_cpus=num_cpus,
+                                   batch_size=batch_size, **placement,
                                    **bounded_retries(dataset.context, max_tasks))
 
 

@@ -14,14 +14,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import cloudpickle
 import dspy
 
 from bootfinetune.common.redaction import public_lm_args
 from bootfinetune.errors import ProgramError
 from bootfinetune.run.records import non_json_fields, to_jsonable
 from bootfinetune.common.targets import model_path
-from bootfinetune.runtime.user_code import ship_user_modules
+from bootfinetune.runtime.user_code import collect_sources
+from bootfinetune.runtime.worker_pickle import dumps
 
 MULTITASK_KEY = "all"
 
@@ -261,15 +261,24 @@ def _required_inputs(program: dspy.Module) -> list[str]:
 
 
 def check_picklable(obj: Any, what: str) -> list[str]:
-    """A problem naming the attribute that cannot be sent to Ray workers, if any."""
-    ship_user_modules()  # probe the pickle Ray will make: the user's own modules by value
+    """A problem naming the attribute that cannot be sent to Ray workers, if any.
+
+    The probe is the pickle the actors get (`runtime.worker_pickle`): the user's modules by reference
+    (imported on the worker from their shipped files), objects of `__main__` by value.
+    """
     try:
-        cloudpickle.dumps(obj)
+        dumps(obj)
         return []
     except Exception as exc:  # cloudpickle raises many types; we only report
         culprit = _find_unpicklable(obj, what, depth=0)
         return [f"{culprit or what} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
-                f"create it inside the program's forward() or make it picklable."]
+                f"create it inside the program's forward(), or at the top level of a module of yours (each worker "
+                f"imports the module and makes its own), or make it picklable."]
+
+
+def check_user_code() -> list[str]:
+    """Problems shipping the user's own modules to Ray workers (files gone, too much source)."""
+    return collect_sources()[2]
 
 
 def _find_unpicklable(obj: Any, path: str, depth: int) -> str | None:
@@ -278,7 +287,7 @@ def _find_unpicklable(obj: Any, path: str, depth: int) -> str | None:
     items = obj.items() if isinstance(obj, dict) else getattr(obj, "__dict__", {}).items()
     for key, value in list(items):
         try:
-            cloudpickle.dumps(value)
+            dumps(value)
         except Exception:
             return _find_unpicklable(value, f"{path}.{key}", depth + 1) or f"{path}.{key}"
     return None

@@ -1,9 +1,12 @@
 """Stage 6: the user's metric on the valset, for the base student, the teacher and the compiled program.
 
-Small valsets run in this process with threads (the finetuned LM batches concurrent calls
-into one `generate`); large ones are spread over Ray Data actors, each loading the model
-once. The teacher's score needs no new calls: the valset was bootstrapped through the
-teacher already, and those traces carry the metric's scores.
+Where it runs (`bootfinetune.runtime.placement`): when the models were trained on an accelerator
+(`use_gpu`, `resources_per_worker`), always on Ray Data actors holding one training worker's
+resources, one actor per training worker, each loading the models once: the driver's head may have
+no accelerator. Otherwise small valsets run in this process with threads (the finetuned LM batches
+concurrent calls into one `generate`) and large ones on Ray Data actors. Each result says the node
+it ran on (`EvalResult.nodes`). The teacher's score needs no new calls: the valset was bootstrapped
+through the teacher already, and those traces carry the metric's scores.
 
 The base student answers as its finetuned self will (`rebind.base_limits`). An answer cut at its token limit
 is counted (`usage[model]["cut"]`, from each call's finish reason) instead of DSPy warning once per call.
@@ -18,6 +21,8 @@ from typing import Any, Callable
 
 import dspy
 
+from bootfinetune.config import TrainConfig
+from bootfinetune.runtime.placement import needs_accelerator, worker_resources
 from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, run_examples, score_value
 from bootfinetune.stages.runner import add_usage
 from bootfinetune.run.records import example_to_json
@@ -43,6 +48,8 @@ class EvalResult:
     """The program's LM usage by model: {"calls", "prompt_tokens", "completion_tokens", "cost_usd"} (cost None
     where DSPy knows no price, as for a finetuned model), and "cut": answers that stopped at their token
     limit (absent when none did); cache hits spend nothing and are not counted."""
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Examples run per Ray node (where the program's models loaded); {} when run in a process outside Ray."""
 
 
 def _score(value: Any) -> float:
@@ -52,11 +59,20 @@ def _score(value: Any) -> float:
 
 def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric: Callable | None, *,
                      num_threads: int = 8, num_actors: int = 2, actor_cpus: float = 1.0,
-                     use_ray: bool | None = None) -> EvalResult:
-    """Runs `program` over `examples` and averages `metric(example, prediction, trace)`."""
+                     use_ray: bool | None = None, placement: TrainConfig | None = None) -> EvalResult:
+    """Runs `program` over `examples` and averages `metric(example, prediction, trace)`.
+
+    Args:
+        placement: The training options the program's models were trained with: when its workers asked for
+            an accelerator, the examples run on `num_workers` Ray actors holding one worker's resources each,
+            never in this process (`use_ray` and `num_actors` are then not used).
+    """
     started = time.time()
     if metric is None or not examples:
         return EvalResult(None, len(examples or []), 0, 0.0)
+    resources = None
+    if placement is not None and needs_accelerator(placement):
+        resources, use_ray, num_actors = worker_resources(placement), True, placement.num_workers
     use_ray = len(examples) >= RAY_EVAL_MIN_EXAMPLES if use_ray is None else use_ray
     batch = {"example_index": list(range(len(examples))), "example": [example_to_json(e) for e in examples]}
     # Threads, as before the bootstrap engine chose per program: a finetuned LM batches the calls of its threads.
@@ -69,16 +85,20 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
         # An example that kills its worker every time is a failure (scores 0); the others of its batch count.
         results = [result for _, _, result in run_examples(list(range(len(examples))), examples, kwargs,
                                                            num_actors=num_actors, batch_size=max(num_threads, 8),
-                                                           num_cpus=actor_cpus)]
+                                                           num_cpus=actor_cpus, resources=resources)]
     else:
         with counted_cuts():
             results = [json.loads(r) for r in TeacherRunner(**kwargs)(batch)["result"]]
     failed = sum("failure" in r for r in results)
     total = sum(_score(r.get("score")) for r in results if "failure" not in r)
     usage: dict[str, dict[str, Any]] = {}
+    nodes: dict[str, int] = {}
     for r in results:
         add_usage(usage, r.get("usage") or {})
-    return EvalResult(round(total / len(examples), 6), len(examples), failed, round(time.time() - started, 3), usage)
+        if r.get("node"):
+            nodes[r["node"]] = nodes.get(r["node"], 0) + 1
+    return EvalResult(round(total / len(examples), 6), len(examples), failed, round(time.time() - started, 3), usage,
+                      nodes)
 
 
 def teacher_score(val: BootstrapResult | None, metric: Callable | None) -> float | None:

@@ -1,8 +1,13 @@
-"""The export of a trained model key: its best epoch's checkpoint as a Hugging Face directory.
+"""Stage 4's last step: the best epoch's checkpoint as a Hugging Face folder, `models/{folder}/`.
 
 `export_checkpoint` consolidates a checkpoint of any engine (the plain one, DeepSpeed ZeRO-0 to 3) into the
 full fp32 weights and writes them over the base model's config and generation config with `save_pretrained`;
-a LoRA run writes its adapter or the merged model instead (`lora.export_lora`).
+a LoRA run writes its adapter or the merged model instead (`lora.export_lora`). `export_model` runs it where a model may run
+(`bootfinetune.runtime.placement`): in a Ray task holding one training worker's resources when the
+training asked for an accelerator (the driver's head may have none, nor the memory for the model),
+else in this process. The folder is written where the run lives: in place in a folder every node
+shares; for a run on a cloud URI, into the exporting node's mirror of the run and up to the URI,
+from which the driver's mirror fetches it.
 """
 
 from __future__ import annotations
@@ -11,15 +16,59 @@ import contextlib
 import dataclasses
 import io
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
+from bootfinetune.run import storage
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.runtime.placement import needs_accelerator, ray_options, worker_resources
 from bootfinetune.stages.representable import fit_embeddings
-from bootfinetune.training.checkpoints import DS_DIR
+from bootfinetune.training.checkpoints import DS_DIR, local_copy
+from bootfinetune.training.distributed import node_id
 
 log = logging.getLogger(__name__)
+
+
+def export_model(run: RunDir, key: str, checkpoints: str, epoch: int, *, target: str, kind: str, config: TrainConfig,
+                 tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Writes `models/{folder}/` from the checkpoint of epoch `epoch`, where a model may run.
+
+    Args:
+        run: The run directory. key: the model key.
+        checkpoints: The key's checkpoint folder (`RunDir.checkpoint_location`: a path every node sees, or a URI).
+        config: The training options, with the engine the loop chose (`trained_config`).
+        tokenizer: The target's tokenizer with the tokens added for training; `base_vocab` its size before.
+
+    Returns:
+        (the LoRA adapter's facts for the manifest, or None for a full model; the Ray node that exported it).
+    """
+    args = (run, run.folder(key), checkpoints, epoch, target, kind, config, tokenizer, base_vocab)
+    if not needs_accelerator(config):
+        return _export(*args)
+    import ray
+
+    task = ray.remote(_export).options(**ray_options(worker_resources(config)), max_retries=1)
+    lora, node = ray.get(task.remote(*args))
+    run.pull()  # a cloud run's export went up from the node that wrote it
+    return lora, node
+
+
+def _export(run: RunDir, folder: str, checkpoints: str, epoch: int, target: str, kind: str, config: TrainConfig,
+            tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
+    """`export_model`'s work, in whichever process runs it."""
+    out = run.path("models", folder)
+    run.remove("models", folder)
+    with tempfile.TemporaryDirectory(prefix="bootfinetune-export-") as scratch:
+        ckpt_dir = local_copy(checkpoints, epoch, Path(scratch))
+        lora = export_checkpoint(ckpt_dir, epoch, target, kind, out, config, tokenizer=tokenizer,
+                                 base_vocab=base_vocab)
+    tokenizer.save_pretrained(out)
+    if run.remote is not None:
+        storage.push(run.root, run.remote, only=[p.relative_to(run.root).as_posix() for p in out.rglob("*")])
+    return lora, node_id()
 
 
 def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,

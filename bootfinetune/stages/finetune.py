@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import logging
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,13 @@ from bootfinetune.errors import FinetuneError
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.training.render import model_kind, renderer_identity
-from bootfinetune.stages.export import consolidated_state_dict, export_checkpoint, trained_config  # noqa: F401
+from bootfinetune.stages.export import export_model, trained_config
 from bootfinetune.stages.representable import add_answer_tokens
-from bootfinetune.stages.train_runs import Outcome, Trainee, fits, train_in_lanes, worker_resources  # noqa: F401
+from bootfinetune.stages.train_runs import Outcome, Trainee, train_in_lanes
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest
 from bootfinetune.run import storage
-from bootfinetune.training.checkpoints import best_epoch, epoch_name, local_copy, whole_epochs
+from bootfinetune.training.checkpoints import best_epoch, epoch_name, whole_epochs
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +286,10 @@ def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome)
     if best not in kept:
         raise FinetuneError(f"model {job.key!r}: no checkpoint of epoch {best} in {redact_uri(place)}.")
     out = run.model_dir(job.key)
-    run.remove("models", out.name)
     export_started = time.time()
-    with tempfile.TemporaryDirectory(prefix="bootfinetune-export-") as scratch:
-        ckpt_dir = local_copy(place, best, Path(scratch))
-        lora = export_checkpoint(ckpt_dir, best, job.target, staged.kind, out, trained_config(config, state),
-                                 tokenizer=staged.tokenizer, base_vocab=staged.base_vocab)
-    staged.tokenizer.save_pretrained(out)
+    lora, export_node = export_model(run, job.key, place, best, target=job.target, kind=staged.kind,
+                                     config=trained_config(config, state), tokenizer=staged.tokenizer,
+                                     base_vocab=staged.base_vocab)
     timings = _timings(state, outcome.begin, outcome.end - outcome.begin, time.time() - export_started)
     train_n, eval_n, eval_source = staged.records
     manifest = ModelManifest(
@@ -332,6 +328,7 @@ def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome)
         engine=state.get("engine") or {},
         timings=timings,
         nodes=state.get("nodes", []),
+        export_node=export_node,
         starts=state["starts"],
         history=history,
         loss_curve=state.get("loss_curve", []),

@@ -34,6 +34,8 @@ from bootfinetune.common.redaction import redact
 from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
 from bootfinetune.stages.ratelimit import RATE_LIMIT_RETRIES, BudgetCallback, Pacer, rate_limited
 from bootfinetune.runtime.ray_env import WORKER_ENV
+from bootfinetune.runtime.user_code import UserCode, install
+from bootfinetune.runtime.worker_pickle import ModuleObjectsByReference
 from bootfinetune.training.distributed import node_id
 
 ENGINES = ("auto", "async", "threads")
@@ -351,7 +353,8 @@ SHIPPED = ("teachers", "metric", "settings", "teacher_settings")
 
 def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The runner's arguments as an actor gets them: the user objects packed into one pickle, every LM
-    in them without its call history (`StreamingTeacherRunner` unpacks them).
+    in them without its call history (`StreamingTeacherRunner` unpacks them). The user's own modules go by
+    reference (`bootfinetune.runtime.worker_pickle`): the actor imports them from their shipped files.
 
     A `dspy.LM` pickles with its `history`, up to `max_history_size` (10,000) calls of earlier use in the
     driver: a teacher that already ran over a devset weighs megabytes, which every actor would unpickle
@@ -361,7 +364,7 @@ def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     import ray.cloudpickle
 
-    class Packer(ray.cloudpickle.Pickler):
+    class Packer(ModuleObjectsByReference, ray.cloudpickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, BaseLM) and getattr(obj, "history", None):
                 state = obj.__getstate__()
@@ -387,16 +390,18 @@ class StreamingTeacherRunner(TeacherRunner):
     """The class Ray Data runs: an async `__call__`, so Ray Data gives the actor an event loop and keeps
     several batches of a task in flight on it at once, all sharing the actor's slots.
 
-    Built from `pack_for_actors(runner_kwargs)`.
+    Built from `pack_for_actors(runner_kwargs)` and the user's modules (`user_code.ship_user_modules()`),
+    which are installed on the actor's path before the packed objects are unpickled.
 
     (A coroutine, not an async generator yielding a row per example: Ray Data 2.60 collects an async
     generator's whole output per batch before passing it on, so per-row yields would only add a block
     conversion per row.)
     """
 
-    def __init__(self, packed: bytes, **kwargs: Any):
+    def __init__(self, packed: bytes, code: UserCode | None = None, **kwargs: Any):
         import ray.cloudpickle
 
+        install(code)  # first: unpickling imports the user's modules by name
         super().__init__(**ray.cloudpickle.loads(packed), **kwargs)
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

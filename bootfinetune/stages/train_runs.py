@@ -3,7 +3,7 @@
 Starting a Ray Train run costs seconds whatever it trains (its controller and worker actors, each a new
 process importing Ray Train and torch, then the process group), and so does each worker's set-up. So the
 models of a compile do not get a run each: they are dealt into *lanes*, as many as the cluster has room for
-side by side (each lane's workers ask `worker_resources`), and each lane is one `TorchTrainer` run whose
+side by side (each lane's workers ask `lane_resources`), and each lane is one `TorchTrainer` run whose
 workers train its models one after another (`training.model_queue.train_models`). One lane trains every
 model on a cluster that fits one worker group; four fit four models side by side.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.runtime.placement import worker_resources
 from bootfinetune.training.checkpoints import latest_state
 from bootfinetune.training.model_queue import train_models
 
@@ -62,12 +63,9 @@ class Outcome:
     """Unix time its share ended: when the next model's loop started, or the run returned."""
 
 
-def worker_resources(config: TrainConfig) -> dict[str, float]:
+def lane_resources(config: TrainConfig) -> dict[str, float]:
     """Ray resources one lane's workers hold together."""
-    need = {"CPU": config.num_workers * config.cpus_per_worker}
-    if config.use_gpu:
-        need["GPU"] = config.num_workers * config.gpus_per_worker
-    return need
+    return {name: amount * config.num_workers for name, amount in worker_resources(config).items()}
 
 
 def fits(need: dict[str, float], budget: dict[str, float]) -> bool:
@@ -90,7 +88,7 @@ def train_in_lanes(trainees: list[Trainee], config: TrainConfig, storage_path: s
                    budget: dict[str, float]) -> dict[str, Outcome]:
     """Trains every trainee, in lanes side by side as `budget` allows; returns each one's outcome."""
     by_key = {t.key: t for t in trainees}
-    dealt = lanes(list(by_key), worker_resources(config), budget)
+    dealt = lanes(list(by_key), lane_resources(config), budget)
     outcomes: dict[str, Outcome] = {}
     with ThreadPoolExecutor(max_workers=len(dealt), thread_name_prefix="finetune-lane") as pool:
         for done in pool.map(lambda keys: _run_lane([by_key[k] for k in keys], config, storage_path, storage_fs),
@@ -152,7 +150,6 @@ def _fit(queue: list[Trainee], config: TrainConfig, storage_path: str, storage_f
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     # Ray Train's own run folder: no checkpoints there (each model's are in its own folder), and a new name
     # per run, so that it never restores an earlier run's state.
     name = f".ray-{Path(queue[0].checkpoint_dir.split('?')[0]).name}-{time.time_ns()}"
@@ -160,7 +157,7 @@ def _fit(queue: list[Trainee], config: TrainConfig, storage_path: str, storage_f
         train_models,
         train_loop_config={"models": [t.loop_config for t in queue]},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_resources(config)),
         run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=name,
                              failure_config=FailureConfig(max_failures=0)),
     )

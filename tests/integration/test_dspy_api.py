@@ -44,17 +44,21 @@ def test_compile_with_json_and_xml_adapters(ray_cluster, tiny_causal, tmp_path, 
     with TeacherServer(rag_script) as server:
         teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="sk-adapter-test", cache=False)
         with dspy.context(rm=color_rm):
-            # DSPy 3.x shapes: multitask by keyword, train_kwargs with TRL names, compile(student, trainset).
+            # DSPy 3.x shapes: multitask by keyword, train_kwargs with TRL names, compile(student, trainset);
+            # DSPy 2.4's path_prefix places the run, and compile's epochs=1 wins over the constructor's 3.
             tp = BootstrapFinetune(teacher_settings={"lm": teacher}, multitask=True, adapter=adapter_cls(),
                                    train_kwargs={"learning_rate": 1e-3, "per_device_train_batch_size": 3},
-                                   storage_path=str(tmp_path / "runs"), num_actors=1, max_tokens=16)
-            compiled = tp.compile(RAG(), rag_examples(6), target=tiny_causal)
+                                   epochs=3, storage_path=str(tmp_path / "elsewhere"), num_actors=1, max_tokens=16)
+            compiled = tp.compile(RAG(), rag_examples(6), target=tiny_causal, epochs=1, int8=False,
+                                  path_prefix=str(tmp_path / "runs"))
         assert server.calls == 6  # the teacher answered each prompt in the adapter's format: no retries
         assert all(asks in request[-1]["content"] for request in server.requests)
     run = tp.run_dir
     config = read_json(run.config_json)
     assert config["adapter"]["class"].endswith(f":{adapter_cls.__name__}")
     assert (config["options"]["train"]["lr"], config["options"]["train"]["bsize"]) == (1e-3, 3)  # not compile's
+    assert config["options"]["train"]["epochs"] == 1 and len(read_json(run.manifest_json("all"))["history"]) == 1
+    assert run.root.parent == tmp_path / "runs" and not (tmp_path / "elsewhere").exists()
 
     signature = RAG().generate_answer.predict.signature
     rows = read_jsonl(run.data_file("all"))

@@ -192,3 +192,181 @@ def test_script_in_a_subfolder_bootstraps_with_its_package_from_another_director
     assert result["cwd"] == str(tmp_path / "elsewhere")
     assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
     assert result["records"] == 8
+
+
+# A driver beside the module holding its retriever's live state: a lock, an sqlite3 connection and a client
+# object, as real retrieval helpers hold them. The module records in MARKS who imported it (the process and the
+# file it was imported from), so the test sees it created on the workers, not pickled there.
+STATEFUL = {
+    "retrieval.py": '''
+        import os
+        import re
+        import socket
+        import sqlite3
+        import threading
+
+        import dspy
+        from dspy.dsp.utils import dotdict
+
+        LOCK = threading.Lock()
+        DB = sqlite3.connect(":memory:", check_same_thread=False)
+        DB.execute("create table colors (name text primary key, color text)")
+        DB.executemany("insert into colors values (?, ?)",
+                       [(f"thing{i}", ["red", "blue", "green", "gold"][i % 4]) for i in range(64)])
+        with open(os.path.join(os.environ["MARKS"], f"{os.getpid()}.txt"), "w") as mark:
+            mark.write(__file__)
+
+
+        class VectorClient:
+            """Stands in for a vector-store client: its own lock and an open socket, neither picklable."""
+
+            def __init__(self):
+                self.lock = threading.Lock()
+                self.sock = socket.socket()
+                self.calls = 0
+
+            def search(self, name):
+                with self.lock, LOCK:
+                    self.calls += 1
+                    row = DB.execute("select color from colors where name = ?", (name,)).fetchone()
+                return row[0] if row else "grey"
+
+
+        CLIENT = VectorClient()
+
+
+        class Retriever:
+            """The retriever handed to dspy.configure(rm=...): a module-level object holding the client."""
+
+            def __init__(self, client):
+                self.client = client
+
+            def __call__(self, query, k=3, **kwargs):
+                name = query.rstrip("?").split()[-1]
+                return [dotdict(long_text=f"{name} is {self.client.search(name)}.")][:k]
+
+
+        RM = Retriever(CLIENT)
+
+
+        class Answer(dspy.Signature):
+            """Answer with the color the context gives."""
+
+            context: list[str] = dspy.InputField()
+            question: str = dspy.InputField()
+            answer: str = dspy.OutputField()
+
+
+        class ColorRAG(dspy.Module):
+            def __init__(self):
+                super().__init__()
+                self.retrieve = dspy.Retrieve(k=1)
+                self.answer = dspy.Predict(Answer)
+
+            def forward(self, question):
+                return self.answer(context=self.retrieve(question).passages, question=question)
+
+
+        def exact_color(example, prediction, trace=None):
+            with LOCK:
+                return prediction.answer.strip().lower() == example.answer
+
+
+        def teacher_script(inputs, outputs):
+            return {"answer": re.search(r"thing\\d+ is (\\w+)", inputs["context"]).group(1)}
+
+
+        def examples(n):
+            return [dspy.Example(question=f"What color is thing{i}?", answer=CLIENT.search(f"thing{i}"))
+                    .with_inputs("question") for i in range(n)]
+        ''',
+    "driver.py": '''
+        """python driver.py OUT ELSEWHERE MODE: compile (files in place) or renamed (this folder moved first)."""
+
+        import json
+        import os
+        import sys
+
+        import dspy
+        from dspy.utils.exceptions import AdapterParseError
+
+        from bootfinetune import BootstrapFinetune
+        from bootfinetune.runtime.ray_env import ensure_ray
+        from bootfinetune.testing.teacher_server import TeacherServer
+        from retrieval import RM, ColorRAG, exact_color, examples, teacher_script
+
+
+        def main(out, elsewhere, mode):
+            here = os.path.dirname(os.path.abspath(__file__))
+            if mode == "renamed":  # neither the workers nor this driver can read the module's file now
+                os.rename(here, here + "-moved")
+            os.chdir(elsewhere)  # before Ray starts: the workers get this folder, not the driver's
+            print(ensure_ray(num_cpus=4))
+            dspy.configure(rm=RM)
+            with TeacherServer(teacher_script) as server:
+                teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local", cache=False)
+                tp = BootstrapFinetune(metric=exact_color, teacher_settings={"lm": teacher}, num_actors=2,
+                                       storage_path=os.path.join(out, "runs"), max_errors=0, max_tokens=12)
+                result = {"cwd": os.getcwd()}
+                if mode == "renamed":  # the checks, the bootstrap and the data stage
+                    prepared = tp.prepare(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"])
+                    s = prepared.bootstrap.summary
+                    result["bootstrap"] = {"examples": s.examples, "kept": s.kept, "failed": s.failed}
+                else:
+                    compiled = tp.compile(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"],
+                                          epochs=1, bsize=4, lr=3e-3)
+                    s = tp.report["stages"]["bootstrap"]
+                    result["bootstrap"] = {"examples": s["examples"], "kept": s["kept"], "failed": s["failed"]}
+                    try:  # answered in this process by the finetuned model; the retriever is this process's RM
+                        result["first_answer"] = compiled(question="What color is thing9?").answer
+                    except AdapterParseError as e:  # a 1-epoch tiny model may not write the format yet
+                        result["first_answer"] = e.lm_response
+                result["teacher_calls"] = server.calls
+            result["driver_pid"] = os.getpid()
+            with open(os.path.join(out, "result.json"), "w") as f:
+                json.dump(result, f)
+
+
+        if __name__ == "__main__":
+            main(*sys.argv[1:4])
+        ''',
+}
+
+
+def run_stateful(tmp_path: Path, mode: str) -> tuple[dict, dict[int, str], str]:
+    """Writes the stateful project, builds the tiny student, runs the driver from its folder; returns its result,
+    the marks (pid -> file the module was imported from) and its output."""
+    from bootfinetune.testing.tiny_models import build_tiny_causal
+
+    project, marks = tmp_path / "project", tmp_path / "marks"
+    for name, text in STATEFUL.items():
+        project.mkdir(exist_ok=True)
+        (project / name).write_text(textwrap.dedent(text).lstrip())
+    marks.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    target = build_tiny_causal(tmp_path / "tiny-llama", hidden_size=32, num_layers=1)
+    result, output = run_driver(["driver.py"], cwd=project, out=tmp_path, mode=mode,
+                                extra_env={"TINY_TARGET": str(target), "MARKS": str(marks)})
+    imported = {int(p.stem): p.read_text() for p in marks.glob("*.txt")}
+    return result, imported, output
+
+
+def test_a_sibling_module_with_live_state_is_imported_on_the_workers(tmp_path):
+    result, imported, output = run_stateful(tmp_path, "compile")
+    print("stateful driver:", json.dumps(result))  # the Show section: teacher calls, the first answer
+    assert "cannot be sent to Ray workers" not in output
+    assert result["cwd"] == str(tmp_path / "elsewhere")
+    assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
+    assert isinstance(result["first_answer"], str)
+    # The module (its lock, connection and client) was made by the driver and again by each worker that ran it.
+    assert imported.pop(result["driver_pid"]) == str(tmp_path / "project" / "retrieval.py")
+    assert len(imported) >= 1
+
+
+def test_the_module_still_reaches_the_workers_after_its_folder_is_renamed(tmp_path):
+    result, imported, output = run_stateful(tmp_path, "renamed")
+    assert not (tmp_path / "project").exists() and (tmp_path / "project-moved").exists()
+    assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
+    assert imported.pop(result["driver_pid"]) == str(tmp_path / "project" / "retrieval.py")
+    # Each actor imported it from the files bootfinetune shipped (no path on disk leads to the project).
+    assert imported and all("/bootfinetune-code/" in path for path in imported.values()), imported

@@ -9,8 +9,7 @@ import pytest
 
 from bootfinetune import BootstrapFinetune, ConfigError, ProgramError
 from bootfinetune.stages.bootstrap import TeacherRunner, driver_settings
-from bootfinetune.compiler import documented_options
-from bootfinetune.dspy_api import translate_train_kwargs
+from bootfinetune.dspy_api import documented_options, translate_train_kwargs
 from bootfinetune.run.records import example_to_json
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
@@ -86,20 +85,45 @@ def test_compile_reads_3x_positional_order_and_refuses_swapped_arguments(tmp_pat
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-def test_documented_compile_defaults_do_not_override_train_kwargs():
-    tp = BootstrapFinetune(train_kwargs={"learning_rate": 1e-3, "per_device_train_batch_size": 2}, target="m")
-    chosen = documented_options(TwoStep(), tp.options, target="t5-large", bsize=12, accumsteps=1, lr=5e-5, epochs=1,
-                                bf16=False)
-    assert "lr" not in chosen and "bsize" not in chosen and "target" not in chosen  # the constructor's stay
-    assert chosen["epochs"] == 1
-    explicit = documented_options(TwoStep(), tp.options, target="other", bsize=4, accumsteps=1, lr=2e-3, epochs=1,
-                                  bf16=False)
-    assert (explicit["lr"], explicit["bsize"], explicit["target"]) == (2e-3, 4, "other")  # compile's args win
+NOT_GIVEN = dict(target=None, bsize=None, accumsteps=None, lr=None, epochs=None, bf16=None)
+
+
+def test_compile_arguments_win_when_given_even_at_their_default():
+    tp = BootstrapFinetune(train_kwargs={"learning_rate": 1e-3, "per_device_train_batch_size": 2}, target="m",
+                           epochs=3, bf16=True)
+    kept = documented_options(TwoStep(), tp.options, options={}, **NOT_GIVEN)
+    assert kept == {}  # nothing given to compile: the constructor's options (train_kwargs included) stay
+    given = documented_options(TwoStep(), tp.options, options={}, **{**NOT_GIVEN, "epochs": 1, "bf16": False,
+                                                                      "lr": 5e-5, "target": "other"})
+    assert given == {"epochs": 1, "bf16": False, "lr": 5e-5, "target": "other"}  # defaults' values, given: they win
+    assert tp.config.replace(**given).train.epochs == 1  # BootstrapFinetune(epochs=3).compile(..., epochs=1): 1
     student = TwoStep()
     student.set_lm(dspy.LM("openai/local:/models/m", api_key="x"))
-    derived = documented_options(student, {}, target="t5-large", bsize=12, accumsteps=1, lr=5e-5, epochs=1,
-                                 bf16=False)
-    assert set(derived["target"]) == {"rewrite", "answer.predict"}
+    derived = documented_options(student, {}, options={}, **NOT_GIVEN)
+    assert derived["target"] == {"rewrite": "/models/m", "answer.predict": "/models/m"}
+    assert documented_options(student, {}, options={}, **{**NOT_GIVEN, "target": "t5-large"})["target"] == "t5-large"
+
+
+def test_dspy_24_compile_arguments_int8_peft_and_path_prefix(tmp_path):
+    options = dict(options={}, **NOT_GIVEN)
+    assert documented_options(TwoStep(), {}, peft=True, path_prefix="/runs", **options) == {
+        "lora": True, "storage_path": "/runs"}
+    assert documented_options(TwoStep(), {"lora": True}, peft=False, **options) == {"lora": False}
+    assert documented_options(TwoStep(), {}, int8=False, peft=None, **options) == {}  # accepted silently
+    assert documented_options(TwoStep(), {}, int8=None, **options) == {}
+    assert documented_options(TwoStep(), {}, **{**options, "options": {"use_peft": True}}) == {"lora": True}
+    assert BootstrapFinetune(use_peft=True).config.train.lora is True
+    with pytest.raises(ConfigError, match="disagree"):
+        documented_options(TwoStep(), {}, peft=True, **{**options, "options": {"lora": False}})
+    with pytest.raises(ConfigError, match="both place the run"):
+        documented_options(TwoStep(), {}, path_prefix="/a", **{**options, "options": {"storage_path": "/b"}})
+    # int8=True: refused before any work, naming the options that save memory.
+    tp = BootstrapFinetune(teacher_settings={"lm": dspy.LM("openai/teacher", api_key="x")}, storage_path=str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        tp.compile(TwoStep(), trainset=two_step_examples(2), target="m", int8=True)
+    assert err.value.problems[0].startswith("int8=True") and "peft=True" in err.value.problems[0]
+    assert "zero_stage=3" in err.value.problems[0] and "offload" in err.value.problems[0]
+    assert not any(tmp_path.iterdir())
 
 
 class CountingCallback(dspy.utils.callback.BaseCallback):

@@ -77,7 +77,8 @@ def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
                                 "max_calls_per_second", "max_tokens_per_minute", "max_errors",
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
                                 "ray_address", "writer_wait_s", "writer_lease_s", "verbose", "mlflow_tracking_uri",
-                                "gradient_checkpointing", "compile_layers"}  # same computation, another way
+                                "gradient_checkpointing", "compile_layers",
+                                "resources_per_worker"}  # same computation, another way
     base = Config.from_options()
     more = base.replace(num_actors=8, cpus_per_worker=4.0, storage_path="/elsewhere",
                         mlflow_tracking_uri="http://mlflow:5000")
@@ -99,7 +100,7 @@ def test_choices_are_literals_and_every_field_has_help():
 def test_flags_come_from_the_fields():
     import argparse
 
-    from bootfinetune.config import add_config_arguments, config_arguments
+    from bootfinetune.entrypoints.flags import add_config_arguments, config_arguments
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, aliases={"storage_path": ("--storage",)}, defaults={"epochs": 10})
@@ -120,10 +121,26 @@ def test_flags_come_from_the_fields():
     assert "Micro batch size per worker. (default: 12)" in " ".join(parser.format_help().split())
 
 
+def test_resources_per_worker_are_ray_resources_other_than_cpus_and_gpus():
+    import argparse
+
+    from bootfinetune.entrypoints.flags import add_config_arguments, config_arguments
+
+    assert Config.from_options(resources_per_worker={"accelerator_type:A100": 0.001}).train.resources_per_worker == {
+        "accelerator_type:A100": 0.001}
+    for bad in ({"GPU": 1}, {"fast": 0}, {"fast": True}, ["fast"], "fast"):
+        with pytest.raises(ConfigError, match=r"resources_per_worker=.*cpus_per_worker and gpus_per_worker"):
+            Config.from_options(resources_per_worker=bad)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ["resources_per_worker"])
+    assert config_arguments(parser.parse_args(["--resources-per-worker", '{"fast": 1}'])) == {
+        "resources_per_worker": {"fast": 1}}
+
+
 def test_the_demo_flags_carry_its_own_values_only():
     import argparse
 
-    from bootfinetune.config import config_arguments
+    from bootfinetune.entrypoints.flags import config_arguments
     from bootfinetune.demo.run import OVERRIDES, add_arguments
 
     parser = argparse.ArgumentParser()
@@ -136,7 +153,7 @@ def test_the_demo_flags_carry_its_own_values_only():
 
 def test_the_bootstrap_command_takes_every_option_as_a_flag():
     from bootfinetune.entrypoints.cli import build_parser
-    from bootfinetune.config import config_arguments
+    from bootfinetune.entrypoints.flags import config_arguments
 
     base = ["bootstrap", "--program", "pkg.mod:Prog", "--trainset", "t.jsonl", "--inputs", "q", "--teacher-model", "m"]
     args = build_parser().parse_args(base + ["--storage", "/tmp/r", "--per-predictor", "--num-actors", "3",

@@ -6,8 +6,8 @@ import pytest
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.stages.finetune import (FinetuneJob, _timings, finished_manifest, fits, load_job_data, split_records,
-                                   worker_resources)
+from bootfinetune.stages.finetune import FinetuneJob, _timings, finished_manifest, load_job_data, split_records
+from bootfinetune.stages.train_runs import fits, lane_resources
 from bootfinetune.run.jsonio import write_json, write_jsonl
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.training.checkpoints import best_epoch
@@ -40,11 +40,13 @@ def test_bad_data_fails_naming_the_key(tmp_path):
 
 
 def test_jobs_fit_side_by_side_only_while_resources_last():
-    need = worker_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0))
+    need = lane_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0))
     assert need == {"CPU": 2.0}
     assert fits(need, {"CPU": 8.0}) and fits(need, {"CPU": 2.0}) and not fits(need, {"CPU": 1.5})
-    gpu = worker_resources(TrainConfig(num_workers=4, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=2.0))
+    gpu = lane_resources(TrainConfig(num_workers=4, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=2.0))
     assert gpu == {"CPU": 8.0, "GPU": 4.0} and not fits(gpu, {"CPU": 16.0}) and fits(gpu, {"CPU": 16.0, "GPU": 4.0})
+    labelled = lane_resources(TrainConfig(num_workers=2, resources_per_worker={"accel": 1}))
+    assert labelled == {"CPU": 2.0, "accel": 2} and not fits(labelled, {"CPU": 8.0})
 
 
 def test_best_epoch_is_lowest_eval_loss_else_last():

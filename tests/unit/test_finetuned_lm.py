@@ -215,3 +215,27 @@ def test_a_compiled_program_given_as_student_trains_on_from_its_folders(models):
 
     assert target_from_lm(FinetunedLM(str(models["blue"]), device="cpu")) == str(models["blue"])
     assert target_from_lm(dspy.LM("openai/local:/models/x")) == "/models/x"
+
+
+def test_the_workers_cuda_device_becomes_this_cpu_and_a_model_too_big_for_it_is_refused(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from bootfinetune.serving.device import check_fits, load_device, weights_bytes
+    from bootfinetune.serving.lm import loaded_models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a head without GPUs, wherever this runs
+    model = build_tiny_causal(tmp_path / "tiny", hidden_size=32, num_layers=1)
+    with caplog.at_level(logging.WARNING, logger="bootfinetune.serving.device"):
+        lm = FinetunedLM(str(model), device="cuda", max_tokens=2)  # "cuda": the run's workers had one
+        lm("hello")
+    assert (str(model), "cpu") in loaded_models()
+    assert "device 'cuda' (where the run's workers ran it) is not on this machine" in caplog.text
+    assert load_device(None, "m") == "cpu" and load_device("cpu", "m") == "cpu"
+    need = weights_bytes(str(model))
+    assert need == sum(f.stat().st_size for f in model.glob("*.safetensors")) > 0  # float32 as stored
+    check_fits(str(model), "cpu", available=2 * need)
+    with pytest.raises(ProgramError, match=r"GiB on this machine's CPU.*bootfinetune serve RUN_DIR.*serve_url="):
+        check_fits(str(model), "cpu", available=need // 2)
+    check_fits(str(model), "cuda", available=0)  # an accelerator's own out-of-memory error names itself

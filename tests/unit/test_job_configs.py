@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,20 +27,108 @@ def validate_launcher(config: dict) -> None:
     validate_config(prepare_config(config))
 
 
+CRDS = {kind: json.loads((REPO / "tests" / "kuberay" / f"ray.io_{kind.lower()}s.v1.json").read_text())
+        for kind in ("RayJob", "RayCluster")}
+"""KubeRay's published schemas (tests/kuberay/README.md names the release and the files)."""
+
+
+def strict(schema: Any) -> Any:
+    """A Kubernetes structural schema as JSON Schema with unknown fields refused, as `kubectl apply` refuses them
+    (strict field validation): an object listing its properties takes no others unless it says it keeps them."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.get("x-kubernetes-int-or-string") and "type" not in out and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+def kuberay_docs() -> list[dict]:
+    return [d for p in sorted((REPO / "cluster" / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+
+
+def image_tags() -> set[str]:
+    """The tags cluster/Dockerfile's header builds the image under."""
+    return set(re.findall(r"-t (\S+) \.", (REPO / "cluster" / "Dockerfile").read_text()))
+
+
 def validate_kuberay(doc: dict) -> None:
+    import jsonschema
+
+    if doc["kind"] in ("Secret", "ServiceAccount"):  # Kubernetes' own kinds: what the Ray resources refer to
+        assert doc["apiVersion"] == "v1" and doc["metadata"]["name"]
+        text = yaml.safe_dump(doc)
+        assert "sk-" not in text and all(v == "${OPENAI_API_KEY}" for v in (doc.get("stringData") or {}).values())
+        return
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCluster")
+    jsonschema.validate(doc, strict(CRDS[doc["kind"]]))
     cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    assert cluster["authOptions"]["mode"] == "token"  # Ray's token auth: job submission is code execution
     if doc["kind"] == "RayJob":
         assert doc["spec"]["shutdownAfterJobFinishes"] is True and doc["spec"]["ttlSecondsAfterFinished"] > 0
-        assert doc["spec"]["entrypoint"].startswith("python ray_jobs/compile.py --config ray_jobs/configs/")
-        assert (REPO / doc["spec"]["entrypoint"].split("--config ")[1].split()[0]).exists()
+        assert doc["spec"]["entrypoint"].startswith("python /app/ray_jobs/compile.py --config /app/ray_jobs/configs/")
+        config = doc["spec"]["entrypoint"].split("--config ")[1].split()[0]
+        assert (REPO / config.removeprefix("/app/")).exists()  # the image holds the repository at /app
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]  # a CPU head
     groups = cluster["workerGroupSpecs"]
     gpu = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu and all(g["minReplicas"] <= g["maxReplicas"] for g in gpu)
-    text = yaml.safe_dump(doc)
-    assert "sk-" not in text and "secretKeyRef" in text or doc["kind"] == "RayCluster" and "secretKeyRef" in text
+    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "bootfinetune-teacher",
+                                                                     "key": "OPENAI_API_KEY"}}} in head["env"]
+
+
+def test_kuberay_manifests_name_only_what_cluster_defines():
+    docs = kuberay_docs()
+    defined = {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("Secret", "ServiceAccount", "ConfigMap")}
+    referenced: set[tuple[str, str]] = set()
+    images: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "serviceAccountName":
+                    referenced.add(("ServiceAccount", value))
+                elif key in ("secretKeyRef", "secretRef"):
+                    referenced.add(("Secret", value["name"]))
+                elif key in ("configMapKeyRef", "configMapRef", "configMap"):
+                    referenced.add(("ConfigMap", value["name"]))
+                elif key == "secret" and isinstance(value, dict):
+                    referenced.add(("Secret", value["secretName"]))
+                elif key == "image":
+                    images.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk([d for d in docs if d["kind"] in ("RayJob", "RayCluster")])
+    assert referenced == defined  # each defined, none unused (a ConfigMap nobody mounts included)
+    assert images and images <= image_tags()  # the image cluster/Dockerfile builds
+
+
+def test_the_image_installs_what_ci_installs():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    runs = [line for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    installs = [line for line in runs if "install" in line]
+    assert installs == ['RUN TORCH_INDEX="${TORCH_INDEX}" bash cluster/install.sh']
+    assert "bash cluster/install.sh" in ci.splitlines() and "pip install" not in ci
+    script = (REPO / "cluster" / "install.sh").read_text()
+    assert 'pip install --quiet -e ".[test]"' in script and "torch==2.13.0" in script
+    base = re.search(r"ARG BASE=rayproject/ray:(\S+)-py311-gpu", dockerfile).group(1)
+    versions = {d["spec"].get("rayVersion") or d["spec"]["rayClusterSpec"]["rayVersion"]
+                for d in kuberay_docs() if d["kind"] in ("RayJob", "RayCluster")}
+    assert versions == {base}  # one Ray version in every recipe
+    for launcher in ("aws.yaml", "gcp.yaml"):
+        assert yaml.safe_load((REPO / "cluster" / launcher).read_text())["docker"]["image"] == \
+            f"rayproject/ray:{base}-py311-gpu"
+    ignored = (REPO / "cluster" / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv/" in ignored and ".git/" in ignored
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
@@ -64,7 +154,23 @@ def test_every_yaml_validates(path):
         kinds = doc["available_node_types"]
         assert "GPU" not in kinds[doc["head_node_type"]]["resources"]
         assert any(t.get("max_workers", 0) > t.get("min_workers", 0) for n, t in kinds.items() if n != doc["head_node_type"])
-        assert "BOOTFINETUNE_STORAGE=" in " ".join(doc["head_start_ray_commands"])
+        head, workers = " ".join(doc["head_start_ray_commands"]), " ".join(doc["worker_start_ray_commands"])
+        assert "BOOTFINETUNE_STORAGE=" in head
+        # The dashboard (job submission: code execution) on loopback, reached through `ray dashboard`; token auth on
+        # every node, the token from the machine that runs `ray up`.
+        assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in workers
+        assert doc["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+        # The teacher's key from the user's environment (a file of theirs), loaded before the head's `ray start`.
+        assert doc["file_mounts"]["~/.bootfinetune/teacher.env"] == "~/.bootfinetune/teacher.env"
+        assert doc["head_start_ray_commands"][-1].startswith("set -a && . ~/.bootfinetune/teacher.env && set +a;")
+        # This checkout, installed the way CI installs it.
+        assert doc["file_mounts"]["~/bootfinetune"] == "." and ".venv" in doc["rsync_exclude"]
+        assert doc["setup_commands"] == ["bash ~/bootfinetune/cluster/install.sh"]
+        if doc["provider"]["type"] == "gcp":  # NVIDIA's driver, as Ray's GCP GPU example installs it
+            for name, kind in kinds.items():
+                if kind["resources"].get("GPU"):
+                    assert {"key": "install-nvidia-driver", "value": "True"} in kind["node_config"]["metadata"]["items"]
+                    assert "nvidia-smi" in " ".join(kind["initialization_commands"])
     else:  # pragma: no cover - a new folder needs a validator here
         pytest.fail(f"no validator for {rel}")
 
@@ -82,6 +188,19 @@ def test_a_launcher_with_a_typo_fails_ray_schema():
     doc["available_node_types"]["gpu_workers"]["max_worker"] = 3
     with pytest.raises(Exception, match="max_worker"):
         validate_launcher(doc)
+
+
+def test_a_kuberay_manifest_with_a_typo_fails_the_crd_schema():
+    import jsonschema
+
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    doc["spec"]["shutdownAfterJobFinish"] = doc["spec"].pop("shutdownAfterJobFinishes")
+    with pytest.raises(jsonschema.ValidationError, match="shutdownAfterJobFinish"):
+        validate_kuberay(doc)
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    doc["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError, match="tokens"):
+        validate_kuberay(doc)
 
 
 def test_bad_job_config_names_every_problem(tmp_path):
