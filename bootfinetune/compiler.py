@@ -25,10 +25,10 @@ from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_a
 from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap_splits
 from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  check_user_code, lm_identity, valset_overlap)
-from bootfinetune.config import Config, identity_options
+from bootfinetune.config import Config, TrainConfig, identity_options
 from bootfinetune.stages.datasets import build_datasets
 from bootfinetune.dspy_api import (check_compile_arguments, check_positional, documented_options, peft_alias,
-                                   train_kwargs_options)
+                                   tracks_given_arguments, train_kwargs_options)
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.stages.evaluate import evaluate_program, teacher_score
 from bootfinetune.stages.finetune import FinetuneJob, finetune_models
@@ -142,11 +142,13 @@ class BootstrapFinetune(Teleprompter):
         self.run_dir: RunDir | None = None
         self.report: dict[str, Any] = {}
 
+    @tracks_given_arguments
     def compile(self, student: dspy.Module, trainset: list | None = None, teacher: Any = None, *,
-                valset: list | None = None, target: str | dict[str, str] | None = None, bsize: int | None = None,
-                accumsteps: int | None = None, lr: float | None = None, epochs: int | None = None,
-                bf16: bool | None = None, int8: bool | None = None, peft: bool | None = None,
-                path_prefix: str | None = None, **options: Any) -> dspy.Module:
+                valset: list | None = None, target: str | dict[str, str] = TrainConfig.target,
+                bsize: int = TrainConfig.bsize, accumsteps: int = TrainConfig.accumsteps, lr: float = TrainConfig.lr,
+                epochs: int = TrainConfig.epochs, bf16: bool = TrainConfig.bf16, int8: bool | None = None,
+                peft: bool | None = None, path_prefix: str | None = None, _given: frozenset[str] = frozenset(),
+                **options: Any) -> dspy.Module:
         """Compiles `student` into a new program backed by finetuned models; the student is not modified.
 
         Both API generations: DSPy 2.4's keywords (`compile(student=..., trainset=..., target=...)`)
@@ -171,9 +173,10 @@ class BootstrapFinetune(Teleprompter):
             The compiled program. `self.run_dir` is the run directory it came from.
         """
         check_compile_arguments(student, trainset, teacher, self.train_kwargs_lms)
+        documented = dict(target=target, bsize=bsize, accumsteps=accumsteps, lr=lr, epochs=epochs, bf16=bf16)
         config = self.config.replace(**documented_options(
-            student, self.options, options=options, int8=int8, peft=peft, path_prefix=path_prefix, target=target,
-            bsize=bsize, accumsteps=accumsteps, lr=lr, epochs=epochs, bf16=bf16))
+            student, self.options, options=options, int8=int8, peft=peft, path_prefix=path_prefix,
+            **{name: value for name, value in documented.items() if name in _given}))
         tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
         with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
             prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")

@@ -9,8 +9,10 @@ refuses the arguments that would otherwise be silently read in the other generat
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from typing import Any
+from typing import Any, Callable
 
 import dspy
 
@@ -94,12 +96,30 @@ def peft_alias(options: dict[str, Any], **given: Any) -> dict[str, Any]:
     return options
 
 
+def tracks_given_arguments(method: Callable) -> Callable:
+    """`compile` as DSPy documents it, defaults included, with its body told which arguments the caller gave.
+
+    The wrapped method takes a keyword `_given` (the names bound by the call); its signature, as `help()` and
+    `inspect.signature` show it, is the method's without `_given`: `target='t5-large', bsize=12, ...`.
+    """
+    full = inspect.signature(method)
+    shown = full.replace(parameters=[p for name, p in full.parameters.items() if name != "_given"])
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = frozenset(shown.bind(*args, **kwargs).arguments)  # a wrong call raises TypeError here, as before
+        return method(*args, _given=given, **kwargs)
+
+    wrapper.__signature__ = shown  # type: ignore[attr-defined]
+    return wrapper
+
+
 def documented_options(student: dspy.Module, constructor_options: dict[str, Any], *, options: dict[str, Any],
                        int8: Any = None, peft: Any = None, path_prefix: Any = None,
                        **documented: Any) -> dict[str, Any]:
     """compile()'s arguments as our options: every one given wins over the constructor's, even at its default.
 
-    `documented` holds DSPy 2.4's `target, bsize, accumsteps, lr, epochs, bf16` (None: not given). Of 2.4's
+    `documented` holds those of DSPy 2.4's `target, bsize, accumsteps, lr, epochs, bf16` the caller gave. Of 2.4's
     other arguments, `peft` (and `use_peft` in `options`) is `lora`, `path_prefix` is `storage_path`,
     and `int8=True` is refused (False and None are accepted). A `target` given nowhere, with an LM on
     every predictor (DSPy 3.x style), finetunes what those LMs name.
@@ -111,7 +131,7 @@ def documented_options(student: dspy.Module, constructor_options: dict[str, Any]
     if int8 not in (None, False):
         problems.append(INT8_REFUSED if int8 is True else f"int8={int8!r}: leave it out (8-bit training is not "
                                                            f"supported; False and None are accepted).")
-    chosen = {name: value for name, value in documented.items() if value is not None}
+    chosen = dict(documented)
     try:
         chosen.update(peft_alias(options, peft=peft))
     except ConfigError as exc:

@@ -1,5 +1,6 @@
 """Both API generations (DSPy 2.4 and 3.x): call shapes that work, and misreadings that raise (no Ray)."""
 
+import inspect
 import json
 import logging
 
@@ -9,7 +10,7 @@ import pytest
 
 from bootfinetune import BootstrapFinetune, ConfigError, ProgramError
 from bootfinetune.stages.bootstrap import TeacherRunner, driver_settings
-from bootfinetune.dspy_api import documented_options, translate_train_kwargs
+from bootfinetune.dspy_api import tracks_given_arguments, documented_options, translate_train_kwargs
 from bootfinetune.run.records import example_to_json
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
@@ -85,7 +86,24 @@ def test_compile_reads_3x_positional_order_and_refuses_swapped_arguments(tmp_pat
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-NOT_GIVEN = dict(target=None, bsize=None, accumsteps=None, lr=None, epochs=None, bf16=None)
+NOT_GIVEN: dict = {}
+"""compile() passes documented_options only the documented arguments its caller gave."""
+
+
+def test_compile_shows_the_documented_defaults_and_knows_what_was_given():
+    shown = inspect.signature(BootstrapFinetune.compile).parameters
+    assert {n: shown[n].default for n in ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")} == dict(
+        target="t5-large", bsize=12, accumsteps=1, lr=5e-5, epochs=1, bf16=False)
+    assert "_given" not in shown
+
+    @tracks_given_arguments
+    def compile(self, student, trainset=None, *, epochs=1, bf16=False, _given=frozenset(), **options):
+        return _given
+
+    assert compile(None, "s", trainset=[1]) == {"self", "student", "trainset"}
+    assert compile(None, "s", epochs=1, zero_stage=3) == {"self", "student", "epochs", "options"}
+    with pytest.raises(TypeError):
+        compile(None)  # student missing: the same TypeError as an undecorated call
 
 
 def test_compile_arguments_win_when_given_even_at_their_default():
