@@ -253,3 +253,80 @@ def test_two_machines_write_one_trace_store_on_s3_at_once(s3, tmp_path, monkeypa
     check_results(store.load(), 30)
     identity = json.loads((store.root / "identity.json").read_text())
     assert set(identity) == {"trace_id", "parts"}
+
+
+# -- issue 30: the run lock and the files -------------------------------------------------------------
+
+def test_the_lock_names_its_holder_without_the_credentials_on_its_command_line(tmp_path):
+    run = RunDir(tmp_path / "Prog-1")
+    secrets = ("sk-lock-0123456789", "bearer-lock-0123456789")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run.root), "180", "600", "--api-key", secrets[0],
+                             "-H", f"Authorization: Bearer {secrets[1]}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusyError) as busy:
+            RunWriter(run, what="compile").acquire()
+        recorded = (run.root / LOCK_FILE).read_text()
+        for text in (str(busy.value), recorded):
+            assert f"pid {proc.pid}" in text or str(proc.pid) in text
+            assert not [s for s in secrets if s in text], text
+        assert "--api-key ***" in str(busy.value) and "-H ***" in str(busy.value)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    from bootfinetune.run.names import RunPathError
+
+    run = RunDir(tmp_path / "Prog-1")
+    run.root.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run.root / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(RunPathError, match="link"):
+        RunWriter(run, what="compile").acquire()
+    assert victim.read_text() == "precious"
+    (run.root / LOCK_FILE).unlink()
+    os.link(victim, run.root / LOCK_FILE)  # a hard link to someone's file: refused too
+    with pytest.raises(RunPathError, match="link"):
+        RunWriter(run, what="compile").acquire()
+    assert victim.read_text() == "precious"
+
+
+class _Failing(__import__("http.server").server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 503 (a bucket in trouble)."""
+
+    def _fail(self):
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def failing_s3():
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"s3://runs/team?endpoint_override=127.0.0.1:{server.server_address[1]}&scheme=http"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkeypatch):
+    from bootfinetune.run.writer import _FileLock
+
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
+    run = RunDir.at(failing_s3, "Prog-1")
+    with pytest.raises(OSError):
+        RunWriter(run, what="compile").acquire()
+    lock = _FileLock(run.root / LOCK_FILE)
+    assert lock.try_acquire(Writer.this_process("compile")) is None  # not held by the failed writer
+    lock.release()
