@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
+from bootfinetune.run.names import run_name_problem
 
 DEFAULT_STORAGE = "./bootfinetune_runs"
 STORAGE_ENV = "BOOTFINETUNE_STORAGE"
@@ -381,8 +382,8 @@ def _storage_path(config: Config, path: Any) -> list[str]:
 
 
 def _run_name(config: Config, name: Any) -> list[str]:
-    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
-        return [f"run_name={name!r}: use a plain folder name (no '/', not starting with '.')."]
+    if name is not None and (problem := run_name_problem(name)):
+        return [problem]
     if name == "traces":
         return ["run_name='traces': that folder holds the teacher traces of every run; choose another name."]
     return []

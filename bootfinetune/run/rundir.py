@@ -36,7 +36,8 @@ from typing import Any
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
 from bootfinetune.run.jsonio import fingerprint, read_json, write_json
-from bootfinetune.run.names import checked_folder, folder_names, inside, inside_uri, safe_name
+from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, checked_folder, folder_names, inside, inside_uri,
+                                    run_name_problem, safe_name)
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
 
@@ -46,8 +47,14 @@ def run_name_for(program_name: str, inputs: Any) -> str:
     >>> run_name_for("RAG", {"a": 1}) == run_name_for("RAG", {"a": 1})
     True
     """
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).strip("-") or "program"
-    return f"{slug}-{fingerprint(inputs)}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).lstrip(".-")[:SLUG_LENGTH - 4].rstrip(".-") or "program"
+    return f"{slug}-{fingerprint(inputs)}"  # a safe name (`names.is_safe_name`): at most 73 characters
+
+
+def _check_run_name(run_name: str) -> None:
+    problem = run_name_problem(run_name)
+    if problem:
+        raise RunPathError(problem)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class RunDir:
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
+        """The run directory `run_name` under `storage_path`; a name that is not a safe name (`?`, `#`, `%`,
+        `/`, NUL, too long) is refused (`names.RunPathError`): appended to a URI it would change what it names."""
+        _check_run_name(run_name)
         return cls(*storage.place(storage_path, run_name))
 
     @classmethod
@@ -72,6 +82,7 @@ class RunDir:
 
     def sibling(self, run_name: str) -> "RunDir":
         """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
+        _check_run_name(run_name)
         if self.remote is None:
             return RunDir(self.root.parent / run_name)
         from urllib.parse import urlsplit, urlunsplit

@@ -217,3 +217,31 @@ def test_trust_remote_code_follows_the_run_unless_given(tmp_path):
     bound = rebind_run(program, run, described, inference=InferenceConfig(device="cpu"), trust_remote_code=False)
     assert finetuned_engine(bound.lm).trust_remote_code is False
     assert RunDescription().trusts_remote_code() is False
+
+
+# -- issue 30: a run name follows the same rule ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a?endpoint_override=evil.example:9000&scheme=http", "a#b", "a\x00b", "a%2Fb",
+                                  "a b", "x" * 201, ".hidden", "-rf", "a/b", "naïve", ""])
+def test_a_run_name_that_is_not_a_safe_name_is_refused_with_the_rule(name):
+    from bootfinetune.config import Config
+    from bootfinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        Config.from_options(run_name=name, storage_path="s3://bucket/runs?region=eu")
+    message = str(err.value)
+    assert "run_name" in message and "letters, digits" in message and "at most" in message
+    with pytest.raises(RunPathError):  # the door every run directory goes through refuses it too
+        RunDir.at("s3://bucket/runs?region=eu", name)
+
+
+def test_safe_run_names_and_derived_ones_pass():
+    from bootfinetune.config import Config
+    from bootfinetune.run.rundir import run_name_for
+
+    for name in ("my-run_1.0", "TwoStep-1a2b3c4d5e6f", "a" * (SLUG_LENGTH + 9)):
+        assert Config.from_options(run_name=name).run.run_name == name
+        assert RunDir.at("s3://bucket/runs", name).remote == f"s3://bucket/runs/{name}"
+    derived = run_name_for("A" * 300 + "Program", {"x": 1})  # a long class name still gives a safe, bounded name
+    assert is_safe_name(derived) and derived.startswith("AAAA") and len(derived) <= SLUG_LENGTH + 9
+    assert run_name_for("RAG", {"x": 1}).startswith("RAG-")
