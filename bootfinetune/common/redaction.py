@@ -40,6 +40,7 @@ PUBLIC_QUERY_NAMES = frozenset({"endpoint_override", "scheme", "region", "allow_
 """URL query parameters whose values are shown (pyarrow's storage-URI options, Azure's api-version), so a
 printed run URI can be passed back as it is; every other query value is masked."""
 
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:\d*)?")
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
@@ -47,8 +48,9 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 def split_userinfo(url: str) -> tuple[str, str | None, str]:
     """(`scheme://`, the user info or None, the rest of the URL).
 
-    The user info runs to the URL's last `@` unless every `@` is in the query or fragment of a URL whose
-    authority parses as a plain host (no port: `user:123?x@h` would read as host `user`, port 123).
+    The user info runs to the last `@` that a host (`name[:port]`) follows, unless every `@` is in the query
+    or fragment of a URL whose authority parses as a plain host (no port: `user:123?x@h` would read as host
+    `user`, port 123).
 
     >>> split_userinfo("s3://AKIA:wJal/K7M@bucket/runs")
     ('s3://', 'AKIA:wJal/K7M', 'bucket/runs')
@@ -65,8 +67,10 @@ def split_userinfo(url: str) -> tuple[str, str | None, str]:
         plain_host = False
     if plain_host:
         return scheme + sep, None, rest
-    userinfo, _, after = rest.rpartition("@")
-    return scheme + sep, userinfo, after
+    ats = [i for i, c in enumerate(rest) if c == "@"]
+    hosts = [i for i in ats if _HOST.fullmatch(re.split(r"[/?#]", rest[i + 1:], maxsplit=1)[0])]
+    at = (hosts or ats)[-1]  # the last '@' a host follows: an '@' inside a query option's value is not it
+    return scheme + sep, rest[:at], rest[at + 1:]
 
 
 def _public_value(value: str) -> str:
@@ -159,19 +163,24 @@ _LM_STATE_SHAPED = frozenset({"engine", "async_engine", "prompt_cache"})
 _LM_OPTION_PARTS = frozenset({"launch_kwargs", "train_kwargs"})
 
 
-def _urls_redacted(value: Any) -> Any:
+def redact_urls_deep(value: Any) -> Any:
+    """`value` (JSON-like) with `redact_urls_in` applied to every string in it, dict keys included.
+
+    >>> redact_urls_deep({"run": {"storage_path": "s3://k:s@b/r", "epochs": 2}, "tags": ["http://u:p@h"]})
+    {'run': {'storage_path': 's3://***@b/r', 'epochs': 2}, 'tags': ['http://***@h']}
+    """
     if isinstance(value, str):
         return redact_urls_in(value)
     if isinstance(value, dict):
-        return {k: _urls_redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_urls_redacted(v) for v in value]
+        return {redact_urls_deep(k): redact_urls_deep(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_urls_deep(v) for v in value]
     return value
 
 
 def public_options(options: dict[str, Any], public: frozenset[str]) -> dict[str, Any]:
     """Options as they may be shown: values of `public` keys kept (URLs redacted), the rest masked."""
-    return {k: _urls_redacted(v) if k in public else _masked(v) for k, v in options.items()}
+    return {k: redact_urls_deep(v) if k in public else _masked(v) for k, v in options.items()}
 
 
 def public_lm_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +202,7 @@ def public_lm_state(state: dict[str, Any]) -> dict[str, Any]:
         elif name in _LM_OPTION_PARTS and isinstance(value, dict):
             shown[name] = public_options(value, LM_OPTION_PUBLIC_ARGS)
         elif name in _LM_STATE_SHAPED or name in _LM_STATE_PUBLIC:
-            shown[name] = _urls_redacted(value)
+            shown[name] = redact_urls_deep(value)
         else:
             shown[name] = _masked(value)
     return shown

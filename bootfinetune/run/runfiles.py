@@ -9,8 +9,8 @@ A file from a newer bootfinetune raises `RunFileError` naming the file and the f
 Keys config.json, a manifest or the report holds that their record does not know are kept
 (`extra`) and written back, so nothing is lost.
 
-This module depends on nothing of ours but `errors`: it reads JSON with the standard
-library, and the run directory (`rundir.RunDir`) writes the records' dicts atomically.
+This module depends on nothing of ours but `errors` and `common.redaction`: it reads JSON with the
+standard library, and the run directory (`rundir.RunDir`) writes the records' dicts atomically.
 
     >>> ModelManifest.from_json({"key": "all", "best_epoch": 2}, "manifest.json").best_epoch
     2
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bootfinetune.common.redaction import redact_urls_deep
 from bootfinetune.errors import ConfigError
 
 RUN_FILES_VERSION = 2
@@ -131,19 +132,18 @@ class RunDescription:
         return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
-        data = _to_json(self)
-        run = (data.get("options") or {}).get("run") or {}
-        if run.get("mlflow_tracking_uri"):  # it may hold credentials (https://user:token@host)
-            from bootfinetune.common.redaction import redact_uri
-
-            data["options"] = {**data["options"],  # a copy: the record keeps the URI it was given
-                               "run": {**run, "mlflow_tracking_uri": redact_uri(run["mlflow_tracking_uri"])}}
-        return data
+        """The dict config.json holds: every URL and URI in it without credentials (`redact_urls_in`), whoever
+        filled the record (a compile's shown options, a provider's or a retrain's as given). The record
+        itself keeps what it was given; `rundir.RunDir.write_description` is the one writer of the file."""
+        return redact_urls_deep(_to_json(self))
 
     def flat_options(self) -> dict[str, Any]:
-        """Every recorded option in one dict (`Config.from_options` takes it), but `mlflow_tracking_uri`:
-        recorded redacted, it is not reused (each entry is given its own, or MLflow's environment)."""
-        return {k: v for group in self.options.values() for k, v in group.items() if k != "mlflow_tracking_uri"}
+        """Every recorded option in one dict (`Config.from_options` takes it), but `mlflow_tracking_uri` and
+        `ray_address`: recorded redacted, the first is not reused (each entry is given its own, or MLflow's
+        environment), and a run's recorded address never decides where a later process connects (the
+        caller's argument, then $RAY_ADDRESS, do)."""
+        return {k: v for group in self.options.values() for k, v in group.items()
+                if k not in ("mlflow_tracking_uri", "ray_address")}
 
     def trusts_remote_code(self, given: bool | None = None) -> bool:
         """`given`, or the `trust_remote_code` the run was trained with (its train options; False if unrecorded)."""

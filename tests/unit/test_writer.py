@@ -330,3 +330,14 @@ def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkey
     lock = _FileLock(run.root / LOCK_FILE)
     assert lock.try_acquire(Writer.this_process("compile")) is None  # not held by the failed writer
     lock.release()
+
+
+def test_an_evaluation_takes_the_run_lock_before_reading_the_run(tmp_path, holders):
+    """Issue 30 (7): evaluate_run updated report.json and synced without the lock (lost updates, stale pushes)."""
+    from bootfinetune.compiler import evaluate_run
+
+    run = RunDir(tmp_path / "Prog-1")
+    holder = holders(run.root)
+    with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+        evaluate_run(str(run.root), [], lambda *a: 1.0, name="held")
+    assert not run.report_json.exists() and not (run.root / "evaluations").exists()
