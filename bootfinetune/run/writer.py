@@ -174,18 +174,26 @@ class _Lease:
     """`writer.lease` on a cloud run's URI (see the module docstring for the rule)."""
 
     def __init__(self, remote: str):
-        self.fs, self.path = storage.filesystem(storage.join_uri(remote, LEASE_FILE))
+        self.uri = storage.join_uri(remote, LEASE_FILE)
+        self.fs, self.path = storage.filesystem(self.uri)
 
     def read(self) -> Writer | None:
+        """The lease on the URI (None when there is none), with the storage's bounded retries."""
         try:
-            with self.fs.open_input_stream(self.path) as f:
-                return Writer.from_json(f.read())
+            return Writer.from_json(storage.retrying("reading the writer lease", self.uri, self._read))
         except FileNotFoundError:
             return None
 
+    def _read(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
     def write(self, writer: Writer) -> None:
+        storage.retrying("writing the writer lease", self.uri, self._write, writer.to_json().encode())
+
+    def _write(self, data: bytes) -> None:
         with self.fs.open_output_stream(self.path) as out:
-            out.write(writer.to_json().encode())
+            out.write(data)
 
     def try_acquire(self, me: Writer, lease_s: float) -> Writer | None:
         """None when the lease is ours after the read-back; else the writer holding it."""
@@ -206,7 +214,7 @@ class _Lease:
     def delete_if_ours(self, me: Writer) -> None:
         current = self.read()
         if current is not None and current.token == me.token:
-            self.fs.delete_file(self.path)
+            storage.retrying("deleting the writer lease", self.uri, self.fs.delete_file, self.path)
 
 
 def _utc(t: float | None) -> str:

@@ -321,11 +321,13 @@ def failing_s3():
 
 
 def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkeypatch):
+    import bootfinetune.run.storage as storage
     from bootfinetune.run.writer import _FileLock
 
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.1,))  # the S3 client's own retries take seconds a try
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
     run = RunDir.at(failing_s3, "Prog-1")
-    with pytest.raises(OSError):
+    with pytest.raises(storage.StorageError, match="writer lease"):
         RunWriter(run, what="compile").acquire()
     lock = _FileLock(run.root / LOCK_FILE)
     assert lock.try_acquire(Writer.this_process("compile")) is None  # not held by the failed writer
