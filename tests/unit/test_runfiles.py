@@ -84,3 +84,23 @@ def test_config_json_is_written_through_one_door_that_redacts_every_uri(tmp_path
     assert written["storage_path"] == "s3://***@bucket/runs?endpoint_override=***@h:9&scheme=http"
     assert written["ray_address"] == "ray://***@head:10001"
     assert described.options["run"]["storage_path"] == storage  # the record keeps what it was given
+
+
+def test_run_files_reach_the_disk_before_their_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Issue 30 (8): a power cut never leaves an empty manifest: the file is fsynced before the rename, its folder after."""
+    import os
+    import stat
+
+    from bootfinetune.run.jsonio import write_json
+
+    synced, real = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "run" / "models" / "all" / "manifest.json"
+    write_json(path, {"key": "all"})
+    assert synced == [("file", path.stat().st_ino), ("folder", path.parent.stat().st_ino)]
