@@ -35,7 +35,7 @@ from typing import Any
 
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, read_json, write_json
+from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
 from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, checked_folder, folder_names, inside, inside_uri,
                                     run_name_problem, safe_name)
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
@@ -246,11 +246,42 @@ class RunDir:
 
     def finished_models(self) -> dict[str, ModelManifest]:
         """Every finished model's manifest, by key (models/*/manifest.json)."""
-        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}")))
+        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}"))
+                     if not p.parent.name.startswith("."))  # a staged export (`model_staging`) is not a model
         return {m.key: m for m in manifests}
 
-    def write_manifest(self, manifest: ModelManifest) -> None:
-        write_json(self.manifest_json(manifest.key), manifest.to_json())
+    def write_manifest(self, manifest: ModelManifest, folder: Path | None = None) -> None:
+        """Writes the manifest into models/{folder}, or into `folder` (a staged export, `model_staging`)."""
+        write_json(folder / ModelManifest.FILE if folder else self.manifest_json(manifest.key), manifest.to_json())
+
+    def model_staging(self, key: str) -> Path:
+        """An empty folder beside models/{folder} (`models/.{folder}.new.tmp`, never synced) for a new export
+        of model `key`; `swap_model` puts it in place once complete, so the model there is kept until then.
+
+        A swap cut short between its two renames (a crash) is finished first: the complete export found
+        beside the folder (the new one, else the old one) takes the folder's place.
+        """
+        out = self.model_dir(key)
+        new, old = self.path("models", f".{out.name}.new.tmp"), self.path("models", f".{out.name}.old.tmp")
+        if not out.exists():
+            done = next((d for d in (new, old) if (d / ModelManifest.FILE).exists()), None)
+            if done is not None:
+                os.replace(done, out)
+        for stale in (new, old):
+            self.remove("models", stale.name)
+        new.mkdir(parents=True)
+        return new
+
+    def swap_model(self, key: str, staged: Path) -> None:
+        """Puts a complete export (`model_staging`, its manifest written last) in place of models/{folder};
+        the model that was there is deleted only then."""
+        out = self.model_dir(key)
+        old = self.path("models", f".{out.name}.old.tmp")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staged, out)
+        fsync_folder(out.parent)
+        self.remove("models", old.name)
 
     def read_report(self) -> RunReport:
         """report.json as its record (an empty one before any stage wrote it)."""

@@ -172,7 +172,7 @@ def _mirrored(rel: str) -> bool:
         return False
     if parts[0] == REMOTE_ONLY:
         return len(parts) == 3 and parts[2] == "bootfinetune_job.json"
-    return parts[-1] != SYNC_STATE and not parts[-1].endswith(".tmp")
+    return parts[-1] != SYNC_STATE and not any(part.endswith(".tmp") for part in parts)  # staged files, folders
 
 
 def _read_state(local: Path) -> dict[str, dict]:

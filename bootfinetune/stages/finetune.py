@@ -304,12 +304,12 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
     best_ckpt = kept[best]
 
     out = run.model_dir(job.key)
-    run.remove("models", out.name)
+    staged = run.model_staging(job.key)  # the model in `out` (a retrain's) is kept until this one is complete
     export_started = time.time()
     with best_ckpt.as_directory() as ckpt_dir:
-        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, out, trained_config(config, state),
+        lora = export_checkpoint(Path(ckpt_dir), best, job.target, kind, staged, trained_config(config, state),
                                  tokenizer=tokenizer, base_vocab=base_vocab)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(staged)
     timings = _timings(state, fit_started, fit_seconds, time.time() - export_started)
 
     history = state["history"]
@@ -358,7 +358,8 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         added_tokens=list(job.added_tokens or ()),
         job_fingerprint=job_fp,
     )
-    run.write_manifest(manifest)  # last: its presence means the key is finished
+    run.write_manifest(manifest, staged)  # last: its presence means the key is finished
+    run.swap_model(job.key, staged)
     run.sync()
     return manifest
 

@@ -245,3 +245,33 @@ def test_safe_run_names_and_derived_ones_pass():
     derived = run_name_for("A" * 300 + "Program", {"x": 1})  # a long class name still gives a safe, bounded name
     assert is_safe_name(derived) and derived.startswith("AAAA") and len(derived) <= SLUG_LENGTH + 9
     assert run_name_for("RAG", {"x": 1}).startswith("RAG-")
+
+
+def test_a_new_export_is_written_beside_the_model_and_swapped_in_only_when_complete(tmp_path):
+    """Issue 30 (8): a retrain deleted models/{key} before the new export was complete."""
+    from bootfinetune.run.storage import _mirrored
+
+    run = RunDir(tmp_path / "R-1")
+    run.write_manifest(ModelManifest(key="all", best_epoch=1))
+    (run.model_dir("all") / "model.safetensors").write_text("good weights")
+
+    staged = run.model_staging("all")
+    (staged / "model.safetensors").write_text("half of the new weights")  # the export dies here
+    assert (run.model_dir("all") / "model.safetensors").read_text() == "good weights"
+    assert [m.best_epoch for m in run.finished_models().values()] == [1]  # the staged one is no model
+    assert not _mirrored(f"models/{staged.name}/model.safetensors")  # and never uploaded
+
+    staged = run.model_staging("all")  # the next try starts clean
+    assert list(staged.iterdir()) == []
+    (staged / "model.safetensors").write_text("new weights")
+    run.write_manifest(ModelManifest(key="all", best_epoch=2), staged)
+    assert run.read_manifest("all").best_epoch == 1  # complete beside it, not in place yet
+    run.swap_model("all", staged)
+    assert run.read_manifest("all").best_epoch == 2
+    assert (run.model_dir("all") / "model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in run.models_dir.iterdir()) == ["all"]
+
+    # a crash between the swap's two renames: the complete export beside the folder is put back in place
+    os.replace(run.model_dir("all"), run.path("models", ".all.old.tmp"))
+    run.model_staging("all")
+    assert run.read_manifest("all").best_epoch == 2
