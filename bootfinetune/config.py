@@ -84,6 +84,10 @@ class BootstrapConfig:
     """The teacher's request budget, shared by every actor on the cluster (a provider's RPM / 60); None: none."""
     max_tokens_per_minute: int | None = option(None, resource=True, at_least=1)
     """The teacher's token budget (prompt + completion), shared by every actor on the cluster; None: none."""
+    trace_upload_every: int = option(100, resource=True, at_least=1)
+    """Cloud storage_path: new teacher results go up to the trace store after this many, or trace_upload_s."""
+    trace_upload_s: float = option(30.0, resource=True, within=(0, None), open_low=True)
+    """Cloud storage_path: new teacher results go up at least this often (seconds): what a killed driver loses."""
     max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
     metric_threshold: float | None = option(None, within=(float("-inf"), None))

@@ -250,9 +250,8 @@ class RunDir:
                      if not p.parent.name.startswith("."))  # a staged export (`model_staging`) is not a model
         return {m.key: m for m in manifests}
 
-    def write_manifest(self, manifest: ModelManifest, folder: Path | None = None) -> None:
-        """Writes the manifest into models/{folder}, or into `folder` (a staged export, `model_staging`)."""
-        write_json(folder / ModelManifest.FILE if folder else self.manifest_json(manifest.key), manifest.to_json())
+    def write_manifest(self, manifest: ModelManifest) -> None:
+        write_json(self.manifest_json(manifest.key), manifest.to_json())
 
     def model_staging(self, key: str) -> Path:
         """An empty folder beside models/{folder} (`models/.{folder}.new.tmp`, never synced) for a new export
@@ -272,10 +271,11 @@ class RunDir:
         new.mkdir(parents=True)
         return new
 
-    def swap_model(self, key: str, staged: Path) -> None:
-        """Puts a complete export (`model_staging`, its manifest written last) in place of models/{folder};
-        the model that was there is deleted only then."""
-        out = self.model_dir(key)
+    def swap_model(self, manifest: ModelManifest, staged: Path) -> None:
+        """Writes the manifest into a staged export (`model_staging`), last, then puts the export in place of
+        models/{folder}; the model that was there is deleted only then."""
+        write_json(staged / ModelManifest.FILE, manifest.to_json())
+        out = self.model_dir(manifest.key)
         old = self.path("models", f".{out.name}.old.tmp")
         if out.exists():
             os.replace(out, old)

@@ -195,7 +195,7 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
         failures = dict.fromkeys(todo, 0)
         progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
         try:
-            with store.appender() as appender:
+            with store.appender(config.trace_upload_every, config.trace_upload_s) as appender:
                 for split, index, teacher, result in run_jobs(
                         list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
                         batch_size=config.batch_size, num_cpus=config.actor_cpus):

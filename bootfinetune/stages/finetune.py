@@ -358,8 +358,7 @@ def _train_and_export(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks:
         added_tokens=list(job.added_tokens or ()),
         job_fingerprint=job_fp,
     )
-    run.write_manifest(manifest, staged)  # last: its presence means the key is finished
-    run.swap_model(job.key, staged)
+    run.swap_model(manifest, staged)  # the manifest last (its presence means the key is finished), then in place
     run.sync()
     return manifest
 

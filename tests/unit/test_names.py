@@ -264,9 +264,8 @@ def test_a_new_export_is_written_beside_the_model_and_swapped_in_only_when_compl
     staged = run.model_staging("all")  # the next try starts clean
     assert list(staged.iterdir()) == []
     (staged / "model.safetensors").write_text("new weights")
-    run.write_manifest(ModelManifest(key="all", best_epoch=2), staged)
     assert run.read_manifest("all").best_epoch == 1  # complete beside it, not in place yet
-    run.swap_model("all", staged)
+    run.swap_model(ModelManifest(key="all", best_epoch=2), staged)
     assert run.read_manifest("all").best_epoch == 2
     assert (run.model_dir("all") / "model.safetensors").read_text() == "new weights"
     assert sorted(p.name for p in run.models_dir.iterdir()) == ["all"]

@@ -343,3 +343,30 @@ def test_an_evaluation_takes_the_run_lock_before_reading_the_run(tmp_path, holde
     with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
         evaluate_run(str(run.root), [], lambda *a: 1.0, name="held")
     assert not run.report_json.exists() and not (run.root / "evaluations").exists()
+
+
+def test_the_trace_store_is_uploaded_as_it_grows(s3, tmp_path, monkeypatch):
+    """Issue 30 (8): results reached the bucket only when the bootstrap ended; a killed driver lost them all."""
+    import shutil
+
+    from bootfinetune.stages.traces import TraceStore
+
+    storage = s3.uri("writers", "growing")
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
+    store = TraceStore.at(storage, "Prog", {"x": 2})
+    appender = store.appender(upload_every=3, upload_s=3600).__enter__()
+    for i in range(7):
+        appender.add(f"e{i}", 0, {"calls": [], "kept": True})
+    # the driver dies here (its mirror with it): what the bucket holds is what a resume finds
+    shutil.rmtree(tmp_path / "machine-a")
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
+    assert sorted(k for k, _ in TraceStore.at(storage, "Prog", {"x": 2}).load()) == [f"e{i}" for i in range(6)]
+
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-c"))
+    store = TraceStore.at(storage, "Prog", {"x": 3})
+    with store.appender(upload_every=1000, upload_s=0.5) as appender:
+        appender.add("t0", 0, {"calls": [], "kept": True})
+        time.sleep(0.6)
+        appender.add("t1", 0, {"calls": [], "kept": True})  # half a second since the last upload: up it goes
+        monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-d"))
+        assert sorted(k for k, _ in TraceStore.at(storage, "Prog", {"x": 3}).load()) == ["t0", "t1"]
