@@ -308,6 +308,9 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
     dataset.context.wait_for_min_actors_s = max(dataset.context.wait_for_min_actors_s, POOL_START_TIMEOUT_S)
+    # Results go back to the driver (and the trace store) as each batch returns, a block of their own, not
+    # with the rest of their task: a driver killed mid-run loses the batches in flight, not whole tasks.
+    dataset.context.target_max_block_size = 1
     with warnings.catch_warnings():
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).
