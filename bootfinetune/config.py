@@ -35,6 +35,9 @@ from typing import Any, Callable, Literal
 from bootfinetune.errors import ConfigError
 from bootfinetune.run.names import run_name_problem
 
+DEFAULT_TEACHER_TIMEOUT = 120.0
+"""Seconds each attempt of a teacher call may wait (LiteLLM's own default is 600 s): the CLI's and the jobs' teacher
+LMs get it, and a teacher LM built in Python that sets no `timeout` gets it in the bootstrap actors."""
 DEFAULT_STORAGE = "./bootfinetune_runs"
 STORAGE_ENV = "BOOTFINETUNE_STORAGE"
 
@@ -88,6 +91,8 @@ class BootstrapConfig:
     """Cloud storage_path: new teacher results go up to the trace store after this many, or trace_upload_s."""
     trace_upload_s: float = option(30.0, resource=True, within=(0, None), open_low=True)
     """Cloud storage_path: new teacher results go up at least this often (seconds): what a killed driver loses."""
+    max_retry_after_s: float = option(60.0, resource=True, within=(0, None), open_low=True)
+    """The longest wait a teacher's Retry-After may impose (DSPy's own retries, and every actor's pause after a 429)."""
     max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
     metric_threshold: float | None = option(None, within=(float("-inf"), None))

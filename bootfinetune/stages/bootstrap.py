@@ -191,7 +191,8 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                              settings=driver_settings() if settings is None else settings,
                              teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
                              metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine,
-                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute))
+                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute),
+                             max_retry_after_s=config.max_retry_after_s)
         failures = dict.fromkeys(todo, 0)
         progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
         try:
