@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     s.add_argument("--ray-address", default=None, help="Ray cluster to serve on (default: a running local one)")
     s.add_argument("--trust-remote-code", default=None, action=argparse.BooleanOptionalAction,
-                   help="let the models' own code run when they load (default: what the run was trained with)")
+                   help="let the models' own code run when they load (default: off; a run's config.json never "
+                        "turns it on)")
     s.add_argument("--request-timeout", type=float, default=DEADLINE_S,
                    help="seconds a request may take, queueing included, before its 504 (generation stops)")
     s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")

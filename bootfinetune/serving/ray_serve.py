@@ -31,12 +31,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from ray import serve
 
-from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, READ_TIMEOUT_S, Cancelled, Control
 from bootfinetune.serving.lm import FinetunedEngine
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import RunDescription
+from bootfinetune.run.runfiles import RunDescription, warn_untrusted
 from bootfinetune.serving.openai_api import (BadRequest, Completion, HTTPProblem, await_answers, check_chat_request,
                                              completion_body, error_response, pick_model, read_json, requested_tokens)
 
@@ -106,17 +105,18 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
                 max_tokens_ceiling: int | None = None, trust_remote_code: bool | None = None) -> dict[str, dict]:
     """Model name (the key) -> `FinetunedEngine` arguments, for every finished model of a run.
 
-    `trust_remote_code` None: what the run was trained with (config.json).
+    The models run their own code only with `trust_remote_code=True`, whatever config.json says; its inference
+    options are checked as strictly as given ones (`RunDescription.inference_config`).
     """
     described = run.read_description() if run.config_json.exists() else RunDescription()
-    inference = described.options.get("inference", {})
+    inference = described.inference_config(run.config_json, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling)
     trust = described.trusts_remote_code(trust_remote_code)
+    warn_untrusted(described, trust, run.config_json)
     specs = {}
     for key in run.finished_models():
         specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device, "trust_remote_code": trust,
-                      "max_tokens": max_tokens or inference.get("max_tokens") or InferenceConfig.max_tokens,
-                      "max_tokens_ceiling": max_tokens_ceiling or inference.get("max_tokens_ceiling"),
-                      "batch_size": inference.get("generate_batch_size") or InferenceConfig.generate_batch_size, "source": run.model_uri(key)}
+                      "max_tokens": inference.max_tokens, "max_tokens_ceiling": inference.max_tokens_ceiling,
+                      "batch_size": inference.generate_batch_size, "source": run.model_uri(key)}
     return specs
 
 
@@ -144,7 +144,7 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
             Serve queues beyond that before answering 503.
         num_cpus, num_gpus: Resources each replica reserves.
         ray_address: The Ray cluster to serve on (default: `$RAY_ADDRESS`, a running local cluster, else a new one).
-        trust_remote_code: Let the models' own code run when they load; None: what the run was trained with.
+        trust_remote_code: Let the models' own code run when they load (True only: never taken from the run).
     """
     from bootfinetune.runtime.ray_env import ensure_ray
 

@@ -10,6 +10,7 @@ with (`adapters.scope_adapter`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from bootfinetune.common.importpath import resolve
 from bootfinetune.run.jsonio import read_json
 from bootfinetune.serving.lm import FinetunedLM
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import RunDescription
+from bootfinetune.run.runfiles import RunDescription, warn_untrusted
 
 
 def rebind(student: dspy.Module, key_of: dict[str, str], model_of: dict[str, str], *,
@@ -92,7 +93,8 @@ def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, 
                exclude_demos: bool = False, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
     """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
 
-    The adapter is the one config.json records unless `adapter` is given; so is `trust_remote_code`.
+    The adapter is the one config.json records unless `adapter` is given; the models run their own code only
+    with `trust_remote_code=True`, whatever config.json says.
     """
     keys = described.model_keys
     return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
@@ -116,8 +118,8 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             instead of loading the models in this process.
         adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
             was trained with (recorded in config.json).
-        trust_remote_code: Let the models' own code run when they load; None: what the run was
-            trained with (config.json). A run directory is trusted like code either way (README, "Trust").
+        trust_remote_code: Let the models' own code run when they load: only when True, never taken from
+            config.json (a run directory never widens what its reader allowed; README, "Trust").
 
     Raises:
         ProgramError: no program.json, or config.json's `program_class` is not a dspy.Module subclass.
@@ -138,7 +140,8 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
     program.load_state(state)
-    inference = InferenceConfig(**{**described.options.get("inference", {}), "device": device})
+    inference = dataclasses.replace(described.inference_config(run.config_json), device=device)
+    warn_untrusted(described, described.trusts_remote_code(trust_remote_code), run.config_json)
     if serve_url:
         return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
     return rebind_run(program, run, described, inference=inference, adapter=adapter,
