@@ -24,6 +24,7 @@ from bootfinetune.config import InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.common.importpath import resolve
 from bootfinetune.run.jsonio import read_json
+from bootfinetune.serving.auth import key_from
 from bootfinetune.serving.lm import FinetunedLM
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription, warn_untrusted
@@ -104,7 +105,8 @@ def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, 
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
-         serve_url: str | None = None, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
+         serve_url: str | None = None, adapter: Any = None, trust_remote_code: bool | None = None,
+         api_key: str | None = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
     Args:
@@ -118,6 +120,8 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             instead of loading the models in this process.
         adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
             was trained with (recorded in config.json).
+        api_key: The key of the server at `serve_url` (`bootfinetune serve --api-key`); None:
+            `$BOOTFINETUNE_API_KEY`, else none.
         trust_remote_code: Let the models' own code run when they load: only when True, never taken from
             config.json (a run directory never widens what its reader allowed; README, "Trust").
 
@@ -143,7 +147,8 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     inference = dataclasses.replace(described.inference_config(run.config_json), device=device)
     warn_untrusted(described, described.trusts_remote_code(trust_remote_code), run.config_json)
     if serve_url:
-        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
+        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter,
+                             api_key=key_from(api_key))
     return rebind_run(program, run, described, inference=inference, adapter=adapter,
                       trust_remote_code=trust_remote_code)
 
@@ -166,13 +171,15 @@ def program_class(path: str, source: Any) -> type:
 
 
 def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,
-                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None) -> dspy.Module:
-    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
+                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None,
+                  api_key: str | None = None) -> dspy.Module:
+    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy), sending
+    `api_key` (a server that asks for none takes the placeholder).
 
     The adapter is the one config.json records unless `adapter` is given.
     """
     keys = described.model_keys
-    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=api_key or LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
     key_of = described.key_of()
