@@ -1,6 +1,6 @@
 """Bootstrapping throughput: bootfinetune's Ray Data stage against DSPy's `bootstrap_trace_data`.
 
-    python bench/bootstrap.py                          # the issue's cases, both programs
+    python bench/bootstrap.py                          # the default cases, both programs
     python bench/bootstrap.py --cases 200x32 --program predict   # a quick look
     python bench/bootstrap.py --nodes 2 --cases 5000x64 --actors 4   # two local nodes
     python bench/bootstrap.py --rate-limit 20 --cases 600x32        # a teacher that allows 20 calls/s

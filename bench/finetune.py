@@ -27,7 +27,7 @@ Trainer's ratio uses the faster of its two set-ups. The step time is split into 
 optimizer (measured around those calls: for ours by the loop's `time_phases` timers; for the Trainers
 by wrapping the model's forward and `accelerator.backward`, and gradient clipping plus the optimizer
 step between the callbacks around it), and "data": the rest of the epoch (batches, collation, the
-scheduler, logging), all summed over the last epoch and divided by its micro batches. On a shared box
+scheduler, logging), all summed over the last epoch and divided by its micro batches. On a shared machine
 the wall time follows the load; each engine also gives its process's CPU seconds over the last epoch
 (`tokens_per_cpu_second`), which follow it much less, and the ratios in those.
 MFU (GPU) = model FLOPs per token x tokens/s / peak bf16 (989 TFLOP/s for an H100 SXM):
@@ -194,7 +194,7 @@ def run_ours(args, model_dir: Path, data: Path, engine: str) -> dict:
 
 class CpuClock:
     """An `on_step` hook: this process's CPU seconds (all threads) over the last epoch's steps, from the end of
-    the one before. On a shared box CPU time moves less with the load than wall time (the load takes CPUs away,
+    the one before. On a shared machine CPU time moves less with the load than wall time (the load takes CPUs away,
     not work); OpenMP threads that spin while waiting count too, alike for every engine."""
 
     def __init__(self, epochs: int):
@@ -383,7 +383,7 @@ def worker(args) -> None:
 
 def summary_line(size: str, results: dict, gpu: bool) -> str | None:
     """A line of details (which HF set-up was faster, ours against its own variants, the ratios in tokens per
-    CPU second: steadier on a shared box), then `<size>: ours N tokens/s; ours/hf X.XXx, ours/trl Y.YYx`
+    CPU second: steadier on a shared machine), then `<size>: ours N tokens/s; ours/hf X.XXx, ours/trl Y.YYx`
     (hf: the faster of its set-ups)."""
     if "ours" not in results:
         return None

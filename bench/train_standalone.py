@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Only the training modules are needed; the package's __init__ pulls in the compiler (DSPy, Ray),
-# which a bare GPU box may lack. Registering the package path skips that __init__.
+# which a bare GPU machine may lack. Registering the package path skips that __init__.
 if "bootfinetune" not in sys.modules:
     _pkg = types.ModuleType("bootfinetune")
     _pkg.__path__ = [str(ROOT / "bootfinetune")]

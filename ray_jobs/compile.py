@@ -7,7 +7,8 @@ Submit it from the repository root (the working dir carries the package and your
 
 Against a local head (`ray start --head`) add `--address http://127.0.0.1:8265`. Override one key
 with `--set epochs=3`. The last line printed is `BOOTFINETUNE_RESULT {...}` (run_dir, metric).
-A bad config exits with code 2 before any teacher call, listing every problem.
+A bad config exits with code 2 before any teacher call, listing every problem. `bootfinetune compile`
+takes the same arguments and runs this job in the calling process.
 """
 
 import os

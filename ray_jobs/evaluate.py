@@ -4,7 +4,8 @@
         python ray_jobs/evaluate.py --run-dir s3://my-bucket/bootfinetune-runs/ShippingRouter-1a2b3c4d5e6f \
         --config ray_jobs/configs/demo_cpu.yaml --name heldout
 
-The config supplies `valset` and `metric` (other keys are ignored here).
+The config supplies `valset` and `metric` (other keys are ignored here). `bootfinetune evaluate` takes
+the same arguments and runs this job in the calling process.
 """
 
 import os

@@ -10,9 +10,11 @@ Train the same teacher traces with other options, without a teacher call:
         python ray_jobs/finetune.py --run-dir s3://my-bucket/bootfinetune-runs/ShippingRouter-1a2b3c4d5e6f \
         --set lr=1e-4 --set epochs=2
 
-A changed training or inference option writes a new run directory beside the old one (printed
-as `run_dir`); resource options (`num_workers`, `use_gpu`, ...) train the run in place. It writes
-models/{key}/ and program.json, so `bootfinetune.load(run_dir)` works.
+A changed training or inference option (`num_workers` and `use_gpu` among them: the global batch, the
+precision path) writes a new run directory beside the old one (printed as `run_dir`); resource options
+(`cpus_per_worker`, `gpus_per_worker`, `max_failures`, ...) train the run in place. It writes
+models/{key}/ and program.json, so `bootfinetune.load(run_dir)` works. `bootfinetune retrain` takes the
+same arguments and runs this job in the calling process.
 """
 
 import os

@@ -220,8 +220,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("--per-predictor", dest="multitask", action="store_false", default=argparse.SUPPRESS,
                    help="one model per predictor (--no-multitask)")
-    p.add_argument("--train-size", type=int, default=500)
-    p.add_argument("--val-size", type=int, default=200)
+    p.add_argument("--train-size", type=int, default=500, help="training tickets the seeded generator makes")
+    p.add_argument("--val-size", type=int, default=200, help="validation tickets, none of them in the trainset")
     p.add_argument("--teacher", default=None, help="a real teacher LM (LiteLLM name, e.g. openai/gpt-4o-mini)")
     p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")

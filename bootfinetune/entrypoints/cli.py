@@ -1,10 +1,17 @@
 """The `bootfinetune` command.
 
+    bootfinetune demo                                  # the whole compile on a shipped task, offline
+    bootfinetune compile --config job.yaml --set epochs=2   # your program, from a job YAML
+    bootfinetune retrain --run-dir RUN_DIR --set lr=1e-4    # a run's traces trained again, no teacher call
+    bootfinetune evaluate --run-dir RUN_DIR --config job.yaml --name heldout
+    bootfinetune serve RUN_DIR --replicas 2            # a run's models on an OpenAI-compatible endpoint
     bootfinetune bootstrap --program my_pkg.rag:RAG --trainset train.jsonl --inputs question \\
         --teacher-model openai/gpt-4o-mini --api-key-env OPENAI_API_KEY --metric my_pkg.rag:exact_match
     bootfinetune teacher-server --script my_pkg.scripts:answer --port 8765
-    bootfinetune demo                      # the whole compile on a shipped task, offline
-    bootfinetune serve RUN_DIR --replicas 2  # a run's models on an OpenAI-compatible endpoint (Ray Serve)
+
+compile, retrain and evaluate are the Ray jobs of ray_jobs/ (compile.py, finetune.py, evaluate.py)
+run from here: the same YAML, the same --set, the same BOOTFINETUNE_RESULT line. Import paths in
+the YAML are found from the current folder first.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from bootfinetune.entrypoints.jobs import JOB_HELP, add_job_arguments, run_compile, run_evaluate, run_finetune
+
 
 def import_object(path: str) -> Any:
     """Imports `package.module:attr` (attr may be dotted), the current folder first on the path."""
@@ -25,8 +34,25 @@ def import_object(path: str) -> Any:
 
     if ":" not in path:
         raise SystemExit(f"error: {path!r} is not an import path; write it as package.module:attr")
-    sys.path.insert(0, os.getcwd())
+    current_folder_first()
     return resolve(path)
+
+
+def current_folder_first() -> None:
+    """Puts the current folder first on `sys.path`, as `python script.py` would for the script's own folder."""
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] != cwd:
+        sys.path.insert(0, cwd)
+
+
+JOB_COMMANDS = {"compile": ("compile", run_compile), "retrain": ("finetune", run_finetune),
+                "evaluate": ("evaluate", run_evaluate)}
+"""Subcommands that run a Ray job's function in this process: command -> (job, its function)."""
+
+
+def cmd_job(args) -> int:
+    current_folder_first()  # the YAML's import paths name modules beside it, as under `ray job submit`
+    return JOB_COMMANDS[args.command][1](args)
 
 
 def load_examples(path: str, inputs: list[str]):
@@ -179,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(s, ["max_tokens", "max_tokens_ceiling"])  # default: the run's config.json
     s.set_defaults(func=cmd_serve)
 
+    add_job_commands(sub)
+
     t = sub.add_parser("teacher-server", help="serve a scripted teacher over an OpenAI-compatible endpoint")
     t.add_argument("--script", required=True, help="package.module:function(inputs, output_names) -> outputs")
-    t.add_argument("--host", default="127.0.0.1")
-    t.add_argument("--port", type=int, default=8765)
+    t.add_argument("--host", default="127.0.0.1", help="where it listens (0.0.0.0 exposes it)")
+    t.add_argument("--port", type=int, default=8765, help="its port: the teacher's api_base is http://HOST:PORT/v1")
     t.add_argument("--latency", type=float, default=0.0, help="seconds each answer waits")
     add_key_arguments(t)
     t.set_defaults(func=cmd_teacher_server)
@@ -195,6 +223,15 @@ def add_key_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $BOOTFINETUNE_API_KEY, which keeps it out of the process list; none: no key)")
     parser.add_argument("--insecure", action="store_true",
                         help="serve on a --host other than loopback without an API key (refused otherwise)")
+
+
+def add_job_commands(sub: Any) -> None:
+    """`compile`, `retrain` and `evaluate`: the Ray jobs' arguments, as subcommands."""
+    for command, (job, _) in JOB_COMMANDS.items():
+        p = sub.add_parser(command, help=JOB_HELP[job][0].lower() + JOB_HELP[job][1:].rstrip("."), description=f"{JOB_HELP[job]} The same as "
+                           f"ray_jobs/{job}.py, run in this process (it joins or starts Ray).")
+        add_job_arguments(p, job)
+        p.set_defaults(func=cmd_job)
 
 
 def main(argv: list[str] | None = None) -> int:

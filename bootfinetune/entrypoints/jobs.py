@@ -1,8 +1,11 @@
-"""The Ray job entrypoints (`ray_jobs/*.py`): compile, bootstrap, finetune and evaluate.
+"""The jobs: compile, bootstrap, finetune and evaluate, behind `ray_jobs/*.py` and the `bootfinetune` command.
 
-Each reads a job YAML (`bootfinetune.entrypoints.jobconfig`, checked in full before any work), joins the
-job's Ray cluster, checks what the cluster must provide (the API key variable, the bucket),
-runs, and prints one `BOOTFINETUNE_RESULT {...}` line. A bad config exits with code 2.
+Each job is one function over parsed arguments (`run_compile`, ...), and `add_job_arguments` is the one
+home of its arguments: `ray_jobs/{job}.py` parses them alone, `bootfinetune compile`, `retrain` (the
+finetune job) and `evaluate` as subcommands. Each reads a job YAML (`bootfinetune.entrypoints.jobconfig`,
+checked in full before any work), checks what the cluster must provide (the API key variable, the
+bucket), joins the job's Ray cluster, runs, and prints one `BOOTFINETUNE_RESULT {...}` line. A bad
+config exits with code 2.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from bootfinetune.run.rundir import RunDir
 log = logging.getLogger("bootfinetune")
 
 __all__ = ["JobConfig", "TeacherSpec", "check_environment", "load_job_config", "parse_job_config",
+           "add_job_arguments", "job_parser", "run_compile", "run_bootstrap", "run_finetune", "run_evaluate",
            "main_compile", "main_bootstrap", "main_finetune", "main_evaluate", "run_main"]
 
 
@@ -89,15 +93,45 @@ def _setup_logging() -> None:
         bars_off()
 
 
-def _parser(description: str, config: bool = True, run_dir: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    if config:
-        p.add_argument("--config", required=not run_dir, help="the job YAML (see ray_jobs/configs/)")
+JOB_HELP = {
+    "compile": "Compile a DSPy program with bootfinetune (bootstrap, finetune, rebind, evaluate).",
+    "bootstrap": "Run the teacher over the trainset (Ray Data) and write the finetuning data.",
+    "finetune": "Finetune the models of a run from its saved data (no teacher calls).",
+    "evaluate": "Score a compiled run on a valset (metric over Ray Data actors).",
+}
+"""What each job does, one line: its parser's description (`ray_jobs/{job}.py --help`, `bootfinetune --help`)."""
+
+
+def add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    """The arguments of one job, the same for `ray_jobs/{job}.py` and its `bootfinetune` subcommand."""
+    if job in ("compile", "bootstrap"):
+        p.add_argument("--config", required=True, help="the job YAML (see ray_jobs/configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key of the YAML (repeatable), e.g. --set epochs=3")
-    if run_dir:
+    elif job == "finetune":
+        p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "
+                                                      "and teacher are not used; bootstrap options must match the run)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a training, inference or resource option for this job (repeatable), e.g. --set lr=1e-4 "
+                            "--set num_workers=4")
+    elif job == "evaluate":
+        p.add_argument("--config", required=True, help="a job YAML naming valset and metric (see ray_jobs/configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key of the YAML (repeatable), e.g. --set valset=...")
+    else:
+        raise ValueError(f"unknown job {job!r}; one of {', '.join(JOB_HELP)}")
+    if job in ("finetune", "evaluate"):
         p.add_argument("--run-dir", required=True, help="the run's folder or URI (as the compile printed it)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: the job's own cluster)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which a Ray job has, "
+                                                       "else the cluster running on this machine, else a new one)")
+    if job == "evaluate":
+        p.add_argument("--name", default="eval", help="name of the evaluation in the run's evaluations/ folder")
+
+
+def job_parser(job: str) -> argparse.ArgumentParser:
+    """The parser of `ray_jobs/{job}.py`."""
+    p = argparse.ArgumentParser(description=JOB_HELP[job])
+    add_job_arguments(p, job)
     return p
 
 
@@ -121,8 +155,8 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
     (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
+    check_environment(job)  # before Ray starts: a missing key or bucket fails in a second
     _connect(job, args.ray_address)
-    check_environment(job)
     from bootfinetune import BootstrapFinetune
 
     trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
@@ -136,9 +170,9 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
         teacher.close()
 
 
-def main_compile(argv: list[str] | None = None) -> int:
-    """`ray_jobs/compile.py`: a YAML config -> a compiled program and its run directory."""
-    args = _parser("Compile a DSPy program with bootfinetune (bootstrap, finetune, rebind, evaluate).").parse_args(argv)
+def run_compile(args: argparse.Namespace) -> int:
+    """The compile job (`ray_jobs/compile.py`, `bootfinetune compile`): a YAML config -> a compiled program
+    and its run directory."""
     started = time.time()
     with _teleprompter(args) as (tp, job, trainset, valset, train_args):
         tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
@@ -146,9 +180,8 @@ def main_compile(argv: list[str] | None = None) -> int:
                    seconds=round(time.time() - started, 1))
 
 
-def main_bootstrap(argv: list[str] | None = None) -> int:
-    """`ray_jobs/bootstrap.py`: checks, bootstrapping and the data stage only."""
-    args = _parser("Run the teacher over the trainset (Ray Data) and write the finetuning data.").parse_args(argv)
+def run_bootstrap(args: argparse.Namespace) -> int:
+    """The bootstrap job (`ray_jobs/bootstrap.py`): checks, bootstrapping and the data stage only."""
     with _teleprompter(args) as (tp, job, trainset, valset, train_args):
         prepared = tp.prepare(_program(job), trainset=trainset, valset=valset, **train_args)
     s = prepared.bootstrap.summary
@@ -156,21 +189,15 @@ def main_bootstrap(argv: list[str] | None = None) -> int:
                    records={k: d.records for k, d in prepared.data.items()})
 
 
-def main_finetune(argv: list[str] | None = None) -> int:
-    """`ray_jobs/finetune.py`: trains a run's models from the data a bootstrap saved, then writes program.json.
+def run_finetune(args: argparse.Namespace) -> int:
+    """The finetune job (`ray_jobs/finetune.py`, `bootfinetune retrain`): trains a run's models from the data a
+    bootstrap saved, then writes program.json.
 
     `--set lr=1e-4` (any training or inference option) trains the same traces with new options
     into a new run directory beside the old one (`bootfinetune.entrypoints.retrain`); resource options
     (cpus_per_worker, gpus_per_worker, max_failures, ...) only change where the run's own training
     happens (num_workers changes the global batch: a new run).
     """
-    p = _parser("Finetune the models of a run from its saved data (no teacher calls).", config=False, run_dir=True)
-    p.add_argument("--config", default=None, help="a job YAML whose training options to use (its program, data "
-                                                  "and teacher are not used; bootstrap options must match the run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a training, inference or resource option for this job (repeatable), e.g. --set lr=1e-4 "
-                        "--set num_workers=4")
-    args = p.parse_args(argv)
     _setup_logging()
     from bootfinetune.compiler import run_stages
     from bootfinetune.entrypoints.jobconfig import parse_set_value
@@ -196,17 +223,13 @@ def main_finetune(argv: list[str] | None = None) -> int:
                    from_run=args.run_dir)
 
 
-def main_evaluate(argv: list[str] | None = None) -> int:
-    """`ray_jobs/evaluate.py`: scores a finished run's compiled program on a valset, over Ray."""
-    p = _parser("Score a compiled run on a valset (metric over Ray Data actors).", config=True, run_dir=True)
-    p.add_argument("--name", default="eval", help="name of the evaluation in the run's evaluations/ folder")
-    args = p.parse_args(argv)
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The evaluate job (`ray_jobs/evaluate.py`, `bootfinetune evaluate`): scores a finished run's compiled
+    program on the config's valset, over Ray, into the run's `evaluations/{name}.json`."""
     _setup_logging()
     from bootfinetune.compiler import evaluate_run
 
-    job = load_job_config(args.config, args.set, need=("valset", "metric")) if args.config else None
-    if job is None:
-        raise ConfigError(["--config: evaluate.py needs a job YAML naming valset and metric."])
+    job = load_job_config(args.config, args.set, need=("valset", "metric"))
     _connect(job, args.ray_address)
     valset = load_dataset(job.valset)
     b = job.config.bootstrap
@@ -215,6 +238,26 @@ def main_evaluate(argv: list[str] | None = None) -> int:
                        writer_wait_s=job.config.run.writer_wait_s)
     log.info("evaluate: %s on %d examples", out["score"], len(valset))
     return _result("evaluate", run_dir=RunDir.from_location(args.run_dir).location, **out)
+
+
+def main_compile(argv: list[str] | None = None) -> int:
+    """`ray_jobs/compile.py`."""
+    return run_compile(job_parser("compile").parse_args(argv))
+
+
+def main_bootstrap(argv: list[str] | None = None) -> int:
+    """`ray_jobs/bootstrap.py`."""
+    return run_bootstrap(job_parser("bootstrap").parse_args(argv))
+
+
+def main_finetune(argv: list[str] | None = None) -> int:
+    """`ray_jobs/finetune.py`."""
+    return run_finetune(job_parser("finetune").parse_args(argv))
+
+
+def main_evaluate(argv: list[str] | None = None) -> int:
+    """`ray_jobs/evaluate.py`."""
+    return run_evaluate(job_parser("evaluate").parse_args(argv))
 
 
 COMPILE_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")

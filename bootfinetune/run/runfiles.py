@@ -54,7 +54,8 @@ def _fields(cls: type, data: Any, source: Any) -> dict[str, Any]:
     if not isinstance(version, int) or version > RUN_FILES_VERSION:
         raise RunFileError(f"{source}: {name} version {version!r} was written by a newer bootfinetune (this one "
                            f"reads versions up to {RUN_FILES_VERSION}); upgrade bootfinetune "
-                           f"(pip install -U bootfinetune) or compile again into a new run directory.")
+                           f"from where you installed it (a checkout: git pull, then pip install -e .) or "
+                           f"compile again into a new run directory.")
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     known = {k: v for k, v in data.items() if k in names}
     if any(f.name == "extra" for f in dataclasses.fields(cls)):

@@ -434,7 +434,7 @@ def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str
 
     Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
     merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
-    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (README, "Trust").
+    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (docs/failures.md, "Trust").
     """
     import torch
 

@@ -123,7 +123,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         api_key: The key of the server at `serve_url` (`bootfinetune serve --api-key`); None:
             `$BOOTFINETUNE_API_KEY`, else none.
         trust_remote_code: Let the models' own code run when they load: only when True, never taken from
-            config.json (a run directory never widens what its reader allowed; README, "Trust").
+            config.json (a run directory never widens what its reader allowed; docs/failures.md, "Trust").
 
     Raises:
         ProgramError: no program.json, or config.json's `program_class` is not a dspy.Module subclass.
@@ -156,7 +156,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
 def program_class(path: str, source: Any) -> type:
     """The class config.json names as `program_class`, refused unless it is a `dspy.Module` subclass.
 
-    Importing its module runs that module's code, so a run directory is trusted like code (README,
+    Importing its module runs that module's code, so a run directory is trusted like code (docs/failures.md,
     "Trust"); this check keeps `load` from calling anything else config.json might name (`os:system`).
 
     Raises:

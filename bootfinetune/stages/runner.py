@@ -64,7 +64,7 @@ def engine_of(program: Any) -> str:
 ASYNC_MIN_SLOTS = 33
 """Slots per actor from which "auto" runs a program that has `aforward` on the event loop. Below, threads
 cost less client CPU per call with DSPy 3.4.1, whose async path hands each call's preparation and pricing to
-threads anyway (bench/RESULTS.md section 1b: 8.5 vs 10.2 ms per call at 16 slots; about equal at 32)."""
+threads anyway (measured in `bench/results/journal-2026-11-22-to-12-02.md`, section 1b)."""
 
 
 def choose_engine(program: Any, slots: int, budgeted: bool = False) -> str:

@@ -1,10 +1,9 @@
 """The plain engine: one worker's model, optimizer and LR schedule in torch, without DeepSpeed.
 
 `zero_stage="auto"` picks it for a run on one worker whose model states fit (`engine_choice`): there
-DeepSpeed has nothing to shard or reduce, and its stage-0 engine only adds work. Measured on the demo's
-0.5M-parameter student on this project's 2-core CPU box (`bench/RESULTS.md` section 2): 11 ms of a 66 ms
-step (its forward and backward hooks, timers, its own clipping and overflow checks), and its import (2 to
-6 s) in every worker. An explicit `zero_stage` (0 included) keeps DeepSpeed.
+DeepSpeed has nothing to shard or reduce, and its stage-0 engine only adds work: its forward and backward
+hooks, timers, its own clipping and overflow checks in every step, and its import in every worker. An
+explicit `zero_stage` (0 included) keeps DeepSpeed.
 
 `TorchEngine` offers what the training loop uses of DeepSpeed's engine, with its semantics:
 `engine(**batch)` is the module's forward (under bf16 autocast with `bf16`: float32 weights, gradients and

@@ -8,7 +8,7 @@ the plain torch engine: `torch_engine`) on the records it is given:
   each rank taking its slice, as without Ray), every rank calls
   `ray.train.report(metrics, checkpoint=...)` once per epoch, and a restarted or rerun job
   resumes from `ray.train.get_checkpoint()` at the next epoch;
-- without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU box that has no
+- without Ray (`torchrun` or one plain process, e.g. for benchmarks on a GPU machine that has no
   Ray): rows come from the JSONL files `train_path` / `eval_path`, and per-epoch checkpoints
   go to `checkpoint_dir` when one is given (and are resumed from there).
 

@@ -1,4 +1,4 @@
-"""The README's `ray job submit --working-dir . -- python ray_jobs/compile.py --config ...` against a real head.
+"""docs/clusters.md's `ray job submit --working-dir . -- python ray_jobs/compile.py --config ...` against a real head.
 
 The head is `ray start --head --block` on 127.0.0.1 in its own temp dir (so it never meets the
 test session's cluster), stopped by terminating that process. The job compiles the demo task
@@ -27,9 +27,12 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+DOC = REPO / "docs" / "clusters.md"
+
+
 def readme_shell_env(env: dict[str, str]) -> dict[str, str]:
-    """The environment the README's line before `ray start --head` leaves in a shell, run as written."""
-    readme = (REPO / "README.md").read_text()
+    """The environment docs/clusters.md's line before `ray start --head` leaves in a shell, run as written."""
+    readme = DOC.read_text()
     block = readme[readme.index("\nray start --head") - 300:readme.index("\nray start --head")]
     line = block.splitlines()[-1].split("  #")[0]
     assert line.startswith("export RAY_AUTH_MODE=token"), line
@@ -104,7 +107,7 @@ def submit(cmd, env, timeout):
 
 def test_readme_ray_job_submit_line_compiles(ray_head, tmp_path):
     address, env = ray_head
-    readme = (REPO / "README.md").read_text()
+    readme = DOC.read_text()
     line = next(l for l in readme.splitlines() if l.startswith("ray job submit --working-dir . -- python ray_jobs/compile.py"))
     assert "--config ray_jobs/configs/demo_cpu.yaml" in line
     train, val = make_datasets(24, 8)
@@ -118,7 +121,7 @@ def test_readme_ray_job_submit_line_compiles(ray_head, tmp_path):
     proc = submit(cmd, {**env, "BOOTFINETUNE_STAGING": str(tmp_path / "staging"),
                         "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=900)
     out = proc.stdout + proc.stderr
-    if os.environ.get("BOOTFINETUNE_TEST_DUMP"):  # the log, to measure it (README, "What a compile prints")
+    if os.environ.get("BOOTFINETUNE_TEST_DUMP"):  # the log, to measure it (docs/clusters.md, "What a compile prints")
         Path(os.environ["BOOTFINETUNE_TEST_DUMP"]).write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from bootfinetune import BootstrapFinetune
-from bootfinetune.entrypoints.jobs import main_finetune
+from bootfinetune.entrypoints.cli import main
 from bootfinetune.errors import RunBusyError
 from bootfinetune.run.jsonio import read_json
 from bootfinetune.run.rundir import RunDir
@@ -47,7 +47,7 @@ def manifest(run):
 
 @pytest.fixture
 def job_logging():
-    """main_finetune sets up the job's logging; put the logger back for the tests after."""
+    """The finetune job sets up the job's logging; put the logger back for the tests after."""
     logger = logging.getLogger("bootfinetune")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
@@ -102,8 +102,8 @@ def test_changing_only_lr_calls_the_teacher_zero_times_and_trains_a_new_model(
     assert manifest(second.run_dir)["train_config"]["lr"] == 2e-3  # trained, not read back
     assert read_json(second.run_dir.config_json)["trace_store"] == read_json(first.run_dir.config_json)["trace_store"]
 
-    # The job entrypoint trains the finished run's traces with another lr into a sibling run.
-    assert main_finetune(["--run-dir", str(first.run_dir.root), "--set", "lr=3e-3"]) == 0
+    # `bootfinetune retrain` (the finetune job) trains the finished run's traces with another lr into a sibling run.
+    assert main(["retrain", "--run-dir", str(first.run_dir.root), "--set", "lr=3e-3"]) == 0
     runs = {p for p in tmp_path.iterdir() if p.name != "traces"}
     assert len(runs) == 3 and {first.run_dir.root, second.run_dir.root} < runs
     retrained = RunDir((runs - {first.run_dir.root, second.run_dir.root}).pop())

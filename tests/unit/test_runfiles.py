@@ -34,7 +34,8 @@ def test_files_without_a_version_load_as_before_and_are_written_with_one(tmp_pat
 def test_a_newer_version_names_the_file_and_the_fix(tmp_path, record):
     path = tmp_path / "file.json"
     path.write_text(json.dumps({"version": RUN_FILES_VERSION + 1}))
-    with pytest.raises(RunFileError, match=rf"{path}: .*version {RUN_FILES_VERSION + 1}.*upgrade bootfinetune"):
+    fix = r"upgrade bootfinetune from where you installed it \(a checkout: git pull, then pip install -e \.\)"
+    with pytest.raises(RunFileError, match=rf"{path}: .*version {RUN_FILES_VERSION + 1}.*{fix}"):
         read_record(record, path)
     path.write_text("[1, 2]")
     with pytest.raises(RunFileError, match=r"must hold a JSON object"):
