@@ -182,3 +182,14 @@ def test_a_normal_request_is_answered_while_200_slow_senders_are_connected(model
     assert held == 200
     # Timings are the loaded machine's: the figure is printed for a quiet one; the bound only says "not starved".
     assert max(beside) < 30.0
+
+
+def test_serve_prints_its_run_without_credentials_and_never_the_key():
+    """Issue 30 (3): `bootfinetune serve` printed its run-directory argument as given."""
+    from bootfinetune.entrypoints.cli import serve_banner
+    from bootfinetune.run.rundir import RunDir
+
+    location = RunDir.from_location("s3://AKIA-banner:wJal/banner-secret@runs/R-1?endpoint_override=h:9").location
+    lines = "\n".join(serve_banner(location, "http://0.0.0.0:8000/v1", ["all"], keyed=True))
+    assert "banner-secret" not in lines and "AKIA-banner" not in lines and "s3://***@runs/R-1" in lines
+    assert KEY not in lines and "BOOTFINETUNE_API_KEY" in lines
