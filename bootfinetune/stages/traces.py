@@ -16,8 +16,9 @@ Training options, the target, LoRA, ZeRO and resources are left out: changing th
 {storage_path}/traces/{Program}-{trace_id}/
   identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
   results/{host}-{pid}-{random}.jsonl
-                   one file per writer (a bootstrap that sent examples to the teacher), one line per
-                   (example, teacher), appended as results arrive:
+                   a writer's files (a bootstrap that sent examples to the teacher; on a cloud URI a new
+                   one after each upload, see `TraceStore.appender`), one line per (example, teacher),
+                   appended as results arrive:
                    {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
   results.jsonl    the single file of older versions: read, never written
 ```

@@ -94,9 +94,9 @@ def test_a_provider_run_on_a_credentialed_bucket_writes_no_credential(ray_cluste
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
     storage = s3_server.uri("runs", "provider").replace("s3://", f"s3://{ACCESS_KEY}:{SECRET_KEY}@")
     provider = RayFinetuneProvider(storage_path=storage, max_length=128)
-    run = provider.run_dir(provider.config(f"openai/local:{target}", {"epochs": 1}), toy_records(8))
-    provider.finetune(None, f"openai/local:{target}", [{"messages": r["messages"]} for r in toy_records(8)], "chat",
-                      {"epochs": 1, "bsize": 8})
+    rows, train_kwargs = [{"messages": r["messages"]} for r in toy_records(8)], {"epochs": 1, "bsize": 8}
+    run = provider.run_dir(provider.config(f"openai/local:{target}", train_kwargs), rows)
+    provider.finetune(None, f"openai/local:{target}", rows, "chat", train_kwargs)
     assert read_json(run.config_json)["options"]["run"]["storage_path"].startswith("s3://***@runs/provider?")
     names = remote_names(s3_server.uri("runs", "provider"))
     assert f"{run.name}/config.json" in names and f"{run.name}/models/all/manifest.json" in names
