@@ -164,3 +164,13 @@ def test_a_bucket_that_keeps_failing_is_given_up_on_in_bounded_time_naming_the_u
     message = str(err.value)
     assert "s3://***@unit/down?endpoint_override=127.0.0.1:" in message and "down-secret-77" not in message
     assert "AKIA-down" not in message and "gave up after 4 attempts" in message
+
+
+def test_cannot_write_there_names_a_uri_whose_secret_has_an_unencoded_slash_without_it(s3):
+    """Issue 30 (1): the secret came back in the 'cannot write there' error (urlsplit missed the '@')."""
+    from bootfinetune.run.storage import check_writable
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    problem = check_writable(s3.uri("unit", "runs").replace("s3://", f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@"))
+    assert problem and "storage_path='s3://***@unit/runs?endpoint_override=127.0.0.1:" in problem
+    assert not [part for part in ["AKIAIOSFODNN7EXAMPLE", *secret.split("/")] if part in problem], problem
