@@ -127,8 +127,11 @@ address, url, storage, n, target = sys.argv[1:6]
 teacher = dspy.LM("openai/scripted-teacher", api_base=url, api_key="sk-killed-bootstrap", cache=False, num_retries=0)
 options = dict(storage_path=storage, ray_address=address, target=target, num_actors=2, num_threads=4, batch_size=4,
                trace_upload_every=10, trace_upload_s=2.0, writer_lease_s=4.0, writer_wait_s=60.0)
+# texts of a few KB, as real prompts make them: a trace is then as large as a real program's
+examples = [ex.copy(text=ex.text + " " + "context " * 400) for ex in two_step_examples(int(n))]
+examples = [ex.copy(answer=(ex.text + "!!").upper()).with_inputs("text") for ex in examples]
 BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, **options).prepare(
-    TwoStep(), trainset=two_step_examples(int(n)))
+    TwoStep(), trainset=examples)
 """
 
 
