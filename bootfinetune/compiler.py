@@ -34,9 +34,10 @@ from bootfinetune.stages.evaluate import evaluate_program, teacher_score
 from bootfinetune.stages.finetune import FinetuneJob, finetune_models
 from bootfinetune.common.importpath import class_path
 from bootfinetune.run.jsonio import fingerprint, write_json
-from bootfinetune.stages.representable import TokenPlan, adapter_parse, check_lora, plan_for_files, raise_if_unfixable
+from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+                                         raise_if_unfixable)
 from bootfinetune.stages.rebind import base_limits, base_program, program_class, program_state, rebind_run
-from bootfinetune.common.redaction import collect_secrets, redact_uri
+from bootfinetune.common.redaction import collect_secrets
 from bootfinetune.run.names import folder_names
 from bootfinetune.run.report_html import student_usage, teacher_usage
 from bootfinetune.run.rundir import RunDir, run_name_for
@@ -366,7 +367,7 @@ class BootstrapFinetune(Teleprompter):
         """config.json: the resolved options and what the plan decided; never an API key."""
         return RunDescription(
             program_class=class_path(student),
-            options=_shown_options(config),
+            options=config.to_dict(),  # config.json's writer redacts the URIs in it
             predictors=plan.predictors,
             model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
                         for key in plan.keys()},
@@ -378,13 +379,6 @@ class BootstrapFinetune(Teleprompter):
             adapter=adapter_spec(resolve_adapter(self.adapter)),
             **more,
         )
-
-
-def _shown_options(config: Config) -> dict[str, Any]:
-    """config.to_dict() as config.json records it: a cloud storage_path without its credentials."""
-    options = config.to_dict()
-    options["run"]["storage_path"] = redact_uri(str(options["run"]["storage_path"]))
-    return options
 
 
 @dataclass
@@ -467,27 +461,29 @@ def rebind_stage(run: RunDir, config: Config, described: RunDescription, program
 
 
 def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 8,
-                 num_actors: int = 2, about: dict[str, Any] | None = None) -> dict[str, Any]:
+                 num_actors: int = 2, about: dict[str, Any] | None = None, writer_wait_s: float = 0.0) -> dict[str, Any]:
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 
     Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in
     report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, usage (the
     program's LM tokens by model), then `about` (what the caller names the valset and metric by); the file also
-    holds `name`.
+    holds `name`. The run's writer lock is held from before the program is read (a compile or another evaluation
+    of the run: `RunBusyError`, or a wait of `writer_wait_s`) until report.json is updated and synced.
     """
     from bootfinetune.stages.rebind import load
 
     run = RunDir.from_location(run_dir)
-    program = load(run_dir)
-    trained = Config.from_dict(run.read_description().options).train  # where its models may run
-    result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,
-                              placement=trained)
-    out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
-           "usage": result.usage, **(about or {})}
-    path = run.evaluation_json(name)
-    write_json(path, {**out, "name": name})
-    run.update_report(evaluations={name: path.name})
-    run.sync()
+    with RunWriter(run, what="evaluate", wait_s=writer_wait_s):
+        program = load(run_dir)  # pulls after the lock: the report updated below is the latest
+        trained = Config.from_dict(run.read_description().options).train  # where its models may run
+        result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,
+                                  placement=trained)
+        out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
+               "usage": result.usage, **(about or {})}
+        path = run.evaluation_json(name)
+        write_json(path, {**out, "name": name})
+        run.update_report(evaluations={name: path.name})
+        run.sync()
     return out
 
 

@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
+from bootfinetune.run.names import run_name_problem
 
+DEFAULT_TEACHER_TIMEOUT = 120.0
+"""Seconds each attempt of a teacher call may wait (LiteLLM's own default is 600 s): the CLI's and the jobs' teacher
+LMs get it, and a teacher LM built in Python that sets no `timeout` gets it in the bootstrap actors."""
 DEFAULT_STORAGE = "./bootfinetune_runs"
 STORAGE_ENV = "BOOTFINETUNE_STORAGE"
 
@@ -82,6 +86,12 @@ class BootstrapConfig:
     """The teacher's request budget, shared by every actor on the cluster (a provider's RPM / 60); None: none."""
     max_tokens_per_minute: int | None = option(None, resource=True, at_least=1)
     """The teacher's token budget (prompt + completion), shared by every actor on the cluster; None: none."""
+    trace_upload_every: int = option(100, resource=True, at_least=1)
+    """Cloud storage_path: new teacher results go up to the trace store after this many, or trace_upload_s."""
+    trace_upload_s: float = option(30.0, resource=True, within=(0, None), open_low=True)
+    """Cloud storage_path: new teacher results go up at least this often (seconds): what a killed driver loses."""
+    max_retry_after_s: float = option(60.0, resource=True, within=(0, None), open_low=True)
+    """The longest wait a teacher's Retry-After may impose (DSPy's own retries, and every actor's pause after a 429)."""
     max_errors: int = option(10, resource=True, at_least=0)
     """Failed examples tolerated; one more stops the bootstrap with the first few errors."""
     metric_threshold: float | None = option(None, within=(float("-inf"), None))
@@ -384,8 +394,8 @@ def _storage_path(config: Config, path: Any) -> list[str]:
 
 
 def _run_name(config: Config, name: Any) -> list[str]:
-    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
-        return [f"run_name={name!r}: use a plain folder name (no '/', not starting with '.')."]
+    if name is not None and (problem := run_name_problem(name)):
+        return [problem]
     if name == "traces":
         return ["run_name='traces': that folder holds the teacher traces of every run; choose another name."]
     return []

@@ -53,3 +53,89 @@ class S3Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that answers 503 while told to fail.
+
+    `fail_next(n, method)` makes the next `n` requests (of one HTTP method, or any) fail (a bucket having a
+    bad minute); `always_fail = True` fails every one. `uri(bucket, prefix)` names a path through the proxy.
+    """
+
+    def __init__(self, upstream: S3Server) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        proxy = self
+        self.upstream, self.failures_left, self.always_fail, self.failed, self.forwarded = upstream, 0, False, 0, 0
+        self.failing_method: str | None = None
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline().strip():  # trailers, up to the blank line
+                        pass
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                if proxy._should_fail(self.command):
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("expect", "connection", "transfer-encoding", "content-length")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _should_fail(self, method: str) -> bool:
+        with self._lock:
+            if self.always_fail or (self.failures_left > 0 and self.failing_method in (None, method)):
+                self.failures_left -= 1
+                self.failed += 1
+                return True
+            self.forwarded += 1
+            return False
+
+    def fail_next(self, n: int, method: str | None = None) -> None:
+        with self._lock:
+            self.failures_left, self.failing_method = n, method
+
+    def uri(self, bucket: str, prefix: str = "") -> str:
+        path = f"{bucket}/{prefix}".rstrip("/")
+        return f"s3://{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -135,10 +135,11 @@ def cmd_bootstrap(args) -> int:
 
 
 def cmd_teacher_server(args) -> int:
+    from bootfinetune.serving.auth import key_from
     from bootfinetune.testing.teacher_server import TeacherServer
 
     server = TeacherServer(import_object(args.script, "--script"), host=args.host, port=args.port,
-                           latency=args.latency)
+                           latency=args.latency, api_key=key_from(args.api_key), insecure=args.insecure)
     print(f"scripted teacher at {server.url} (Ctrl-C to stop)", flush=True)
     server.start()
     try:
@@ -150,22 +151,24 @@ def cmd_teacher_server(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from bootfinetune.serving.auth import key_from
     from bootfinetune.serving.ray_serve import serve_run
 
+    key = key_from(args.api_key)
     url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                     device=args.device, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     ray_address=args.ray_address, max_tokens=getattr(args, "max_tokens", None),
                     max_tokens_ceiling=getattr(args, "max_tokens_ceiling", None),
                     request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, api_key=key, insecure=args.insecure)
     from bootfinetune.serving.ray_serve import model_specs
     from bootfinetune.run.rundir import RunDir
 
-    names = sorted(model_specs(RunDir.from_location(args.run_dir)))
-    print(f"serving {args.run_dir} at {url}: models {names} (Ctrl-C to stop)", flush=True)
-    print(f"  dspy.LM('openai/{names[0]}', api_base='{url}', api_key='local')", flush=True)
-    print(f"  bootfinetune.load('{args.run_dir}', serve_url='{url}')", flush=True)
+    run = RunDir.from_location(args.run_dir)
+    for line in serve_banner(run.location, url, sorted(model_specs(run, trust_remote_code=args.trust_remote_code)),
+                             keyed=key is not None):
+        print(line, flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -174,6 +177,14 @@ def cmd_serve(args) -> int:
 
         serve.shutdown()
     return 0
+
+
+def serve_banner(location: str, url: str, names: list[str], keyed: bool) -> list[str]:
+    """What `bootfinetune serve` prints: where (the run without URI credentials), and how to call it (never the key)."""
+    key = "os.environ['BOOTFINETUNE_API_KEY']" if keyed else "'local'"
+    return [f"serving {location} at {url}: models {names}{' (API key required)' if keyed else ''} (Ctrl-C to stop)",
+            f"  dspy.LM('openai/{names[0]}', api_base='{url}', api_key={key})",
+            f"  bootfinetune.load('{location}', serve_url='{url}'{', api_key=...' if keyed else ''})"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     s.add_argument("--ray-address", default=None, help="Ray cluster to serve on (default: a running local one)")
     s.add_argument("--trust-remote-code", default=None, action=argparse.BooleanOptionalAction,
-                   help="let the models' own code run when they load (default: what the run was trained with)")
+                   help="let the models' own code run when they load (default: off; a run's config.json never "
+                        "turns it on)")
     s.add_argument("--request-timeout", type=float, default=DEADLINE_S,
                    help="seconds a request may take, queueing included, before its 504 (generation stops)")
     s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
+    add_key_arguments(s)
     add_config_arguments(s, ["max_tokens", "max_tokens_ceiling"])  # default: the run's config.json
     s.set_defaults(func=cmd_serve)
 
@@ -236,8 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--host", default="127.0.0.1", help="where it listens (0.0.0.0 exposes it)")
     t.add_argument("--port", type=int, default=8765, help="its port: the teacher's api_base is http://HOST:PORT/v1")
     t.add_argument("--latency", type=float, default=0.0, help="seconds each answer waits")
+    add_key_arguments(t)
     t.set_defaults(func=cmd_teacher_server)
     return parser
+
+
+def add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """--api-key and --insecure, the access rule of every server (`bootfinetune.serving.auth`)."""
+    parser.add_argument("--api-key", default=None, help="the key clients must send as 'Authorization: Bearer <key>' "
+                        "(default: $BOOTFINETUNE_API_KEY, which keeps it out of the process list; none: no key)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve on a --host other than loopback without an API key (refused otherwise)")
 
 
 def add_job_commands(sub: Any) -> None:

@@ -60,7 +60,7 @@ _SERVE_OPTIONS = {"max_tokens", "max_tokens_ceiling", "generate_batch_size", "de
 PROVIDER_OPTIONS = _TRAIN_FIELDS | {f.name for f in dataclasses.fields(RunOptions)} | _SERVE_OPTIONS
 """Options a provider takes: how to train, where runs go, and how launched models generate."""
 _LAUNCH_OPTIONS = {"host", "port", "device", "max_tokens", "max_tokens_ceiling", "batch_size", "trust_remote_code",
-                   "request_timeout"}
+                   "request_timeout", "api_key", "insecure"}
 
 
 def resolve_base_model(model: str) -> str:
@@ -256,7 +256,8 @@ class RayFinetuneProvider(Provider):
 
         Calling it again, or for another LM on the same model, reuses the running server.
         `launch_kwargs` (or `lm.launch_kwargs`) may set host, port, device, max_tokens,
-        max_tokens_ceiling, batch_size, trust_remote_code and request_timeout.
+        max_tokens_ceiling, batch_size, trust_remote_code, request_timeout, api_key (the key the server asks
+        for and the LM sends; needed off loopback) and insecure (serve off loopback without one).
         """
         from bootfinetune.serving.serve import serve_model
 
@@ -270,7 +271,7 @@ class RayFinetuneProvider(Provider):
             raise ConfigError(f"launch_kwargs: unknown key(s) {unknown}; known: {sorted(_LAUNCH_OPTIONS)}.")
         server = serve_model(resolve_base_model(lm.model), **{**options, **given})
         lm.kwargs["api_base"] = server.url
-        lm.kwargs["api_key"] = LOCAL_API_KEY
+        lm.kwargs["api_key"] = given.get("api_key") or LOCAL_API_KEY
 
     def kill(self, lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
         """Stops the server of the LM's model (if one runs) and frees its weights; calls fail until launch."""

@@ -57,7 +57,8 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
 
     Args:
         run_dir: A run directory whose bootstrap finished (its folder or URI).
-        ray_address: Ray cluster to join (None joins a running one or starts a local one).
+        ray_address: Ray cluster to join (None: $RAY_ADDRESS, else a running one, else a new local one; never
+            the address the run recorded).
         **options: Training or inference options of `Config`, e.g. `lr=1e-4, epochs=2`, or
             `target="path/to/model"` for every model key.
 
@@ -65,7 +66,8 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
         (the run directory the models were written to, each model key's manifest).
 
     Raises:
-        ConfigError: when the run has no data yet, or an option is not a training option.
+        ConfigError: when the run has no data yet, an option is not a training option, or the run was trained
+            with trust_remote_code=True and `options` do not say it again (a run directory never turns it on).
     """
     ready = prepare_retrain(run_dir, **options)
     with ready.writer:
@@ -90,6 +92,10 @@ def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
                            f"first and pass the run directory it printed."])
     described = run.read_description()
     flat = described.flat_options()
+    if described.recorded_remote_code(run.config_json) and options.get("trust_remote_code") is not True:
+        raise ConfigError([f"run_dir {run.location}: its models were trained with trust_remote_code=True, which lets "
+                           f"the target's own code run; a run directory never turns it on by itself: pass "
+                           f"trust_remote_code=True (--set trust_remote_code=true) if you trust the run and its target."])
     problems = [f"{k}={v!r}: a {FIELD_OWNER[k]} option (the run has {flat.get(k)!r}) changes the traces or the "
                 f"data, not the training; compile again with it (teacher traces already made are reused)."
                 for k, v in options.items() if k in FIELD_OWNER and FIELD_OWNER[k] not in RETRAINABLE_GROUPS

@@ -12,12 +12,9 @@ import os
 from typing import Any
 
 from bootfinetune.common.chat import LOCAL_API_KEY
+from bootfinetune.config import DEFAULT_TEACHER_TIMEOUT
 from bootfinetune.errors import ConfigError
 
-DEFAULT_TEACHER_TIMEOUT = 120.0
-"""Seconds a teacher call may wait for its answer, per attempt (LiteLLM's own default is 600 s). With the
-LM's retries (`num_retries`, 3 by default) a call takes at most about (num_retries + 1) x timeout plus
-backoff, under Ray Data's 30 minutes without progress."""
 
 SCRIPTED_MODEL = "openai/scripted-teacher"
 """The model name a scripted teacher's LM carries (the server answers any name)."""
@@ -49,7 +46,8 @@ def teacher_lm(model: str, *, api_base: str | None = None, api_key_env: str | No
         api_key_env: The name of the environment variable holding the API key.
         default_key: The key when no variable is named (None lets LiteLLM look for its own).
         option: How the caller spells `api_key_env` in an error (a flag, a YAML key).
-        timeout: Seconds each attempt of a call may wait (None: the client's own default).
+        timeout: Seconds each attempt of a call may wait (None: the client's own default). With the LM's retries
+            (`num_retries`, 3 by default) a call takes at most about (num_retries + 1) x timeout plus backoff.
         **options: More LM options (temperature, max_tokens, num_retries...).
 
     Raises:

@@ -9,6 +9,7 @@ leaves a half file where a finished one is expected.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -53,14 +54,33 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename (parents created)."""
+    """Writes `text` to `path` through a temporary file and a rename (parents created).
+
+    The file's data reaches the disk (fsync) before the rename, and the folder's entry after it, so a
+    power cut leaves the old file or the new one, never an empty one under the finished name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Makes the folder's entries (a rename into it) durable; a filesystem that cannot sync a folder is left be."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)

@@ -51,6 +51,26 @@ def is_safe_name(name: str) -> bool:
     return isinstance(name, str) and len(name) <= SLUG_LENGTH + 9 and _SAFE.fullmatch(name) is not None
 
 
+NAME_RULE = (f"letters, digits, '.', '_' and '-', not starting with '.' or '-', at most {SLUG_LENGTH + 9} "
+             f"characters")
+"""`is_safe_name` in words, for the messages that refuse a name."""
+
+
+def run_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a run name, or None: a run name follows the rule of model keys' folders
+    (`is_safe_name`), since it is appended to the storage path (a folder, or a URI where `?`, `#`, `%`
+    would change what it names).
+
+    >>> run_name_problem("my-run_1"), run_name_problem("a?endpoint_override=evil:9000") is not None
+    (None, True)
+    """
+    if is_safe_name(name):  # type: ignore[arg-type]
+        return None
+    shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80]) + "..."
+    return (f"run_name={shown}: a run name is a folder name under storage_path: {NAME_RULE}; choose such a "
+            f"name (or leave run_name unset: it is derived from the inputs).")
+
+
 def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
@@ -132,5 +152,5 @@ def inside_uri(base: str, *parts: str) -> str:
     return path.lstrip("/")
 
 
-__all__ = ["RunPathError", "SLUG_LENGTH", "checked_folder", "folder_names", "inside", "inside_uri", "is_safe_name",
-           "safe_name"]
+__all__ = ["NAME_RULE", "RunPathError", "SLUG_LENGTH", "checked_folder", "folder_names", "inside", "inside_uri", "is_safe_name",
+           "run_name_problem", "safe_name"]

@@ -35,8 +35,9 @@ from typing import Any
 
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, read_json, write_json
-from bootfinetune.run.names import checked_folder, folder_names, inside, inside_uri, safe_name
+from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
+from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, checked_folder, folder_names, inside, inside_uri,
+                                    run_name_problem, safe_name)
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
 
@@ -46,8 +47,14 @@ def run_name_for(program_name: str, inputs: Any) -> str:
     >>> run_name_for("RAG", {"a": 1}) == run_name_for("RAG", {"a": 1})
     True
     """
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).strip("-") or "program"
-    return f"{slug}-{fingerprint(inputs)}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", program_name).lstrip(".-")[:SLUG_LENGTH - 4].rstrip(".-") or "program"
+    return f"{slug}-{fingerprint(inputs)}"  # a safe name (`names.is_safe_name`): at most 73 characters
+
+
+def _check_run_name(run_name: str) -> None:
+    problem = run_name_problem(run_name)
+    if problem:
+        raise RunPathError(problem)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class RunDir:
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
+        """The run directory `run_name` under `storage_path`; a name that is not a safe name (`?`, `#`, `%`,
+        `/`, NUL, too long) is refused (`names.RunPathError`): appended to a URI it would change what it names."""
+        _check_run_name(run_name)
         return cls(*storage.place(storage_path, run_name))
 
     @classmethod
@@ -72,6 +82,7 @@ class RunDir:
 
     def sibling(self, run_name: str) -> "RunDir":
         """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
+        _check_run_name(run_name)
         if self.remote is None:
             return RunDir(self.root.parent / run_name)
         from urllib.parse import urlsplit, urlunsplit
@@ -241,11 +252,42 @@ class RunDir:
 
     def finished_models(self) -> dict[str, ModelManifest]:
         """Every finished model's manifest, by key (models/*/manifest.json)."""
-        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}")))
+        manifests = (read_record(ModelManifest, p) for p in sorted(self.models_dir.glob(f"*/{ModelManifest.FILE}"))
+                     if not p.parent.name.startswith("."))  # a staged export (`model_staging`) is not a model
         return {m.key: m for m in manifests}
 
     def write_manifest(self, manifest: ModelManifest) -> None:
         write_json(self.manifest_json(manifest.key), manifest.to_json())
+
+    def model_staging(self, key: str) -> Path:
+        """An empty folder beside models/{folder} (`models/.{folder}.new.tmp`, never synced) for a new export
+        of model `key`; `swap_model` puts it in place once complete, so the model there is kept until then.
+
+        A swap cut short between its two renames (a crash) is finished first: the complete export found
+        beside the folder (the new one, else the old one) takes the folder's place.
+        """
+        out = self.model_dir(key)
+        new, old = self.path("models", f".{out.name}.new.tmp"), self.path("models", f".{out.name}.old.tmp")
+        if not out.exists():
+            done = next((d for d in (new, old) if (d / ModelManifest.FILE).exists()), None)
+            if done is not None:
+                os.replace(done, out)
+        for stale in (new, old):
+            self.remove("models", stale.name)
+        new.mkdir(parents=True)
+        return new
+
+    def swap_model(self, manifest: ModelManifest, staged: Path) -> None:
+        """Writes the manifest into a staged export (`model_staging`), last, then puts the export in place of
+        models/{folder}; the model that was there is deleted only then."""
+        write_json(staged / ModelManifest.FILE, manifest.to_json())
+        out = self.model_dir(manifest.key)
+        old = self.path("models", f".{out.name}.old.tmp")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staged, out)
+        fsync_folder(out.parent)
+        self.remove("models", old.name)
 
     def read_report(self) -> RunReport:
         """report.json as its record (an empty one before any stage wrote it)."""

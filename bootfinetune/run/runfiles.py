@@ -9,8 +9,9 @@ A file from a newer bootfinetune raises `RunFileError` naming the file and the f
 Keys config.json, a manifest or the report holds that their record does not know are kept
 (`extra`) and written back, so nothing is lost.
 
-This module depends on nothing of ours but `errors`: it reads JSON with the standard
-library, and the run directory (`rundir.RunDir`) writes the records' dicts atomically.
+This module depends on nothing of ours but `errors`, `common.redaction` and `config` (which checks recorded
+options as strictly as given ones): it reads JSON with the standard library, and the run directory
+(`rundir.RunDir`) writes the records' dicts atomically.
 
     >>> ModelManifest.from_json({"key": "all", "best_epoch": 2}, "manifest.json").best_epoch
     2
@@ -20,11 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bootfinetune.common.redaction import redact_urls_deep
+from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 RUN_FILES_VERSION = 2
 """The version every run file is written with; files up to it are read.
@@ -132,27 +138,56 @@ class RunDescription:
         return cls(**_fields(cls, data, source))
 
     def to_json(self) -> dict[str, Any]:
-        data = _to_json(self)
-        run = (data.get("options") or {}).get("run") or {}
-        if run.get("mlflow_tracking_uri"):  # it may hold credentials (https://user:token@host)
-            from bootfinetune.common.redaction import redact_uri
-
-            data["options"] = {**data["options"],  # a copy: the record keeps the URI it was given
-                               "run": {**run, "mlflow_tracking_uri": redact_uri(run["mlflow_tracking_uri"])}}
-        return data
+        """The dict config.json holds: every URL and URI in it without credentials (`redact_urls_in`), whoever
+        filled the record (a compile's shown options, a provider's or a retrain's as given). The record
+        itself keeps what it was given; `rundir.RunDir.write_description` is the one writer of the file."""
+        return redact_urls_deep(_to_json(self))
 
     def flat_options(self) -> dict[str, Any]:
-        """Every recorded option in one dict (`Config.from_options` takes it), but `mlflow_tracking_uri`:
-        recorded redacted, it is not reused (each entry is given its own, or MLflow's environment)."""
-        return {k: v for group in self.options.values() for k, v in group.items() if k != "mlflow_tracking_uri"}
+        """Every recorded option in one dict (`Config.from_options` takes it), but `mlflow_tracking_uri` and
+        `ray_address`: recorded redacted, the first is not reused (each entry is given its own, or MLflow's
+        environment), and a run's recorded address never decides where a later process connects (the
+        caller's argument, then $RAY_ADDRESS, do)."""
+        return {k: v for group in self.options.values() for k, v in group.items()
+                if k not in ("mlflow_tracking_uri", "ray_address")}
 
     def trusts_remote_code(self, given: bool | None = None) -> bool:
-        """`given`, or the `trust_remote_code` the run was trained with (its train options; False if unrecorded)."""
-        return bool(self.options.get("train", {}).get("trust_remote_code", False) if given is None else given)
+        """Whether the run's models may run their own code as they load: only when the caller says so (`given` is
+        True). A run directory never widens what its reader allowed; what it recorded is `recorded_remote_code`."""
+        return given is True
+
+    def recorded_remote_code(self, source: Any = FILE) -> bool:
+        """The `trust_remote_code` the run was trained with (False if unrecorded); anything but a JSON bool
+        (a hand-written "false") is a `RunFileError` naming the file."""
+        value = self.options.get("train", {}).get("trust_remote_code", False)
+        if not isinstance(value, bool):
+            raise RunFileError(f"{source}: trust_remote_code={value!r} must be true or false; the file was changed "
+                               f"by hand or is damaged: fix it, or compile again into a new run directory.")
+        return value
+
+    def inference_config(self, source: Any = FILE, **given: Any) -> InferenceConfig:
+        """The recorded inference options with `given` (not None) on top, checked as strictly as options a caller
+        gives (`Config`); a recorded value of the wrong type or range is a `RunFileError` naming the file."""
+        known = {f.name for f in dataclasses.fields(InferenceConfig)}
+        recorded = {k: v for k, v in self.options.get("inference", {}).items() if k in known}
+        try:
+            Config.from_options(**recorded)
+        except ConfigError as e:
+            raise RunFileError([f"{source}: {p}" for p in e.problems]) from None
+        return Config.from_options(**{**recorded, **{k: v for k, v in given.items() if v is not None}}).inference
 
     def key_of(self) -> dict[str, str]:
         """Predictor name -> the model key serving it."""
         return {name: key for key, spec in self.model_keys.items() for name in spec["predictors"]}
+
+
+def warn_untrusted(described: RunDescription, trusted: bool, source: Any) -> None:
+    """Says (a warning) that a run trained with `trust_remote_code=True` is read without it, as the caller did not
+    pass it: its models may then fail to load, and the fix is the caller's to make."""
+    if described.recorded_remote_code(source) and not trusted:
+        log.warning("%s: the run was trained with trust_remote_code=True; its models load without their own code "
+                    "unless you pass trust_remote_code=True (--trust-remote-code), if you trust the run directory.",
+                    source)
 
 
 @dataclass
@@ -390,4 +425,4 @@ class RunReport:
 
 
 __all__ = ["RUN_FILES_VERSION", "RunFileError", "RunDescription", "BootstrapSummary", "DataSummary",
-           "ModelManifest", "RunReport", "read_record"]
+           "ModelManifest", "RunReport", "read_record", "warn_untrusted"]

@@ -17,6 +17,11 @@ URIs go through `pyarrow.fs.FileSystem.from_uri`, so their options are pyarrow's
 `s3://bucket/runs?endpoint_override=http://127.0.0.1:9000` for an S3-compatible server
 (or set `AWS_ENDPOINT_URL`). Credentials come from the usual provider chain (environment,
 instance profile, workload identity), never from a file bootfinetune writes.
+
+Every operation on the URI (a listing, each file's download or upload, the index) is retried with
+backoff (`RETRY_DELAYS_S`, on top of the S3 client's own retries of each request), so a bucket that
+fails for a minute costs a wait, not the run; one that still fails raises `StorageError` naming the
+URI without its credentials.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +56,38 @@ REMOTE_ONLY = "checkpoints"
 WRITER_FILES = ("writer.lock", "writer.lease")
 """A run's writer lock (flock'ed in each machine's mirror) and its lease (on the URI): never synced
 (`bootfinetune.run.writer`)."""
+
+
+RETRY_DELAYS_S = (1.0, 3.0, 9.0)
+"""Seconds between the attempts of one operation on a storage URI (four attempts in all, about 13 s of waiting)."""
+
+
+class StorageError(OSError):
+    """An operation on a storage URI that still failed after its retries; the message names the URI
+    without credentials."""
+
+
+def retrying(what: str, uri: str, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, tried again after each `RETRY_DELAYS_S` while it raises `OSError` (not a missing file).
+
+    Raises:
+        StorageError: every attempt failed: `what` and the URI (redacted), the last error, and the fix.
+    """
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            error = f"{type(e).__name__}: {redact_urls_in(str(e))[:300]}"
+            if delay is None:
+                raise StorageError(f"storage: {what} {redact_uri(uri)} gave up after {attempt} attempts ({error}); "
+                                   f"check the bucket, the endpoint and the credentials, then run again (what "
+                                   f"was finished is kept).") from None
+            log.warning("storage: %s %s failed (%s); attempt %d of %d in %gs", what, redact_uri(uri), error,
+                        attempt + 1, len(RETRY_DELAYS_S) + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -134,7 +172,7 @@ def _mirrored(rel: str) -> bool:
         return False
     if parts[0] == REMOTE_ONLY:
         return len(parts) == 3 and parts[2] == "bootfinetune_job.json"
-    return parts[-1] != SYNC_STATE and not parts[-1].endswith(".tmp")
+    return parts[-1] != SYNC_STATE and not any(part.endswith(".tmp") for part in parts)  # staged files, folders
 
 
 def _read_state(local: Path) -> dict[str, dict]:
@@ -149,12 +187,27 @@ def _local_stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _read_index(fs: Any, base: str) -> dict[str, str]:
-    try:
+def _read_index(fs: Any, base: str, uri: str) -> dict[str, str]:
+    def read() -> bytes:
         with fs.open_input_stream(f"{base}/{INDEX}") as f:
-            return json.loads(f.read().decode())
-    except (OSError, ValueError):
+            return f.read()
+
+    try:
+        return json.loads(retrying("reading the index of", uri, read).decode())
+    except (FileNotFoundError, ValueError):  # none yet, or damaged: files are compared by size and time
         return {}
+
+
+def _download(fs: Any, source: str, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.pull.tmp")
+    with fs.open_input_stream(source) as src, open(tmp, "wb") as out:
+        _copy(src, out)
+    os.replace(tmp, dest)
+
+
+def _upload(fs: Any, path: Path, target: str) -> str:
+    with open(path, "rb") as src, fs.open_output_stream(target) as out:
+        return _copy(src, out)
 
 
 def _copy(src: Any, out: Any) -> str:
@@ -180,9 +233,9 @@ def pull(uri: str, local: Path) -> int:
 def _pull(uri: str, local: Path) -> int:
     fs, base = filesystem(uri)
     local.mkdir(parents=True, exist_ok=True)
-    state, index = _read_state(local), _read_index(fs, base)
+    state, index = _read_state(local), _read_index(fs, base, uri)
     fetched = 0
-    for rel, info in _remote_files(fs, base).items():
+    for rel, info in retrying("listing", uri, _remote_files, fs, base).items():
         if not rel or rel == INDEX or not _mirrored(rel):
             continue
         dest, seen = inside(local, rel), state.get(rel) or {}  # an object named `../x` is refused
@@ -190,10 +243,7 @@ def _pull(uri: str, local: Path) -> int:
         if dest.exists() and seen.get("remote") == version:
             continue  # the URI holds the version we last synced
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.pull.tmp")
-        with fs.open_input_stream(f"{base}/{rel}") as src, open(tmp, "wb") as out:
-            _copy(src, out)
-        os.replace(tmp, dest)
+        retrying(f"downloading {rel} from", uri, _download, fs, f"{base}/{rel}", dest)
         state[rel] = {"local": _local_stamp(dest), "remote": version}
         fetched += 1
     write_json(local / SYNC_STATE, state)
@@ -225,24 +275,28 @@ def _push(local: Path, uri: str, only: set[str] | None = None) -> int:
     if not changed:
         return 0
     changed.sort(key=lambda item: (item[0].rsplit("/", 1)[-1] in MARKERS, item[0]))
-    index = _read_index(fs, base)
+    index = _read_index(fs, base, uri)
     made: set[str] = set()
-    for rel, path in changed:
-        target = f"{base}/{rel}"
-        parent = target.rsplit("/", 1)[0]
-        if parent not in made:
-            fs.create_dir(parent, recursive=True)
-            made.add(parent)
-        stamp = _local_stamp(path)
-        with open(path, "rb") as src, fs.open_output_stream(target) as out:
-            digest = _copy(src, out)
-        index[rel] = digest
-        state[rel] = {"local": stamp, "remote": digest}
-    with fs.open_output_stream(f"{base}/{INDEX}") as out:
-        out.write(json.dumps(index, sort_keys=True).encode())
-    write_json(local / SYNC_STATE, state)
+    try:
+        for rel, path in changed:
+            target = f"{base}/{rel}"
+            parent = target.rsplit("/", 1)[0]
+            if parent not in made:
+                retrying("creating a folder on", uri, lambda: fs.create_dir(parent, recursive=True))
+                made.add(parent)
+            stamp = _local_stamp(path)
+            index[rel] = retrying(f"uploading {rel} to", uri, _upload, fs, path, target)
+            state[rel] = {"local": stamp, "remote": index[rel]}
+        retrying("writing the index of", uri, _write_index, fs, base, index)
+    finally:  # what went up is not sent again by the next push
+        write_json(local / SYNC_STATE, state)
     log.info("storage: %d file(s) from %s to %s", len(changed), local, redact_uri(uri))
     return len(changed)
+
+
+def _write_index(fs: Any, base: str, index: dict[str, str]) -> None:
+    with fs.open_output_stream(f"{base}/{INDEX}") as out:
+        out.write(json.dumps(index, sort_keys=True).encode())
 
 
 def remove(uri: str) -> None:
@@ -250,8 +304,8 @@ def remove(uri: str) -> None:
     import pyarrow.fs as pafs
 
     fs, base = filesystem(uri)
-    if fs.get_file_info(base).type != pafs.FileType.NotFound:
-        fs.delete_dir_contents(base, missing_dir_ok=True)
+    if retrying("looking up", uri, fs.get_file_info, base).type != pafs.FileType.NotFound:
+        retrying("deleting", uri, lambda: fs.delete_dir_contents(base, missing_dir_ok=True))
 
 
 def check_writable(uri: str) -> str | None:

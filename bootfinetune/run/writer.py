@@ -34,11 +34,13 @@ their own writes strongly, which step 2 needs.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,9 +49,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from bootfinetune.common.redaction import redact_urls_in
+from bootfinetune.common.redaction import public_command
 from bootfinetune.errors import RunBusyError
 from bootfinetune.run import storage
+from bootfinetune.run.names import RunPathError
 from bootfinetune.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class Writer:
     started: str
     """UTC start time, ISO 8601."""
     command: str
-    """The driver's command line (URL credentials redacted), cut to 300 characters."""
+    """The driver's command line as `redaction.public_command` shows it, cut to 300 characters."""
     what: str
     """"compile", "prepare", "retrain"."""
     token: str
@@ -83,10 +86,10 @@ class Writer:
 
     @classmethod
     def this_process(cls, what: str) -> "Writer":
-        command = " ".join([os.path.basename(sys.argv[0] or sys.executable), *sys.argv[1:]])
+        command = public_command([sys.argv[0] or sys.executable, *sys.argv[1:]])
         return cls(host=socket.gethostname(), pid=os.getpid(),
                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   command=redact_urls_in(command)[:300], what=what, token=uuid.uuid4().hex)
+                   command=command[:300], what=what, token=uuid.uuid4().hex)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Writer | None":
@@ -113,9 +116,14 @@ class _FileLock:
         self.fd: int | None = None
 
     def try_acquire(self, me: Writer) -> Writer | None:
-        """None when taken (our description written in); else the holder, as its file names it."""
+        """None when taken (our description written in); else the holder, as its file names it.
+
+        Raises:
+            RunPathError: the lock file is a symbolic or hard link, or not a regular file: planted in a shared
+                run folder, it would make this writer overwrite what it points at.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -125,6 +133,22 @@ class _FileLock:
         os.pwrite(fd, me.to_json().encode(), 0)
         self.fd = fd
         return None
+
+    def _open(self) -> int:
+        refused = (f"{self.path}: the run's writer lock is a link or not a regular file; bootfinetune writes only "
+                   f"its own files in a run. Delete {self.path.name} (a compile makes it again) and check who "
+                   f"can write the run directory.")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunPathError(refused) from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise RunPathError(refused)
+        return fd
 
     def _holder(self) -> Writer:
         for _ in range(20):  # the holder writes its description right after taking the lock
@@ -150,18 +174,26 @@ class _Lease:
     """`writer.lease` on a cloud run's URI (see the module docstring for the rule)."""
 
     def __init__(self, remote: str):
-        self.fs, self.path = storage.filesystem(storage.join_uri(remote, LEASE_FILE))
+        self.uri = storage.join_uri(remote, LEASE_FILE)
+        self.fs, self.path = storage.filesystem(self.uri)
 
     def read(self) -> Writer | None:
+        """The lease on the URI (None when there is none), with the storage's bounded retries."""
         try:
-            with self.fs.open_input_stream(self.path) as f:
-                return Writer.from_json(f.read())
+            return Writer.from_json(storage.retrying("reading the writer lease", self.uri, self._read))
         except FileNotFoundError:
             return None
 
+    def _read(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
     def write(self, writer: Writer) -> None:
+        storage.retrying("writing the writer lease", self.uri, self._write, writer.to_json().encode())
+
+    def _write(self, data: bytes) -> None:
         with self.fs.open_output_stream(self.path) as out:
-            out.write(writer.to_json().encode())
+            out.write(data)
 
     def try_acquire(self, me: Writer, lease_s: float) -> Writer | None:
         """None when the lease is ours after the read-back; else the writer holding it."""
@@ -182,7 +214,7 @@ class _Lease:
     def delete_if_ours(self, me: Writer) -> None:
         current = self.read()
         if current is not None and current.token == me.token:
-            self.fs.delete_file(self.path)
+            storage.retrying("deleting the writer lease", self.uri, self.fs.delete_file, self.path)
 
 
 def _utc(t: float | None) -> str:
@@ -205,7 +237,7 @@ class RunWriter:
     def __init__(self, run: RunDir, *, what: str, wait_s: float = 0.0, lease_s: float = DEFAULT_LEASE_S):
         self.run, self.wait_s, self.lease_s = run, wait_s, lease_s
         self.me = Writer.this_process(what)
-        self.file = _FileLock(run.root / LOCK_FILE)
+        self.file = _FileLock(run.path(LOCK_FILE))
         self.lease = _Lease(run.remote) if run.remote is not None else None
         self.lost: Writer | None = None
         self._stop = threading.Event()
@@ -226,7 +258,11 @@ class RunWriter:
         while True:
             holder = self.file.try_acquire(self.me)
             if holder is None and self.lease is not None:
-                holder = self.lease.try_acquire(self.me, self.lease_s)
+                try:
+                    holder = self.lease.try_acquire(self.me, self.lease_s)
+                except BaseException:  # the bucket failed us: the run stays free for the next try, here too
+                    self.file.release()
+                    raise
                 if holder is not None:
                     self.file.release()
             if holder is None:

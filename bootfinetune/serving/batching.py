@@ -7,6 +7,10 @@ runs the oldest waiting item together with others whose answer limits fall in th
 (powers of two): a request for 8 tokens is never held in a batch that runs to 1,000, and with two
 workers it is answered while that batch still runs.
 
+The queue may be bounded (`max_pending`): a request that would pass it is refused at once with
+`QueueFull`, which carries an estimate of when a place frees up (a server answers 503 + Retry-After),
+rather than waiting behind a queue it cannot get through before its deadline.
+
 Each item may carry a `limits.Control`: its deadline and a flag a server sets when the client goes
 away. An item whose control has fired before its batch starts is not generated; during generation,
 the engine's stopping criterion stops its row; either way its future raises `Cancelled` or
@@ -18,6 +22,7 @@ the engine's stopping criterion stops its row; either way its future raises `Can
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -25,6 +30,15 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from bootfinetune.serving.limits import Control, stopped_rows
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds `max_pending` answers already; `retry_after` (whole seconds, 1 to 60) is when
+    one is likely to have left it."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"{retry_after} s")
+        self.retry_after = retry_after
 
 
 def bucket(limit: int) -> int:
@@ -45,12 +59,15 @@ class MicroBatcher:
         wait_s: How long the worker waits for more items before running a batch.
         idle_s: A worker thread ends after this long without work (a new item starts one again).
         workers: Most batches running at once (`generate` calls share the model's weights).
+        max_pending: Most answers waiting (not yet in a batch); None: no bound. A server sets it.
     """
 
     def __init__(self, run_batch: Callable[[list[Any], list[Control | None]], list[Any]], max_batch: int,
-                 wait_s: float = 0.01, idle_s: float = 5.0, workers: int = 2):
+                 wait_s: float = 0.01, idle_s: float = 5.0, workers: int = 2, max_pending: int | None = None):
         self.run_batch, self.max_batch, self.wait_s, self.idle_s = run_batch, max_batch, wait_s, idle_s
-        self.workers = workers
+        self.workers, self.max_pending = workers, max_pending
+        self.batch_seconds = 1.0
+        """A running mean of how long a batch takes (the Retry-After of a full queue is estimated from it)."""
         self._cond = threading.Condition()
         self._pending: list[tuple[Any, Control | None, Future]] = []
         self._running = 0  # worker threads alive
@@ -62,14 +79,21 @@ class MicroBatcher:
 
     def submit(self, item: Any, control: Control | None = None) -> Future:
         """Queues an item; the future gives its result (or raises its batch's error, `Cancelled`, `DeadlineExceeded`)."""
-        future: Future = Future()
+        return self.submit_all([item], control)[0]
+
+    def submit_all(self, items: list[Any], control: Control | None = None) -> list[Future]:
+        """Queues the items of one request together, or none of them: `QueueFull` when they would pass `max_pending`."""
+        futures: list[Future] = [Future() for _ in items]
         with self._cond:
-            self._pending.append((item, control, future))
+            if self.max_pending is not None and len(self._pending) + len(items) > self.max_pending:
+                batches = (len(self._pending) + len(items)) / (self.max_batch * self.workers)
+                raise QueueFull(min(60, max(1, math.ceil(batches * self.batch_seconds))))
+            self._pending.extend((item, control, future) for item, future in zip(items, futures))
             if self._idle == 0 and self._running < self.workers:
                 self._running += 1
                 threading.Thread(target=self._work, name="bootfinetune-batcher", daemon=True).start()
             self._cond.notify()
-        return future
+        return futures
 
     def __call__(self, item: Any, control: Control | None = None) -> Any:
         """The result of one item, waiting for it."""
@@ -112,6 +136,7 @@ class MicroBatcher:
                 continue
             self.batch_sizes.append(len(batch))
             controls = [c for _, c, _ in batch]
+            started = time.monotonic()
             try:
                 results = self.run_batch([item for item, _, _ in batch], controls)
             except BaseException as exc:  # hand the error to every caller of the batch
@@ -120,6 +145,7 @@ class MicroBatcher:
                 continue
             finally:
                 self.generated += len(batch)
+                self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
             for (_, control, future), result in zip(batch, results):
                 problem = control.problem() if control is not None else None
                 if problem is not None:

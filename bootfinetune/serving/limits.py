@@ -7,7 +7,9 @@ The in-process `ModelServer` and `bootfinetune serve` (Ray Serve) apply the same
   clamped, not refused: DSPy and other OpenAI clients send a large `max_tokens` by default,
   and `finish_reason: "length"` tells them the answer was cut;
 - answers per request: `n` at most `MAX_N`;
-- request body: at most `MAX_BODY_BYTES`, checked against `Content-Length` and while reading;
+- request body: at most `MAX_BODY_BYTES`, checked against `Content-Length` and while reading, and all
+  of the request (headers and body) within `READ_TIMEOUT_S` of its first byte;
+- waiting: at most `QUEUED_BATCHES` batches' worth of answers queue; beyond, a 503 with Retry-After at once;
 - time: each request has a deadline (`DEADLINE_S` by default); a `Control` carries it and a
   flag set when the client goes away, and generation stops for either.
 """
@@ -27,7 +29,9 @@ MAX_BODY_BYTES = 1 << 20
 DEADLINE_S = 60.0
 """Seconds a request may take, queueing included, before it gets a 504."""
 READ_TIMEOUT_S = 15.0
-"""Seconds a client may take to send its request (headers, then each part of the body)."""
+"""Seconds a client may take to send its request: its headers and body together, from its first byte."""
+QUEUED_BATCHES = 8
+"""Batches' worth of answers a server's batcher queues (8 x the batch size); a request beyond gets a 503 at once."""
 
 
 def token_ceiling(longest_answer: int | None, fallback: int) -> int:

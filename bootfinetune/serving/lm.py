@@ -326,8 +326,14 @@ class FinetunedEngine:
                control: Control | None = None) -> Future:
         """`answer` without waiting: a future of (text, prompt tokens, new tokens). A `control` may stop it
         (deadline, client gone), and then the future raises `Cancelled` or `DeadlineExceeded`."""
+        return self.submit_all(messages, max_tokens, temperature, control)[0]
+
+    def submit_all(self, messages: list[Any], max_tokens: int | None = None, temperature: float | None = None,
+                   control: Control | None = None, n: int = 1) -> list[Future]:
+        """`n` answers to one prompt queued together, or none: `batching.QueueFull` when the batcher's queue is bounded
+        (a server's `max_pending`) and they would pass it."""
         item = (plain_messages(messages), self.limit(max_tokens), float(temperature or 0.0))
-        return self._batcher.submit(item, control)
+        return self._batcher.submit_all([item] * n, control)
 
     def generate(self, conversations: list[list[dict]], max_tokens: int | None = None) -> list[str]:
         """Answers many conversations at once (greedy), in batches of `batch_size`."""

@@ -1,7 +1,8 @@
 """The OpenAI chat-completions protocol as both model servers speak it: one home for its rules.
 
 `serve.ChatServer` (in process, uvicorn) and `ray_serve.ChatDeployment` (Ray Serve) read a request
-the same way (`read_json`: the body size limit while reading, a read timeout), check it the same
+the same way (`read_json`: the body size limit while reading, one deadline for the whole body, JSON
+nested at most `MAX_JSON_DEPTH` deep), check it the same
 way (`check_chat_request`: 400 naming the field), pick the model the same way (`pick_model`: a
 404 for a name that is not one of theirs, never echoed back), wait for answers the same way
 (`await_answers`: the deadline gives a 504, a client gone stops generation) and answer in the
@@ -44,16 +45,19 @@ class BadRequest(ValueError):
 
 
 class HTTPProblem(Exception):
-    """A request answered with an error status and a short message (`response()`)."""
+    """A request answered with an error status and a short message (`response()`); `retry_after` (seconds)
+    is sent as `Retry-After` (a 503 of a busy server)."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.retry_after = status, message, kind, retry_after
 
     def response(self) -> JSONResponse:
         response = error_response(self.status, self.message, self.kind)
         if self.status == 408:  # the body stalled: end the connection (after a 413 uvicorn drops the rest unread)
             response.headers["Connection"] = "close"
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = str(self.retry_after)
         return response
 
 
@@ -62,12 +66,22 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
+DEADLINE_KEY = "bootfinetune.read_deadline"
+"""The ASGI scope key under which a server's protocol hands over when a request's reading must end (the
+event loop's clock: its headers and body together, from the request's first byte); see `read_json`."""
+
+
 async def read_json(http: Request, max_bytes: int, read_timeout: float) -> Any:
     """The request's JSON body, read with limits; raises `HTTPProblem` (400, 408, 413) otherwise.
 
     A `Content-Length` above `max_bytes` is refused before reading; a body without one (chunked)
-    is refused as soon as what arrived passes `max_bytes`, so nothing larger is ever held.
+    is refused as soon as what arrived passes `max_bytes`, so nothing larger is ever held. The
+    whole body must arrive by one deadline: the scope's `DEADLINE_KEY` when the server's protocol set
+    one (counted from the request's first byte, headers included), else `read_timeout` from now. JSON
+    nested deeper than `MAX_JSON_DEPTH` is a 400.
     """
+    loop = asyncio.get_running_loop()
+    deadline = http.scope.get(DEADLINE_KEY) or loop.time() + read_timeout
     length = http.headers.get("content-length")
     if length is not None and not length.strip().isdigit():
         raise HTTPProblem(400, "Content-Length: must be a non-negative integer.")
@@ -78,11 +92,11 @@ async def read_json(http: Request, max_bytes: int, read_timeout: float) -> Any:
     stream = http.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), read_timeout)
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise HTTPProblem(408, f"the body did not arrive within {read_timeout:g} s.", "timeout") from None
+            raise HTTPProblem(408, f"the request did not arrive within {read_timeout:g} s.", "timeout") from None
         except ClientDisconnect:
             raise HTTPProblem(400, "the client went away while sending the body.") from None
         size += len(chunk)
@@ -91,9 +105,42 @@ async def read_json(http: Request, max_bytes: int, read_timeout: float) -> Any:
                               "request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"{}")
+        value = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         raise HTTPProblem(400, "the body is not valid JSON; send a chat.completions request.") from None
+    except RecursionError:  # deeper than the parser goes: deeper than we allow too
+        raise _too_deep() from None
+    if nested_too_deep(value):
+        raise _too_deep()
+    return value
+
+
+def _too_deep() -> HTTPProblem:
+    return HTTPProblem(400, f"the body nests JSON more than {MAX_JSON_DEPTH} levels deep; send a chat.completions "
+                       f"request.")
+
+
+MAX_JSON_DEPTH = 32
+"""The deepest JSON nesting a request body may have (a chat request needs 5): deeper is a 400, never a
+`RecursionError` in whatever walks the value later."""
+
+
+def nested_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` (parsed JSON) nests lists and objects more than `limit` levels deep; walked without recursion.
+
+    >>> nested_too_deep({"a": [[1]]}, limit=3), nested_too_deep({"a": [[[1]]]}, limit=3)
+    (False, True)
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def check_chat_request(request: Any, max_n: int = MAX_N) -> dict[str, Any]:

@@ -10,13 +10,20 @@ calls), and `teacher_server.TeacherServer` with a script.
     server = serve_model("runs/Provider-1a2b/models/all")      # once per directory and process
     lm = dspy.LM("openai/bootfinetune:runs/...", api_base=server.url, api_key="local")
 
+Who may call it (`auth`): with an `api_key`, every route but `/health` answers 401 to a request without
+`Authorization: Bearer <key>`; a server on a host other than loopback does not start without a key unless
+told `insecure=True`.
+
 What one request cannot do (see `limits`): send a body over `max_body_bytes` (413, refused
-while reading), take over `read_timeout` to send it (408), ask for more than `MAX_N` answers
-(400), or hold the model past its deadline (504, generation stopped). A model name that is not
-the server's gets a 404; `/v1/models` lists ids, never filesystem paths. A request that cannot be
-answered as sent gets a 400 naming the field; a failure while answering a 500 with a short
-message (the details go to the log). A subclass answers other failures its own way through
-`failure_response` (`bootfinetune.testing.faults` injects faults so).
+while reading), take over `read_timeout` to send its headers and body (one deadline for both, from its
+first byte: 408, or the connection closed while the headers are not in), ask for more than `MAX_N`
+answers (400), nest its JSON deeper than `MAX_JSON_DEPTH` (400), wait in a full queue (503 with
+Retry-After at once, `max_queue`), or hold the model past its deadline (504, generation stopped). A
+model name that is not one of the server's ids gets a 404 (names are compared as strings, never looked up
+on disk); `/v1/models` lists ids, never filesystem paths. A request that cannot be answered as sent gets
+a 4xx naming the field and one log line; a failure while answering a 500 with a short message (the
+details go to the log). A subclass answers other failures its own way through `failure_response`
+(`bootfinetune.testing.faults` injects faults so).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import threading
 from collections import deque
@@ -40,10 +48,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bootfinetune.common.targets import model_path
 from bootfinetune.config import InferenceConfig
-from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, READ_TIMEOUT_S, Cancelled, Control
+from bootfinetune.serving.auth import OPEN_PATHS, KeyCheck, check_exposure, unauthorized
+from bootfinetune.serving.batching import QueueFull
+from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES, QUEUED_BATCHES, READ_TIMEOUT_S, Cancelled, Control
 from bootfinetune.serving.lm import FinetunedEngine, unload_model
-from bootfinetune.serving.openai_api import (BadRequest, Completion, HTTPProblem, await_answers, check_chat_request,
-                                             completion_body, error_response, pick_model, read_json, requested_tokens)
+from bootfinetune.serving.openai_api import (DEADLINE_KEY, BadRequest, Completion, HTTPProblem, await_answers,
+                                             check_chat_request, completion_body, error_response, pick_model,
+                                             read_json, requested_tokens)
 
 __all__ = ["BadRequest", "ChatServer", "Completion", "ModelServer", "check_chat_request", "completion_body",
            "serve_model", "served_model", "stop_model"]
@@ -52,16 +63,50 @@ log = logging.getLogger(__name__)
 
 
 class _Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, plus a deadline for a new connection's first request headers
-    (uvicorn times out idle kept-alive connections, not one that never finishes its headers)."""
+    """uvicorn's HTTP/1.1 protocol with one deadline per request for its headers and body together.
+
+    The clock starts at the request's first byte (a new connection's: when it opens) and runs `read_timeout`
+    seconds: a request whose headers are not in by then has its connection closed here; one whose headers are
+    in gets what is left in its scope (`openai_api.DEADLINE_KEY`) for `read_json` to read the body by. uvicorn
+    itself times out only idle kept-alive connections, and a body per chunk.
+    """
+
+    read_timeout = READ_TIMEOUT_S
+    _deadline: float | None = None
+    _timer: Any = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.loop.call_later(self.config.timeout_keep_alive, self._drop_if_silent)
+        self._start_clock()
 
-    def _drop_if_silent(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._start_clock()  # the first byte of the next request on a kept-alive connection
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self._deadline is not None:  # its headers are in: the body has the rest
+            self.cycle.scope[DEADLINE_KEY] = self._deadline
+            self._deadline = None
+            self._timer.cancel()
+
+    def _start_clock(self) -> None:
+        self._deadline = self.loop.time() + self.read_timeout
+        self._timer = self.loop.call_at(self._deadline, self._headers_late)
+
+    def _headers_late(self) -> None:
+        if self._deadline is not None and not self.transport.is_closing():
+            self._deadline = None
+            log.info("a request's headers did not arrive within %gs: connection from %s closed", self.read_timeout,
+                     self.client[0] if self.client else "?")
             self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
 
 
 class ChatServer:
@@ -72,16 +117,22 @@ class ChatServer:
         port: 0 picks a free port.
         model_name: The model id `/v1/models` lists and responses carry.
         max_body_bytes: Largest request body read; a larger one gets a 413.
-        read_timeout: Seconds a client may take to send its request headers, and each part of its
-            body; kept-alive connections idle that long are closed.
+        read_timeout: Seconds a client may take to send a request, its headers and body together (one
+            deadline from the request's first byte); kept-alive connections idle that long are closed.
         limit_concurrency: Most connections and requests at once; more get a 503.
         backlog: Connections the OS queues before the server accepts them.
         threads: Most `complete` calls running at once (more wait for a thread).
+        api_key: The key every request but `/health` must send as `Authorization: Bearer <key>` (401
+            otherwise); only its digest is kept. None: no key.
+        insecure: Serve on a host other than loopback without a key (refused otherwise, before binding).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "model", *,
                  max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S,
-                 limit_concurrency: int = 1024, backlog: int = 2048, threads: int = 128):
+                 limit_concurrency: int = 1024, backlog: int = 2048, threads: int = 128,
+                 api_key: str | None = None, insecure: bool = False):
+        check_exposure(host, api_key, insecure)
+        self.key_check = KeyCheck.of(api_key)
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
@@ -93,7 +144,8 @@ class ChatServer:
         self._ids = itertools.count(1)
         self._socket = socket.create_server((host, port), reuse_port=False)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix=type(self).__name__)
-        self._config = uvicorn.Config(self._asgi, http=_Protocol, interface="asgi3", lifespan="off", log_level="warning",
+        protocol = type("_Protocol", (_Protocol,), {"read_timeout": read_timeout})
+        self._config = uvicorn.Config(self._asgi, http=protocol, interface="asgi3", lifespan="off", log_level="warning",
                                       access_log=False, backlog=backlog, limit_concurrency=limit_concurrency,
                                       timeout_keep_alive=max(1, round(read_timeout)),
                                       timeout_graceful_shutdown=1)
@@ -103,6 +155,13 @@ class ChatServer:
 
     async def _asgi(self, scope, receive, send) -> None:
         scope["bootfinetune.send"] = send  # uvicorn's own, for `drop_connection`
+        if self.key_check is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            if not self.key_check.allows(headers.get(b"authorization", b"").decode("latin-1")):
+                log.info("refused a request to %s from %s: 401 (no valid API key)", scope["path"][:100],
+                         (scope.get("client") or ("?",))[0])
+                await unauthorized()(scope, receive, send)
+                return
         await self._app(scope, receive, send)
 
     # -- what a subclass decides ------------------------------------------------------------------
@@ -185,16 +244,16 @@ class ChatServer:
             request = check_chat_request(await read_json(http, self.max_body_bytes, self.read_timeout))
             model = self.pick(request.get("model"))
         except HTTPProblem as problem:
-            return problem.response()
+            return _refused(http, problem)
         except BadRequest as exc:
-            return error_response(400, str(exc), "invalid_request_error")
+            return _refused(http, HTTPProblem(400, str(exc)))
         with self._lock:
             self.calls += 1
             self.requests.append(request["messages"])
         try:
             choices = await self.choices({**request, "model": model}, http)
         except HTTPProblem as problem:
-            return problem.response()
+            return _refused(http, problem)
         except Cancelled:  # nobody is left to read an answer
             return Response(status_code=499)
         except Exception as exc:
@@ -242,6 +301,13 @@ class ChatServer:
         self.stop()
 
 
+def _refused(http: Request, problem: HTTPProblem) -> Response:
+    """The answer to a request refused as sent (4xx) or for now (503, 504), after one log line saying why."""
+    log.info("chat request from %s: %d %s", (http.client.host if http.client else "?"), problem.status,
+             problem.message[:200])
+    return problem.response()
+
+
 def public_id(model: str | Path) -> str:
     """The id a model directory is listed under: no filesystem path (`{run}/{key}` for a run's export).
 
@@ -274,19 +340,23 @@ class ModelServer(ChatServer):
         batch_size: Most prompts per `generate` call.
         trust_remote_code: Allow the model repository's own code to run.
         request_timeout: Seconds a request may take, queueing included, before its 504.
-        **options: `ChatServer` limits (max_body_bytes, read_timeout, limit_concurrency, backlog).
+        max_queue: Most answers waiting for a batch; a request that would pass it gets a 503 with Retry-After
+            at once. None: `QUEUED_BATCHES` batches' worth.
+        **options: `ChatServer` options (max_body_bytes, read_timeout, limit_concurrency, backlog, api_key, insecure).
     """
 
     def __init__(self, model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, device: str | None = None,
                  max_tokens: int = InferenceConfig.max_tokens, batch_size: int = InferenceConfig.generate_batch_size,
                  trust_remote_code: bool = False, max_tokens_ceiling: int | None = None,
-                 request_timeout: float = DEADLINE_S, **options: Any):
+                 request_timeout: float = DEADLINE_S, max_queue: int | None = None, **options: Any):
         super().__init__(host=host, port=port, model_name=public_id(model_dir), **options)
         self.model_dir = str(model_dir)
         self.request_timeout = request_timeout
         self.engine = FinetunedEngine(self.model_dir, device=device, max_tokens=max_tokens, batch_size=batch_size,
                                       trust_remote_code=trust_remote_code, max_tokens_ceiling=max_tokens_ceiling)
+        self.engine.batcher.max_pending = max_queue or QUEUED_BATCHES * batch_size
         self.max_tokens = self.engine.limit()
+        self._paths = {os.path.abspath(self.model_dir), os.path.realpath(self.model_dir)}
 
     def start(self) -> Self:
         """Loads the model (so a bad directory fails here, not on the first request), then serves."""
@@ -294,12 +364,15 @@ class ModelServer(ChatServer):
         return super().start()
 
     def pick(self, requested: str | None) -> str:
-        """Its id, or a DSPy model string naming its folder (`bootfinetune:{dir}`, relative or not)."""
-        if requested is not None and requested != self.model_name:
-            named = Path(model_path(requested)).expanduser()
-            if named.is_absolute() or (Path.cwd() / named).exists():
-                if named.resolve() == Path(self.model_dir).resolve():
-                    return self.model_name
+        """Its id, or a DSPy model string naming its folder (`bootfinetune:{dir}`, relative or not).
+
+        Names are compared as strings (made absolute against the working folder), never looked up on disk:
+        whatever a client sends, nothing but an equal string names the model.
+        """
+        if requested is not None and requested != self.model_name and "\0" not in requested and len(requested) < 4096:
+            named = model_path(requested)
+            if os.path.normpath(os.path.join(os.getcwd(), named)) in self._paths:
+                return self.model_name
         return super().pick(requested)
 
     def stats(self) -> dict[str, Any]:
@@ -311,7 +384,11 @@ class ModelServer(ChatServer):
         limit = self.engine.limit(requested_tokens(request))
         temperature = float(request.get("temperature") or 0.0)
         control = Control.within(self.request_timeout)
-        futures = [self.engine.submit(request["messages"], limit, temperature, control) for _ in range(request["n"])]
+        try:
+            futures = self.engine.submit_all(request["messages"], limit, temperature, control, n=request["n"])
+        except QueueFull as full:
+            raise HTTPProblem(503, "the server is busy: its queue is full; retry after the seconds Retry-After "
+                              "says.", "overloaded", retry_after=full.retry_after) from None
         answers = await await_answers(futures, control, http)
         return [Completion(text, p, c, "length" if c >= limit else "stop") for text, p, c in answers]
 

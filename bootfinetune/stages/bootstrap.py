@@ -192,11 +192,12 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                              settings=driver_settings() if settings is None else settings,
                              teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
                              metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine,
-                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute))
+                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute),
+                             max_retry_after_s=config.max_retry_after_s)
         failures = dict.fromkeys(todo, 0)
         progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
         try:
-            with store.appender() as appender:
+            with store.appender(config.trace_upload_every, config.trace_upload_s) as appender:
                 for split, index, teacher, result in run_jobs(
                         list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
                         batch_size=config.batch_size, num_cpus=config.actor_cpus):
@@ -231,6 +232,8 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
 HTTP_POOL = 100
 """Connections DSPy's HTTP clients keep per LM and process (lm15's and LiteLLM's default): slots past it wait."""
 POOL_START_TIMEOUT_S = 600  # seconds for the actor pool to start before the run fails, naming the resources
+RESULT_BLOCK_BYTES = 64 << 10
+"""Results a Ray Data task hands back at a time (a few examples of a real program's traces)."""
 ACTOR_CALLS = 2
 """Ray Data tasks an actor runs (and holds) at once: the next task's examples take the slots a finishing one
 frees. No more are queued on an actor: Ray Data sends blocks to the actor beside their data while it has room,
@@ -317,6 +320,10 @@ def map_teacher_runner(dataset: Any, runner_kwargs: dict[str, Any], *, num_actor
     # Dispatch only once every actor of the pool is up: otherwise the first actor ready takes all the
     # blocks of a small trainset while the others (often on other nodes) are still importing DSPy.
     dataset.context.wait_for_min_actors_s = max(dataset.context.wait_for_min_actors_s, POOL_START_TIMEOUT_S)
+    # Results go back to the driver (and the trace store) once RESULT_BLOCK_BYTES of them are done, not with the
+    # rest of their task: a driver killed mid-run loses that much a task, not whole tasks. (A block a result
+    # costs the driver ~6 ms each, too much for a fast teacher.)
+    dataset.context.target_max_block_size = RESULT_BLOCK_BYTES
     with warnings.catch_warnings():
         # Ray 2.60 takes an actor's max_restarts / max_task_retries only as `ray_remote_args`, which it warns
         # are deprecated: they are what bounds the retries (test_worker_faults.py fails if they stop applying).

@@ -8,6 +8,11 @@ training asked for an accelerator (the driver's head may have none, nor the memo
 else in this process. The folder is written where the run lives: in place in a folder every node
 shares; for a run on a cloud URI, into the exporting node's mirror of the run and up to the URI,
 from which the driver's mirror fetches it.
+
+The new export is staged beside the model it replaces (`RunDir.model_staging`): the driver writes its
+manifest into it and swaps it in (`RunDir.swap_model`), so a retrain's model is kept until the new one is
+complete. An export a Ray task made for a cloud run is put in place in that node's mirror and uploaded to the
+URI's models/{folder}/ (an object store has no rename); its manifest goes up last, with the driver's sync.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def export_model(run: RunDir, key: str, checkpoints: str, epoch: int, *, target: str, kind: str, config: TrainConfig,
-                 tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
-    """Writes `models/{folder}/` from the checkpoint of epoch `epoch`, where a model may run.
+                 tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None, Path | None]:
+    """Writes model `key`'s export from the checkpoint of epoch `epoch`, where a model may run.
 
     Args:
         run: The run directory. key: the model key.
@@ -43,32 +49,37 @@ def export_model(run: RunDir, key: str, checkpoints: str, epoch: int, *, target:
         tokenizer: The target's tokenizer with the tokens added for training; `base_vocab` its size before.
 
     Returns:
-        (the LoRA adapter's facts for the manifest, or None for a full model; the Ray node that exported it).
+        (the LoRA adapter's facts for the manifest, or None for a full model; the Ray node that exported it;
+        the staged export for `RunDir.swap_model`, or None when a Ray task put a cloud run's export in place).
     """
-    args = (run, run.folder(key), checkpoints, epoch, target, kind, config, tokenizer, base_vocab)
+    args = (run, key, checkpoints, epoch, target, kind, config, tokenizer, base_vocab)
     if not needs_accelerator(config):
-        return _export(*args)
+        return _export(*args, in_driver=True)
     import ray
 
     task = ray.remote(_export).options(**ray_options(worker_resources(config)), max_retries=1)
-    lora, node = ray.get(task.remote(*args))
+    lora, node, staged = ray.get(task.remote(*args))
     run.pull()  # a cloud run's export went up from the node that wrote it
-    return lora, node
+    return lora, node, staged
 
 
-def _export(run: RunDir, folder: str, checkpoints: str, epoch: int, target: str, kind: str, config: TrainConfig,
-            tokenizer: Any, base_vocab: int) -> tuple[dict[str, Any] | None, str | None]:
+def _export(run: RunDir, key: str, checkpoints: str, epoch: int, target: str, kind: str, config: TrainConfig,
+            tokenizer: Any, base_vocab: int, in_driver: bool = False) -> tuple[dict[str, Any] | None, str | None,
+                                                                               Path | None]:
     """`export_model`'s work, in whichever process runs it."""
-    out = run.path("models", folder)
-    run.remove("models", folder)
+    staged = run.model_staging(key)
     with tempfile.TemporaryDirectory(prefix="bootfinetune-export-") as scratch:
         ckpt_dir = local_copy(checkpoints, epoch, Path(scratch))
-        lora = export_checkpoint(ckpt_dir, epoch, target, kind, out, config, tokenizer=tokenizer,
+        lora = export_checkpoint(ckpt_dir, epoch, target, kind, staged, config, tokenizer=tokenizer,
                                  base_vocab=base_vocab)
-    tokenizer.save_pretrained(out)
-    if run.remote is not None:
-        storage.push(run.root, run.remote, only=[p.relative_to(run.root).as_posix() for p in out.rglob("*")])
-    return lora, node_id()
+    tokenizer.save_pretrained(staged)
+    if run.remote is None or in_driver:
+        return lora, node_id(), staged  # the driver sees this folder: it swaps it in after the manifest
+    out = run.model_dir(key)  # this node's mirror of a cloud run: in place, then up to the URI
+    run.remove("models", out.name)
+    os.replace(staged, out)
+    storage.push(run.root, run.remote, only=[p.relative_to(run.root).as_posix() for p in out.rglob("*")])
+    return lora, node_id(), None
 
 
 def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,

@@ -287,7 +287,7 @@ def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome)
         raise FinetuneError(f"model {job.key!r}: no checkpoint of epoch {best} in {redact_uri(place)}.")
     out = run.model_dir(job.key)
     export_started = time.time()
-    lora, export_node = export_model(run, job.key, place, best, target=job.target, kind=staged.kind,
+    lora, export_node, staged_export = export_model(run, job.key, place, best, target=job.target, kind=staged.kind,
                                      config=trained_config(config, state), tokenizer=staged.tokenizer,
                                      base_vocab=staged.base_vocab)
     timings = _timings(state, outcome.begin, outcome.end - outcome.begin, time.time() - export_started)
@@ -339,7 +339,10 @@ def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome)
         added_tokens=list(job.added_tokens or ()),
         job_fingerprint=staged.job_fp,
     )
-    run.write_manifest(manifest)  # last: its presence means the key is finished
+    if staged_export is not None:  # the manifest last (its presence means the key is finished), then in place
+        run.swap_model(manifest, staged_export)
+    else:
+        run.write_manifest(manifest)
     run.sync()
     return manifest
 

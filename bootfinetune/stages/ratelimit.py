@@ -17,6 +17,10 @@ A 429 that reaches us (DSPy retries each call itself, honouring `Retry-After`, a
 shared budget pauses every actor for that long, and the actor halves the calls it keeps in flight.
 Each success then lets one more back in, up to `num_threads` (additive increase, multiplicative
 decrease).
+
+Every wait a Retry-After imposes is capped (`max_retry_after_s`, 60 s by default): the pause above, and
+the wait of DSPy's own retries, which honours the header as it is (`cap_dspy_retry_waits`): a provider
+answering `Retry-After: 3600` would otherwise hold each call an hour per retry.
 """
 
 from __future__ import annotations
@@ -118,6 +122,30 @@ def stop_budget(budget: Any) -> None:
         ray.kill(budget)
 
 
+def cap_dspy_retry_waits(max_s: float) -> bool:
+    """Caps the wait before each of DSPy's own retries of an LM call at `max_s` seconds, in this process.
+
+    DSPy 3.4 waits what the error's Retry-After says (`dspy.clients.execution._delay`), with no upper bound,
+    and has no setting for one; the bootstrap actors wrap that function (once, a later call sets the cap).
+    Returns False, with a warning, when this DSPy has no such function (the cap does not hold there).
+    """
+    from dspy.clients import execution
+
+    delay = getattr(execution, "_delay", None)
+    if not callable(delay):
+        logger.warning("bootstrap: this DSPy has no dspy.clients.execution._delay; a teacher's Retry-After "
+                       "is not capped inside DSPy's own retries (max_retry_after_s=%g applies to our pauses)", max_s)
+        return False
+    original = getattr(delay, "__wrapped__", delay)
+
+    def capped(exc: BaseException, attempt: int) -> float:
+        return min(original(exc, attempt), max_s)
+
+    capped.__wrapped__ = original  # type: ignore[attr-defined]
+    execution._delay = capped
+    return True
+
+
 def rate_limited(exc: BaseException) -> float | None:
     """The Retry-After (seconds, 0.0 when none was given) of a rate-limit error; None for other errors."""
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
@@ -162,10 +190,12 @@ class Pacer:
         budget: The `TeacherBudget` actor, a `BudgetClock` (in one process), or None (no budget: only
             429s are obeyed).
         max_in_flight: The actor's slots (`num_threads`): the ceiling of examples in flight.
+        max_pause: The longest pause a Retry-After imposes (`max_retry_after_s`).
     """
 
-    def __init__(self, budget: Any, max_in_flight: int):
+    def __init__(self, budget: Any, max_in_flight: int, max_pause: float = 60.0):
         self.budget = budget
+        self.max_pause = max_pause
         self.max_in_flight = max_in_flight
         self.limit = max_in_flight
         self.in_flight = 0
@@ -228,7 +258,7 @@ class Pacer:
         """Frees an example's place; `retry_after` (seconds, 0.0 if none) when it ended rate limited."""
         if retry_after is not None:
             self.throttled += 1
-            pause = retry_after or DEFAULT_BACKOFF_S
+            pause = min(retry_after or DEFAULT_BACKOFF_S, self.max_pause)
             self._paused_until = max(self._paused_until, time.monotonic() + pause)
             if isinstance(self.budget, BudgetClock):
                 self.budget.pause(pause)

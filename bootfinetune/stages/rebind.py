@@ -10,6 +10,7 @@ with (`adapters.scope_adapter`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,13 @@ from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.common.importpath import resolve
 from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.serving.auth import key_from
 from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import FinetunedLM
 from bootfinetune.stages.representable import add_answer_tokens
 from bootfinetune.training.render import answer_token_counts, encode_records, model_kind
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import RunDescription
+from bootfinetune.run.runfiles import RunDescription, warn_untrusted
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, 
                exclude_demos: bool = False, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
     """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
 
-    The adapter is the one config.json records unless `adapter` is given; so is `trust_remote_code`.
+    The adapter is the one config.json records unless `adapter` is given; the models run their own code only
+    with `trust_remote_code=True`, whatever config.json says.
     """
     keys = described.model_keys
     return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
@@ -139,7 +142,8 @@ def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, 
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
-         serve_url: str | None = None, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
+         serve_url: str | None = None, adapter: Any = None, trust_remote_code: bool | None = None,
+         api_key: str | None = None) -> dspy.Module:
     """Rebuilds a compiled program from its run directory.
 
     Args:
@@ -153,8 +157,10 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             instead of loading the models in this process.
         adapter: The DSPy adapter the predictors format prompts with; None uses the one the run
             was trained with (recorded in config.json).
-        trust_remote_code: Let the models' own code run when they load; None: what the run was
-            trained with (config.json). A run directory is trusted like code either way (docs/failures.md, "Trust").
+        api_key: The key of the server at `serve_url` (`bootfinetune serve --api-key`); None:
+            `$BOOTFINETUNE_API_KEY`, else none.
+        trust_remote_code: Let the models' own code run when they load: only when True, never taken from
+            config.json (a run directory never widens what its reader allowed; docs/failures.md, "Trust").
 
     Raises:
         ProgramError: no program.json, or config.json's `program_class` is not a dspy.Module subclass.
@@ -175,9 +181,11 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
     program.load_state(state)
-    inference = InferenceConfig(**{**described.options.get("inference", {}), "device": device})
+    inference = dataclasses.replace(described.inference_config(run.config_json), device=device)
+    warn_untrusted(described, described.trusts_remote_code(trust_remote_code), run.config_json)
     if serve_url:
-        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter)
+        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter,
+                             api_key=key_from(api_key))
     return rebind_run(program, run, described, inference=inference, adapter=adapter,
                       trust_remote_code=trust_remote_code)
 
@@ -200,13 +208,15 @@ def program_class(path: str, source: Any) -> type:
 
 
 def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,
-                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None) -> dspy.Module:
-    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy).
+                  max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None,
+                  api_key: str | None = None) -> dspy.Module:
+    """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy), sending
+    `api_key` (a server that asks for none takes the placeholder).
 
     The adapter is the one config.json records unless `adapter` is given.
     """
     keys = described.model_keys
-    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=LOCAL_API_KEY, cache=False,
+    lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=api_key or LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
     key_of = described.key_of()

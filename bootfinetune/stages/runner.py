@@ -31,8 +31,10 @@ import dspy
 from dspy.clients.base_lm import BaseLM
 
 from bootfinetune.common.redaction import redact
+from bootfinetune.config import DEFAULT_TEACHER_TIMEOUT, BootstrapConfig
 from bootfinetune.run.records import CallRecord, FailureRecord, example_from_json, to_jsonable
-from bootfinetune.stages.ratelimit import RATE_LIMIT_RETRIES, BudgetCallback, Pacer, rate_limited
+from bootfinetune.stages.ratelimit import (RATE_LIMIT_RETRIES, BudgetCallback, Pacer, cap_dspy_retry_waits,
+                                           rate_limited)
 from bootfinetune.runtime.ray_env import WORKER_ENV
 from bootfinetune.runtime.user_code import UserCode, install
 from bootfinetune.runtime.worker_pickle import ModuleObjectsByReference
@@ -195,13 +197,14 @@ class TeacherRunner:
         split: "train" or "val", copied into each record of a batch without a "split" column.
         engine: "auto" (`choose_engine` for each teacher), "async" or "threads".
         budget: The run's `TeacherBudget` actor (`bootfinetune.stages.ratelimit`), or None.
+        max_retry_after_s: The longest wait a teacher's Retry-After imposes (DSPy's retries, and the pacer's pause).
     """
 
     def __init__(self, teachers: list[dspy.Module], metric: Callable | None = None,
                  settings: dict[str, Any] | None = None, teacher_settings: dict[str, Any] | None = None,
                  num_threads: int = 8, metric_threshold: float | None = None,
                  secrets: list[str] | None = None, split: str = "train", engine: str = "auto",
-                 budget: Any = None):
+                 budget: Any = None, max_retry_after_s: float = BootstrapConfig.max_retry_after_s):
         for name, value in WORKER_ENV.items():
             os.environ.setdefault(name, value)
         if engine not in ENGINES:
@@ -217,7 +220,8 @@ class TeacherRunner:
         self.names = [{id(p): n for n, p in t.named_predictors()} for t in teachers]
         self.num_threads = num_threads
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="teacher")
-        self.pacer = Pacer(budget, num_threads)
+        self.pacer = Pacer(budget, num_threads, max_pause=max_retry_after_s)
+        cap_dspy_retry_waits(max_retry_after_s)
         self.callbacks = [BudgetCallback(self.pacer)] if budget is not None else []
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its semaphore
         self.node = node_id()
@@ -358,7 +362,9 @@ def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     A `dspy.LM` pickles with its `history`, up to `max_history_size` (10,000) calls of earlier use in the
     driver: a teacher that already ran over a devset weighs megabytes, which every actor would unpickle
-    to keep a history nobody reads there. The user's LMs themselves are left as they are.
+    to keep a history nobody reads there. A `dspy.LM` that sets no `timeout` (and whose client DSPy owns:
+    not a custom engine) gets `DEFAULT_TEACHER_TIMEOUT`, the CLI's and the jobs' default, rather than
+    LiteLLM's 600 s. The user's LMs themselves are left as they are.
     """
     import io
 
@@ -366,9 +372,13 @@ def pack_for_actors(runner_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     class Packer(ModuleObjectsByReference, ray.cloudpickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
-            if isinstance(obj, BaseLM) and getattr(obj, "history", None):
+            untimed = isinstance(obj, dspy.LM) and isinstance(getattr(obj, "_engine_spec", None), str) \
+                and obj.kwargs.get("timeout") is None
+            if isinstance(obj, BaseLM) and (getattr(obj, "history", None) or untimed):
                 state = obj.__getstate__()
                 if isinstance(state, dict):  # an LM class with a state of its own kind pickles as it is
+                    if untimed:
+                        state["kwargs"] = {**state["kwargs"], "timeout": DEFAULT_TEACHER_TIMEOUT}
                     return _lm_without_history, (type(obj), {**state, "history": []})
             return super().reducer_override(obj)
 

@@ -16,8 +16,9 @@ Training options, the target, LoRA, ZeRO and resources are left out: changing th
 {storage_path}/traces/{Program}-{trace_id}/
   identity.json    the trace id and a fingerprint of each part above (never the parts: they may hold keys)
   results/{host}-{pid}-{random}.jsonl
-                   one file per writer (a bootstrap that sent examples to the teacher), one line per
-                   (example, teacher), appended as results arrive:
+                   a writer's files (a bootstrap that sent examples to the teacher; on a cloud URI a new
+                   one after each upload, see `TraceStore.appender`), one line per (example, teacher),
+                   appended as results arrive:
                    {"example": <hash of the example's JSON>, "teacher": 0, "result": {...}}
   results.jsonl    the single file of older versions: read, never written
 ```
@@ -39,9 +40,11 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,9 @@ from bootfinetune.stages.checks import callable_identity, lm_identity, program_i
 from bootfinetune.run.jsonio import fingerprint, write_json
 from bootfinetune.run.records import example_to_json
 from bootfinetune.run.rundir import run_name_for
+from bootfinetune.run.storage import StorageError, place, pull, push
+
+log = logging.getLogger(__name__)
 
 TRACES_DIR = "traces"
 """The folder under storage_path holding every trace store (a run may not be named so)."""
@@ -176,8 +182,6 @@ class TraceStore:
     @classmethod
     def at(cls, storage_path: str, program_name: str, identity: dict[str, Any]) -> "TraceStore":
         """The store for `identity` under `storage_path`; its identity.json is written when missing."""
-        from bootfinetune.run.storage import place
-
         store = cls(*place(storage_path, TRACES_DIR, run_name_for(program_name, identity)))
         store.pull()
         if not (store.root / IDENTITY).exists():  # fingerprints only: an LM's options may hold credentials
@@ -202,8 +206,6 @@ class TraceStore:
     def pull(self) -> None:
         """Fetches the URI's results into the mirror; nothing for a folder."""
         if self.remote is not None:
-            from bootfinetune.run.storage import pull
-
             pull(self.remote, self.root)
 
     def sync(self) -> None:
@@ -213,8 +215,6 @@ class TraceStore:
         half-written file of another writer never goes up over its finished upload.
         """
         if self.remote is not None:
-            from bootfinetune.run.storage import push
-
             mine = [f"{RESULTS_DIR}/{p.name}" for p in (self.root / RESULTS_DIR).glob(f"{_process()}-*.jsonl")]
             push(self.root, self.remote, only=[IDENTITY, *mine])
 
@@ -232,12 +232,15 @@ class TraceStore:
                         done[(row["example"], int(row["teacher"]))] = row["result"]
         return done
 
-    def appender(self) -> "_Appender":
+    def appender(self, upload_every: int | None = None, upload_s: float | None = None) -> "_Appender":
         """A context manager whose `add(example_key, teacher, result)` appends and flushes one line.
 
-        Each appender writes a file of its own, new, under results/ (see the module docstring).
+        Each appender writes files of its own, new, under results/ (see the module docstring). On a cloud
+        storage_path the results go up as they grow: once `upload_every` results arrived since the last
+        upload, or `upload_s` seconds passed, the file is closed and uploaded (`sync`), and the next results
+        go to a new file; so a driver that dies (its disk with it) loses only what came after.
         """
-        return _Appender(self.root / RESULTS_DIR / f"{_process()}-{uuid.uuid4().hex[:8]}.jsonl")
+        return _Appender(self, upload_every, upload_s)
 
 
 def _process() -> str:
@@ -246,22 +249,59 @@ def _process() -> str:
 
 
 class _Appender:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, store: TraceStore, upload_every: int | None, upload_s: float | None):
+        self.store, self.upload_every, self.upload_s = store, upload_every, upload_s
+        self.path = self._new_path()
+        """The file the next result goes to (the last one written, once the appender is closed)."""
         self.file: Any = None
+        self.uploads = 0
+        """Uploads made while appending (cloud storage_path only)."""
+        self._since, self._last = 0, time.monotonic()
+
+    def _new_path(self) -> Path:
+        return self.store.root / RESULTS_DIR / f"{_process()}-{uuid.uuid4().hex[:8]}.jsonl"
 
     def __enter__(self) -> "_Appender":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "x", encoding="utf-8")  # "x": never another writer's file
+        self._open()
         return self
 
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "x", encoding="utf-8")  # "x": never another writer's file
+
     def add(self, example: str, teacher: int, result: dict[str, Any]) -> None:
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps({"example": example, "teacher": teacher, "result": result},
                                    ensure_ascii=False) + "\n")
         self.file.flush()
+        self._since += 1
+        if self.store.remote is not None and (
+                (self.upload_every is not None and self._since >= self.upload_every)
+                or (self.upload_s is not None and time.monotonic() - self._last >= self.upload_s)):
+            self.upload()
+
+    def upload(self) -> None:
+        """Closes the current file and uploads this process's results; the next result starts a new file.
+
+        A bucket that still fails after the storage's retries is logged, not raised: the results stay in the
+        local mirror, and the next upload (or the bootstrap's last) sends them.
+        """
+        self.file.close()
+        self.file, self.path = None, self._new_path()
+        self._last = time.monotonic()
+        try:
+            self.store.sync()
+        except StorageError as e:
+            log.warning("trace store: uploading %d new result(s) failed (%s); they are kept in %s and go up with "
+                        "the next upload", self._since, e, self.store.root)
+            return
+        self._since = 0
+        self.uploads += 1
 
     def __exit__(self, *exc: Any) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def restamp(result: dict[str, Any], example_index: int, split: str) -> dict[str, Any]:

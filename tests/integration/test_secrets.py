@@ -63,6 +63,19 @@ def test_header_url_and_storage_credentials_reach_no_file_and_no_log(ray_cluster
             data = path.read_bytes()
             found += [(str(path), s) for s in SECRETS + ["sk-i17-plain-key"] if s.encode() in data]
     assert not found, found
+
+    # Issue 30 (4): a retrain of that run, reached by its credentialed URI, writes config.json through the same
+    # door (the new run beside it records a storage_path given as a resource option, with credentials).
+    from bootfinetune.entrypoints.retrain import prepare_retrain
+
+    real = storage.replace("?", f"/{run.name}?", 1)
+    ready = prepare_retrain(real, lr=1e-4, storage_path=storage)
+    ready.writer.release()
+    assert ready.run.name != run.name
+    found = [(str(p), s) for p in (tmp_path / "staging").rglob("*") if p.is_file()
+             for s in SECRETS if s.encode() in p.read_bytes()]
+    assert not found, found
+    assert read_json(ready.run.config_json)["options"]["run"]["storage_path"].startswith("s3://***@runs/secrets?")
     logger.removeHandler(handler)
     logger.setLevel(saved[0])
     logger.disabled = saved[1]
@@ -70,3 +83,25 @@ def test_header_url_and_storage_credentials_reach_no_file_and_no_log(ray_cluster
     assert "storage" in logged or run.name in logged  # the compile did log where it went
     assert not [s for s in SECRETS if s in logged], logged
     assert not [s for s in SECRETS if s in str(tp.report)]
+
+
+def test_a_provider_run_on_a_credentialed_bucket_writes_no_credential(ray_cluster, s3_server, tmp_path, monkeypatch):
+    """Issue 30 (4): the provider wrote its options to config.json around the redaction a compile applied."""
+    from bootfinetune import RayFinetuneProvider
+    from bootfinetune.testing.tiny_models import toy_records
+
+    target = str(build_tiny_causal(tmp_path / "tiny-llama"))
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
+    storage = s3_server.uri("runs", "provider").replace("s3://", f"s3://{ACCESS_KEY}:{SECRET_KEY}@")
+    provider = RayFinetuneProvider(storage_path=storage, max_length=128)
+    rows, train_kwargs = [{"messages": r["messages"]} for r in toy_records(8)], {"epochs": 1, "bsize": 8}
+    run = provider.run_dir(provider.config(f"openai/local:{target}", train_kwargs), rows)
+    provider.finetune(None, f"openai/local:{target}", rows, "chat", train_kwargs)
+    assert read_json(run.config_json)["options"]["run"]["storage_path"].startswith("s3://***@runs/provider?")
+    names = remote_names(s3_server.uri("runs", "provider"))
+    assert f"{run.name}/config.json" in names and f"{run.name}/models/all/manifest.json" in names
+    found = [(name, s) for name in names for s in (ACCESS_KEY, SECRET_KEY)
+             if s.encode() in _read(s3_server.uri("runs", "provider"), name)]
+    found += [(str(p), s) for p in (tmp_path / "staging").rglob("*") if p.is_file()
+              for s in (ACCESS_KEY, SECRET_KEY) if s.encode() in p.read_bytes()]
+    assert not found, found

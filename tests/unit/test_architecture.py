@@ -99,3 +99,13 @@ def test_a_training_worker_does_not_load_dspy():
             "print(sorted(m for m in sys.modules if m == 'dspy' or m.startswith('dspy.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_config_json_is_written_only_by_the_run_directory():
+    """Every config.json write goes through `RunDir.write_description`, the door that redacts credentials."""
+    import re
+
+    writes = re.compile(r"(write_json|atomic_write|write_text|write_bytes|open)\([^)\n]*(config_json|\"config\.json\")")
+    offenders = [module_name(p) for p in PKG.rglob("*.py") if writes.search(p.read_text())
+                 and module_name(p) != "bootfinetune.run.rundir"]
+    assert offenders == []

@@ -203,6 +203,7 @@ def test_actors_get_the_teacher_lms_without_their_history(teacher_server):
 
     import ray.cloudpickle
 
+    from bootfinetune.config import DEFAULT_TEACHER_TIMEOUT
     from bootfinetune.stages.runner import StreamingTeacherRunner, pack_for_actors
 
     teacher = dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="unused", cache=False)
@@ -219,7 +220,7 @@ def test_actors_get_the_teacher_lms_without_their_history(teacher_server):
     runner = StreamingTeacherRunner(**packed)
     lm = runner.context["lm"]
     assert lm is not teacher and lm.history == [] and runner.teachers[0].answer.predict.lm is lm
-    assert (lm.model, lm.kwargs) == (teacher.model, teacher.kwargs)
+    assert (lm.model, lm.kwargs) == (teacher.model, {**teacher.kwargs, "timeout": DEFAULT_TEACHER_TIMEOUT})
     assert teacher.history == history  # the user's LM is untouched
     batch = {"example_index": [0, 1, 2], "example": [example_to_json(e) for e in examples]}
     results = [json.loads(r) for r in asyncio.run(runner(batch))["result"]]

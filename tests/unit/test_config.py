@@ -74,7 +74,8 @@ def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
     from bootfinetune.config import RESOURCE_OPTIONS, identity_options
 
     assert RESOURCE_OPTIONS == {"num_actors", "num_threads", "actor_cpus", "batch_size", "engine",
-                                "max_calls_per_second", "max_tokens_per_minute", "max_errors",
+                                "max_calls_per_second", "max_tokens_per_minute", "max_errors", "max_retry_after_s", "trace_upload_every",
+                                "trace_upload_s",
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
                                 "ray_address", "writer_wait_s", "writer_lease_s", "verbose", "mlflow_tracking_uri",
                                 "gradient_checkpointing", "compile_layers",

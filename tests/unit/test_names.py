@@ -198,22 +198,138 @@ def test_stage_0_checkpoints_load_weights_only(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_trust_remote_code_follows_the_run_unless_given(tmp_path):
+class _One(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = dspy.Predict("q -> a")
+
+
+@pytest.mark.parametrize("recorded", [True, False, "false"])
+def test_a_run_directory_never_widens_trust_remote_code(tmp_path, recorded):
+    """Issue 30 (12): load and serve took trust_remote_code from config.json, where a hand-written "false" was
+    true. Remote code runs only when the caller passes True; a recorded value that is not a bool is refused."""
     from bootfinetune.config import InferenceConfig
+    from bootfinetune.run.jsonio import write_json
+    from bootfinetune.run.runfiles import RunFileError
     from bootfinetune.serving.lm import finetuned_engine
     from bootfinetune.serving.ray_serve import model_specs
-    from bootfinetune.stages.rebind import rebind_run
+    from bootfinetune.stages.rebind import load, rebind_run
 
     run = RunDir(tmp_path / "R")
-    described = RunDescription(options={"train": {"trust_remote_code": True}},
-                               model_keys={"all": {"target": "t", "predictors": ["self"]}})
+    described = RunDescription(options={"train": {"trust_remote_code": recorded}},
+                               model_keys={"all": {"target": "t", "predictors": ["p"]}})
     run.write_description(described)
     run.write_manifest(ModelManifest(key="all", folder="all"))
-    assert model_specs(run)["all"]["trust_remote_code"] is True
-    assert model_specs(run, trust_remote_code=False)["all"]["trust_remote_code"] is False
-    program = dspy.Predict("q -> a")
-    bound = rebind_run(program, run, described, inference=InferenceConfig(device="cpu"))
-    assert finetuned_engine(bound.lm).trust_remote_code is True
-    bound = rebind_run(program, run, described, inference=InferenceConfig(device="cpu"), trust_remote_code=False)
-    assert finetuned_engine(bound.lm).trust_remote_code is False
-    assert RunDescription().trusts_remote_code() is False
+    write_json(run.program_json, {"p": _One().p.dump_state()})
+    if not isinstance(recorded, bool):  # parsed strictly: a damaged file is named, never read as true
+        for given in (None, True):
+            with pytest.raises(RunFileError, match="config.json: trust_remote_code='false' must be true or false"):
+                model_specs(run, trust_remote_code=given)
+            with pytest.raises(RunFileError, match="trust_remote_code='false'"):
+                load(str(run.root), program=_One(), trust_remote_code=given)
+        return
+    for given in (None, False):
+        assert model_specs(run, trust_remote_code=given)["all"]["trust_remote_code"] is False
+        loaded = load(str(run.root), program=_One(), trust_remote_code=given)
+        assert finetuned_engine(loaded.p.lm).trust_remote_code is False
+        bound = rebind_run(_One(), run, described, inference=InferenceConfig(device="cpu"), trust_remote_code=given)
+        assert finetuned_engine(bound.p.lm).trust_remote_code is False
+    assert model_specs(run, trust_remote_code=True)["all"]["trust_remote_code"] is True
+    assert finetuned_engine(load(str(run.root), program=_One(), trust_remote_code=True).p.lm).trust_remote_code
+
+
+def test_recorded_inference_options_are_checked_as_strictly_as_given_ones(tmp_path):
+    from bootfinetune.run.runfiles import RunFileError
+    from bootfinetune.serving.ray_serve import model_specs
+
+    run = RunDir(tmp_path / "R")
+    run.write_description(RunDescription(options={"inference": {"max_tokens": "9999999", "generate_batch_size": -3}},
+                                         model_keys={"all": {"target": "t", "predictors": ["self"]}}))
+    run.write_manifest(ModelManifest(key="all", folder="all"))
+    with pytest.raises(RunFileError) as err:
+        model_specs(run)
+    assert "config.json: max_tokens='9999999'" in str(err.value) and "generate_batch_size=-3" in str(err.value)
+
+
+def test_a_retrain_takes_no_trust_and_no_ray_address_from_the_run(tmp_path, monkeypatch):
+    from bootfinetune.config import Config
+    from bootfinetune.entrypoints.retrain import prepare_retrain
+    from bootfinetune.errors import ConfigError
+
+    run = RunDir(tmp_path / "TwoStep-abc")
+    run.data_dir.mkdir(parents=True)
+    run.data_file("all").write_text("")
+    options = Config.from_options(target="some/model", ray_address="ray://recorded-head:10001").to_dict()
+    described = {"options": options, "model_keys": {"all": {"target": "some/model", "predictors": ["rewrite"]}}}
+    run.config_json.write_text(json.dumps(described))
+    ready = prepare_retrain(str(run.root), cpus_per_worker=2.0)
+    assert ready.config.run.ray_address is None  # $RAY_ADDRESS, else the usual rule, decides where it runs
+    ready.writer.release()
+    ready = prepare_retrain(str(run.root), cpus_per_worker=2.0, ray_address="ray://given:10001")
+    assert ready.config.run.ray_address == "ray://given:10001"
+    ready.writer.release()
+
+    options["train"]["trust_remote_code"] = True
+    run.config_json.write_text(json.dumps(described))
+    with pytest.raises(ConfigError, match="trust_remote_code=True"):
+        prepare_retrain(str(run.root), cpus_per_worker=2.0)
+    ready = prepare_retrain(str(run.root), cpus_per_worker=2.0, trust_remote_code=True)
+    assert ready.config.train.trust_remote_code is True
+    ready.writer.release()
+
+
+# -- issue 30: a run name follows the same rule ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a?endpoint_override=evil.example:9000&scheme=http", "a#b", "a\x00b", "a%2Fb",
+                                  "a b", "x" * 201, ".hidden", "-rf", "a/b", "naïve", ""])
+def test_a_run_name_that_is_not_a_safe_name_is_refused_with_the_rule(name):
+    from bootfinetune.config import Config
+    from bootfinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        Config.from_options(run_name=name, storage_path="s3://bucket/runs?region=eu")
+    message = str(err.value)
+    assert "run_name" in message and "letters, digits" in message and "at most" in message
+    with pytest.raises(RunPathError):  # the door every run directory goes through refuses it too
+        RunDir.at("s3://bucket/runs?region=eu", name)
+
+
+def test_safe_run_names_and_derived_ones_pass():
+    from bootfinetune.config import Config
+    from bootfinetune.run.rundir import run_name_for
+
+    for name in ("my-run_1.0", "TwoStep-1a2b3c4d5e6f", "a" * (SLUG_LENGTH + 9)):
+        assert Config.from_options(run_name=name).run.run_name == name
+        assert RunDir.at("s3://bucket/runs", name).remote == f"s3://bucket/runs/{name}"
+    derived = run_name_for("A" * 300 + "Program", {"x": 1})  # a long class name still gives a safe, bounded name
+    assert is_safe_name(derived) and derived.startswith("AAAA") and len(derived) <= SLUG_LENGTH + 9
+    assert run_name_for("RAG", {"x": 1}).startswith("RAG-")
+
+
+def test_a_new_export_is_written_beside_the_model_and_swapped_in_only_when_complete(tmp_path):
+    """Issue 30 (8): a retrain deleted models/{key} before the new export was complete."""
+    from bootfinetune.run.storage import _mirrored
+
+    run = RunDir(tmp_path / "R-1")
+    run.write_manifest(ModelManifest(key="all", best_epoch=1))
+    (run.model_dir("all") / "model.safetensors").write_text("good weights")
+
+    staged = run.model_staging("all")
+    (staged / "model.safetensors").write_text("half of the new weights")  # the export dies here
+    assert (run.model_dir("all") / "model.safetensors").read_text() == "good weights"
+    assert [m.best_epoch for m in run.finished_models().values()] == [1]  # the staged one is no model
+    assert not _mirrored(f"models/{staged.name}/model.safetensors")  # and never uploaded
+
+    staged = run.model_staging("all")  # the next try starts clean
+    assert list(staged.iterdir()) == []
+    (staged / "model.safetensors").write_text("new weights")
+    assert run.read_manifest("all").best_epoch == 1  # complete beside it, not in place yet
+    run.swap_model(ModelManifest(key="all", best_epoch=2), staged)
+    assert run.read_manifest("all").best_epoch == 2
+    assert (run.model_dir("all") / "model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in run.models_dir.iterdir()) == ["all"]
+
+    # a crash between the swap's two renames: the complete export beside the folder is put back in place
+    os.replace(run.model_dir("all"), run.path("models", ".all.old.tmp"))
+    run.model_staging("all")
+    assert run.read_manifest("all").best_epoch == 2

@@ -90,3 +90,68 @@ def test_a_remote_reservation_starts_at_its_booked_time_not_after_the_reply():
             assert max(0.0, sent + delay - received) - 1e-9 <= wait <= delay + 1e-9
             if skew == 0.0:
                 assert received + wait == pytest.approx(max(received, 100.1 + delay))
+
+
+# -- issue 30 (13): the teacher cannot stall the cluster ----------------------------------------------
+
+HOUR_LONG_RETRY_AFTER = r"""
+import json, sys, time
+import dspy
+from bootfinetune.run.records import example_to_json
+from bootfinetune.stages.runner import TeacherRunner
+from bootfinetune.testing.faults import FaultyTeacherServer, HTTPFault
+from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_script
+
+class HourLong(FaultyTeacherServer):  # each prompt's first request: 429 with Retry-After: 3600
+    def answer(self, messages):
+        key = json.dumps(messages, sort_keys=True)
+        with self._lock:
+            first = self.attempts.setdefault(key, 0) == 0
+            self.attempts[key] += 1
+        if first:
+            raise HTTPFault(429, "come back in an hour", retry_after=3600)
+        return super(FaultyTeacherServer, self).answer(messages)
+
+with HourLong(two_step_script, faults=lambda inputs, attempt: None) as server:
+    lm = dspy.LM("openai/slow-down", api_base=server.url, api_key="unused", cache=False, num_retries=int(sys.argv[1]))
+    runner = TeacherRunner([TwoStep()], metric=two_step_metric, teacher_settings={"lm": lm}, num_threads=2,
+                           max_retry_after_s=1.0)
+    examples = two_step_examples(2)
+    out = runner({"example_index": [0, 1], "example": [example_to_json(e) for e in examples]})
+    print(json.dumps([json.loads(r).get("kept") for r in out["result"]]))
+"""
+
+
+@pytest.mark.parametrize("num_retries", [1, 0])  # DSPy's own retry waits, or the runner's pause after a 429
+def test_a_retry_after_of_an_hour_is_capped(num_retries):
+    """In a subprocess: an uncapped wait sleeps an hour in threads nothing can stop (killed at the timeout)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", HOUR_LONG_RETRY_AFTER, str(num_retries)], cwd=repo,
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_kept(2)
+
+
+def test_a_teacher_lm_without_a_timeout_gets_the_default_one_in_the_actors():
+    import ray.cloudpickle
+
+    from bootfinetune.config import DEFAULT_TEACHER_TIMEOUT
+    from bootfinetune.serving.lm import FinetunedLM
+    from bootfinetune.stages.runner import pack_for_actors
+    from bootfinetune.testing.tiny_models import build_tiny_causal
+
+    plain = dspy.LM("openai/teacher", api_key="unused")
+    timed = dspy.LM("openai/teacher", api_key="unused", timeout=5.0)
+    program = TwoStep()
+    program.rewrite.lm = timed
+    local = FinetunedLM(str(build_tiny_causal(__import__("tempfile").mkdtemp() + "/tiny")))
+    packed = pack_for_actors({"teachers": [program], "teacher_settings": {"lm": plain}, "settings": {"lm": local}})
+    shipped = ray.cloudpickle.loads(packed["packed"])
+    assert shipped["teacher_settings"]["lm"].kwargs["timeout"] == DEFAULT_TEACHER_TIMEOUT  # LiteLLM's 600 s otherwise
+    assert shipped["teachers"][0].rewrite.lm.kwargs["timeout"] == 5.0  # the user's own timeout wins
+    assert "timeout" not in shipped["settings"]["lm"].kwargs  # a custom engine owns its connection
+    assert "timeout" not in plain.kwargs  # the user's LM is left as it is

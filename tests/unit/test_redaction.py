@@ -90,3 +90,57 @@ def test_job_result_line_shows_no_uri_credentials(capsys):
     line = capsys.readouterr().out
     assert line.startswith("BOOTFINETUNE_RESULT ") and "AKIA-x" not in line and "secret-y-123" not in line
     assert json.loads(line.split(" ", 1)[1])["run_dir"] == "s3://***@bucket/runs/R-1?endpoint_override=h:9&scheme=http"
+
+
+# -- issue 30: credentials in every spelling ----------------------------------------------------------
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def test_url_credentials_with_unencoded_separators_are_masked_whole():
+    # a '/', '?' or '#' in the password hid the '@' from urlsplit: the URL came back unchanged
+    uri = f"s3://AKIAIOSFODNN7EXAMPLE:{AWS_SECRET}@bucket/runs?endpoint_override=h:9&scheme=http"
+    assert redact_uri(uri) == "s3://***@bucket/runs?endpoint_override=h:9&scheme=http"
+    assert redact_url("https://user:p#ss@host/v1") == "https://***@host/v1"
+    assert redact_url("https://user:p?ss@host:8/v1?key=k1") == "https://***@host:8/v1?key=***"
+    assert redact_url("https://us@er:p@ss@host/v1") == "https://***@host/v1"  # the last '@' ends it
+    text = f"cannot write there: s3://AKIA:{AWS_SECRET}@bucket/runs refused"
+    assert AWS_SECRET not in redact_urls_in(text) and "bucket/runs refused" in redact_urls_in(text)
+    found = collect_secrets(dspy.LM("openai/x", api_base=f"https://alice:{AWS_SECRET}@host/v1"))
+    assert AWS_SECRET in found and "alice" not in redact(f"alice:{AWS_SECRET} failed", found)
+    assert "p#ss-word" in collect_secrets(dspy.LM("openai/x", api_base="https://user:p#ss-word@host/v1"))
+    assert redact_url("https://user:123?abc-pw@host/v1") == "https://***@host/v1"  # not host "user", port 123
+
+
+def test_a_public_query_option_loses_its_user_info():
+    uri = "s3://b/runs?endpoint_override=http://minio:s3cr3t-pw@h:9000&scheme=http"
+    assert redact_uri(uri) == "s3://b/runs?endpoint_override=http://***@h:9000&scheme=http"
+    assert redact_uri("s3://b/runs?endpoint_override=minio:s3cr3t-pw@h:9000") == "s3://b/runs?endpoint_override=***@h:9000"
+
+
+def test_lm_state_parts_are_allow_listed_too():
+    from bootfinetune.common.redaction import public_lm_state
+
+    lm = dspy.LM("openai/x", launch_kwargs={"port": 8000, "hf_token": "hf-secret-launch-1"},
+                 train_kwargs={"epochs": 2, "hf_token": "hf-secret-train-2", "wandb_api_key": "wb-secret-3"})
+    state = public_lm_state({**lm.dump_state(), "_private_token": "priv-secret-4"})
+    text = json.dumps(state)
+    assert not [s for s in ("hf-secret-launch-1", "hf-secret-train-2", "wb-secret-3", "priv-secret-4") if s in text]
+    assert state["launch_kwargs"] == {"port": 8000, "hf_token": "***"}
+    assert state["train_kwargs"] == {"epochs": 2, "hf_token": "***", "wandb_api_key": "***"}
+    assert state["_dspy_lm_class"] == "dspy.clients.lm.LM" and state["_private_token"] == "***"
+
+
+def test_a_command_line_shows_only_what_the_allow_list_lets_through(monkeypatch):
+    from bootfinetune.common.redaction import public_command
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "envtok-0123456789")
+    argv = ["/usr/bin/python3", "train.py", "--api-key", "sk-live-0123456789", "--lr=1e-4", "--epochs", "3",
+            "-H", "Authorization: Bearer bearer-0123456789", "--storage", f"s3://AKIA:{AWS_SECRET}@b/runs",
+            "--password=pw-0123456789", "envtok-0123456789", "--token", "t0k-0123456789", "data/train.jsonl"]
+    shown = public_command(argv)
+    for secret in ("sk-live-0123456789", "bearer-0123456789", AWS_SECRET, "pw-0123456789", "envtok-0123456789",
+                   "t0k-0123456789", "Authorization"):
+        assert secret not in shown, (secret, shown)
+    assert shown.startswith("python3 train.py --api-key *** --lr=1e-4 --epochs 3 -H *** --storage s3://***@b/runs")
+    assert shown.endswith("data/train.jsonl")

@@ -62,3 +62,46 @@ def test_the_report_merges_sections_one_level_deep_and_leaves_unset_ones_out(tmp
     assert list(report.stages) == ["bootstrap", "data", "finetune"] and report.metric == {"after": 0.5}
     assert report.data_tokens("all") == ("\n",) and report.data_tokens("other") is None
     assert read_json(run.report_json)["note"] == "kept" and run.read_report() == report
+
+
+def test_config_json_is_written_through_one_door_that_redacts_every_uri(tmp_path):
+    """Issue 30 (4): whatever a writer puts in the record (a provider's raw options, a retrain's resource
+    options), config.json holds no URI credential; the record itself keeps what it was given."""
+    from bootfinetune.config import Config
+    from bootfinetune.run.rundir import RunDir
+
+    storage = "s3://AKIA-door-1:door/secret/2@bucket/runs?endpoint_override=minio:door-pw-3@h:9&scheme=http"
+    options = Config.from_options(storage_path=storage, mlflow_tracking_uri="https://u:door-token-4@mlflow/x",
+                                  ray_address="ray://admin:door-pw-5@head:10001").to_dict()
+    described = RunDescription(options={"train": options["train"], "run": options["run"]},
+                               model_keys={"all": {"target": "/m", "predictors": ["lm"]}},
+                               extra={"note": "pulled from https://v:door-token-6@host/x"})
+    run = RunDir(tmp_path / "Provider-1")
+    run.write_description(described)
+    text = run.config_json.read_text()
+    for secret in ("door-1", "door/secret/2", "door-pw-3", "door-token-4", "door-pw-5", "door-token-6"):
+        assert secret not in text, secret
+    written = json.loads(text)["options"]["run"]
+    assert written["storage_path"] == "s3://***@bucket/runs?endpoint_override=***@h:9&scheme=http"
+    assert written["ray_address"] == "ray://***@head:10001"
+    assert described.options["run"]["storage_path"] == storage  # the record keeps what it was given
+
+
+def test_run_files_reach_the_disk_before_their_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Issue 30 (8): a power cut never leaves an empty manifest: the file is fsynced before the rename, its folder after."""
+    import os
+    import stat
+
+    from bootfinetune.run.jsonio import write_json
+
+    synced, real = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "run" / "models" / "all" / "manifest.json"
+    write_json(path, {"key": "all"})
+    assert synced == [("file", path.stat().st_ino), ("folder", path.parent.stat().st_ino)]

@@ -1,6 +1,7 @@
 """bootfinetune.run.storage against a real S3 API (moto's server on 127.0.0.1): mirror, push, pull."""
 
 import os
+import time
 
 import pytest
 
@@ -120,3 +121,56 @@ def test_pull_refuses_an_object_whose_name_leaves_the_mirror(s3, tmp_path, monke
     with pytest.raises(RunPathError, match="outside the run directory"):
         run.pull()
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+# -- issue 30 (8): pushes and pulls retry, bounded, and name the URI when they give up ---------------------
+
+@pytest.fixture
+def flaky(s3):
+    from tests.s3server import FlakyProxy
+
+    proxy = FlakyProxy(s3)
+    yield proxy
+    proxy.stop()
+
+
+def test_a_bucket_that_fails_for_a_while_is_retried(flaky, tmp_path):
+    local = tmp_path / "mirror"
+    for name in ("config.json", "data/all.jsonl", "models/all/manifest.json"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(name)
+    uri = flaky.uri("unit", "flaky-run")
+    flaky.fail_next(60, "PUT")  # more failures than the S3 client's own retries absorb (about 30 in 6 s)
+    assert push(local, uri) == 3
+    assert flaky.failed == 60 and "models/all/manifest.json" in remote_names(uri)
+    flaky.fail_next(60, "GET")
+    assert pull(uri, tmp_path / "elsewhere") == 3 and (tmp_path / "elsewhere" / "config.json").read_text() == "config.json"
+
+
+def test_a_bucket_that_keeps_failing_is_given_up_on_in_bounded_time_naming_the_uri(flaky, tmp_path, monkeypatch):
+    import bootfinetune.run.storage as storage
+    from bootfinetune.run.storage import StorageError
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.2, 0.2, 0.2))  # the S3 client's own retries take ~6 s a try
+    local = tmp_path / "mirror"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    flaky.always_fail = True
+    uri = flaky.uri("unit", "down").replace("s3://", "s3://AKIA-down:down-secret-77@")
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        push(local, uri)
+    assert time.monotonic() - started < 60
+    message = str(err.value)
+    assert "s3://***@unit/down?endpoint_override=127.0.0.1:" in message and "down-secret-77" not in message
+    assert "AKIA-down" not in message and "gave up after 4 attempts" in message
+
+
+def test_cannot_write_there_names_a_uri_whose_secret_has_an_unencoded_slash_without_it(s3):
+    """Issue 30 (1): the secret came back in the 'cannot write there' error (urlsplit missed the '@')."""
+    from bootfinetune.run.storage import check_writable
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    problem = check_writable(s3.uri("unit", "runs").replace("s3://", f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@"))
+    assert problem and "storage_path='s3://***@unit/runs?endpoint_override=127.0.0.1:" in problem
+    assert not [part for part in ["AKIAIOSFODNN7EXAMPLE", *secret.split("/")] if part in problem], problem

@@ -253,3 +253,120 @@ def test_two_machines_write_one_trace_store_on_s3_at_once(s3, tmp_path, monkeypa
     check_results(store.load(), 30)
     identity = json.loads((store.root / "identity.json").read_text())
     assert set(identity) == {"trace_id", "parts"}
+
+
+# -- issue 30: the run lock and the files -------------------------------------------------------------
+
+def test_the_lock_names_its_holder_without_the_credentials_on_its_command_line(tmp_path):
+    run = RunDir(tmp_path / "Prog-1")
+    secrets = ("sk-lock-0123456789", "bearer-lock-0123456789")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run.root), "180", "600", "--api-key", secrets[0],
+                             "-H", f"Authorization: Bearer {secrets[1]}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusyError) as busy:
+            RunWriter(run, what="compile").acquire()
+        recorded = (run.root / LOCK_FILE).read_text()
+        for text in (str(busy.value), recorded):
+            assert f"pid {proc.pid}" in text or str(proc.pid) in text
+            assert not [s for s in secrets if s in text], text
+        assert "--api-key ***" in str(busy.value) and "-H ***" in str(busy.value)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    from bootfinetune.run.names import RunPathError
+
+    run = RunDir(tmp_path / "Prog-1")
+    run.root.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run.root / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(RunPathError, match="link"):
+        RunWriter(run, what="compile").acquire()
+    assert victim.read_text() == "precious"
+    (run.root / LOCK_FILE).unlink()
+    os.link(victim, run.root / LOCK_FILE)  # a hard link to someone's file: refused too
+    with pytest.raises(RunPathError, match="link"):
+        RunWriter(run, what="compile").acquire()
+    assert victim.read_text() == "precious"
+
+
+class _Failing(__import__("http.server").server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 503 (a bucket in trouble)."""
+
+    def _fail(self):
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def failing_s3():
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"s3://runs/team?endpoint_override=127.0.0.1:{server.server_address[1]}&scheme=http"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkeypatch):
+    import bootfinetune.run.storage as storage
+    from bootfinetune.run.writer import _FileLock
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.1,))  # the S3 client's own retries take seconds a try
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
+    run = RunDir.at(failing_s3, "Prog-1")
+    with pytest.raises(storage.StorageError, match="writer lease"):
+        RunWriter(run, what="compile").acquire()
+    lock = _FileLock(run.root / LOCK_FILE)
+    assert lock.try_acquire(Writer.this_process("compile")) is None  # not held by the failed writer
+    lock.release()
+
+
+def test_an_evaluation_takes_the_run_lock_before_reading_the_run(tmp_path, holders):
+    """Issue 30 (7): evaluate_run updated report.json and synced without the lock (lost updates, stale pushes)."""
+    from bootfinetune.compiler import evaluate_run
+
+    run = RunDir(tmp_path / "Prog-1")
+    holder = holders(run.root)
+    with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+        evaluate_run(str(run.root), [], lambda *a: 1.0, name="held")
+    assert not run.report_json.exists() and not (run.root / "evaluations").exists()
+
+
+def test_the_trace_store_is_uploaded_as_it_grows(s3, tmp_path, monkeypatch):
+    """Issue 30 (8): results reached the bucket only when the bootstrap ended; a killed driver lost them all."""
+    import shutil
+
+    from bootfinetune.stages.traces import TraceStore
+
+    storage = s3.uri("writers", "growing")
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
+    store = TraceStore.at(storage, "Prog", {"x": 2})
+    appender = store.appender(upload_every=3, upload_s=3600).__enter__()
+    for i in range(7):
+        appender.add(f"e{i}", 0, {"calls": [], "kept": True})
+    # the driver dies here (its mirror with it): what the bucket holds is what a resume finds
+    shutil.rmtree(tmp_path / "machine-a")
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
+    assert sorted(k for k, _ in TraceStore.at(storage, "Prog", {"x": 2}).load()) == [f"e{i}" for i in range(6)]
+
+    monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-c"))
+    store = TraceStore.at(storage, "Prog", {"x": 3})
+    with store.appender(upload_every=1000, upload_s=0.5) as appender:
+        appender.add("t0", 0, {"calls": [], "kept": True})
+        time.sleep(0.6)
+        appender.add("t1", 0, {"calls": [], "kept": True})  # half a second since the last upload: up it goes
+        monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-d"))
+        assert sorted(k for k, _ in TraceStore.at(storage, "Prog", {"x": 3}).load()) == ["t0", "t1"]
