@@ -163,8 +163,11 @@ def bars_off() -> None:
 def quiet_ray(verbose: bool) -> None:
     """Sets this process's console output for a compile (see the module docstring); idempotent.
 
-    Without a terminal, bars are off (`bars_off`). `verbose=True` takes the filters off again.
+    Without a terminal, bars are off (`bars_off`). `verbose=True` takes the filters off again. The count of
+    held-back warnings starts again at zero: `report_held` reports this compile's, not an earlier one's in this
+    process (a notebook, a test session).
     """
+    _REPEATS.held.clear()
     if not interactive():
         bars_off()
     dspy_lm = logging.getLogger("dspy.clients.lm")  # a logger's filter sees only its own records

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bootfinetune.training.checkpoints import STATE_FILE
 from bootfinetune.stages.bootstrap import run_bootstrap
 from bootfinetune.config import BootstrapConfig
 from bootfinetune.run.jsonio import read_json
@@ -95,8 +96,7 @@ def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path)
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 400
-        while not list(storage.glob("*/checkpoints/all/checkpoint_*")) and not list(
-                storage.glob("*/checkpoints/all/epoch_*")):
+        while not list(storage.glob(f"*/checkpoints/all/epoch_*/{STATE_FILE}")):  # a whole epoch checkpoint
             assert proc.poll() is None, "the driver ended before a checkpoint was written"
             assert time.time() < deadline, "no checkpoint within the deadline"
             time.sleep(0.5)

@@ -75,3 +75,20 @@ def test_scoring_the_base_student_counts_cut_answers_and_prints_no_warning(tiny,
     assert usage["completion_tokens"] == usage["calls"] * limits["all"].max_tokens_ceiling
     assert not [r for r in caplog.records if "LM response was truncated" in r.getMessage()]
     assert not console._REPEATS.held.get(console.REPEATED[0])  # counted here, not held back for the end
+
+
+def test_a_compile_reports_only_the_warnings_it_held_back(caplog):
+    """A notebook or a test session runs several compiles in one process: warnings an earlier one held back (and
+    never reported, e.g. it raised) are not reported again as the next compile's."""
+    dspy_lm = logging.getLogger("dspy.clients.lm")
+    console.quiet_ray(False)
+    try:
+        for _ in range(3):
+            dspy_lm.warning("LM response was truncated due to exceeding max_tokens=4.")  # an earlier compile's
+        assert console._REPEATS.held[console.REPEATED[0]] == 2
+        console.quiet_ray(False)  # the next compile starts
+        with caplog.at_level(logging.WARNING):
+            console.report_held()
+        assert not [r for r in caplog.records if "more warning(s)" in r.getMessage()]
+    finally:
+        console.quiet_ray(True)
