@@ -74,6 +74,31 @@ def test_killed_bootstrap_actor_loses_and_duplicates_nothing(ray_cluster, teache
     assert "more than max_errors=0" in str(err.value) and f"example 0: {WORKER_DIED}" in str(err.value)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs a driver and every process under it at once: its local Ray cluster's GCS, raylet and workers
+    start sessions of their own, so killing the driver's process group alone leaves a training worker running
+    (it then finished every epoch before the restart, and the restart had nothing to resume)."""
+    import psutil
+
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    psutil.wait_procs([p for p in map(_process, tree[1:]) if p is not None], timeout=30)
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 DRIVER = r"""
 import sys, dspy
 from bootfinetune import BootstrapFinetune
@@ -100,8 +125,7 @@ def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path)
             assert proc.poll() is None, "the driver ended before a checkpoint was written"
             assert time.time() < deadline, "no checkpoint within the deadline"
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster die at once
-        proc.wait()
+        kill_tree(proc)  # the driver and its local Ray cluster die at once
         calls_before = server.calls
         assert calls_before > 0
         run_root = next(p for p in storage.iterdir() if p.name != "traces")
@@ -112,7 +136,7 @@ def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path)
         assert server.calls == calls_before  # the bootstrap was read back: zero teacher calls
     manifest = read_json(run_root / "models" / "all" / "manifest.json")
     starts = manifest["starts"]
-    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 1  # resumed, not restarted
+    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 1, (starts, again.stderr[-4000:])
     assert len(manifest["losses"]["train"]) == 4
     for path in run_root.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".html"):
