@@ -84,7 +84,7 @@ def ray_head():
     yield address, env
     head.terminate()  # --block: the command stops the processes it started
     try:
-        head.wait(timeout=10)  # an idle head stops in ~4 s; after the jobs it took 32 s, for nothing kept
+        head.wait(timeout=3)  # after the jobs a graceful stop took 32 s, for nothing kept: then the kill below
     except subprocess.TimeoutExpired:
         pass
     try:

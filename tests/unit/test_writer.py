@@ -324,7 +324,7 @@ def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkey
     import bootfinetune.run.storage as storage
     from bootfinetune.run.writer import _FileLock
 
-    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.1,))  # the S3 client's own retries take seconds a try
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", ())  # one attempt: the S3 client's own retries take seconds
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
     run = RunDir.at(failing_s3, "Prog-1")
     with pytest.raises(storage.StorageError, match="writer lease"):
