@@ -34,12 +34,12 @@ from bootfinetune.stages.evaluate import evaluate_program, teacher_score
 from bootfinetune.stages.finetune import FinetuneJob, finetune_models
 from bootfinetune.common.importpath import class_path
 from bootfinetune.run.jsonio import fingerprint, write_json
-from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+from bootfinetune.stages.token_plan import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                          raise_if_unfixable)
-from bootfinetune.stages.rebind import base_limits, base_program, program_class, program_state, rebind_run
+from bootfinetune.stages.rebind import base_limits, base_program, load, program_class, program_state, rebind_run
 from bootfinetune.common.redaction import collect_secrets
-from bootfinetune.run.names import folder_names
-from bootfinetune.run.report_html import student_usage, teacher_usage
+from bootfinetune.common.names import folder_names
+from bootfinetune.run.report_html import student_usage, teacher_usage, write_report_html
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
@@ -47,6 +47,8 @@ from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
 from bootfinetune.training import tracking
 from bootfinetune.stages.traces import TraceStore, example_key, trace_id, trace_identity
+from bootfinetune.run.storage import check_writable
+from bootfinetune.runtime.ray_env import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +195,6 @@ class BootstrapFinetune(Teleprompter):
             writer.check()
             metric_report, evaluate_stage = self._evaluate(prepared, student, trained.compiled)
             self.report = run.update_report(metric=metric_report, stages={"evaluate": evaluate_stage}).to_json()
-            from bootfinetune.run.report_html import write_report_html
 
             html_path = write_report_html(run)
             run.sync()
@@ -268,8 +269,6 @@ class BootstrapFinetune(Teleprompter):
         identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
         run = RunDir.at(config.run.storage_path, config.run.run_name or run_name_of(inputs))
         if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
-            from bootfinetune.run.storage import check_writable
-
             problem = check_writable(config.run.storage_path)
             if problem:
                 raise ConfigError([problem])
@@ -288,7 +287,6 @@ class BootstrapFinetune(Teleprompter):
         run.write_description(described)
         run.sync()
         writer.check()
-        from bootfinetune.runtime.ray_env import ensure_ray
 
         ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
         quiet_ray(config.run.verbose)
@@ -419,7 +417,6 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     """
     if to_stage not in ("finetune", "rebind"):
         raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
-    from bootfinetune.runtime.ray_env import ensure_ray
 
     runs = tracking.training_runs(config.run.mlflow_tracking_uri, run.location)  # None unless a URI is set
     ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
@@ -470,8 +467,6 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     holds `name`. The run's writer lock is held from before the program is read (a compile or another evaluation
     of the run: `RunBusyError`, or a wait of `writer_wait_s`) until report.json is updated and synced.
     """
-    from bootfinetune.stages.rebind import load
-
     run = RunDir.from_location(run_dir)
     with RunWriter(run, what="evaluate", wait_s=writer_wait_s):
         program = load(run_dir)  # pulls after the lock: the report updated below is the latest

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
-from bootfinetune.run.names import run_name_problem
+from bootfinetune.common.names import run_name_problem
 
 DEFAULT_TEACHER_TIMEOUT = 120.0
 """Seconds each attempt of a teacher call may wait (LiteLLM's own default is 600 s): the CLI's and the jobs' teacher

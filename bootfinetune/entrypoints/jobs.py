@@ -25,6 +25,10 @@ from bootfinetune.common.redaction import redact_urls_in
 from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, dataset_problems,
                                                 load_dataset, load_job_config, parse_job_config, resolve_target)
 from bootfinetune.run.rundir import RunDir
+from bootfinetune.entrypoints.jobconfig import parse_set_value
+from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
+from bootfinetune.runtime.console import bars_off, interactive
+from bootfinetune.runtime.ray_env import ensure_ray
 
 log = logging.getLogger("bootfinetune")
 
@@ -37,8 +41,6 @@ class Teacher:
     """The job's teacher LM, and the scripted server behind it when there is one (stopped by `close`)."""
 
     def __init__(self, spec: TeacherSpec | None):
-        from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
-
         self.server = None
         self.lm = None
         if spec is None:
@@ -46,7 +48,7 @@ class Teacher:
         extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries", "timeout")
                  if getattr(spec, k) is not None}
         if spec.scripted:
-            from bootfinetune.testing.teacher_server import TeacherServer
+            from bootfinetune.testing.teacher_server import TeacherServer  # reason: loads the servers and DSPy
 
             # Bootstrap actors may run on other nodes: bind to this node's address when the cluster has several.
             host = "127.0.0.1" if _single_node() else _node_ip()
@@ -87,7 +89,6 @@ def _setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    from bootfinetune.runtime.console import bars_off, interactive
 
     if not interactive():  # a job's log: no redrawn bars, from the first model the config builds on
         bars_off()
@@ -136,8 +137,6 @@ def job_parser(job: str) -> argparse.ArgumentParser:
 
 
 def _connect(job: JobConfig | None, address: str | None) -> None:
-    from bootfinetune.runtime.ray_env import ensure_ray
-
     ensure_ray(address or (job.config.run.ray_address if job else None),
                log_to_driver=bool(job and job.config.run.verbose))  # workers' output: Ray's session logs
 
@@ -157,7 +156,7 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
     job = load_job_config(args.config, args.set)
     check_environment(job)  # before Ray starts: a missing file, key variable or bucket is the user's to fix
     _connect(job, args.ray_address)
-    from bootfinetune import BootstrapFinetune
+    from bootfinetune.compiler import BootstrapFinetune  # reason: loads DSPy; the command starts without it
 
     trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
     teacher = Teacher(job.teacher)
@@ -199,9 +198,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     happens (num_workers changes the global batch: a new run).
     """
     _setup_logging()
-    from bootfinetune.compiler import run_stages
-    from bootfinetune.entrypoints.jobconfig import parse_set_value
-    from bootfinetune.entrypoints.retrain import prepare_retrain
+    from bootfinetune.compiler import run_stages  # reason: loads DSPy; the command starts without it
+    from bootfinetune.entrypoints.retrain import prepare_retrain  # reason: as above
 
     options = {}
     if args.config:
@@ -227,7 +225,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """The evaluate job (`ray_jobs/evaluate.py`, `bootfinetune evaluate`): scores a finished run's compiled
     program on the config's valset, over Ray, into the run's `evaluations/{name}.json`."""
     _setup_logging()
-    from bootfinetune.compiler import evaluate_run
+    from bootfinetune.compiler import evaluate_run  # reason: loads DSPy; the command starts without it
 
     job = load_job_config(args.config, args.set, need=("valset", "metric"))
     problems = dataset_problems(job, ("valset",))
@@ -269,7 +267,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
 def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(constructor options, compile()'s documented arguments), the target resolved when it is an import path."""
-    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # loads DSPy: only once the job has been checked
+    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # reason: loads DSPy; the command starts without it
 
     options = dict(job.options)
     args = {k: options.pop(k) for k in DOCUMENTED_ARGS if k in options}

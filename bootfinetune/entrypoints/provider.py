@@ -47,6 +47,7 @@ from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import writer_for
 from bootfinetune.common.targets import check_target, finetuned_model_id, model_path
+from bootfinetune.serving.serve import serve_model, stop_model
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,6 @@ class RayFinetuneProvider(Provider):
         max_tokens_ceiling, batch_size, trust_remote_code, request_timeout, api_key (the key the server asks
         for and the LM sends; needed off loopback) and insecure (serve off loopback without one).
         """
-        from bootfinetune.serving.serve import serve_model
-
         inference = self._config.inference
         options = {"max_tokens": inference.max_tokens, "max_tokens_ceiling": inference.max_tokens_ceiling,
                    "batch_size": inference.generate_batch_size,
@@ -275,8 +274,6 @@ class RayFinetuneProvider(Provider):
 
     def kill(self, lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
         """Stops the server of the LM's model (if one runs) and frees its weights; calls fail until launch."""
-        from bootfinetune.serving.serve import stop_model
-
         try:
             model = resolve_base_model(lm.model)
         except ConfigError:

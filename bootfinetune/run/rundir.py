@@ -14,8 +14,8 @@
 ```
 
 `{folder}` is the model key's safe folder name, recorded in config.json (`folders`; the key itself
-when it is a safe name, see `bootfinetune.run.names`). Every path handed out here is checked to stay
-inside the run (`names.inside`), and so is every delete (`remove`, `remove_checkpoints`).
+when it is a safe name, see `bootfinetune.common.names`). Every path handed out here is checked to stay
+inside the run (`paths.inside`), and so is every delete (`remove`, `remove_checkpoints`).
 
 Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
 leaves a half file where a finished one is expected.
@@ -36,8 +36,8 @@ from typing import Any
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
 from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
-from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, checked_folder, folder_names, inside, inside_uri,
-                                    run_name_problem, safe_name)
+from bootfinetune.common.names import SLUG_LENGTH, folder_names, run_name_problem, safe_name
+from bootfinetune.run.paths import RunPathError, checked_folder, inside, inside_uri
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
 
@@ -68,7 +68,7 @@ class RunDir:
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
         """The run directory `run_name` under `storage_path`; a name that is not a safe name (`?`, `#`, `%`,
-        `/`, NUL, too long) is refused (`names.RunPathError`): appended to a URI it would change what it names."""
+        `/`, NUL, too long) is refused (`paths.RunPathError`): appended to a URI it would change what it names."""
         _check_run_name(run_name)
         return cls(*storage.place(storage_path, run_name))
 
@@ -135,12 +135,12 @@ class RunDir:
         return self._uri("models", self.folder(key))
 
     def path(self, *parts: str) -> Path:
-        """`root/parts`, refused (`names.RunPathError`) when it resolves outside the run: every path of the run
+        """`root/parts`, refused (`paths.RunPathError`) when it resolves outside the run: every path of the run
         goes through here."""
         return inside(self.root, *parts)
 
     def _uri(self, *parts: str) -> str:
-        """The run's URI with `parts` appended, checked to stay under it (`names.inside_uri`)."""
+        """The run's URI with `parts` appended, checked to stay under it (`paths.inside_uri`)."""
         inside_uri(str(self.remote), *parts)
         return storage.join_uri(str(self.remote), *parts)
 

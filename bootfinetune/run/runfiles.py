@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILES_VERSION = 2
 """The version every run file is written with; files up to it are read.
-2: config.json's `folders` and a manifest's `folder` (a model key's folder name, `run.names`)."""
+2: config.json's `folders` and a manifest's `folder` (a model key's folder name, `common.names`)."""
 
 _R = TypeVar("_R")
 
@@ -106,7 +106,7 @@ class RunDescription:
     model_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Model key -> {"target": base model, "predictors": [names it serves]}."""
     folders: dict[str, str] = field(default_factory=dict)
-    """Model key -> its folder under data/, models/ and checkpoints/ (`run.names.folder_names`); readers use
+    """Model key -> its folder under data/, models/ and checkpoints/ (`common.names.folder_names`); readers use
     this, never the key. Empty in runs before version 2, whose folders were the keys."""
     teachers: list[dict[str, Any]] = field(default_factory=list)
     """Per teacher: predictor name -> its LM's identity."""
@@ -387,7 +387,7 @@ class RunReport:
     retrained_from: str | None = None
     """The run whose traces a retrain trained again, if this run is a retrain's."""
     evaluations: dict[str, str] = field(default_factory=dict)
-    """Evaluation name -> its file under evaluations/ (a safe name, `run.names.safe_name`)."""
+    """Evaluation name -> its file under evaluations/ (a safe name, `common.names.safe_name`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (kept, written back)."""
 

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run.jsonio import read_json, write_json
-from bootfinetune.run.names import inside
+from bootfinetune.run.paths import inside
 from bootfinetune.common.redaction import redact_uri, redact_urls_in
 
 log = logging.getLogger(__name__)

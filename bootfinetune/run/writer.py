@@ -52,7 +52,7 @@ from typing import Any
 from bootfinetune.common.redaction import public_command
 from bootfinetune.errors import RunBusyError
 from bootfinetune.run import storage
-from bootfinetune.run.names import RunPathError
+from bootfinetune.run.paths import RunPathError
 from bootfinetune.run.rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Any, Iterator
 
-from bootfinetune.training.progress import BoardReader
+from bootfinetune.training.progress import BarDrawer, BoardReader, bars_enabled
 
 log = logging.getLogger("bootfinetune.progress")
 
@@ -47,8 +47,6 @@ def interactive() -> bool:
     `BOOTFINETUNE_PROGRESS=1` forces bars, `=0` lines; otherwise stderr being a terminal decides
     (the one rule, `training.progress.bars_enabled`).
     """
-    from bootfinetune.training.progress import bars_enabled
-
     return bars_enabled()
 
 
@@ -111,8 +109,6 @@ class BoardLines(BoardReader):
 
 def progress_drawer(keys: list[str]) -> Any:
     """Bars on a terminal (`BarDrawer`), lines elsewhere (`BoardLines`)."""
-    from bootfinetune.training.progress import BarDrawer
-
     return BarDrawer(keys) if interactive() else BoardLines(keys)
 
 

@@ -37,8 +37,9 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from bootfinetune.common.importpath import class_path
+from bootfinetune.common.importpath import class_path, resolve
 from bootfinetune.run.records import to_jsonable
+from bootfinetune.errors import ConfigError, ProgramError
 
 _ADAPTER_METHODS = ("format", "format_assistant_message_content", "parse")
 
@@ -64,8 +65,6 @@ def adapter_option(adapter: Any) -> Any:
     A dict keyed by LM is accepted when it names one adapter for all of them: a compile trains
     every model key with the same prompt format. Raises `ConfigError` otherwise.
     """
-    from bootfinetune.errors import ConfigError
-
     if adapter is None:
         return None
     if isinstance(adapter, dict):
@@ -191,8 +190,6 @@ def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
     """The adapter `adapter_spec` recorded (None for runs recorded before adapters were)."""
     if not spec:
         return None
-    from bootfinetune.errors import ProgramError
-    from bootfinetune.common.importpath import resolve
 
     try:
         cls = resolve(spec["class"])

@@ -45,6 +45,7 @@ from bootfinetune.stages.traces import TraceStore, example_changes, example_key,
 from bootfinetune.runtime.placement import ray_options
 from bootfinetune.runtime.user_code import ship_user_modules
 from bootfinetune.runtime.worker_pickle import dumps
+from bootfinetune.training.tracking import actor_callbacks
 
 __all__ = ["TeacherRunner", "is_kept", "score_value", "driver_settings", "run_bootstrap", "run_bootstrap_splits",
            "run_examples", "load_bootstrap", "invalidate_changed", "BootstrapResult"]
@@ -88,8 +89,6 @@ def driver_settings() -> dict[str, Any]:
                 continue
         carried[name] = value
     if carried.get("callbacks"):
-        from bootfinetune.training.tracking import actor_callbacks
-
         carried["callbacks"] = actor_callbacks(carried["callbacks"])  # MLflow's stays on the driver
     return carried
 

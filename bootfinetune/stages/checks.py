@@ -22,6 +22,7 @@ from bootfinetune.run.records import non_json_fields, to_jsonable
 from bootfinetune.common.targets import model_path
 from bootfinetune.runtime.user_code import collect_sources
 from bootfinetune.runtime.worker_pickle import dumps
+from bootfinetune.serving.lm import finetuned_engine
 
 MULTITASK_KEY = "all"
 
@@ -103,8 +104,6 @@ def target_from_lm(lm: Any) -> str | None:
 
     A `FinetunedLM` (a compiled program given as the student) names its folder: training goes on from it.
     """
-    from bootfinetune.serving.lm import finetuned_engine
-
     engine = finetuned_engine(lm)
     model = engine.model if engine is not None else getattr(lm, "model", None)
     if not isinstance(model, str):

@@ -31,9 +31,10 @@ from bootfinetune.errors import FinetuneError
 from bootfinetune.run import storage
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.runtime.placement import needs_accelerator, ray_options, worker_resources
-from bootfinetune.stages.representable import fit_embeddings
+from bootfinetune.training.answer_tokens import fit_embeddings
 from bootfinetune.training.checkpoints import DS_DIR, local_copy
 from bootfinetune.training.distributed import node_id
+from bootfinetune.training.lora import export_lora
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: P
 
     state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
     if config.lora:
-        from bootfinetune.training.lora import export_lora
-
         try:
             return export_lora(state_dict, target, kind, out, config)
         except ValueError as exc:

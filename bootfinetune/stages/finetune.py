@@ -33,12 +33,15 @@ from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run.jsonio import fingerprint, read_json, read_jsonl, write_json
 from bootfinetune.training.render import model_kind, renderer_identity
 from bootfinetune.stages.export import export_model, trained_config
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.stages.train_runs import Outcome, Trainee, train_in_lanes
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest
 from bootfinetune.run import storage
 from bootfinetune.training.checkpoints import best_epoch, epoch_name, whole_epochs
+from bootfinetune.runtime.console import progress_drawer
+from bootfinetune.runtime.ray_env import ensure_ray
+from bootfinetune.stages.token_plan import check_lora, plan_for_files, raise_if_unfixable
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class FinetuneJob:
     eval_file: Path | None = None
     """JSONL of the same shape from the valset; None holds out `eval_fraction` of train_file."""
     added_tokens: tuple[str, ...] | None = None
-    """Tokens added to the target's tokenizer so every answer survives it (`representable.plan_tokens`);
+    """Tokens added to the target's tokenizer so every answer survives it (`token_plan.plan_tokens`);
     None: not decided yet, `finetune_models` checks the data itself."""
 
 
@@ -83,7 +86,7 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
 
     Raises:
         FinetuneError: naming every key that failed and its cause, after the other jobs finished.
-        ConfigError: before any training, an answer a target's tokenizer cannot write (see `representable`).
+        ConfigError: before any training, an answer a target's tokenizer cannot write (see `training.answer_tokens`).
     """
     import ray
 
@@ -91,7 +94,6 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
     if len(set(keys)) != len(keys):
         raise FinetuneError(f"duplicate model keys {sorted(k for k in set(keys) if keys.count(k) > 1)}: one job per key.")
     jobs = decide_tokens(jobs, config)  # before Ray: an answer the tokenizer cannot write stops here
-    from bootfinetune.runtime.ray_env import ensure_ray
 
     ensure_ray()  # the compiler connects first; a stage run alone joins or starts Ray the package's way
     manifests: dict[str, ModelManifest] = {}
@@ -103,8 +105,6 @@ def finetune_models(run: RunDir, jobs: list[FinetuneJob], config: TrainConfig, *
             manifests[job.key] = done
         else:
             pending.append(job)
-
-    from bootfinetune.runtime.console import progress_drawer
 
     drawer = progress_drawer([j.key for j in pending]) if pending else None  # bars on a terminal, else lines
     progress = ({"progress_board": drawer.name, "progress_namespace": drawer.namespace} if drawer else {})
@@ -146,8 +146,6 @@ def decide_tokens(jobs: list[FinetuneJob], config: TrainConfig) -> list[Finetune
     Raises:
         ConfigError: an answer the target's tokenizer loses even with added tokens, or LoRA with added tokens.
     """
-    from bootfinetune.stages.representable import check_lora, plan_for_files, raise_if_unfixable
-
     plans = {j.key: plan_for_files(j.key, j.target, [j.train_file, j.eval_file],
                                    trust_remote_code=config.trust_remote_code)
              for j in jobs if j.added_tokens is None}

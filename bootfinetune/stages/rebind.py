@@ -28,7 +28,7 @@ from bootfinetune.run.jsonio import read_json, read_jsonl
 from bootfinetune.serving.auth import key_from
 from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import FinetunedLM
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.training.render import answer_token_counts, encode_records, model_kind
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription, warn_untrusted

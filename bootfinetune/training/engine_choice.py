@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.training.distributed import all_reduce
+from bootfinetune.training.lora import apply_lora
 
 HEADROOM = 0.5
 """Share of a worker's memory the model states may take; the rest is for activations and buffers."""
@@ -236,8 +238,6 @@ def count_parameters(target: str, kind: str, tc: TrainConfig) -> tuple[int, int]
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=tc.trust_remote_code)
         if tc.lora:
-            from bootfinetune.training.lora import apply_lora
-
             model = apply_lora(model, tc, kind)
     params = list(model.parameters())  # unique Parameters: tied ones appear once
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -270,8 +270,6 @@ def resolve_engine(target: str, kind: str, tc: TrainConfig, rank: int, world: in
     """The engine for this (re)start, the same on every rank. A resumed run keeps its checkpoint's
     engine (a DeepSpeed checkpoint loads only into the stage that wrote it). `micro`: the tokens of the
     largest micro batch (padded) and of its positions that get logits, the same on every rank."""
-    from bootfinetune.training.distributed import all_reduce
-
     if resumed:
         return EngineChoice(int(resumed["zero_stage"]), bool(resumed["offload_optimizer"]),
                             bool(resumed["offload_params"]), f"{resumed.get('reason', '')}; kept on resume",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.training.render import model_kind
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -104,8 +105,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from bootfinetune.training.render import model_kind
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     base = base or adapter_base(adapter_dir)

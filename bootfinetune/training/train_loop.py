@@ -38,11 +38,11 @@ from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import IGNORE_INDEX, Encoded, answer_token_counts, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, packs_exactly
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config, zero3_loading
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.tracking import open_tracker
-from bootfinetune.training.progress import PhaseClock
+from bootfinetune.training.progress import PhaseClock, Reporter
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, latest_state, local_copy, report, save_checkpoint  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class LoopConfig:
     data_hash: str | None = None
     """Hash of the training data, recorded in the state to catch a resume onto other data."""
     added_tokens: list[str] = field(default_factory=list)
-    """Tokens added to the target's tokenizer so that every answer survives it (see `representable`)."""
+    """Tokens added to the target's tokenizer so that every answer survives it (see `training.answer_tokens`)."""
     max_steps_per_epoch: int | None = None
     """Cap on micro batches per epoch (benchmarks)."""
     progress_board: str | None = None
@@ -244,8 +244,6 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                      state.epochs_done + 1, choice.describe())
         reporter = None
         if rank == 0:
-            from bootfinetune.training.progress import Reporter
-
             reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
         tracker = open_tracker(cfg.tracking, state, rank)  # rank 0 only, when the driver made an MLflow run
         if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:

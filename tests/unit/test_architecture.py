@@ -1,4 +1,4 @@
-"""The package's shape holds: no import cycles, leaf helpers import nothing of ours, and the parts
+"""The package's shape holds: no import cycles between modules or between packages, leaf helpers import nothing of ours, and the parts
 stay apart (the stages never import test support; a training worker does not load DSPy)."""
 
 import ast
@@ -64,8 +64,44 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def package_of(module: str) -> str:
+    """The floor a module stands on: its sub-package (`bootfinetune.stages`), or itself for a top-level module."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Package -> the packages its modules import, imports inside functions included; `bootfinetune` (the
+    package's `__init__`, which names the public API) counts as a package of its own."""
+    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(package_of(name), set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            edges |= {package_of(t) for t in targets if t in modules and package_of(t) != package_of(name)}
+    return graph
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_no_import_cycles_between_packages():
+    assert cycles(package_graph()) == []
+
+
+def test_a_package_loop_through_an_import_inside_a_function_is_found(tmp_path, monkeypatch):
+    for path, text in {"__init__.py": "", "a/__init__.py": "", "a/x.py": "import bootfinetune.b.y\n",
+                       "b/__init__.py": "", "b/y.py": "def f():\n    from bootfinetune.a.x import g\n"}.items():
+        (tmp_path / "bootfinetune" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bootfinetune" / path).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", tmp_path / "bootfinetune")
+    assert cycles(package_graph()) == [["bootfinetune.a", "bootfinetune.b"]]
 
 
 def test_a_cycle_is_found_when_there_is_one():

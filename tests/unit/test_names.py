@@ -10,8 +10,8 @@ import dspy
 import pytest
 
 from bootfinetune.errors import ProgramError
-from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, folder_names, inside, inside_uri, is_safe_name,
-                                    safe_name)
+from bootfinetune.common.names import SLUG_LENGTH, folder_names, is_safe_name, safe_name
+from bootfinetune.run.paths import RunPathError, inside, inside_uri
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 

@@ -112,7 +112,7 @@ def test_pull_refuses_an_object_whose_name_leaves_the_mirror(s3, tmp_path, monke
     """An object key with `..` in it (S3 keys are plain strings) is never written outside the run's mirror."""
     import boto3
 
-    from bootfinetune.run.names import RunPathError
+    from bootfinetune.run.paths import RunPathError
 
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging" / "a" / "b"))
     run = RunDir.at(s3.uri("unit", "runs"), "Evil-1")

@@ -277,7 +277,7 @@ def test_the_lock_names_its_holder_without_the_credentials_on_its_command_line(t
 
 
 def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path):
-    from bootfinetune.run.names import RunPathError
+    from bootfinetune.run.paths import RunPathError
 
     run = RunDir(tmp_path / "Prog-1")
     run.root.mkdir(parents=True)
