@@ -40,13 +40,14 @@ from bootfinetune.stages.rebind import base_limits, base_program, load, program_
 from bootfinetune.common.redaction import collect_secrets
 from bootfinetune.common.names import folder_names
 from bootfinetune.run.report_html import student_usage, teacher_usage, write_report_html
-from bootfinetune.run.rundir import RunDir, run_name_for
+from bootfinetune.run.rundir import RunDir, run_name_of
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.runtime.console import quiet_ray, report_held
 from bootfinetune.common.targets import check_target
 from bootfinetune.training import tracking
-from bootfinetune.stages.traces import TraceStore, example_key, trace_id, trace_identity
+from bootfinetune.run.trace_store import TraceStore, trace_id
+from bootfinetune.stages.traces import example_key, trace_identity
 from bootfinetune.run.storage import check_writable
 from bootfinetune.runtime.ray_env import ensure_ray
 
@@ -93,16 +94,6 @@ class Prepared:
                             if key in self.val_data and self.val_data[key].records else None,
                             added_tokens=tuple(self.tokens[key].added_tokens) if key in self.tokens else None)
                 for key in plan.keys()]
-
-
-def run_name_of(inputs: dict[str, Any]) -> str:
-    """The run name a compile's inputs give: the same inputs, the same run, so a rerun resumes.
-
-    `inputs` is what config.json records under "inputs": the program's name, the trace
-    identity, the examples, the training-data adapter and every option but resources.
-    """
-    return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
-                                            "adapter": inputs["adapter"], "options": inputs["options"]})
 
 
 class BootstrapFinetune(Teleprompter):
@@ -197,7 +188,7 @@ class BootstrapFinetune(Teleprompter):
             self.report = run.update_report(metric=metric_report, stages={"evaluate": evaluate_stage}).to_json()
 
             html_path = write_report_html(run)
-            run.sync()
+            run.push()
             tracking.log_compile_result(run.location, self.report)  # into the active MLflow run, if any
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
@@ -285,7 +276,7 @@ class BootstrapFinetune(Teleprompter):
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
         described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
         run.write_description(described)
-        run.sync()
+        run.push()
         writer.check()
 
         ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
@@ -325,7 +316,7 @@ class BootstrapFinetune(Teleprompter):
                      "val_keys": {k: asdict(v) for k, v in val_data.items()},
                      "tokens": {k: p.to_report() for k, p in tokens.items()}},
         })
-        run.sync()
+        run.push()
         return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
                         described, writer)
 
@@ -436,7 +427,7 @@ def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: lis
     trained = Trained(manifests, seconds)
     if to_stage == "rebind":
         trained.compiled, trained.program_note = rebind_stage(run, config, described, program, adapter)
-    run.sync()
+    run.push()
     return trained
 
 
@@ -478,7 +469,7 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
         path = run.evaluation_json(name)
         write_json(path, {**out, "name": name})
         run.update_report(evaluations={name: path.name})
-        run.sync()
+        run.push()
     return out
 
 

@@ -22,11 +22,11 @@ from typing import Any
 
 from dataclasses import dataclass, replace
 
-from bootfinetune.compiler import run_name_of, run_stages
+from bootfinetune.compiler import run_stages
 from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
 from bootfinetune.stages.finetune import FinetuneJob
-from bootfinetune.run.rundir import RunDir
+from bootfinetune.run.rundir import RunDir, run_name_of
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
 

@@ -20,23 +20,25 @@ inside the run (`paths.inside`), and so is every delete (`remove`, `remove_check
 Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
 leaves a half file where a finished one is expected.
 
-`storage_path` may also be a cloud URI (`s3://`, `gs://`): `root` is then a local mirror of
-`{uri}/{run_name}` (see `bootfinetune.run.storage`), `pull()` fetches the URI's files into it and
-`sync()` uploads what a stage wrote. For a folder both are no-ops.
+`storage_path` may also be a cloud URI (`s3://`, `gs://`): a run directory is a `Mirror`, so `root` is
+then a local mirror of `{uri}/{run_name}`, `pull()` fetches the URI's files into it and `push()` uploads
+what a stage wrote. For a folder both are no-ops.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
 from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
 from bootfinetune.common.names import SLUG_LENGTH, folder_names, run_name_problem, safe_name
+from bootfinetune.run.mirror import Mirror
 from bootfinetune.run.paths import RunPathError, checked_folder, inside, inside_uri
 from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
 
@@ -51,6 +53,16 @@ def run_name_for(program_name: str, inputs: Any) -> str:
     return f"{slug}-{fingerprint(inputs)}"  # a safe name (`names.is_safe_name`): at most 73 characters
 
 
+def run_name_of(inputs: dict[str, Any]) -> str:
+    """The run name a compile's inputs give: the same inputs, the same run, so a rerun resumes.
+
+    `inputs` is what config.json records under "inputs": the program's name, the trace
+    identity, the examples, the training-data adapter and every option but resources.
+    """
+    return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
+                                            "adapter": inputs["adapter"], "options": inputs["options"]})
+
+
 def _check_run_name(run_name: str) -> None:
     problem = run_name_problem(run_name)
     if problem:
@@ -58,56 +70,25 @@ def _check_run_name(run_name: str) -> None:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """Paths inside one run directory. Nothing is created until a stage writes."""
-
-    root: Path
-    remote: str | None = None
-    """The run's cloud URI when storage_path is one (root is then its local mirror), else None."""
+class RunDir(Mirror):
+    """Paths inside one run directory (a `Mirror`: its folder, and its URI on cloud storage). Nothing is
+    created until a stage writes."""
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
         """The run directory `run_name` under `storage_path`; a name that is not a safe name (`?`, `#`, `%`,
         `/`, NUL, too long) is refused (`paths.RunPathError`): appended to a URI it would change what it names."""
         _check_run_name(run_name)
-        return cls(*storage.place(storage_path, run_name))
-
-    @classmethod
-    def from_location(cls, location: str | os.PathLike) -> "RunDir":
-        """A run directory named by its folder or its URI (`s3://bucket/runs/Name-1a2b3c`)."""
-        text = str(location)
-        if storage.is_uri(text):
-            return cls(storage.mirror_of(text), text)
-        return cls(Path(text).expanduser().resolve())
+        return cls.under(storage_path, run_name)
 
     def sibling(self, run_name: str) -> "RunDir":
         """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
         _check_run_name(run_name)
         if self.remote is None:
             return RunDir(self.root.parent / run_name)
-        from urllib.parse import urlsplit, urlunsplit
-
         s = urlsplit(self.remote)
         parent = s.path.rstrip("/").rpartition("/")[0]
-        remote = urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment))
-        return RunDir(storage.mirror_of(remote), remote)
-
-    @property
-    def location(self) -> str:
-        """Where the run lives for users (logs, messages, config.json): its URI without credentials, or its folder."""
-        return redact_uri(self.remote) if self.remote else str(self.root)
-
-    def pull(self) -> int:
-        """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""
-        if self.remote is None:
-            return 0
-        return storage.pull(self.remote, self.root)
-
-    def sync(self) -> int:
-        """Uploads what changed in the mirror to the URI (markers last); 0 for a folder."""
-        if self.remote is None:
-            return 0
-        return storage.push(self.root, self.remote)
+        return RunDir.from_location(urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment)))
 
     def checkpoint_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
@@ -146,8 +127,6 @@ class RunDir:
 
     def remove(self, *parts: str) -> None:
         """Deletes the folder `root/parts` and what it holds (checked to be inside the run first)."""
-        import shutil
-
         path = self.path(*parts)
         if path.is_symlink():  # a link inside the run pointing in: drop the link, never what it points at
             path.unlink()

@@ -119,7 +119,7 @@ class RunDescription:
     adapter: dict[str, Any] | None = None
     """The DSPy adapter as `adapters.adapter_spec` records it."""
     inputs: dict[str, Any] | None = None
-    """What the run name hashes (`compiler.run_name_of`); None in runs made before it was recorded."""
+    """What the run name hashes (`rundir.run_name_of`); None in runs made before it was recorded."""
     trace_store: str | None = None
     """Where the run's teacher traces are kept."""
     provider: str | None = None

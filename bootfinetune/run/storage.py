@@ -111,18 +111,6 @@ def join_uri(uri: str, *parts: str) -> str:
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
 
 
-def place(storage_path: str, *parts: str) -> tuple[Path, str | None]:
-    """(local folder, URI or None) of `parts` under `storage_path`: the folder itself, or a URI's local mirror.
-
-    >>> place("/tmp/runs", "R-1")
-    (PosixPath('/tmp/runs/R-1'), None)
-    """
-    if is_uri(storage_path):
-        remote = join_uri(storage_path, *parts)
-        return mirror_of(remote), remote
-    return Path(storage_path).expanduser().resolve().joinpath(*parts), None
-
-
 def filesystem(uri: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for a URI."""
     import pyarrow.fs as pafs

@@ -41,7 +41,8 @@ from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
                                         pack_for_actors, score_value)
-from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
+from bootfinetune.run.trace_store import TraceStore
+from bootfinetune.stages.traces import example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.placement import ray_options
 from bootfinetune.runtime.user_code import ship_user_modules
 from bootfinetune.runtime.worker_pickle import dumps
@@ -212,7 +213,7 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
                             mine = {k: r for k, r in fresh.items() if first_of[k[0]][0] == split}
                             raise BootstrapError(_too_many_errors(mine, config.max_errors, split))
         finally:
-            store.sync()
+            store.push_own_results()
             stop_budget(runner_kwargs["budget"])
     for split, split_keys in keys.items():
         results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)

@@ -12,7 +12,7 @@ from which the driver's mirror fetches it.
 The new export is staged beside the model it replaces (`RunDir.model_staging`): the driver writes its
 manifest into it and swaps it in (`RunDir.swap_model`), so a retrain's model is kept until the new one is
 complete. An export a Ray task made for a cloud run is put in place in that node's mirror and uploaded to the
-URI's models/{folder}/ (an object store has no rename); its manifest goes up last, with the driver's sync.
+URI's models/{folder}/ (an object store has no rename); its manifest goes up last, with the driver's push.
 """
 
 from __future__ import annotations

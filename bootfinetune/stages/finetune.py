@@ -265,7 +265,7 @@ def _stage(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, 
         log.warning("checkpoints in %s are from other data or options; starting %r over", stamp.parent, job.key)
         run.remove_checkpoints(job.key)
     write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
-    run.sync()
+    run.push()
     place = run.checkpoint_location(job.key)  # on a cloud URI, the workers write the checkpoints there
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,
                    "train_ref": ray.put(_rows(train_records)),
@@ -341,7 +341,7 @@ def _export(run: RunDir, staged: _Staged, config: TrainConfig, outcome: Outcome)
         run.swap_model(manifest, staged_export)
     else:
         run.write_manifest(manifest)
-    run.sync()
+    run.push()
     return manifest
 
 

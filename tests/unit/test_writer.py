@@ -185,7 +185,7 @@ def test_lock_and_lease_are_never_synced(s3, tmp_path, monkeypatch):
     run = RunDir.from_location(s3.uri("writers", "runs/Prog-3"))
     with RunWriter(run, what="compile"):
         (run.root / "config.json").write_text("{}")
-        run.sync()
+        run.push()
         assert (run.root / LOCK_FILE).exists()
         assert remote_names(run.remote) == [".bootfinetune_index.json", "config.json", LEASE_FILE]
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
@@ -197,7 +197,7 @@ def test_lock_and_lease_are_never_synced(s3, tmp_path, monkeypatch):
 
 STORE_WRITER = """
 import os, sys, time
-from bootfinetune.stages.traces import TraceStore
+from bootfinetune.run.trace_store import TraceStore
 storage, tag, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = TraceStore.at(storage, "Prog", {"x": 1})
 print("ready", flush=True)
@@ -207,8 +207,8 @@ with store.appender() as out:
     for i in range(n):
         out.add(f"{tag}-{i}", 0, {"calls": [{"text": tag * 20000, "i": i}], "kept": True})
         if i % 10 == 9:
-            store.sync()
-store.sync()
+            store.push_own_results()
+store.push_own_results()
 """
 
 
@@ -235,7 +235,7 @@ def check_results(loaded: dict, n: int) -> None:
 
 
 def test_two_processes_write_one_trace_store_at_once(tmp_path):
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     write_together(str(tmp_path / "runs"), tmp_path, 200)
     store = TraceStore.at(str(tmp_path / "runs"), "Prog", {"x": 1})
@@ -244,7 +244,7 @@ def test_two_processes_write_one_trace_store_at_once(tmp_path):
 
 
 def test_two_machines_write_one_trace_store_on_s3_at_once(s3, tmp_path, monkeypatch):
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     storage = s3.uri("writers", "shared")
     write_together(storage, tmp_path, 30, stagings=(tmp_path / "machine-a", tmp_path / "machine-b"))
@@ -349,7 +349,7 @@ def test_the_trace_store_is_uploaded_as_it_grows(s3, tmp_path, monkeypatch):
     """Issue 30 (8): results reached the bucket only when the bootstrap ended; a killed driver lost them all."""
     import shutil
 
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     storage = s3.uri("writers", "growing")
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
