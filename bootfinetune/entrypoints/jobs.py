@@ -198,7 +198,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     happens (num_workers changes the global batch: a new run).
     """
     _setup_logging()
-    from bootfinetune.compiler import run_stages  # reason: loads DSPy; the command starts without it
+    from bootfinetune.pipeline import finetune_and_rebind  # reason: loads DSPy; the command starts without it
     from bootfinetune.entrypoints.retrain import prepare_retrain  # reason: as above
 
     options = {}
@@ -213,7 +213,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         options[key] = parse_set_value(value)
     ready = prepare_retrain(args.run_dir, **options)
     with ready.writer:  # held since prepare_retrain: one writer per run
-        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+        trained = finetune_and_rebind(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
                              ray_address=args.ray_address)
     run = ready.run
     return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},
@@ -225,7 +225,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """The evaluate job (`ray_jobs/evaluate.py`, `bootfinetune evaluate`): scores a finished run's compiled
     program on the config's valset, over Ray, into the run's `evaluations/{name}.json`."""
     _setup_logging()
-    from bootfinetune.compiler import evaluate_run  # reason: loads DSPy; the command starts without it
+    from bootfinetune.pipeline import evaluate_run  # reason: loads DSPy; the command starts without it
 
     job = load_job_config(args.config, args.set, need=("valset", "metric"))
     problems = dataset_problems(job, ("valset",))

@@ -36,12 +36,12 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
-from bootfinetune.compiler import run_stages
+from bootfinetune.pipeline import finetune_and_rebind
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.common.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
 from bootfinetune.errors import ConfigError, TrainDataError
-from bootfinetune.stages.finetune import FinetuneJob
+from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.run.jsonio import fingerprint, write_jsonl
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
@@ -303,7 +303,7 @@ def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> Mod
     run.write_description(described)
     job = FinetuneJob(key=MODEL_KEY, target=config.train.target, predictors=(PREDICTOR,),
                       train_file=run.data_file(MODEL_KEY))
-    manifest = run_stages(run, config, described, [job], to_stage="finetune").manifests[MODEL_KEY]
+    manifest = finetune_and_rebind(run, config, described, [job], to_stage="finetune").manifests[MODEL_KEY]
     log.info("model %s finetuned on %d rows: %s", config.train.target, len(rows), run.model_dir(MODEL_KEY))
     return manifest
 

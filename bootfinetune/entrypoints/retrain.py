@@ -22,10 +22,10 @@ from typing import Any
 
 from dataclasses import dataclass, replace
 
-from bootfinetune.compiler import run_stages
+from bootfinetune.pipeline import finetune_and_rebind
 from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
-from bootfinetune.stages.finetune import FinetuneJob
+from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.run.rundir import RunDir, run_name_of
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
@@ -38,7 +38,7 @@ RETRAINABLE_GROUPS = ("train", "inference")
 
 @dataclass
 class Retrain:
-    """A retrain made ready: where it trains, with what, and the jobs (`compiler.run_stages` runs them)."""
+    """A retrain made ready: where it trains, with what, and the jobs (`pipeline.finetune_and_rebind` runs them)."""
 
     run: RunDir
     """The run directory the models are written to (the old one, or a new one beside it)."""
@@ -71,7 +71,7 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
     """
     ready = prepare_retrain(run_dir, **options)
     with ready.writer:
-        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
+        trained = finetune_and_rebind(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
                              ray_address=ray_address)
     return ready.run, trained.manifests
 

@@ -177,7 +177,7 @@ def test_stage_0_checkpoints_load_weights_only(tmp_path, monkeypatch):
 
     from bootfinetune.config import TrainConfig
     from bootfinetune.run.jsonio import write_jsonl
-    from bootfinetune.stages.export import consolidated_state_dict
+    from bootfinetune.training.export import consolidated_state_dict
     from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
     from bootfinetune.training.train_loop import DS_DIR, train_loop
 

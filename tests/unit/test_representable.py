@@ -12,7 +12,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import ConfigError
-from bootfinetune.stages.finetune import FinetuneJob, decide_tokens, finetune_models
+from bootfinetune.stages.finetune import decide_tokens, finetune_models
+from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.run.jsonio import write_jsonl
 from bootfinetune.training.render import decode_answer
 from bootfinetune.stages.token_plan import (adapter_parse, check_lora, layout_parse, lost_characters, plan_tokens,

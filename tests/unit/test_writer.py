@@ -336,7 +336,7 @@ def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkey
 
 def test_an_evaluation_takes_the_run_lock_before_reading_the_run(tmp_path, holders):
     """Issue 30 (7): evaluate_run updated report.json and synced without the lock (lost updates, stale pushes)."""
-    from bootfinetune.compiler import evaluate_run
+    from bootfinetune.pipeline import evaluate_run
 
     run = RunDir(tmp_path / "Prog-1")
     holder = holders(run.root)
