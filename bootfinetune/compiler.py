@@ -45,7 +45,7 @@ from bootfinetune.run.rundir import RunDir, run_name_of
 from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
 from bootfinetune.pipeline import Trained, finetune_and_rebind, stage_label
 from bootfinetune.run.writer import RunWriter, writer_for
-from bootfinetune.runtime.console import quiet_ray, report_held
+from bootfinetune.runtime.console import report_held, set_console_output
 from bootfinetune.common.targets import check_target
 from bootfinetune.training import tracking
 from bootfinetune.run.trace_store import TraceStore, trace_id
@@ -169,8 +169,8 @@ class BootstrapFinetune(Teleprompter):
             student, self.options, options=options, int8=int8, peft=peft, path_prefix=path_prefix,
             **{name: value for name, value in documented.items() if name in _given}))
         tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
-        with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
-            prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
+        with ExitStack() as lock_scope:  # the run's writer lock, from before the first teacher call to the end
+            prepared = self._prepare(student, trainset, teacher, valset, config, lock_scope, "compile")
             run, config, writer = prepared.run, prepared.config, prepared.writer
             empty = [k for k, d in prepared.data.items() if d.records == 0]
             if empty:
@@ -226,22 +226,23 @@ class BootstrapFinetune(Teleprompter):
         `options` (any `Config` field) override the constructor's for this call. The run's writer
         lock is held while it runs and released when it returns.
         """
-        with ExitStack() as held:
-            return self._prepare(student, trainset, teacher, valset, self.config.replace(**options), held, "prepare")
+        with ExitStack() as lock_scope:
+            config = self.config.replace(**options)
+            return self._prepare(student, trainset, teacher, valset, config, lock_scope, "prepare")
 
     def _prepare(self, student: dspy.Module, trainset: list, teacher: Any, valset: list | None,
-                 config: Config, held: ExitStack, what: str) -> Prepared:
-        """Stages 1-3; the run's writer lock is taken into `held` before anything is written or asked."""
+                 config: Config, lock_scope: ExitStack, operation: str) -> Prepared:
+        """Stages 1-3; the run's writer lock is taken into `lock_scope` before anything is written or asked."""
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher if teacher is not None else student]
         plan = self._check(student, list(teachers), trainset, valset, config)
         identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
-        run, writer, store = self._open_run(config, plan, identity, inputs, held, what)
-        described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
-        run.write_description(described)
+        run, writer, store = self._open_run(config, plan, identity, inputs, lock_scope, operation)
+        description = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
+        run.write_description(description)
         run.push()
         writer.check()
         ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
-        quiet_ray(config.run.verbose)
+        set_console_output(config.run.verbose)
         boot, val_boot = self._bootstrap(run, config, teachers, store, trainset, valset)
         started = time.time()
         data, val_data = self._build_datasets(run, config, plan, student, boot, val_boot)
@@ -256,7 +257,7 @@ class BootstrapFinetune(Teleprompter):
         })
         run.push()
         return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
-                        described, writer)
+                        description, writer)
 
     def _check(self, student: dspy.Module, teachers: list, trainset: list, valset: list | None,
                config: Config) -> ProgramPlan:
@@ -284,8 +285,8 @@ class BootstrapFinetune(Teleprompter):
         return plan
 
     def _open_run(self, config: Config, plan: ProgramPlan, identity: dict[str, Any], inputs: dict[str, Any],
-                  held: ExitStack, what: str) -> tuple[RunDir, RunWriter, TraceStore]:
-        """The run directory, its writer lock (taken into `held`) and the trace store; an earlier run's
+                  lock_scope: ExitStack, operation: str) -> tuple[RunDir, RunWriter, TraceStore]:
+        """The run directory, its writer lock (taken into `lock_scope`) and the trace store; an earlier run's
         outputs that the changed inputs make stale are dropped."""
         run = RunDir.at(config.run.storage_path, config.run.run_name or run_name_of(inputs))
         if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
@@ -293,7 +294,7 @@ class BootstrapFinetune(Teleprompter):
             if problem:
                 raise ConfigError([problem])
         # One writer per run: another compile of this run makes this one wait or stop here, naming it.
-        writer = held.enter_context(writer_for(run, config.run, what))
+        writer = lock_scope.enter_context(writer_for(run, config.run, operation))
         run.pull()  # after the lock: what a writer we waited for finished is resumed, not redone
         self.run_dir = run
         if run.config_json.exists():

@@ -18,7 +18,7 @@ from bootfinetune.run.jsonio import write_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter
-from bootfinetune.runtime.console import quiet_ray
+from bootfinetune.runtime.console import set_console_output
 from bootfinetune.runtime.ray_env import ensure_ray
 from bootfinetune.stages.evaluate import evaluate_program
 from bootfinetune.stages.finetune import finetune_models
@@ -55,7 +55,7 @@ class Trained:
     """"written", or why program.json was not written."""
 
 
-def finetune_and_rebind(run: RunDir, config: Config, described: RunDescription, jobs: list[FinetuneJob], *,
+def finetune_and_rebind(run: RunDir, config: Config, description: RunDescription, jobs: list[FinetuneJob], *,
                to_stage: str = "rebind", program: dspy.Module | None = None, adapter: Any = None,
                ray_address: str | None = None) -> Trained:
     """Stage 4 (finetune, report.json's finetune section) then stage 5 (rebind, program.json), in order.
@@ -63,7 +63,7 @@ def finetune_and_rebind(run: RunDir, config: Config, described: RunDescription, 
     The caller holds the run's writer lock (`bootfinetune.run.writer`), as compile and retrain do.
 
     Args:
-        run: The run directory: data/ written, config.json being `described`.
+        run: The run directory: data/ written, config.json being `description`.
         config: The run's configuration.
         described: config.json's record (model keys, adapter, program class).
         jobs: One finetune job per model key.
@@ -78,7 +78,7 @@ def finetune_and_rebind(run: RunDir, config: Config, described: RunDescription, 
 
     runs = tracking.training_runs(config.run.mlflow_tracking_uri, run.location)  # None unless a URI is set
     ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
-    quiet_ray(config.run.verbose)
+    set_console_output(config.run.verbose)
     started = time.time()
     t = config.train
     logger.info("%s: %d model(s), %d Ray Train worker(s) per model (%s, zero_stage %s, %d epoch(s), "
@@ -93,25 +93,25 @@ def finetune_and_rebind(run: RunDir, config: Config, described: RunDescription, 
     run.update_report(stages={"finetune": {"seconds": seconds, **{k: m.summary() for k, m in manifests.items()}}})
     trained = Trained(manifests, seconds)
     if to_stage == "rebind":
-        trained.compiled, trained.program_note = rebind_stage(run, config, described, program, adapter)
+        trained.compiled, trained.program_note = rebind_stage(run, config, description, program, adapter)
     run.push()
     return trained
 
 
-def rebind_stage(run: RunDir, config: Config, described: RunDescription, program: dspy.Module | None,
+def rebind_stage(run: RunDir, config: Config, description: RunDescription, program: dspy.Module | None,
                  adapter: Any = None) -> tuple[dspy.Module | None, str]:
     """Stage 5: `program` bound to the run's models and saved as program.json; (it, "written") or (None, why not)."""
     if program is None:
         try:
-            program = program_class(described.program_class or "", run.config_json)()
+            program = program_class(description.program_class or "", run.config_json)()
         except Exception as e:  # any import or constructor failure: the models stand, without program.json
             return None, f"program.json not written: {described.program_class} does not import here ({e})"
-    compiled = rebind_run(program, run, described, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
+    compiled = rebind_run(program, run, description, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
                           exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
     write_json(run.program_json, program_state(compiled))
-    key_of = described.key_of()
+    key_of = description.key_of()
     logger.info("%s: %s", stage_label("rebind"), ", ".join(f"{name} -> models/{run.folder(key_of[name])}"
-                                                  for name in described.predictors or key_of))
+                                                  for name in description.predictors or key_of))
     return compiled, "written"
 
 
@@ -126,7 +126,7 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
     of the run: `RunBusyError`, or a wait of `writer_wait_s`) until report.json is updated and synced.
     """
     run = RunDir.from_location(run_dir)
-    with RunWriter(run, what="evaluate", wait_s=writer_wait_s):
+    with RunWriter(run, operation="evaluate", wait_s=writer_wait_s):
         program = load(run_dir)  # pulls after the lock: the report updated below is the latest
         trained = Config.from_dict(run.read_description().options).train  # where its models may run
         result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
@@ -148,10 +149,23 @@ def _result(kind: str, **fields: Any) -> int:
     return 0
 
 
+@dataclass
+class ReadyJob:
+    """A compile or bootstrap job made ready to run: the optimizer, its config and the data."""
+
+    teleprompter: Any
+    """The `BootstrapFinetune` the YAML configures."""
+    job: JobConfig
+    trainset: list
+    valset: list | None
+    compile_args: dict[str, Any]
+    """compile()'s documented arguments the YAML gives (e.g. target)."""
+
+
 @contextlib.contextmanager
-def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, list, list | None, dict[str, Any]]]:
-    """Checks the config and the environment, connects, loads the data, starts the teacher; yields
-    (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
+def _ready_job(args: argparse.Namespace) -> Iterator[ReadyJob]:
+    """Checks the config and the environment, connects, loads the data, starts the teacher; yields the job
+    ready to run and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
     check_environment(job)  # before Ray starts: a missing file, key variable or bucket is the user's to fix
@@ -164,7 +178,7 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
         options, train_args = _split_options(job)
         tp = BootstrapFinetune(metric=resolve(job.metric) if job.metric else None,
                                teacher_settings={"lm": teacher.lm} if teacher.lm else {}, **options)
-        yield tp, job, trainset, valset, train_args
+        yield ReadyJob(tp, job, trainset, valset, train_args)
     finally:
         teacher.close()
 
@@ -173,16 +187,18 @@ def run_compile(args: argparse.Namespace) -> int:
     """The compile job (`ray_jobs/compile.py`, `bootfinetune compile`): a YAML config -> a compiled program
     and its run directory."""
     started = time.time()
-    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
-        tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
+    with _ready_job(args) as ready:
+        tp = ready.teleprompter
+        tp.compile(_program(ready.job), trainset=ready.trainset, valset=ready.valset, **ready.compile_args)
     return _result("compile", run_dir=tp.run_dir.location, metric=tp.report.get("metric"),
                    seconds=round(time.time() - started, 1))
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     """The bootstrap job (`ray_jobs/bootstrap.py`): checks, bootstrapping and the data stage only."""
-    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
-        prepared = tp.prepare(_program(job), trainset=trainset, valset=valset, **train_args)
+    with _ready_job(args) as ready:
+        prepared = ready.teleprompter.prepare(_program(ready.job), trainset=ready.trainset, valset=ready.valset,
+                                              **ready.compile_args)
     s = prepared.bootstrap.summary
     return _result("bootstrap", run_dir=prepared.run.location, kept=s.kept, examples=s.examples, failed=s.failed,
                    records={k: d.records for k, d in prepared.data.items()})
@@ -213,7 +229,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         options[key] = parse_set_value(value)
     ready = prepare_retrain(args.run_dir, **options)
     with ready.writer:  # held since prepare_retrain: one writer per run
-        trained = finetune_and_rebind(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+        trained = finetune_and_rebind(ready.run, ready.config, ready.description, ready.jobs, to_stage="rebind",
                              ray_address=args.ray_address)
     run = ready.run
     return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},

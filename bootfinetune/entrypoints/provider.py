@@ -296,14 +296,14 @@ def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> Mod
             for i, row in enumerate(train_data)]
     write_jsonl(run.data_file(MODEL_KEY), rows)
     options = config.to_dict()
-    described = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
+    description = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
                                model_keys={MODEL_KEY: {"target": config.train.target, "predictors": [PREDICTOR]}},
                                provider=RayFinetuneProvider.__name__, base_model=config.train.target,
                                train_data_format="chat", records=len(rows))
-    run.write_description(described)
+    run.write_description(description)
     job = FinetuneJob(key=MODEL_KEY, target=config.train.target, predictors=(PREDICTOR,),
                       train_file=run.data_file(MODEL_KEY))
-    manifest = finetune_and_rebind(run, config, described, [job], to_stage="finetune").manifests[MODEL_KEY]
+    manifest = finetune_and_rebind(run, config, description, [job], to_stage="finetune").manifests[MODEL_KEY]
     log.info("model %s finetuned on %d rows: %s", config.train.target, len(rows), run.model_dir(MODEL_KEY))
     return manifest
 

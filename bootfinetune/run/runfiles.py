@@ -181,10 +181,10 @@ class RunDescription:
         return {name: key for key, spec in self.model_keys.items() for name in spec["predictors"]}
 
 
-def warn_untrusted(described: RunDescription, trusted: bool, source: Any) -> None:
+def warn_untrusted(description: RunDescription, trusted: bool, source: Any) -> None:
     """Says (a warning) that a run trained with `trust_remote_code=True` is read without it, as the caller did not
     pass it: its models may then fail to load, and the fix is the caller's to make."""
-    if described.recorded_remote_code(source) and not trusted:
+    if description.recorded_remote_code(source) and not trusted:
         log.warning("%s: the run was trained with trust_remote_code=True; its models load without their own code "
                     "unless you pass trust_remote_code=True (--trust-remote-code), if you trust the run directory.",
                     source)

@@ -133,10 +133,10 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
     The models run their own code only with `trust_remote_code=True`, whatever config.json says; its inference
     options are checked as strictly as given ones (`RunDescription.inference_config`).
     """
-    described = run.read_description() if run.config_json.exists() else RunDescription()
-    inference = described.inference_config(run.config_json, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling)
-    trust = described.trusts_remote_code(trust_remote_code)
-    warn_untrusted(described, trust, run.config_json)
+    description = run.read_description() if run.config_json.exists() else RunDescription()
+    inference = description.inference_config(run.config_json, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling)
+    trust = description.trusts_remote_code(trust_remote_code)
+    warn_untrusted(description, trust, run.config_json)
     specs = {}
     for key in run.finished_models():
         specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device, "trust_remote_code": trust,

@@ -44,17 +44,17 @@ from bootfinetune.errors import ConfigError, ProgramError
 _ADAPTER_METHODS = ("format", "format_assistant_message_content", "parse")
 
 
-def adapter_problems(adapter: Any, what: str = "adapter") -> list[str]:
+def adapter_problems(adapter: Any, field: str = "adapter") -> list[str]:
     """Why `adapter` cannot format training records and parse answers (empty when it can).
 
     >>> adapter_problems(dspy.JSONAdapter)
     ['adapter: got the class JSONAdapter; pass an instance, adapter=dspy.JSONAdapter().']
     """
     if isinstance(adapter, type):
-        return [f"{what}: got the class {adapter.__name__}; pass an instance, {what}=dspy.{adapter.__name__}()."]
+        return [f"{field}: got the class {adapter.__name__}; pass an instance, {field}=dspy.{adapter.__name__}()."]
     missing = [m for m in _ADAPTER_METHODS if not callable(getattr(adapter, m, None))]
     if missing:
-        return [f"{what}: {type(adapter).__name__} lacks {', '.join(missing)}; pass a DSPy adapter such as "
+        return [f"{field}: {type(adapter).__name__} lacks {', '.join(missing)}; pass a DSPy adapter such as "
                 f"dspy.ChatAdapter(), dspy.JSONAdapter() or dspy.XMLAdapter()."]
     return []
 

@@ -259,7 +259,7 @@ def _required_inputs(program: dspy.Module) -> list[str]:
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
-def check_picklable(obj: Any, what: str) -> list[str]:
+def check_picklable(obj: Any, label: str) -> list[str]:
     """A problem naming the attribute that cannot be sent to Ray workers, if any.
 
     The probe is the pickle the actors get (`runtime.worker_pickle`): the user's modules by reference
@@ -269,8 +269,8 @@ def check_picklable(obj: Any, what: str) -> list[str]:
         dumps(obj)
         return []
     except Exception as exc:  # cloudpickle raises many types; we only report
-        culprit = _find_unpicklable(obj, what, depth=0)
-        return [f"{culprit or what} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
+        culprit = _find_unpicklable(obj, label, depth=0)
+        return [f"{culprit or label} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
                 f"create it inside the program's forward(), or at the top level of a module of yours (each worker "
                 f"imports the module and makes its own), or make it picklable."]
 
