@@ -11,6 +11,7 @@ finetune-only job, `retrain`, the DSPy provider).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_a
 from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap_splits
 from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  check_user_code, lm_identity, valset_overlap)
-from bootfinetune.config import Config, TrainConfig, identity_options
+from bootfinetune.config import FIELDS, Config, TrainConfig, identity_options
 from bootfinetune.stages.datasets import build_datasets
 from bootfinetune.dspy_api import (check_compile_arguments, check_positional, documented_options, peft_alias,
                                    tracks_given_arguments, train_kwargs_options)
@@ -388,6 +389,10 @@ class BootstrapFinetune(Teleprompter):
             adapter=adapter_spec(resolve_adapter(self.adapter)),
             **more,
         )
+
+
+COMPILE_OPTION_ARGS = tuple(name for name in inspect.signature(BootstrapFinetune.compile).parameters if name in FIELDS)
+"""compile()'s documented arguments that are options of ours under the same name (target, bsize, ... bf16)."""
 
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import os
 import textwrap
@@ -33,6 +32,7 @@ from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
 from bootfinetune.common.names import run_name_problem
+from bootfinetune.common.suggestions import did_you_mean
 
 DEFAULT_TEACHER_TIMEOUT = 120.0
 """Seconds each attempt of a teacher call may wait (LiteLLM's own default is 600 s): the CLI's and the jobs' teacher
@@ -439,7 +439,5 @@ def unknown_option_problems(options: dict[str, Any]) -> list[str]:
     problems = []
     for name in options:
         if name not in FIELD_OWNER:
-            close = difflib.get_close_matches(name, FIELD_OWNER, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown option {name!r}.{hint} Known options: {', '.join(sorted(FIELD_OWNER))}.")
+            problems.append(f"unknown option {name!r}.{did_you_mean(name, FIELD_OWNER)} Known options: {', '.join(sorted(FIELD_OWNER))}.")
     return problems

@@ -283,10 +283,10 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
 def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(constructor options, compile()'s documented arguments), the target resolved when it is an import path."""
-    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # reason: loads DSPy; the command starts without it
+    from bootfinetune.compiler import COMPILE_OPTION_ARGS  # reason: loads DSPy; the command starts without it
 
     options = dict(job.options)
-    args = {k: options.pop(k) for k in DOCUMENTED_ARGS if k in options}
+    args = {k: options.pop(k) for k in COMPILE_OPTION_ARGS if k in options}
     if "target" in args:
         args["target"] = resolve_target(args["target"])
     return options, args

@@ -27,7 +27,6 @@ DSPy keeps `provider` out of an LM's saved state: after `program.load(...)`, set
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import threading
 from pathlib import Path
@@ -37,6 +36,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from bootfinetune.pipeline import finetune_and_rebind
+from bootfinetune.common.suggestions import did_you_mean
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.common.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
@@ -312,6 +312,4 @@ def _option_problem(name: str) -> str:
     if name in FIELD_OWNER:
         return (f"{name!r} is a {FIELD_OWNER[name]} option of the compiler; a provider is handed finished "
                 f"training data and trains the model its LM names, so drop {name!r}.")
-    close = difflib.get_close_matches(name, PROVIDER_OPTIONS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown option {name!r}.{hint} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."
+    return f"unknown option {name!r}.{did_you_mean(name, PROVIDER_OPTIONS)} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."
