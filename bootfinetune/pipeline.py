@@ -105,7 +105,7 @@ def rebind_stage(run: RunDir, config: Config, description: RunDescription, progr
         try:
             program = program_class(description.program_class or "", run.config_json)()
         except Exception as e:  # any import or constructor failure: the models stand, without program.json
-            return None, f"program.json not written: {described.program_class} does not import here ({e})"
+            return None, f"program.json not written: {description.program_class} does not import here ({e})"
     compiled = rebind_run(program, run, description, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
                           exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
     write_json(run.program_json, program_state(compiled))
