@@ -32,19 +32,18 @@ from bootfinetune.dspy_api import (check_compile_arguments, check_positional, do
                                    tracks_given_arguments, train_kwargs_options)
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.stages.evaluate import evaluate_program, teacher_score
-from bootfinetune.stages.finetune import finetune_models
 from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.common.importpath import class_path
-from bootfinetune.run.jsonio import fingerprint, write_json
+from bootfinetune.run.jsonio import fingerprint
 from bootfinetune.stages.token_plan import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                          raise_if_unfixable)
-from bootfinetune.stages.rebind import base_limits, base_program, load, program_class, program_state, rebind_run
+from bootfinetune.stages.rebind import base_limits, base_program
 from bootfinetune.common.redaction import collect_secrets
 from bootfinetune.common.names import folder_names
 from bootfinetune.run.report_html import student_usage, teacher_usage, write_report_html
 from bootfinetune.run.rundir import RunDir, run_name_of
-from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
-from bootfinetune.pipeline import Trained, finetune_and_rebind, stage_label
+from bootfinetune.run.runfiles import DataSummary, RunDescription
+from bootfinetune.pipeline import finetune_and_rebind, stage_label
 from bootfinetune.run.writer import RunWriter, writer_for
 from bootfinetune.runtime.console import report_held, set_console_output
 from bootfinetune.common.targets import check_target

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import dspy
 
 from bootfinetune.config import Config
-from bootfinetune.run.jsonio import write_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter
@@ -108,7 +107,7 @@ def rebind_stage(run: RunDir, config: Config, description: RunDescription, progr
             return None, f"program.json not written: {description.program_class} does not import here ({e})"
     compiled = rebind_run(program, run, description, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
                           exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
-    write_json(run.program_json, program_state(compiled))
+    run.write_program(program_state(compiled))
     key_of = description.key_of()
     logger.info("%s: %s", stage_label("rebind"), ", ".join(f"{name} -> models/{run.folder(key_of[name])}"
                                                   for name in description.predictors or key_of))
@@ -133,8 +132,6 @@ def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "e
                                   placement=trained)
         out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
                "usage": result.usage, **(about or {})}
-        path = run.evaluation_json(name)
-        write_json(path, {**out, "name": name})
-        run.update_report(evaluations={name: path.name})
+        run.write_evaluation(name, out)
         run.push()
     return out

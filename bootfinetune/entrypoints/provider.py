@@ -42,7 +42,7 @@ from bootfinetune.common.chat import LOCAL_API_KEY, ROLES, ends_with_answer, fir
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
 from bootfinetune.errors import ConfigError, TrainDataError
 from bootfinetune.stages.finetune_job import FinetuneJob
-from bootfinetune.run.jsonio import fingerprint, write_jsonl
+from bootfinetune.run.jsonio import fingerprint
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import writer_for
@@ -294,7 +294,7 @@ def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> Mod
     """Writes the data and config.json, trains key "all" (or finds it trained), and returns its manifest."""
     rows = [{"messages": row["messages"], "predictor": PREDICTOR, "example_index": i}
             for i, row in enumerate(train_data)]
-    write_jsonl(run.data_file(MODEL_KEY), rows)
+    run.write_data(MODEL_KEY, rows)
     options = config.to_dict()
     description = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
                                model_keys={MODEL_KEY: {"target": config.train.target, "predictors": [PREDICTOR]}},

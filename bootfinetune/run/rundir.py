@@ -3,10 +3,11 @@
 ```
 {storage_path}/{run_name}/
   config.json        resolved configuration (no secrets)
-  bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
+  bootstrap/         {split}.calls.jsonl, {split}.failures.jsonl, {split}.summary.json (written last: done)
   data/{folder}.jsonl   finetuning records (chat messages) per model key
   models/{folder}/      Hugging Face export + manifest.json (written last: the model is done)
-  checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest)
+  checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest) and
+                        bootfinetune_job.json (what they were trained on)
   report.json           counts, losses, metrics, time and tokens per stage
   program.json          the compiled program's state
   evaluations/{name}.json  scores of the evaluate job
@@ -17,7 +18,8 @@
 when it is a safe name, see `bootfinetune.common.names`). Every path handed out here is checked to stay
 inside the run (`paths.inside`), and so is every delete (`remove`, `remove_checkpoints`).
 
-Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
+Every run file is read and written here, each JSON file through its record (`bootfinetune.run.runfiles`);
+files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
 leaves a half file where a finished one is expected.
 
 `storage_path` may also be a cloud URI (`s3://`, `gs://`): a run directory is a `Mirror`, so `root` is
@@ -32,15 +34,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
+from bootfinetune.run.jsonio import fingerprint, fsync_folder, iter_jsonl, read_json, write_json, write_jsonl
 from bootfinetune.common.names import SLUG_LENGTH, folder_names, run_name_problem, safe_name
 from bootfinetune.run.mirror import Mirror
 from bootfinetune.run.paths import RunPathError, checked_folder, inside, inside_uri
-from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
+from bootfinetune.run.runfiles import (BootstrapSummary, JobStamp, ModelManifest, RunDescription, RunFileError,
+                                       RunReport, read_record)
 
 
 def run_name_for(program_name: str, inputs: Any) -> str:
@@ -145,8 +148,8 @@ class RunDir(Mirror):
 
     def _folders(self) -> dict[str, str]:
         try:
-            folders = read_json(self.config_json).get("folders")
-        except (OSError, ValueError, AttributeError):
+            folders = self.read_description().folders
+        except (OSError, ValueError, RunFileError):
             return {}
         return folders if isinstance(folders, dict) else {}
 
@@ -162,17 +165,28 @@ class RunDir(Mirror):
     def bootstrap_dir(self) -> Path:
         return self.path("bootstrap")
 
-    @property
-    def calls_jsonl(self) -> Path:
-        return self.bootstrap_dir / "calls.jsonl"
+    def bootstrap_file(self, split: str, part: str) -> Path:
+        """bootstrap/{split}.{part}: part is "calls.jsonl", "failures.jsonl" or "summary.json"."""
+        return self.path("bootstrap", f"{split}.{part}")
 
-    @property
-    def failures_jsonl(self) -> Path:
-        return self.bootstrap_dir / "failures.jsonl"
+    def read_bootstrap(self, split: str) -> tuple[Iterator[dict], Iterator[dict], BootstrapSummary] | None:
+        """A finished bootstrap of `split`: (its calls, its failures, as dicts; its summary), or None unfinished."""
+        summary = self.bootstrap_file(split, "summary.json")
+        if not summary.exists():
+            return None
+        return (iter_jsonl(self.bootstrap_file(split, "calls.jsonl")),
+                iter_jsonl(self.bootstrap_file(split, "failures.jsonl")), read_record(BootstrapSummary, summary))
 
-    @property
-    def bootstrap_summary(self) -> Path:
-        return self.bootstrap_dir / "summary.json"
+    def write_bootstrap(self, split: str, calls: Iterable[dict], failures: Iterable[dict],
+                        summary: BootstrapSummary) -> None:
+        """Writes a bootstrap of `split`; the summary last: its presence marks the stage done."""
+        write_jsonl(self.bootstrap_file(split, "calls.jsonl"), calls)
+        write_jsonl(self.bootstrap_file(split, "failures.jsonl"), failures)
+        write_json(self.bootstrap_file(split, "summary.json"), summary.to_json())
+
+    def forget_bootstrap(self, split: str) -> None:
+        """Marks the bootstrap of `split` unfinished (its summary deleted): the next compile runs it again."""
+        self.bootstrap_file(split, "summary.json").unlink(missing_ok=True)
 
     @property
     def data_dir(self) -> Path:
@@ -182,6 +196,10 @@ class RunDir(Mirror):
         """data/{folder}.jsonl, or data/{split}/{folder}.jsonl for another split ("val")."""
         name = f"{self.folder(key)}.jsonl"
         return self.path("data", name) if split == "train" else self.path("data", split, name)
+
+    def write_data(self, key: str, rows: Iterable[dict], split: str = "train") -> int:
+        """Writes model key `key`'s finetuning records of `split` (`data_file`); returns how many."""
+        return write_jsonl(self.data_file(key, split), rows)
 
     @property
     def models_dir(self) -> Path:
@@ -197,6 +215,14 @@ class RunDir(Mirror):
         """checkpoints/{folder}: model key `key`'s checkpoints (`epoch_{NNN}/`), in the local folder or mirror."""
         return self.path("checkpoints", self.folder(key))
 
+    def read_job_stamp(self, key: str) -> JobStamp | None:
+        """What model key `key`'s checkpoints were trained on, or None when they carry no stamp."""
+        path = self.checkpoint_dir(key) / JobStamp.FILE
+        return read_record(JobStamp, path) if path.exists() else None
+
+    def write_job_stamp(self, stamp: JobStamp) -> None:
+        write_json(self.checkpoint_dir(stamp.key) / JobStamp.FILE, stamp.to_json())
+
     def evaluation_json(self, name: str) -> Path:
         """evaluations/{safe name}.json: an evaluation's scores (report.json's `evaluations` maps the name to it)."""
         known = self.read_report().evaluations if self.report_json.exists() else {}
@@ -207,9 +233,22 @@ class RunDir(Mirror):
     def report_json(self) -> Path:
         return self.path("report.json")
 
+    def write_evaluation(self, name: str, scores: dict[str, Any]) -> None:
+        """Writes evaluations/{file}.json (`scores` and `name`) and records the file in report.json's `evaluations`."""
+        path = self.evaluation_json(name)
+        write_json(path, {**scores, "name": name})
+        self.update_report(evaluations={name: path.name})
+
     @property
     def program_json(self) -> Path:
         return self.path("program.json")
+
+    def read_program(self) -> dict[str, Any]:
+        """program.json: the compiled program's state (`dspy.Module.dump_state`)."""
+        return read_json(self.program_json)
+
+    def write_program(self, state: dict[str, Any]) -> None:
+        write_json(self.program_json, state)
 
     def manifest_json(self, key: str) -> Path:
         """models/{key}/manifest.json: written last, its presence means the model is finished."""

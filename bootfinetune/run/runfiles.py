@@ -371,6 +371,32 @@ class ModelManifest:
 
 
 @dataclass
+class JobStamp:
+    """checkpoints/{folder}/bootfinetune_job.json: what the checkpoints there were trained on (a mismatch starts
+    the key over). Written without `version`, as it always was."""
+
+    FILE = "bootfinetune_job.json"
+
+    job_fingerprint: str = ""
+    """The job's fingerprint (`stages.fingerprints.job_fingerprint`)."""
+    key: str = ""
+    """The model key."""
+    target: str = ""
+    """The base model."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys of the file this record does not know (kept, written back)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "JobStamp":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        out = _to_json(self)
+        out.pop("version")
+        return out
+
+
+@dataclass
 class RunReport:
     """report.json: counts, losses, metrics, time and tokens per stage.
 
@@ -425,4 +451,4 @@ class RunReport:
 
 
 __all__ = ["RUN_FILES_VERSION", "RunFileError", "RunDescription", "BootstrapSummary", "DataSummary",
-           "ModelManifest", "RunReport", "read_record", "warn_untrusted"]
+           "ModelManifest", "JobStamp", "RunReport", "read_record", "warn_untrusted"]

@@ -32,11 +32,10 @@ import dspy
 
 from bootfinetune.config import BootstrapConfig
 from bootfinetune.errors import BootstrapError
-from bootfinetune.run.jsonio import iter_jsonl, write_json, write_jsonl
 from bootfinetune.runtime.console import ProgressLine
 from bootfinetune.run.records import CallRecord, FailureRecord, example_to_json
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import BootstrapSummary, read_record
+from bootfinetune.run.runfiles import BootstrapSummary
 from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
@@ -110,18 +109,12 @@ class BootstrapResult:
 
 def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
     """Reads a finished bootstrap back from the run directory, or None if it did not finish."""
-    paths = bootstrap_paths(run, split)
-    if not paths["summary"].exists():
+    finished = run.read_bootstrap(split)
+    if finished is None:
         return None
-    calls = [CallRecord(**r) for r in iter_jsonl(paths["calls"])]
-    failures = [FailureRecord(**r) for r in iter_jsonl(paths["failures"])]
-    return BootstrapResult(calls, failures, read_record(BootstrapSummary, paths["summary"]), resumed=True)
-
-
-def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
-    d = run.bootstrap_dir
-    return {"calls": d / f"{split}.calls.jsonl", "failures": d / f"{split}.failures.jsonl",
-            "summary": d / f"{split}.summary.json"}
+    calls, failures, summary = finished
+    return BootstrapResult([CallRecord(**r) for r in calls], [FailureRecord(**r) for r in failures], summary,
+                           resumed=True)
 
 
 def run_bootstrap(run: RunDir, *, examples: list[dspy.Example], split: str = "train",
@@ -185,7 +178,7 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
         if reused:
             logger.info("bootstrap[%s]: %d of %d example(s) read from the trace store %s; %d sent to the teacher",
                         split, reused, len(split_keys), store.location, len(split_keys) - reused)
-        out[split] = _finish(run, paths=bootstrap_paths(run, split), results=results, n_examples=len(split_keys),
+        out[split] = _finish(run, split=split, results=results, n_examples=len(split_keys),
                              started=started, fresh=ran, keys=split_keys, reused=reused,
                              engine="+".join(engines) if ran else "")
     return {split: out[split] for split in splits}
@@ -371,7 +364,7 @@ def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
             f"First failures:\n{shown}\nFix the program or teacher, or raise max_errors to tolerate more.")
 
 
-def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started: float,
+def _finish(run: RunDir, *, split: str, results: dict, n_examples: int, started: float,
             fresh: set[tuple[str, int]], keys: list[str], reused: int, engine: str = "") -> BootstrapResult:
     calls, failures, summary = [], [], BootstrapSummary(examples=n_examples, reused=reused, engine=engine)
     kept_examples = set()
@@ -402,9 +395,7 @@ def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started
                            - {f.example_index for f in failures})
     summary.calls = len(calls)
     summary.seconds = round(time.time() - started, 3)
-    write_jsonl(paths["calls"], (c.to_dict() for c in calls))
-    write_jsonl(paths["failures"], (f.to_dict() for f in failures))
-    write_json(paths["summary"], summary.to_json())  # last: its presence marks the stage done
+    run.write_bootstrap(split, (c.to_dict() for c in calls), (f.to_dict() for f in failures), summary)
     return BootstrapResult(calls, failures, summary)
 
 
@@ -442,7 +433,7 @@ def invalidate_changed(run: RunDir, previous: dict[str, Any] | None, inputs: dic
     if not changes:
         return changes
     for split in stale:
-        bootstrap_paths(run, split)["summary"].unlink(missing_ok=True)
+        run.forget_bootstrap(split)
     logger.warning("run %s was made from other inputs: %s. %s", run.name, "; ".join(changes),
                    "Re-bootstrapping " + " and ".join(sorted(stale)) + " from the trace store (only examples "
                    "new to it call the teacher); models trained on other data or options are retrained."

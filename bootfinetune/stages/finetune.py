@@ -25,14 +25,13 @@ import ray
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.run.jsonio import read_json, write_json
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import ModelManifest
+from bootfinetune.run.runfiles import JobStamp, ModelManifest
 from bootfinetune.runtime.console import progress_drawer
 from bootfinetune.runtime.ray_env import ensure_ray
 from bootfinetune.stages.export import export_best_epoch
 from bootfinetune.stages.finetune_job import FinetuneJob, StagedJob, load_job_data, worker_rows
-from bootfinetune.stages.fingerprints import JOB_STAMP, data_hash, finished_manifest, job_fingerprint
+from bootfinetune.stages.fingerprints import data_hash, finished_manifest, job_fingerprint
 from bootfinetune.stages.token_plan import check_lora, plan_for_files, raise_if_unfixable
 from bootfinetune.stages.train_runs import Trainee, train_in_lanes
 from bootfinetune.training.answer_tokens import add_answer_tokens
@@ -170,11 +169,12 @@ def _stage(run: RunDir, job: FinetuneJob, config: TrainConfig, hooks: dict[str, 
     add_answer_tokens(tokenizer, job.added_tokens or ())
 
     job_fp = job_fingerprint(job, config)
-    stamp = run.checkpoint_dir(job.key) / JOB_STAMP
-    if stamp.exists() and read_json(stamp).get("job_fingerprint") != job_fp:
-        log.warning("checkpoints in %s are from other data or options; starting %r over", stamp.parent, job.key)
+    stamp = run.read_job_stamp(job.key)
+    if stamp is not None and stamp.job_fingerprint != job_fp:
+        log.warning("checkpoints in %s are from other data or options; starting %r over", run.checkpoint_dir(job.key),
+                    job.key)
         run.remove_checkpoints(job.key)
-    write_json(stamp, {"job_fingerprint": job_fp, "key": job.key, "target": job.target})
+    run.write_job_stamp(JobStamp(job_fingerprint=job_fp, key=job.key, target=job.target))
     run.push()
     place = run.checkpoint_location(job.key)  # on a cloud URI, the workers write the checkpoints there
     loop_config = {"target": job.target, "train": dataclasses.asdict(config), "ray": True,

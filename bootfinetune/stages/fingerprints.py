@@ -16,9 +16,6 @@ from bootfinetune.stages.finetune_job import FinetuneJob
 
 log = logging.getLogger(__name__)
 
-JOB_STAMP = "bootfinetune_job.json"
-"""Inside checkpoints/{folder}: what the checkpoints there were trained on (a mismatch starts over)."""
-
 # Resource options change where or how safely a job runs, not what it trains: a rerun that changes
 # them keeps the finished model and the checkpoints. The config's target is left out too: the job's
 # own target (one model key's) counts instead.

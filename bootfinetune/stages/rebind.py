@@ -24,7 +24,7 @@ from bootfinetune.stages.checks import ProgramPlan
 from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.common.importpath import resolve
-from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.serving.auth import key_from
 from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import FinetunedLM
@@ -176,7 +176,7 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
             raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
                                f"program=YourProgram() to bootfinetune.load.")
         program = program_class(path, run.config_json)()
-    state = read_json(run.program_json)
+    state = run.read_program()
     for value in state.values():  # our LMs are rebuilt below from the run's own models
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
