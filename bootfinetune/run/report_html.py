@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.jsonio import atomic_write
 
 COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
 
@@ -264,6 +263,4 @@ table.facts th{font-weight:500;color:#374151}.chart{display:block;margin:8px 0}
 def write_report_html(run: RunDir, *, title: str | None = None) -> Path:
     """Writes `report.html` beside `report.json` and returns its path."""
     report = {**run.read_report().to_json(), "run_dir": str(run.root)}
-    path = run.path("report.html")
-    atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
-    return path
+    return run.write_report_page(render_report(report, title=title or f"bootfinetune: {run.root.name}"))

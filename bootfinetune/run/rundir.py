@@ -8,7 +8,7 @@
   models/{folder}/      Hugging Face export + manifest.json (written last: the model is done)
   checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest) and
                         bootfinetune_job.json (what they were trained on)
-  report.json           counts, losses, metrics, time and tokens per stage
+  report.json           counts, losses, metrics, time and tokens per stage (report.html: drawn as a page)
   program.json          the compiled program's state
   evaluations/{name}.json  scores of the evaluate job
   writer.lock           held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
@@ -38,7 +38,8 @@ from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, fsync_folder, iter_jsonl, read_json, write_json, write_jsonl
+from bootfinetune.run.jsonio import (atomic_write, fingerprint, fsync_folder, iter_jsonl, read_json, write_json,
+                                     write_jsonl)
 from bootfinetune.common.names import SLUG_LENGTH, folder_names, run_name_problem, safe_name
 from bootfinetune.run.mirror import Mirror
 from bootfinetune.run.paths import RunPathError, checked_folder, inside, inside_uri
@@ -316,3 +317,9 @@ class RunDir(Mirror):
         report = self.read_report().merge(**sections)
         write_json(self.report_json, report.to_json())
         return report
+
+    def write_report_page(self, html: str) -> Path:
+        """Writes report.html (report.json drawn as a page) and returns its path."""
+        path = self.path("report.html")
+        atomic_write(path, html)
+        return path

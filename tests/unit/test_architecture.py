@@ -145,3 +145,25 @@ def test_config_json_is_written_only_by_the_run_directory():
     offenders = [module_name(p) for p in PKG.rglob("*.py") if writes.search(p.read_text())
                  and module_name(p) != "bootfinetune.run.rundir"]
     assert offenders == []
+
+
+RUN_FILE_WRITERS = {"bootfinetune.run.rundir", "bootfinetune.run.storage", "bootfinetune.run.trace_store",
+                    "bootfinetune.run.writer", "bootfinetune.training.checkpoints", "bootfinetune.testing.tiny_models"}
+"""The modules that write JSON files: the run directory (every run file, through its record), its mirror's
+sync state, the trace store, the writer lock, a checkpoint's trainer_state.json, and a tiny model's stamp."""
+
+
+def test_run_files_are_read_and_written_only_by_the_run_directory():
+    """Outside the modules above, no module writes a JSON file or reads one whole (`read_json`): the stages and
+    entrypoints go through `RunDir`'s methods and records. Data files (`read_jsonl`) are read by path."""
+    door = {"read_json", "write_json", "write_jsonl", "iter_jsonl", "atomic_write"}
+    offenders = {}
+    for path in PKG.rglob("*.py"):
+        name = module_name(path)
+        if name in RUN_FILE_WRITERS or name == "bootfinetune.run.jsonio":
+            continue
+        used = {a.name for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module == "bootfinetune.run.jsonio" for a in node.names}
+        if used & door:
+            offenders[name] = sorted(used & door)
+    assert offenders == {}
