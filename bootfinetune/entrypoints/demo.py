@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from bootfinetune.config import FIELDS, TrainConfig
 from bootfinetune.demo.cache import default_cache_dir
@@ -105,14 +106,12 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    # reason (the imports below): the `bootfinetune` command starts without DSPy, torch or the servers
-    import ray
+    # reason (the imports below, and those in the steps): the `bootfinetune` command starts without DSPy, torch
+    # or the servers
     import transformers
 
     from bootfinetune.compiler import BootstrapFinetune
-    from bootfinetune.demo.run import build_student
-    from bootfinetune.demo.task import ShippingRouter, make_datasets, metric, teacher_script
-    from bootfinetune.testing.teacher_server import TeacherServer
+    from bootfinetune.demo.task import ShippingRouter, make_datasets, metric
 
     transformers.utils.logging.disable_progress_bar()  # weight loading bars would bury the stage lines
 
@@ -123,42 +122,65 @@ def _run(args: argparse.Namespace) -> int:
     target = options.pop("target", None)  # the demo's own --target: None builds the tiny student
     trainset, valset = make_datasets(args.train_size, args.val_size, seed=options.get("seed", TrainConfig.seed))
     say(f"task: ShippingRouter (extract -> locate), {len(trainset)} train / {len(valset)} val tickets")
-
-    if target:
-        say(f"student: {target}")
-    else:
-        student_dir, reused = build_student(Path(args.cache_dir), trainset)
-        target = str(student_dir)
-        say(f"student: {'reused' if reused else 'built'} {target} (tiny Llama, random weights, own tokenizer)")
-
-    server = None
-    if args.teacher:
-        try:
-            teacher = teacher_lm(args.teacher, api_base=args.api_base, api_key_env=args.api_key_env,
-                                 option="--api-key-env", timeout=args.teacher_timeout)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        say(f"teacher: {args.teacher}{' at ' + args.api_base if args.api_base else ''}")
-    else:
-        server = TeacherServer(teacher_script, latency=args.teacher_latency).start()
-        teacher = scripted_teacher_lm(server.url)
-        say(f"teacher: scripted stand-in for a large model at {server.url} (an OpenAI-compatible endpoint)")
-
-    # Worker logs stay in the Ray session logs unless --verbose: the stage lines and progress say what happens.
-    ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2),  # its line is logged
-               log_to_driver=bool(options.get("verbose")))
-    cpus = int(ray.cluster_resources().get("CPU", 2))
-    if not options.get("use_gpu"):  # the workers share this machine's CPUs
-        options.setdefault("cpus_per_worker", max(1, cpus // options.get("num_workers", TrainConfig.num_workers)))
+    target = _student(args, target, trainset, say)
+    try:
+        teacher, server = _teacher(args, say)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _start_ray(options)
     try:
         tp = BootstrapFinetune(metric=metric, teacher_settings=dict(lm=teacher), **options)
         compiled = tp.compile(ShippingRouter(), trainset=trainset, valset=valset, target=target)
     finally:
         if server is not None:
             server.stop()
+    _show_held_out(compiled, valset[0], say)
+    _print_summary(tp, time.time() - started)
+    return 0
 
-    example = valset[0]
+
+def _student(args: argparse.Namespace, target: str | None, trainset: list, say: Callable[[str], None]) -> str:
+    """The model to finetune: `--target`, else the tiny student built (or reused) in `--cache-dir`."""
+    if target:
+        say(f"student: {target}")
+        return target
+    from bootfinetune.demo.run import build_student  # reason: as in `_run`
+
+    student_dir, reused = build_student(Path(args.cache_dir), trainset)
+    say(f"student: {'reused' if reused else 'built'} {student_dir} (tiny Llama, random weights, own tokenizer)")
+    return str(student_dir)
+
+
+def _teacher(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """(the teacher LM, the scripted teacher's server or None): `--teacher`, else the scripted stand-in, started."""
+    if args.teacher:
+        teacher = teacher_lm(args.teacher, api_base=args.api_base, api_key_env=args.api_key_env,
+                             option="--api-key-env", timeout=args.teacher_timeout)
+        say(f"teacher: {args.teacher}{' at ' + args.api_base if args.api_base else ''}")
+        return teacher, None
+    from bootfinetune.demo.task import teacher_script  # reason: as in `_run`
+    from bootfinetune.testing.teacher_server import TeacherServer
+
+    server = TeacherServer(teacher_script, latency=args.teacher_latency).start()
+    say(f"teacher: scripted stand-in for a large model at {server.url} (an OpenAI-compatible endpoint)")
+    return scripted_teacher_lm(server.url), server
+
+
+def _start_ray(options: dict[str, Any]) -> None:
+    """Connects to (or starts) Ray; on CPUs, the training workers share this machine's CPUs (`cpus_per_worker`)."""
+    import ray  # reason: as in `_run`
+
+    # Worker logs stay in the Ray session logs unless --verbose: the stage lines and progress say what happens.
+    ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2),  # its line is logged
+               log_to_driver=bool(options.get("verbose")))
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    if not options.get("use_gpu"):
+        options.setdefault("cpus_per_worker", max(1, cpus // options.get("num_workers", TrainConfig.num_workers)))
+
+
+def _show_held_out(compiled: Any, example: Any, say: Callable[[str], None]) -> None:
+    """The compiled program's answer to one valset ticket (an error is shown, not raised)."""
     try:
         prediction = compiled(message=example.message)
         say(f"compiled program on a held-out ticket: {example.message!r} -> city={prediction.city!r}, "
@@ -166,14 +188,14 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:  # an unparsable answer from a weak model is worth seeing, not a crash
         say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
-    report = tp.report
+
+def _print_summary(tp: Any, elapsed: float) -> None:
     print()
-    print(_table(summary_rows(report, time.time() - started)))
+    print(_table(summary_rows(tp.report, elapsed)))
     print()
     print(f"report.json: {tp.run_dir.report_json}")
     print(f"report.html: {tp.run_dir.root / 'report.html'}")
     print(f"run directory: {tp.run_dir.root}  (bootfinetune.load(run_dir) rebuilds the compiled program)")
-    return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
