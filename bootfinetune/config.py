@@ -152,7 +152,7 @@ class TrainConfig:
     says so and why); True or False decide."""
     compile_layers: bool = option(False, resource=True)
     """`torch.compile` each decoder layer (the model's `_no_split_modules` blocks), shapes dynamic: faster steps
-    after a one-time compile of a minute or more, so for runs of many steps; not with ZeRO-3 (skipped, logged)."""
+    after a one-time compile, so for runs of many steps; not with ZeRO-3 (skipped, logged)."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
     lora_r: int = option(16, at_least=1)

@@ -14,8 +14,7 @@ from bootfinetune.demo.task import CITIES, ShippingRouter, make_datasets
 from bootfinetune.testing.tiny_models import STAMP, build_tiny_causal
 
 STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
-"""The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
-Four narrow layers learn to copy the city out of the ticket far sooner than two wide ones."""
+"""The demo student's shape: a small Llama, trained from random weights on the CPU."""
 
 def student_corpus(trainset: list) -> list[str]:
     """Text the student's tokenizer is trained on: the demo program's prompts and answers."""

@@ -34,15 +34,10 @@ from bootfinetune.runtime.ray_env import ensure_ray
 
 OVERRIDES = dict(epochs=10, bsize=8, lr=2e-3, adam_beta2=0.95, weight_decay=0.1, warmup_ratio=0.05, max_length=96,
                  max_tokens=24)
-"""The demo's own option values (flags override them; every other option keeps `Config`'s default).
-A model trained from scratch wants a far higher lr than a finetune, and beta2=0.95 lets Adam
-follow the small late gradients. The student learns the answers' format in the first epoch and which
-city the ticket names only later, in a late transition whose timing small numeric differences move;
-weight decay brings that transition early enough that its timing no longer decides the metric
-(bench/RESULTS.md, "The demo's metric"). max_length=96 keeps the last 96 tokens of each prompt and
-answer: DSPy's ChatAdapter opens every prompt with ~100 tokens of instructions that are the same
-in every call, and a model this small learns several times faster without them (the report
-counts the cut prompts; inference cuts them the same way)."""
+"""The demo's own option values (flags override them; every other option keeps `Config`'s default): a model
+trained from scratch, so a far higher lr than a finetune's. max_length=96 keeps the last 96 tokens of each
+prompt and answer, dropping the instructions DSPy's ChatAdapter opens every prompt with (the report counts the
+cut prompts; inference cuts them the same way)."""
 
 
 

@@ -373,7 +373,7 @@ class ModelManifest:
 @dataclass
 class JobStamp:
     """checkpoints/{folder}/bootfinetune_job.json: what the checkpoints there were trained on (a mismatch starts
-    the key over). Written without `version`, as it always was."""
+    the key over). The file holds no `version`."""
 
     FILE = "bootfinetune_job.json"
 

@@ -126,9 +126,9 @@ def make_optimizer(params: list, tc: TrainConfig) -> Any:
     """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state lives in CPU memory.
 
     With `offload_optimizer` the step runs on the host over the fp32 master weights; torch's
-    AdamW makes full-size temporaries there (about 8 extra bytes a parameter) and runs slowly,
-    while DeepSpeedCPUAdam updates in place with SIMD on every core. It is a C++ op that
-    DeepSpeed builds with ninja on first use (under a minute; cached in ~/.cache/torch_extensions).
+    AdamW makes full-size temporaries there, while DeepSpeedCPUAdam updates in place with SIMD on
+    every core. It is a C++ op that DeepSpeed builds with ninja on first use (cached in
+    ~/.cache/torch_extensions).
     """
     import torch
 

@@ -3,8 +3,7 @@
 `zero_stage="auto"` (the default) picks the least sharding whose model states (weights, gradients
 and AdamW's state) fit each worker: with one worker the plain torch engine (`torch_engine`: nothing
 to shard with no peer, so no DeepSpeed; recorded as stage 0, whose checkpoint layout it shares), with several ZeRO-1 (the
-optimizer state sharded, the weights and gradients whole: the same traffic as DDP, as Ray's own
-Qwen3-0.6B benchmark runs); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
+optimizer state sharded, the weights and gradients whole: the same traffic as DDP); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
 smaller step does not fit. An explicit stage (and explicit offload flags) always win.
 
 The estimate counts bytes per parameter, as DeepSpeed's own `estimate_zero*_model_states_mem_needs`

@@ -106,7 +106,7 @@ class LoopConfig:
     `testing.FailOnce`); it must pickle, since it travels to every worker."""
     time_phases: bool = False
     """Time each micro batch's forward, backward and optimizer step (with a device sync around each on a
-    GPU, so off unless measured: benchmarks); each epoch's history then has `phase_seconds`."""
+    GPU, which slows the steps: off by default); each epoch's history then has `phase_seconds`."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
