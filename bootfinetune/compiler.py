@@ -376,7 +376,7 @@ class BootstrapFinetune(Teleprompter):
         """config.json: the resolved options and what the plan decided; never an API key."""
         return RunDescription(
             program_class=class_path(student),
-            options=config.to_dict(),  # config.json's writer redacts the URIs in it
+            options=config.to_dict(),  # RunDescription.to_json redacts the URIs in it
             predictors=plan.predictors,
             model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
                         for key in plan.keys()},
