@@ -6,7 +6,7 @@ imports `bootfinetune.training` only) does not pay for DSPy and the rest:
     from bootfinetune import BootstrapFinetune      # the optimizer (bootfinetune.compiler)
     bootfinetune.load("runs/TwoStep-1a2b3c")        # a compiled program back from its run directory
 
-Where each part lives: `compiler.py` orders the stages, `stages/` holds one module per stage,
+Where each part lives: `compiler.py` and `pipeline.py` order the stages, `stages/` holds one module per stage,
 `training/` the engine inside each Ray Train worker, `serving/` the finetuned models answering
 calls, `run/` the run directory, `entrypoints/` the command, the Ray jobs and DSPy's provider API.
 """

@@ -1,16 +1,17 @@
-"""`BootstrapFinetune`: the documented DSPy optimizer, and the one place that knows the stage order.
+"""`BootstrapFinetune`: the documented DSPy optimizer, running the stages in their order (`pipeline.STAGES`).
 
     checks -> bootstrap (Ray Data) -> data -> finetune (Ray Train) -> rebind -> evaluate
 
 Each stage reads and writes the run directory (its files are the records of
 `bootfinetune.run.runfiles`), so running the same compile again resumes: finished stages are
-read back, not redone. `BootstrapFinetune.prepare` runs stages 1-3 and `compile` all six;
-the entries that start from a run directory call this module too: `run_stages` (stages 4-5:
-the finetune-only job, `retrain`, the DSPy provider) and `evaluate_run` (the evaluate job).
+read back, not redone. `BootstrapFinetune.prepare` runs stages 1-3 and `compile` all six, stages 4-5
+through `pipeline.finetune_and_rebind`, as the entries that start from a run directory do (the
+finetune-only job, `retrain`, the DSPy provider).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from contextlib import ExitStack
@@ -25,35 +26,34 @@ from bootfinetune.stages.adapters import adapter_option, adapter_spec, resolve_a
 from bootfinetune.stages.bootstrap import BootstrapResult, driver_settings, invalidate_changed, run_bootstrap_splits
 from bootfinetune.stages.checks import (ProgramPlan, callable_identity, check_examples, check_picklable, check_program,
                                  check_user_code, lm_identity, valset_overlap)
-from bootfinetune.config import Config, TrainConfig, identity_options
+from bootfinetune.config import FIELDS, Config, TrainConfig, identity_options
 from bootfinetune.stages.datasets import build_datasets
 from bootfinetune.dspy_api import (check_compile_arguments, check_positional, documented_options, peft_alias,
                                    tracks_given_arguments, train_kwargs_options)
 from bootfinetune.errors import ConfigError, FinetuneError, ProgramError
 from bootfinetune.stages.evaluate import evaluate_program, teacher_score
-from bootfinetune.stages.finetune import FinetuneJob, finetune_models
+from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.common.importpath import class_path
-from bootfinetune.run.jsonio import fingerprint, write_json
-from bootfinetune.stages.representable import (TokenPlan, adapter_parse, check_lora, plan_for_files,
+from bootfinetune.run.jsonio import fingerprint
+from bootfinetune.stages.token_plan import (TokenPlan, adapter_parse, check_lora, plan_for_files,
                                          raise_if_unfixable)
-from bootfinetune.stages.rebind import base_limits, base_program, program_class, program_state, rebind_run
+from bootfinetune.stages.rebind import base_limits, base_program
 from bootfinetune.common.redaction import collect_secrets
-from bootfinetune.run.names import folder_names
-from bootfinetune.run.report_html import student_usage, teacher_usage
-from bootfinetune.run.rundir import RunDir, run_name_for
-from bootfinetune.run.runfiles import DataSummary, ModelManifest, RunDescription
+from bootfinetune.common.names import folder_names
+from bootfinetune.run.report_html import student_usage, teacher_usage, write_report_html
+from bootfinetune.run.rundir import RunDir, run_name_of
+from bootfinetune.run.runfiles import DataSummary, RunDescription
+from bootfinetune.pipeline import finetune_and_rebind, stage_label
 from bootfinetune.run.writer import RunWriter, writer_for
-from bootfinetune.runtime.console import quiet_ray, report_held
+from bootfinetune.runtime.console import report_held, set_console_output
 from bootfinetune.common.targets import check_target
 from bootfinetune.training import tracking
-from bootfinetune.stages.traces import TraceStore, example_key, trace_id, trace_identity
+from bootfinetune.run.trace_store import TraceStore, trace_id
+from bootfinetune.stages.traces import example_key, trace_identity
+from bootfinetune.run.storage import check_writable
+from bootfinetune.runtime.ray_env import ensure_ray
 
 logger = logging.getLogger(__name__)
-
-def _short(values: list) -> str:
-    shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
-    return "[" + ", ".join(shown if len(shown) <= 4 else shown[:2] + ["..."] + shown[-2:]) + "]"
-
 
 @dataclass
 class Prepared:
@@ -91,16 +91,6 @@ class Prepared:
                             if key in self.val_data and self.val_data[key].records else None,
                             added_tokens=tuple(self.tokens[key].added_tokens) if key in self.tokens else None)
                 for key in plan.keys()]
-
-
-def run_name_of(inputs: dict[str, Any]) -> str:
-    """The run name a compile's inputs give: the same inputs, the same run, so a rerun resumes.
-
-    `inputs` is what config.json records under "inputs": the program's name, the trace
-    identity, the examples, the training-data adapter and every option but resources.
-    """
-    return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
-                                            "adapter": inputs["adapter"], "options": inputs["options"]})
 
 
 class BootstrapFinetune(Teleprompter):
@@ -179,8 +169,8 @@ class BootstrapFinetune(Teleprompter):
             student, self.options, options=options, int8=int8, peft=peft, path_prefix=path_prefix,
             **{name: value for name, value in documented.items() if name in _given}))
         tracking.check(config.run.mlflow_tracking_uri)  # a tracking URI without mlflow installed stops here
-        with ExitStack() as held:  # the run's writer lock, from before the first teacher call to the end
-            prepared = self._prepare(student, trainset, teacher, valset, config, held, "compile")
+        with ExitStack() as lock_scope:  # the run's writer lock, from before the first teacher call to the end
+            prepared = self._prepare(student, trainset, teacher, valset, config, lock_scope, "compile")
             run, config, writer = prepared.run, prepared.config, prepared.writer
             empty = [k for k, d in prepared.data.items() if d.records == 0]
             if empty:
@@ -188,15 +178,14 @@ class BootstrapFinetune(Teleprompter):
                                     f"{prepared.bootstrap.summary.kept} of {prepared.bootstrap.summary.examples} "
                                     f"examples (failed: {prepared.bootstrap.summary.failed}); see {run.bootstrap_dir}.")
             writer.check()
-            trained = run_stages(run, config, prepared.described, prepared.finetune_jobs(), program=student,
+            trained = finetune_and_rebind(run, config, prepared.described, prepared.finetune_jobs(), program=student,
                                  adapter=resolve_adapter(self.adapter))
             writer.check()
             metric_report, evaluate_stage = self._evaluate(prepared, student, trained.compiled)
             self.report = run.update_report(metric=metric_report, stages={"evaluate": evaluate_stage}).to_json()
-            from bootfinetune.run.report_html import write_report_html
 
             html_path = write_report_html(run)
-            run.sync()
+            run.push()
             tracking.log_compile_result(run.location, self.report)  # into the active MLflow run, if any
         logger.info("done: report %s, %s%s", run.report_json, html_path,
                     f" (uploaded to {run.location})" if run.remote else "")
@@ -215,7 +204,7 @@ class BootstrapFinetune(Teleprompter):
             return result, {"seconds": 0.0}
         b = config.bootstrap
         common = dict(num_threads=b.num_threads, num_actors=b.num_actors, placement=config.train)
-        logger.info("stage 6/6 evaluate: the metric on %d valset examples, before and after", len(valset))
+        logger.info("%s: the metric on %d valset examples, before and after", stage_label("evaluate"), len(valset))
         limits = {j.key: base_limits(j.target, j.train_file, j.added_tokens or (), config) for j in prepared.finetune_jobs()}
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
                             adapter=resolve_adapter(self.adapter), trust_remote_code=config.train.trust_remote_code,
@@ -237,16 +226,45 @@ class BootstrapFinetune(Teleprompter):
         `options` (any `Config` field) override the constructor's for this call. The run's writer
         lock is held while it runs and released when it returns.
         """
-        with ExitStack() as held:
-            return self._prepare(student, trainset, teacher, valset, self.config.replace(**options), held, "prepare")
+        with ExitStack() as lock_scope:
+            config = self.config.replace(**options)
+            return self._prepare(student, trainset, teacher, valset, config, lock_scope, "prepare")
 
     def _prepare(self, student: dspy.Module, trainset: list, teacher: Any, valset: list | None,
-                 config: Config, held: ExitStack, what: str) -> Prepared:
-        """Stages 1-3; the run's writer lock is taken into `held` before anything is written or asked."""
+                 config: Config, lock_scope: ExitStack, operation: str) -> Prepared:
+        """Stages 1-3; the run's writer lock is taken into `lock_scope` before anything is written or asked."""
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher if teacher is not None else student]
+        plan = self._check(student, list(teachers), trainset, valset, config)
+        identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
+        run, writer, store = self._open_run(config, plan, identity, inputs, lock_scope, operation)
+        description = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
+        run.write_description(description)
+        run.push()
+        writer.check()
+        ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
+        set_console_output(config.run.verbose)
+        boot, val_boot = self._bootstrap(run, config, teachers, store, trainset, valset)
+        started = time.time()
+        data, val_data = self._build_datasets(run, config, plan, student, boot, val_boot)
+        tokens = self._token_plans(run, plan, student, config, val_data)
+        run.update_report(stages={
+            "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
+                          "val": asdict(val_boot.summary) if val_boot else None},
+            "data": {"seconds": round(time.time() - started, 3),
+                     "keys": {k: asdict(v) for k, v in data.items()},
+                     "val_keys": {k: asdict(v) for k, v in val_data.items()},
+                     "tokens": {k: p.to_report() for k, p in tokens.items()}},
+        })
+        run.push()
+        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
+                        description, writer)
+
+    def _check(self, student: dspy.Module, teachers: list, trainset: list, valset: list | None,
+               config: Config) -> ProgramPlan:
+        """Stage 1: every problem of the program, teachers, targets, examples and user code, raised at once."""
         if not teachers:
             raise ProgramError("teacher: an empty list; pass a program, a list of programs, or None for the student.")
-        plan = check_program(student, list(teachers), target=config.train.target,
+        plan = check_program(student, teachers, target=config.train.target,
                              multitask=config.bootstrap.multitask, teacher_settings=self.teacher_settings)
         problems = [p for t in dict.fromkeys(plan.target_of.values())
                     if (p := check_target(t, config.train.trust_remote_code))]
@@ -264,43 +282,42 @@ class BootstrapFinetune(Teleprompter):
         if valset and (overlap := valset_overlap(trainset, valset)):
             logger.warning("valset: %d example(s) have the same inputs as trainset examples; the after-metric "
                            "will overstate generalisation. Hold them out of one set.", overlap)
+        return plan
 
-        identity, inputs = self._inputs(config, plan, student, teachers, trainset, valset)
+    def _open_run(self, config: Config, plan: ProgramPlan, identity: dict[str, Any], inputs: dict[str, Any],
+                  lock_scope: ExitStack, operation: str) -> tuple[RunDir, RunWriter, TraceStore]:
+        """The run directory, its writer lock (taken into `lock_scope`) and the trace store; an earlier run's
+        outputs that the changed inputs make stale are dropped."""
         run = RunDir.at(config.run.storage_path, config.run.run_name or run_name_of(inputs))
         if run.remote is not None:  # a bucket that cannot be written fails now, not after bootstrapping
-            from bootfinetune.run.storage import check_writable
-
             problem = check_writable(config.run.storage_path)
             if problem:
                 raise ConfigError([problem])
         # One writer per run: another compile of this run makes this one wait or stop here, naming it.
-        writer = held.enter_context(writer_for(run, config.run, what))
+        writer = lock_scope.enter_context(writer_for(run, config.run, operation))
         run.pull()  # after the lock: what a writer we waited for finished is resumed, not redone
         self.run_dir = run
         if run.config_json.exists():
             invalidate_changed(run, run.read_description().inputs, inputs)
         store = TraceStore.at(config.run.storage_path, plan.program_name, identity)
-        logger.info("stage 1/6 checks: %s, predictors %s -> model(s) %s; run directory %s", plan.program_name,
-                    ", ".join(plan.predictors), ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.location)
+        logger.info("%s: %s, predictors %s -> model(s) %s; run directory %s", stage_label("checks"),
+                    plan.program_name, ", ".join(plan.predictors),
+                    ", ".join(f"{k} ({plan.target_of[k]})" for k in plan.keys()), run.location)
+        return run, writer, store
+
+    def _bootstrap(self, run: RunDir, config: Config, teachers: list, store: TraceStore, trainset: list,
+                   valset: list | None) -> tuple[BootstrapResult, BootstrapResult | None]:
+        """Stage 2: the teachers over the trainset and the valset, on one actor pool; (train, val or None)."""
         secrets = collect_secrets(*(p.lm for t in teachers for p in t.predictors()),
                                   self.teacher_settings.get("lm"), dspy.settings.lm)
-        described = self._describe(config, plan, student, teachers, inputs=inputs, trace_store=store.location)
-        run.write_description(described)
-        run.sync()
-        writer.check()
-        from bootfinetune.runtime.ray_env import ensure_ray
-
-        ensure_ray(config.run.ray_address, log_to_driver=config.run.verbose)
-        quiet_ray(config.run.verbose)
-        # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
-        stage = dict(teachers=list(teachers), metric=self.metric, config=config.bootstrap,
-                     teacher_settings=self.teacher_settings, secrets=secrets, store=store,
-                     settings=self._teacher_settings_in_actors())
-        logger.info("stage 2/6 bootstrap: the teacher over %d trainset and %d valset examples on %d Ray Data "
-                    "actor(s) x %d threads", len(trainset), len(valset or []), config.bootstrap.num_actors,
+        logger.info("%s: the teacher over %d trainset and %d valset examples on %d Ray Data actor(s) x %d threads",
+                    stage_label("bootstrap"), len(trainset), len(valset or []), config.bootstrap.num_actors,
                     config.bootstrap.num_threads)
         splits = {"train": list(trainset), **({"val": list(valset)} if valset else {})}
-        booted = run_bootstrap_splits(run, splits=splits, **stage)  # one actor pool for both splits
+        # The teacher writes its prompts with the adapter in use too (teacher_settings may still name another).
+        booted = run_bootstrap_splits(run, splits=splits, teachers=list(teachers), metric=self.metric,
+                                      config=config.bootstrap, teacher_settings=self.teacher_settings,
+                                      secrets=secrets, store=store, settings=self._teacher_settings_in_actors())
         boot, val_boot = booted["train"], booted.get("val")
         s = boot.summary
         logger.info("  trainset: %d kept of %d, %d failed, %d teacher calls, %d example(s) from the trace store, "
@@ -308,28 +325,20 @@ class BootstrapFinetune(Teleprompter):
                     " (read back)" if boot.resumed else "")
         logger.info("  teacher tokens (trainset and valset): %s",
                     teacher_usage({**asdict(s), "val": asdict(val_boot.summary) if val_boot else {}}))
-        started = time.time()
-        data = build_datasets(run, boot.calls, plan, student, adapter=self.adapter,
-                              exclude_demos=config.bootstrap.exclude_demos,
-                              drop_duplicates=config.bootstrap.drop_duplicates)
-        val_data = build_datasets(run, val_boot.calls, plan, student, adapter=self.adapter,
-                                  exclude_demos=config.bootstrap.exclude_demos,
-                                  drop_duplicates=config.bootstrap.drop_duplicates, split="val") if val_boot else {}
+        return boot, val_boot
+
+    def _build_datasets(self, run: RunDir, config: Config, plan: ProgramPlan, student: dspy.Module,
+                        boot: BootstrapResult, val_boot: BootstrapResult | None
+                        ) -> tuple[dict[str, DataSummary], dict[str, DataSummary]]:
+        """Stage 3: each model key's finetuning data from the kept traces; (train, val) summaries by key."""
+        options = dict(adapter=self.adapter, exclude_demos=config.bootstrap.exclude_demos,
+                       drop_duplicates=config.bootstrap.drop_duplicates)
+        data = build_datasets(run, boot.calls, plan, student, **options)
+        val_data = build_datasets(run, val_boot.calls, plan, student, split="val", **options) if val_boot else {}
         if not val_boot:  # eval files of an earlier valset must not reach a later finetune
             run.remove("data", "val")
-        logger.info("stage 3/6 data: %s", ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
-        tokens = self._token_plans(run, plan, student, config, val_data)
-        run.update_report(stages={
-            "bootstrap": {**asdict(boot.summary), "resumed": boot.resumed,
-                          "val": asdict(val_boot.summary) if val_boot else None},
-            "data": {"seconds": round(time.time() - started, 3),
-                     "keys": {k: asdict(v) for k, v in data.items()},
-                     "val_keys": {k: asdict(v) for k, v in val_data.items()},
-                     "tokens": {k: p.to_report() for k, p in tokens.items()}},
-        })
-        run.sync()
-        return Prepared(run, config, plan, boot, data, val_boot, val_data, list(valset) if valset else None, tokens,
-                        described, writer)
+        logger.info("%s: %s", stage_label("data"), ", ".join(f"{k}: {d.records} records" for k, d in data.items()))
+        return data, val_data
 
     def _token_plans(self, run: RunDir, plan: ProgramPlan, student: dspy.Module, config: Config,
                      val_data: dict[str, DataSummary]) -> dict[str, TokenPlan]:
@@ -367,7 +376,7 @@ class BootstrapFinetune(Teleprompter):
         """config.json: the resolved options and what the plan decided; never an API key."""
         return RunDescription(
             program_class=class_path(student),
-            options=config.to_dict(),  # config.json's writer redacts the URIs in it
+            options=config.to_dict(),  # RunDescription.to_json redacts the URIs in it
             predictors=plan.predictors,
             model_keys={key: {"target": plan.target_of[key], "predictors": plan.predictors_of(key)}
                         for key in plan.keys()},
@@ -381,110 +390,8 @@ class BootstrapFinetune(Teleprompter):
         )
 
 
-@dataclass
-class Trained:
-    """Stages 4-5 done: each model key's manifest, and the program bound to the models when one was rebound."""
-
-    manifests: dict[str, ModelManifest]
-    """Each model key's manifest."""
-    seconds: float
-    """Wall time of the finetune stage."""
-    compiled: dspy.Module | None = None
-    """The program bound to the finetuned models (program.json written), None when not rebound."""
-    program_note: str = "not rebound"
-    """"written", or why program.json was not written."""
-
-
-STAGES = ("checks", "bootstrap", "data", "finetune", "rebind", "evaluate")
-"""The stages, in the one order they run."""
-
-
-def run_stages(run: RunDir, config: Config, described: RunDescription, jobs: list[FinetuneJob], *,
-               to_stage: str = "rebind", program: dspy.Module | None = None, adapter: Any = None,
-               ray_address: str | None = None) -> Trained:
-    """Stage 4 (finetune, report.json's finetune section) then stage 5 (rebind, program.json), in order.
-
-    The caller holds the run's writer lock (`bootfinetune.run.writer`), as compile and retrain do.
-
-    Args:
-        run: The run directory: data/ written, config.json being `described`.
-        config: The run's configuration.
-        described: config.json's record (model keys, adapter, program class).
-        jobs: One finetune job per model key.
-        to_stage: "finetune" stops after training; "rebind" also writes program.json.
-        program: The program to bind (a compile's student); None imports `described.program_class`
-            and skips the rebind, saying why, when it does not import here.
-        adapter: The adapter the models were trained with; None: the one config.json records.
-        ray_address: The Ray cluster to join (default: the config's, else the usual rule).
-    """
-    if to_stage not in ("finetune", "rebind"):
-        raise ValueError(f"to_stage={to_stage!r}: run_stages runs 'finetune' or 'rebind' (stages 4-5).")
-    from bootfinetune.runtime.ray_env import ensure_ray
-
-    runs = tracking.training_runs(config.run.mlflow_tracking_uri, run.location)  # None unless a URI is set
-    ensure_ray(ray_address or config.run.ray_address, log_to_driver=config.run.verbose)
-    quiet_ray(config.run.verbose)
-    started = time.time()
-    t = config.train
-    logger.info("stage 4/6 finetune: %d model(s), %d Ray Train worker(s) per model (%s, zero_stage %s, %d epoch(s), "
-                "bsize %d x accumsteps %d, lr %g)", len(jobs), t.num_workers, "GPU" if t.use_gpu else "CPU",
-                t.zero_stage, t.epochs, t.bsize, t.accumsteps, t.lr)
-    manifests = finetune_models(run, jobs, config.train, tracking=runs)
-    seconds = round(time.time() - started, 3)
-    for key, m in manifests.items():
-        engine = "plain torch" if m.engine.get("engine") == "torch" else f"ZeRO-{m.engine.get('zero_stage', '?')}"
-        logger.info("  model %s: train loss %s, eval loss %s, best epoch %s -> %s; engine %s (%s)", key, _short(
-            m.losses["train"]), _short(m.losses["eval"]), m.best_epoch, run.model_dir(key), engine, m.engine.get("reason"))
-    run.update_report(stages={"finetune": {"seconds": seconds, **{k: m.summary() for k, m in manifests.items()}}})
-    trained = Trained(manifests, seconds)
-    if to_stage == "rebind":
-        trained.compiled, trained.program_note = rebind_stage(run, config, described, program, adapter)
-    run.sync()
-    return trained
-
-
-def rebind_stage(run: RunDir, config: Config, described: RunDescription, program: dspy.Module | None,
-                 adapter: Any = None) -> tuple[dspy.Module | None, str]:
-    """Stage 5: `program` bound to the run's models and saved as program.json; (it, "written") or (None, why not)."""
-    if program is None:
-        try:
-            program = program_class(described.program_class or "", run.config_json)()
-        except Exception as e:  # any import or constructor failure: the models stand, without program.json
-            return None, f"program.json not written: {described.program_class} does not import here ({e})"
-    compiled = rebind_run(program, run, described, inference=config.inference, trust_remote_code=config.train.trust_remote_code,
-                          exclude_demos=config.bootstrap.exclude_demos, adapter=adapter)
-    write_json(run.program_json, program_state(compiled))
-    key_of = described.key_of()
-    logger.info("stage 5/6 rebind: %s", ", ".join(f"{name} -> models/{run.folder(key_of[name])}"
-                                                  for name in described.predictors or key_of))
-    return compiled, "written"
-
-
-def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 8,
-                 num_actors: int = 2, about: dict[str, Any] | None = None, writer_wait_s: float = 0.0) -> dict[str, Any]:
-    """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
-
-    Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in
-    report.json's `evaluations`) and returns what it holds: score, examples, failed, seconds, usage (the
-    program's LM tokens by model), then `about` (what the caller names the valset and metric by); the file also
-    holds `name`. The run's writer lock is held from before the program is read (a compile or another evaluation
-    of the run: `RunBusyError`, or a wait of `writer_wait_s`) until report.json is updated and synced.
-    """
-    from bootfinetune.stages.rebind import load
-
-    run = RunDir.from_location(run_dir)
-    with RunWriter(run, what="evaluate", wait_s=writer_wait_s):
-        program = load(run_dir)  # pulls after the lock: the report updated below is the latest
-        trained = Config.from_dict(run.read_description().options).train  # where its models may run
-        result = evaluate_program(program, valset, metric, num_threads=num_threads, num_actors=num_actors,
-                                  placement=trained)
-        out = {"score": result.score, "examples": len(valset), "failed": result.failed, "seconds": result.seconds,
-               "usage": result.usage, **(about or {})}
-        path = run.evaluation_json(name)
-        write_json(path, {**out, "name": name})
-        run.update_report(evaluations={name: path.name})
-        run.sync()
-    return out
+COMPILE_OPTION_ARGS = tuple(name for name in inspect.signature(BootstrapFinetune.compile).parameters if name in FIELDS)
+"""compile()'s documented arguments that are options of ours under the same name (target, bsize, ... bf16)."""
 
 
 __all__ = ["BootstrapFinetune", "Prepared", "ConfigError", "ProgramError"]

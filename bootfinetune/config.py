@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import os
 import textwrap
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from bootfinetune.errors import ConfigError
-from bootfinetune.run.names import run_name_problem
+from bootfinetune.common.names import run_name_problem
+from bootfinetune.common.suggestions import did_you_mean
 
 DEFAULT_TEACHER_TIMEOUT = 120.0
 """Seconds each attempt of a teacher call may wait (LiteLLM's own default is 600 s): the CLI's and the jobs' teacher
@@ -152,7 +152,7 @@ class TrainConfig:
     says so and why); True or False decide."""
     compile_layers: bool = option(False, resource=True)
     """`torch.compile` each decoder layer (the model's `_no_split_modules` blocks), shapes dynamic: faster steps
-    after a one-time compile of a minute or more, so for runs of many steps; not with ZeRO-3 (skipped, logged)."""
+    after a one-time compile, so for runs of many steps; not with ZeRO-3 (skipped, logged)."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, one small adapter per model."""
     lora_r: int = option(16, at_least=1)
@@ -439,7 +439,5 @@ def unknown_option_problems(options: dict[str, Any]) -> list[str]:
     problems = []
     for name in options:
         if name not in FIELD_OWNER:
-            close = difflib.get_close_matches(name, FIELD_OWNER, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown option {name!r}.{hint} Known options: {', '.join(sorted(FIELD_OWNER))}.")
+            problems.append(f"unknown option {name!r}.{did_you_mean(name, FIELD_OWNER)} Known options: {', '.join(sorted(FIELD_OWNER))}.")
     return problems

@@ -38,8 +38,6 @@ _NO_EQUIVALENT = {
               "use_gpu=False for CPUs",
 }
 _NO_OP_VALUES = {"device": None}
-DOCUMENTED_ARGS = ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")
-"""DSPy 2.4's documented `compile` arguments that are options of ours under the same name."""
 INT8_REFUSED = ("int8=True: bootfinetune does not train 8-bit weights (DSPy 2.4 loaded the model with bitsandbytes "
                 "for it, which Ray Train's DeepSpeed workers do not take). To save memory use peft=True (lora=True: "
                 "only small adapters train), zero_stage=3 (the weights sharded across workers) with "

@@ -1,1 +1,1 @@
-"""Leaf helpers that import nothing of ours: chat records, model strings, import paths, redaction."""
+"""Leaf helpers that import nothing of ours: chat records, model strings, import paths, redaction, folder names."""

@@ -1,1 +1,2 @@
-"""The offline demo: a shipped two-predictor task (`task.py`) and `bootfinetune demo` itself (`run.py`)."""
+"""The offline demo's task (`task.py`) and student (`run.py`, `cache.py`); the `bootfinetune demo` command
+itself is `entrypoints/demo.py`."""

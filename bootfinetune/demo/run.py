@@ -1,61 +1,23 @@
-"""`bootfinetune demo`: the whole compile, offline, on a local Ray cluster.
+"""The demo's student: a small Llama-style model with its own tokenizer, built once into the user's cache.
 
-What it does, in order:
-
-1. builds the task (`bootfinetune.demo.task`): a two-predictor DSPy program that routes
-   shipping tickets, and a synthetic trainset and valset from a seeded generator;
-2. starts the scripted teacher, an OpenAI-compatible endpoint on 127.0.0.1 that stands in
-   for a large model (it is a Python function, not a model; see `teacher_script`), unless
-   `--teacher` names a real LM;
-3. builds the student, a small Llama-style model with its own tokenizer, from a config with
-   random weights (cached, so later runs reuse it), unless `--target` names one;
-4. runs `BootstrapFinetune(...).compile(...)`: bootstrapping on Ray Data, finetuning with
-   Ray Train and DeepSpeed, rebinding, and the metric on the valset before and after;
-5. prints a summary table and the paths of report.json and report.html.
-"""
+Its tokenizer is trained on the demo task's text and its weights are random; `demo_student` is what the
+job configs name as `target` (`bootfinetune.demo.run:demo_student`)."""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-import time
 from pathlib import Path
 
-from bootfinetune.config import FIELDS, TrainConfig
-from bootfinetune.entrypoints.flags import add_config_arguments, config_arguments
-from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
-from bootfinetune.run.report_html import student_usage, teacher_usage
+import dspy
+
+from bootfinetune.demo.cache import default_cache_dir
+from bootfinetune.demo.task import CITIES, ShippingRouter, make_datasets
+from bootfinetune.testing.tiny_models import STAMP, build_tiny_causal
 
 STUDENT = dict(arch="llama", hidden_size=96, num_layers=4, num_heads=4, vocab_size=1024, max_positions=512)
-"""The demo student's shape: about 0.5M parameters, small enough to learn the task on two CPU cores.
-Four narrow layers learn to copy the city out of the ticket far sooner than two wide ones."""
-
-OVERRIDES = dict(epochs=10, bsize=8, lr=2e-3, adam_beta2=0.95, weight_decay=0.1, warmup_ratio=0.05, max_length=96,
-                 max_tokens=24)
-"""The demo's own option values (flags override them; every other option keeps `Config`'s default).
-A model trained from scratch wants a far higher lr than a finetune, and beta2=0.95 lets Adam
-follow the small late gradients. The student learns the answers' format in the first epoch and which
-city the ticket names only later, in a late transition whose timing small numeric differences move;
-weight decay brings that transition early enough that its timing no longer decides the metric
-(bench/RESULTS.md, "The demo's metric"). max_length=96 keeps the last 96 tokens of each prompt and
-answer: DSPy's ChatAdapter opens every prompt with ~100 tokens of instructions that are the same
-in every call, and a model this small learns several times faster without them (the report
-counts the cut prompts; inference cuts them the same way)."""
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bootfinetune"
-
+"""The demo student's shape: a small Llama, trained from random weights on the CPU."""
 
 def student_corpus(trainset: list) -> list[str]:
     """Text the student's tokenizer is trained on: the demo program's prompts and answers."""
-    import dspy
-
-    from bootfinetune.demo.task import CITIES, ShippingRouter
-
     adapter, program = dspy.ChatAdapter(), ShippingRouter()
     texts = []
     for ex in trainset[:300]:
@@ -69,8 +31,6 @@ def student_corpus(trainset: list) -> list[str]:
 
 def build_student(cache_dir: Path, trainset: list) -> tuple[Path, bool]:
     """The demo's student directory (built once, then reused) and whether it was reused."""
-    from bootfinetune.testing.tiny_models import STAMP, build_tiny_causal
-
     path = cache_dir / "demo-student"
     before = (path / STAMP).stat().st_mtime_ns if (path / STAMP).exists() else None
     built = build_tiny_causal(path, corpus=student_corpus(trainset), **STUDENT)
@@ -79,163 +39,4 @@ def build_student(cache_dir: Path, trainset: list) -> tuple[Path, bool]:
 
 def demo_student() -> str:
     """The demo student's folder, built on first use (for job configs: `target: bootfinetune.demo.run:demo_student`)."""
-    from bootfinetune.demo.task import make_datasets
-
     return str(build_student(default_cache_dir(), make_datasets()[0])[0])
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(a) for a, _ in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(b) for _, b in rows) + 2) + "+"
-    out = [line]
-    for a, b in rows:
-        out.append(f"| {a.ljust(width)} | {b.ljust(len(line) - width - 6)} |")
-    out.append(line)
-    return "\n".join(out)
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
-
-
-def summary_rows(report: dict, elapsed: float) -> list[tuple[str, str]]:
-    stages = report.get("stages", {})
-    boot, metric = stages.get("bootstrap", {}), report.get("metric", {})
-    finetune = {k: v for k, v in stages.get("finetune", {}).items() if isinstance(v, dict)}
-    val = boot.get("val") or {}
-    rows = [("trainset examples kept", f"{boot.get('kept')} of {boot.get('examples')} "
-                                       f"({boot.get('failed')} failed, {boot.get('teacher_calls')} teacher calls)"),
-            ("teacher tokens", teacher_usage(boot)),
-            ("student tokens (scoring)", student_usage(stages.get("evaluate", {}))),
-            ("valset examples", f"{val.get('examples', 0)}"),
-            ("models trained", ", ".join(f"{k} ({len(v.get('train_loss') or [])} epochs, best {v.get('best_epoch')})"
-                                         for k, v in finetune.items()) or "none"),
-            ("metric before (base student)", _fmt(metric.get("before"))),
-            ("metric after (finetuned)", _fmt(metric.get("after"))),
-            ("metric teacher", _fmt(metric.get("teacher")))]
-    for name in ("bootstrap", "data", "finetune", "evaluate"):
-        seconds = stages.get(name, {}).get("seconds")
-        if name == "bootstrap" and val.get("seconds"):
-            seconds = (seconds or 0) + val["seconds"]
-        rows.append((f"time: {name}", f"{_fmt(seconds, 1)} s"))
-    rows.append(("time: whole demo", f"{elapsed:.1f} s"))
-    return rows
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """Runs the demo (see the module docstring); returns the exit code."""
-    log = logging.getLogger("bootfinetune")
-    saved = (log.level, log.propagate)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[bootfinetune] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        return _run(args)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
-
-
-def _run(args: argparse.Namespace) -> int:
-    started = time.time()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    import transformers
-
-    from bootfinetune import BootstrapFinetune
-
-    transformers.utils.logging.disable_progress_bar()  # weight loading bars would bury the stage lines
-    from bootfinetune.demo.task import ShippingRouter, make_datasets, metric, teacher_script
-    from bootfinetune.errors import ConfigError
-    from bootfinetune.testing.teacher_server import TeacherServer
-    from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
-
-    def say(message: str) -> None:
-        print(f"[demo {time.time() - started:6.1f}s] {message}", flush=True)
-
-    options = {**OVERRIDES, **config_arguments(args)}
-    target = options.pop("target", None)  # the demo's own --target: None builds the tiny student
-    trainset, valset = make_datasets(args.train_size, args.val_size, seed=options.get("seed", TrainConfig.seed))
-    say(f"task: ShippingRouter (extract -> locate), {len(trainset)} train / {len(valset)} val tickets")
-
-    if target:
-        say(f"student: {target}")
-    else:
-        student_dir, reused = build_student(Path(args.cache_dir), trainset)
-        target = str(student_dir)
-        say(f"student: {'reused' if reused else 'built'} {target} (tiny Llama, random weights, own tokenizer)")
-
-    server = None
-    if args.teacher:
-        try:
-            teacher = teacher_lm(args.teacher, api_base=args.api_base, api_key_env=args.api_key_env,
-                                 option="--api-key-env", timeout=args.teacher_timeout)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        say(f"teacher: {args.teacher}{' at ' + args.api_base if args.api_base else ''}")
-    else:
-        server = TeacherServer(teacher_script, latency=args.teacher_latency).start()
-        teacher = scripted_teacher_lm(server.url)
-        say(f"teacher: scripted stand-in for a large model at {server.url} (an OpenAI-compatible endpoint)")
-
-    import ray
-
-    from bootfinetune.runtime.ray_env import ensure_ray
-
-    # Worker logs stay in the Ray session logs unless --verbose: the stage lines and progress say what happens.
-    ensure_ray(options.get("ray_address"), num_cpus=max(2, os.cpu_count() or 2),  # its line is logged
-               log_to_driver=bool(options.get("verbose")))
-    cpus = int(ray.cluster_resources().get("CPU", 2))
-    if not options.get("use_gpu"):  # the workers share this machine's CPUs
-        options.setdefault("cpus_per_worker", max(1, cpus // options.get("num_workers", TrainConfig.num_workers)))
-    try:
-        tp = BootstrapFinetune(metric=metric, teacher_settings=dict(lm=teacher), **options)
-        compiled = tp.compile(ShippingRouter(), trainset=trainset, valset=valset, target=target)
-    finally:
-        if server is not None:
-            server.stop()
-
-    example = valset[0]
-    try:
-        prediction = compiled(message=example.message)
-        say(f"compiled program on a held-out ticket: {example.message!r} -> city={prediction.city!r}, "
-            f"country={prediction.country!r} (expected {example.country!r})")
-    except Exception as exc:  # an unparsable answer from a weak model is worth seeing, not a crash
-        say(f"compiled program on a held-out ticket raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-
-    report = tp.report
-    print()
-    print(_table(summary_rows(report, time.time() - started)))
-    print()
-    print(f"report.json: {tp.run_dir.report_json}")
-    print(f"report.html: {tp.run_dir.root / 'report.html'}")
-    print(f"run directory: {tp.run_dir.root}  (bootfinetune.load(run_dir) rebuilds the compiled program)")
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's own flags, then one per `Config` field (`--epochs`, `--zero-stage`, ...) at the demo's values.
-
-    `--seed` seeds the task's datasets too; `--target` is the demo's own (default: the tiny student).
-    """
-    p.add_argument("--per-predictor", dest="multitask", action="store_false", default=argparse.SUPPRESS,
-                   help="one model per predictor (--no-multitask)")
-    p.add_argument("--train-size", type=int, default=500, help="training tickets the seeded generator makes")
-    p.add_argument("--val-size", type=int, default=200, help="validation tickets, none of them in the trainset")
-    p.add_argument("--teacher", default=None, help="a real teacher LM (LiteLLM name, e.g. openai/gpt-4o-mini)")
-    p.add_argument("--api-base", default=None, help="the real teacher's OpenAI-compatible base URL")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding the teacher's API key")
-    p.add_argument("--teacher-timeout", type=float, default=DEFAULT_TEACHER_TIMEOUT,
-                   help="seconds each attempt of a real teacher's call may wait (default %(default)g)")
-    p.add_argument("--teacher-latency", type=float, default=0.02, help="seconds the scripted teacher waits per call")
-    p.add_argument("--target", default=argparse.SUPPRESS,
-                   help="finetune this model (directory or hub id) instead of the tiny one")
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the built student is kept")
-    add_config_arguments(p.add_argument_group("bootfinetune options"), [n for n in FIELDS if n != "target"],
-                         defaults=OVERRIDES, aliases={"storage_path": ("--storage",), "num_workers": ("--workers",),
-                                                      "use_gpu": ("--gpus",)})

@@ -26,10 +26,7 @@ CITIES: dict[str, str] = {
     "Porto": "Portugal", "Braga": "Portugal", "Krakow": "Poland", "Gdansk": "Poland",
     "Osaka": "Japan", "Kyoto": "Japan", "Toronto": "Canada", "Calgary": "Canada",
 }
-"""Every city the messages mention, and its country (eight countries, two cities each).
-
-Sixteen cities, so each appears about 30 times in a 500-ticket trainset: enough for the demo's
-0.5M-parameter student, trained from random weights, to learn every one in about a minute of CPU."""
+"""Every city the messages mention, and its country (eight countries, two cities each)."""
 
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivo", "June", "Kai", "Lena",
          "Mo", "Nora", "Omar", "Pia", "Quinn", "Rui", "Sara", "Tom", "Uma", "Vik", "Wen", "Yara", "Zoe"]

@@ -25,9 +25,17 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
+from bootfinetune.common.importpath import resolve
+from bootfinetune.entrypoints import demo
+from bootfinetune.entrypoints.flags import add_config_arguments, config_arguments
 from bootfinetune.entrypoints.jobconfig import IMPORT_PATH
 from bootfinetune.entrypoints.jobs import JOB_HELP, add_job_arguments, run_compile, run_evaluate, run_finetune
+from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT, teacher_lm
+from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
+from bootfinetune.run.report_html import teacher_usage
+from bootfinetune.run.rundir import RunDir
+from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES
+from bootfinetune.serving.auth import key_from
 
 
 def import_object(path: str, flag: str) -> Any:
@@ -36,8 +44,6 @@ def import_object(path: str, flag: str) -> Any:
     Raises:
         ConfigError: naming `flag`, when `path` is not an import path or does not import.
     """
-    from bootfinetune.common.importpath import resolve
-
     if not IMPORT_PATH.match(path):
         raise ConfigError([f"{flag} {path!r}: not an import path; write it as package.module:attr "
                            f"(e.g. {flag} my_pkg.rag:RAG)."])
@@ -94,11 +100,9 @@ def load_examples(path: str, inputs: list[str], flag: str = "--trainset") -> lis
 
 
 def cmd_bootstrap(args) -> int:
-    import dspy
+    import dspy  # reason: the command's start-up must not load DSPy unless it compiles
 
-    from bootfinetune import BootstrapFinetune
-    from bootfinetune.entrypoints.flags import config_arguments
-    from bootfinetune.entrypoints.teachers import teacher_lm
+    from bootfinetune.compiler import BootstrapFinetune  # reason: as above
 
     loaded, problems = {}, []  # every mistake in the arguments at once, before Ray starts
     for flag, load in (("--program", lambda: import_object(args.program, "--program")),
@@ -122,8 +126,6 @@ def cmd_bootstrap(args) -> int:
     print(f"run directory: {prepared.run.root}")
     print(f"bootstrap: {s.examples} examples, {s.kept} kept, {s.failed} failed, {s.teacher_calls} teacher calls, "
           f"{s.seconds:.1f}s{' (read back, teacher not called)' if prepared.bootstrap.resumed else ''}")
-    from bootfinetune.run.report_html import teacher_usage
-
     print(f"  teacher tokens: {teacher_usage(asdict(s))}")
     for name in prepared.plan.predictors:
         print(f"  predictor {name}: {s.per_predictor.get(name, 0)} kept calls -> model key "
@@ -135,8 +137,7 @@ def cmd_bootstrap(args) -> int:
 
 
 def cmd_teacher_server(args) -> int:
-    from bootfinetune.serving.auth import key_from
-    from bootfinetune.testing.teacher_server import TeacherServer
+    from bootfinetune.testing.teacher_server import TeacherServer  # reason: loads the servers and DSPy
 
     server = TeacherServer(import_object(args.script, "--script"), host=args.host, port=args.port,
                            latency=args.latency, api_key=key_from(args.api_key), insecure=args.insecure)
@@ -151,8 +152,7 @@ def cmd_teacher_server(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from bootfinetune.serving.auth import key_from
-    from bootfinetune.serving.ray_serve import serve_run
+    from bootfinetune.serving.ray_serve import model_specs, serve_run  # reason: loads Ray Serve and DSPy
 
     key = key_from(args.api_key)
     url = serve_run(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
@@ -162,9 +162,6 @@ def cmd_serve(args) -> int:
                     max_tokens_ceiling=getattr(args, "max_tokens_ceiling", None),
                     request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                     trust_remote_code=args.trust_remote_code, api_key=key, insecure=args.insecure)
-    from bootfinetune.serving.ray_serve import model_specs
-    from bootfinetune.run.rundir import RunDir
-
     run = RunDir.from_location(args.run_dir)
     for line in serve_banner(run.location, url, sorted(model_specs(run, trust_remote_code=args.trust_remote_code)),
                              keyed=key is not None):
@@ -188,10 +185,6 @@ def serve_banner(location: str, url: str, names: list[str], keyed: bool) -> list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bootfinetune.entrypoints.flags import add_config_arguments
-    from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
-    from bootfinetune.serving.limits import DEADLINE_S, MAX_BODY_BYTES
-
     parser = argparse.ArgumentParser(prog="bootfinetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,12 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bootstrap)
 
     d = sub.add_parser("demo", help="compile a shipped two-predictor program offline, end to end, and report",
-                       description=__import__("bootfinetune.demo.run", fromlist=["x"]).__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    from bootfinetune.demo.run import add_arguments
-
-    add_arguments(d)
-    d.set_defaults(func=lambda args: __import__("bootfinetune.demo.run", fromlist=["x"]).run_demo(args))
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run_demo)
 
     s = sub.add_parser("serve", help="serve a run's finetuned models over an OpenAI-compatible endpoint (Ray Serve)")
     s.add_argument("run_dir", help="a finished compile's run directory (folder or s3:// / gs:// URI)")

@@ -25,7 +25,6 @@ starts, before the first teacher call.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any
 from bootfinetune.config import FIELD_OWNER, Config
 from bootfinetune.errors import ConfigError
 from bootfinetune.common.importpath import resolve
+from bootfinetune.common.suggestions import did_you_mean
 from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run.storage import check_writable, filesystem, is_uri
 from bootfinetune.entrypoints.teachers import DEFAULT_TEACHER_TIMEOUT
@@ -143,8 +143,7 @@ def parse_job_config(raw: dict[str, Any], where: str = "job config", *,
             problems.append(f"{where}: api_key must not be written in a config file; put the key in an environment "
                             f"variable on the cluster and name it: teacher: {{api_key_env: OPENAI_API_KEY}}.")
         elif key not in JOB_KEYS and key not in FIELD_OWNER:
-            close = difflib.get_close_matches(key, sorted(JOB_KEYS | set(FIELD_OWNER)), n=1)
-            problems.append(f"{where}: unknown key {key!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+            problems.append(f"{where}: unknown key {key!r}." + did_you_mean(key, sorted(JOB_KEYS | set(FIELD_OWNER)))
                             + f" Job keys: {', '.join(sorted(JOB_KEYS))}; or any bootfinetune option.")
     for key in need:
         if raw.get(key) in (None, ""):
@@ -215,8 +214,7 @@ def _parse_teacher(where: str, value: Any) -> tuple[TeacherSpec | None, list[str
         problems.append(f"{where}: teacher.api_key must not be written in a config file; set the key in an "
                         f"environment variable on the cluster and name it with teacher.api_key_env.")
     for key in sorted(set(value) - TEACHER_KEYS - {"api_key"}):
-        close = difflib.get_close_matches(key, sorted(TEACHER_KEYS), n=1)
-        problems.append(f"{where}: teacher.{key}: unknown." + (f" Did you mean {close[0]!r}?" if close else "")
+        problems.append(f"{where}: teacher.{key}: unknown." + did_you_mean(key, sorted(TEACHER_KEYS))
                         + f" Known: {', '.join(sorted(TEACHER_KEYS))}.")
     if bool(value.get("model")) == bool(value.get("scripted")):
         problems.append(f"{where}: teacher: give exactly one of model (a LiteLLM name) or scripted (an import path).")

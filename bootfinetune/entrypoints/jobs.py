@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from bootfinetune.errors import BootFinetuneError, ConfigError, ProblemsError
@@ -25,6 +26,10 @@ from bootfinetune.common.redaction import redact_urls_in
 from bootfinetune.entrypoints.jobconfig import (JobConfig, TeacherSpec, check_environment, dataset_problems,
                                                 load_dataset, load_job_config, parse_job_config, resolve_target)
 from bootfinetune.run.rundir import RunDir
+from bootfinetune.entrypoints.jobconfig import parse_set_value
+from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
+from bootfinetune.runtime.console import bars_off, interactive
+from bootfinetune.runtime.ray_env import ensure_ray
 
 log = logging.getLogger("bootfinetune")
 
@@ -37,8 +42,6 @@ class Teacher:
     """The job's teacher LM, and the scripted server behind it when there is one (stopped by `close`)."""
 
     def __init__(self, spec: TeacherSpec | None):
-        from bootfinetune.entrypoints.teachers import scripted_teacher_lm, teacher_lm
-
         self.server = None
         self.lm = None
         if spec is None:
@@ -46,7 +49,7 @@ class Teacher:
         extra = {k: getattr(spec, k) for k in ("temperature", "max_tokens", "num_retries", "timeout")
                  if getattr(spec, k) is not None}
         if spec.scripted:
-            from bootfinetune.testing.teacher_server import TeacherServer
+            from bootfinetune.testing.teacher_server import TeacherServer  # reason: loads the servers and DSPy
 
             # Bootstrap actors may run on other nodes: bind to this node's address when the cluster has several.
             host = "127.0.0.1" if _single_node() else _node_ip()
@@ -87,7 +90,6 @@ def _setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    from bootfinetune.runtime.console import bars_off, interactive
 
     if not interactive():  # a job's log: no redrawn bars, from the first model the config builds on
         bars_off()
@@ -136,8 +138,6 @@ def job_parser(job: str) -> argparse.ArgumentParser:
 
 
 def _connect(job: JobConfig | None, address: str | None) -> None:
-    from bootfinetune.runtime.ray_env import ensure_ray
-
     ensure_ray(address or (job.config.run.ray_address if job else None),
                log_to_driver=bool(job and job.config.run.verbose))  # workers' output: Ray's session logs
 
@@ -149,15 +149,28 @@ def _result(kind: str, **fields: Any) -> int:
     return 0
 
 
+@dataclass
+class ReadyJob:
+    """A compile or bootstrap job made ready to run: the optimizer, its config and the data."""
+
+    teleprompter: Any
+    """The `BootstrapFinetune` the YAML configures."""
+    job: JobConfig
+    trainset: list
+    valset: list | None
+    compile_args: dict[str, Any]
+    """compile()'s documented arguments the YAML gives (e.g. target)."""
+
+
 @contextlib.contextmanager
-def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, list, list | None, dict[str, Any]]]:
-    """Checks the config and the environment, connects, loads the data, starts the teacher; yields
-    (BootstrapFinetune, job, trainset, valset, compile() arguments) and stops the teacher after."""
+def _ready_job(args: argparse.Namespace) -> Iterator[ReadyJob]:
+    """Checks the config and the environment, connects, loads the data, starts the teacher; yields the job
+    ready to run and stops the teacher after."""
     _setup_logging()
     job = load_job_config(args.config, args.set)
     check_environment(job)  # before Ray starts: a missing file, key variable or bucket is the user's to fix
     _connect(job, args.ray_address)
-    from bootfinetune import BootstrapFinetune
+    from bootfinetune.compiler import BootstrapFinetune  # reason: loads DSPy; the command starts without it
 
     trainset, valset = load_dataset(job.trainset), (load_dataset(job.valset) if job.valset else None)
     teacher = Teacher(job.teacher)
@@ -165,7 +178,7 @@ def _teleprompter(args: argparse.Namespace) -> Iterator[tuple[Any, JobConfig, li
         options, train_args = _split_options(job)
         tp = BootstrapFinetune(metric=resolve(job.metric) if job.metric else None,
                                teacher_settings={"lm": teacher.lm} if teacher.lm else {}, **options)
-        yield tp, job, trainset, valset, train_args
+        yield ReadyJob(tp, job, trainset, valset, train_args)
     finally:
         teacher.close()
 
@@ -174,16 +187,18 @@ def run_compile(args: argparse.Namespace) -> int:
     """The compile job (`ray_jobs/compile.py`, `bootfinetune compile`): a YAML config -> a compiled program
     and its run directory."""
     started = time.time()
-    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
-        tp.compile(_program(job), trainset=trainset, valset=valset, **train_args)
+    with _ready_job(args) as ready:
+        tp = ready.teleprompter
+        tp.compile(_program(ready.job), trainset=ready.trainset, valset=ready.valset, **ready.compile_args)
     return _result("compile", run_dir=tp.run_dir.location, metric=tp.report.get("metric"),
                    seconds=round(time.time() - started, 1))
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     """The bootstrap job (`ray_jobs/bootstrap.py`): checks, bootstrapping and the data stage only."""
-    with _teleprompter(args) as (tp, job, trainset, valset, train_args):
-        prepared = tp.prepare(_program(job), trainset=trainset, valset=valset, **train_args)
+    with _ready_job(args) as ready:
+        prepared = ready.teleprompter.prepare(_program(ready.job), trainset=ready.trainset, valset=ready.valset,
+                                              **ready.compile_args)
     s = prepared.bootstrap.summary
     return _result("bootstrap", run_dir=prepared.run.location, kept=s.kept, examples=s.examples, failed=s.failed,
                    records={k: d.records for k, d in prepared.data.items()})
@@ -199,9 +214,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     happens (num_workers changes the global batch: a new run).
     """
     _setup_logging()
-    from bootfinetune.compiler import run_stages
-    from bootfinetune.entrypoints.jobconfig import parse_set_value
-    from bootfinetune.entrypoints.retrain import prepare_retrain
+    from bootfinetune.pipeline import finetune_and_rebind  # reason: loads DSPy; the command starts without it
+    from bootfinetune.entrypoints.retrain import prepare_retrain  # reason: as above
 
     options = {}
     if args.config:
@@ -215,7 +229,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         options[key] = parse_set_value(value)
     ready = prepare_retrain(args.run_dir, **options)
     with ready.writer:  # held since prepare_retrain: one writer per run
-        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="rebind",
+        trained = finetune_and_rebind(ready.run, ready.config, ready.description, ready.jobs, to_stage="rebind",
                              ray_address=args.ray_address)
     run = ready.run
     return _result("finetune", run_dir=run.location, models={k: str(run.model_dir(k)) for k in trained.manifests},
@@ -227,7 +241,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """The evaluate job (`ray_jobs/evaluate.py`, `bootfinetune evaluate`): scores a finished run's compiled
     program on the config's valset, over Ray, into the run's `evaluations/{name}.json`."""
     _setup_logging()
-    from bootfinetune.compiler import evaluate_run
+    from bootfinetune.pipeline import evaluate_run  # reason: loads DSPy; the command starts without it
 
     job = load_job_config(args.config, args.set, need=("valset", "metric"))
     problems = dataset_problems(job, ("valset",))
@@ -269,10 +283,10 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
 def _split_options(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(constructor options, compile()'s documented arguments), the target resolved when it is an import path."""
-    from bootfinetune.dspy_api import DOCUMENTED_ARGS  # loads DSPy: only once the job has been checked
+    from bootfinetune.compiler import COMPILE_OPTION_ARGS  # reason: loads DSPy; the command starts without it
 
     options = dict(job.options)
-    args = {k: options.pop(k) for k in DOCUMENTED_ARGS if k in options}
+    args = {k: options.pop(k) for k in COMPILE_OPTION_ARGS if k in options}
     if "target" in args:
         args["target"] = resolve_target(args["target"])
     return options, args

@@ -27,7 +27,6 @@ DSPy keeps `provider` out of an LM's saved state: after `program.load(...)`, set
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import threading
 from pathlib import Path
@@ -36,17 +35,19 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
-from bootfinetune.compiler import run_stages
+from bootfinetune.pipeline import finetune_and_rebind
+from bootfinetune.common.suggestions import did_you_mean
 from bootfinetune.dspy_api import translate_train_kwargs
 from bootfinetune.common.chat import LOCAL_API_KEY, ROLES, ends_with_answer, first_bad_message
 from bootfinetune.config import FIELD_OWNER, Config, RunOptions, TrainConfig, identity_options
 from bootfinetune.errors import ConfigError, TrainDataError
-from bootfinetune.stages.finetune import FinetuneJob
-from bootfinetune.run.jsonio import fingerprint, write_jsonl
+from bootfinetune.stages.finetune_job import FinetuneJob
+from bootfinetune.run.jsonio import fingerprint
 from bootfinetune.run.rundir import RunDir, run_name_for
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import writer_for
 from bootfinetune.common.targets import check_target, finetuned_model_id, model_path
+from bootfinetune.serving.serve import serve_model, stop_model
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,6 @@ class RayFinetuneProvider(Provider):
         max_tokens_ceiling, batch_size, trust_remote_code, request_timeout, api_key (the key the server asks
         for and the LM sends; needed off loopback) and insecure (serve off loopback without one).
         """
-        from bootfinetune.serving.serve import serve_model
-
         inference = self._config.inference
         options = {"max_tokens": inference.max_tokens, "max_tokens_ceiling": inference.max_tokens_ceiling,
                    "batch_size": inference.generate_batch_size,
@@ -275,8 +274,6 @@ class RayFinetuneProvider(Provider):
 
     def kill(self, lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
         """Stops the server of the LM's model (if one runs) and frees its weights; calls fail until launch."""
-        from bootfinetune.serving.serve import stop_model
-
         try:
             model = resolve_base_model(lm.model)
         except ConfigError:
@@ -297,16 +294,16 @@ def _train(run: RunDir, config: Config, train_data: list[dict[str, Any]]) -> Mod
     """Writes the data and config.json, trains key "all" (or finds it trained), and returns its manifest."""
     rows = [{"messages": row["messages"], "predictor": PREDICTOR, "example_index": i}
             for i, row in enumerate(train_data)]
-    write_jsonl(run.data_file(MODEL_KEY), rows)
+    run.write_data(MODEL_KEY, rows)
     options = config.to_dict()
-    described = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
+    description = RunDescription(options={"train": options["train"], "run": options["run"]}, predictors=[PREDICTOR],
                                model_keys={MODEL_KEY: {"target": config.train.target, "predictors": [PREDICTOR]}},
                                provider=RayFinetuneProvider.__name__, base_model=config.train.target,
                                train_data_format="chat", records=len(rows))
-    run.write_description(described)
+    run.write_description(description)
     job = FinetuneJob(key=MODEL_KEY, target=config.train.target, predictors=(PREDICTOR,),
                       train_file=run.data_file(MODEL_KEY))
-    manifest = run_stages(run, config, described, [job], to_stage="finetune").manifests[MODEL_KEY]
+    manifest = finetune_and_rebind(run, config, description, [job], to_stage="finetune").manifests[MODEL_KEY]
     log.info("model %s finetuned on %d rows: %s", config.train.target, len(rows), run.model_dir(MODEL_KEY))
     return manifest
 
@@ -315,6 +312,4 @@ def _option_problem(name: str) -> str:
     if name in FIELD_OWNER:
         return (f"{name!r} is a {FIELD_OWNER[name]} option of the compiler; a provider is handed finished "
                 f"training data and trains the model its LM names, so drop {name!r}.")
-    close = difflib.get_close_matches(name, PROVIDER_OPTIONS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown option {name!r}.{hint} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."
+    return f"unknown option {name!r}.{did_you_mean(name, PROVIDER_OPTIONS)} Provider options: {', '.join(sorted(PROVIDER_OPTIONS))}."

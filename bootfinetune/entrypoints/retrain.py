@@ -22,11 +22,11 @@ from typing import Any
 
 from dataclasses import dataclass, replace
 
-from bootfinetune.compiler import run_name_of, run_stages
+from bootfinetune.pipeline import finetune_and_rebind
 from bootfinetune.config import FIELD_OWNER, RESOURCE_OPTIONS, Config, identity_options
 from bootfinetune.errors import ConfigError
-from bootfinetune.stages.finetune import FinetuneJob
-from bootfinetune.run.rundir import RunDir
+from bootfinetune.stages.finetune_job import FinetuneJob
+from bootfinetune.run.rundir import RunDir, run_name_of
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter, writer_for
 
@@ -38,13 +38,13 @@ RETRAINABLE_GROUPS = ("train", "inference")
 
 @dataclass
 class Retrain:
-    """A retrain made ready: where it trains, with what, and the jobs (`compiler.run_stages` runs them)."""
+    """A retrain made ready: where it trains, with what, and the jobs (`pipeline.finetune_and_rebind` runs them)."""
 
     run: RunDir
     """The run directory the models are written to (the old one, or a new one beside it)."""
     config: Config
     """The configuration with the options changed."""
-    described: RunDescription
+    description: RunDescription
     """Its config.json (written)."""
     jobs: list[FinetuneJob]
     """One job per model key, on the run's saved data."""
@@ -71,7 +71,7 @@ def retrain(run_dir: str, *, ray_address: str | None = None, **options: Any) -> 
     """
     ready = prepare_retrain(run_dir, **options)
     with ready.writer:
-        trained = run_stages(ready.run, ready.config, ready.described, ready.jobs, to_stage="finetune",
+        trained = finetune_and_rebind(ready.run, ready.config, ready.description, ready.jobs, to_stage="finetune",
                              ray_address=ray_address)
     return ready.run, trained.manifests
 
@@ -90,9 +90,9 @@ def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
     if not run.config_json.exists() or not run.data_dir.exists():
         raise ConfigError([f"run_dir {run_dir}: no config.json or data/ there; run the bootstrap (or compile) "
                            f"first and pass the run directory it printed."])
-    described = run.read_description()
-    flat = described.flat_options()
-    if described.recorded_remote_code(run.config_json) and options.get("trust_remote_code") is not True:
+    description = run.read_description()
+    flat = description.flat_options()
+    if description.recorded_remote_code(run.config_json) and options.get("trust_remote_code") is not True:
         raise ConfigError([f"run_dir {run.location}: its models were trained with trust_remote_code=True, which lets "
                            f"the target's own code run; a run directory never turns it on by itself: pass "
                            f"trust_remote_code=True (--set trust_remote_code=true) if you trust the run and its target."])
@@ -108,26 +108,26 @@ def prepare_retrain(run_dir: str, **options: Any) -> Retrain:
         raise ConfigError(["target: retrain takes one target for every model key; compile again for a "
                            "per-predictor target."])
     model_keys = {key: {**spec, "target": options["target"]} if "target" in options else spec
-                  for key, spec in described.model_keys.items()}
-    described = replace(described, options=config.to_dict(), model_keys=model_keys)
+                  for key, spec in description.model_keys.items()}
+    description = replace(description, options=config.to_dict(), model_keys=model_keys)
     dest = run
     if changed and not flat.get("run_name"):
-        if described.inputs is None:
+        if description.inputs is None:
             raise ConfigError([f"run_dir {run_dir}: made by an older bootfinetune (config.json records no inputs); "
                                f"compile again with the new options."])
-        inputs = {**described.inputs,
+        inputs = {**description.inputs,
                   "options": identity_options(config)}
         dest = run.sibling(run_name_of(inputs))
-        described.inputs = inputs
+        description.inputs = inputs
     writer = writer_for(dest, config.run, "retrain").acquire()
     try:
-        return _write_retrain(run, dest, described, config, changed, model_keys, writer)
+        return _write_retrain(run, dest, description, config, changed, model_keys, writer)
     except BaseException:
         writer.release()
         raise
 
 
-def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config: Config,
+def _write_retrain(run: RunDir, dest: RunDir, description: RunDescription, config: Config,
                    changed: dict[str, tuple[Any, Any]], model_keys: dict[str, dict], writer: RunWriter) -> Retrain:
     """prepare_retrain's writes, under `dest`'s writer lock: the seed, config.json, the jobs."""
     if dest != run:
@@ -135,7 +135,7 @@ def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config:
     if changed:
         log.info("training the traces of %s with %s into %s (no teacher call)", run.name,
                  ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), dest.location)
-    dest.write_description(described)
+    dest.write_description(description)
     # The tokens compile added (decided with the run's adapter) are reused, so the models of a retrain
     # tokenize as the compiled run's do; a run recorded without them is checked again in finetune_models.
     report = dest.update_report(retrained_from=run.location if dest != run else None)
@@ -148,7 +148,7 @@ def _write_retrain(run: RunDir, dest: RunDir, described: RunDescription, config:
         jobs.append(FinetuneJob(key=key, target=spec["target"], predictors=tuple(spec["predictors"]),
                                 train_file=train_file, eval_file=eval_file if eval_file.exists() else None,
                                 added_tokens=report.data_tokens(key)))
-    return Retrain(dest, config, described, jobs, writer)
+    return Retrain(dest, config, description, jobs, writer)
 
 
 def _seed(src: RunDir, dest: RunDir) -> None:

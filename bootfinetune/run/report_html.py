@@ -262,9 +262,5 @@ table.facts th{font-weight:500;color:#374151}.chart{display:block;margin:8px 0}
 
 def write_report_html(run: RunDir, *, title: str | None = None) -> Path:
     """Writes `report.html` beside `report.json` and returns its path."""
-    from bootfinetune.run.jsonio import atomic_write
-
     report = {**run.read_report().to_json(), "run_dir": str(run.root)}
-    path = run.path("report.html")
-    atomic_write(path, render_report(report, title=title or f"bootfinetune: {run.root.name}"))
-    return path
+    return run.write_report_page(render_report(report, title=title or f"bootfinetune: {run.root.name}"))

@@ -3,42 +3,48 @@
 ```
 {storage_path}/{run_name}/
   config.json        resolved configuration (no secrets)
-  bootstrap/         calls.jsonl, failures.jsonl, summary.json (written last: the stage is done)
+  bootstrap/         {split}.calls.jsonl, {split}.failures.jsonl, {split}.summary.json (written last: done)
   data/{folder}.jsonl   finetuning records (chat messages) per model key
   models/{folder}/      Hugging Face export + manifest.json (written last: the model is done)
-  checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest)
-  report.json           counts, losses, metrics, time and tokens per stage
+  checkpoints/{folder}/ that key's resumable checkpoints (epoch_{NNN}/: its best epoch and its latest) and
+                        bootfinetune_job.json (what they were trained on)
+  report.json           counts, losses, metrics, time and tokens per stage (report.html: drawn as a page)
   program.json          the compiled program's state
   evaluations/{name}.json  scores of the evaluate job
   writer.lock           held (flock) by the one process writing the run, naming it (`bootfinetune.run.writer`)
 ```
 
 `{folder}` is the model key's safe folder name, recorded in config.json (`folders`; the key itself
-when it is a safe name, see `bootfinetune.run.names`). Every path handed out here is checked to stay
-inside the run (`names.inside`), and so is every delete (`remove`, `remove_checkpoints`).
+when it is a safe name, see `bootfinetune.common.names`). Every path handed out here is checked to stay
+inside the run (`paths.inside`), and so is every delete (`remove`, `remove_checkpoints`).
 
-Files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
+Every run file is read and written here, each JSON file through its record (`bootfinetune.run.runfiles`);
+files are written to a temporary name and renamed (`bootfinetune.run.jsonio`), so a crash never
 leaves a half file where a finished one is expected.
 
-`storage_path` may also be a cloud URI (`s3://`, `gs://`): `root` is then a local mirror of
-`{uri}/{run_name}` (see `bootfinetune.run.storage`), `pull()` fetches the URI's files into it and
-`sync()` uploads what a stage wrote. For a folder both are no-ops.
+`storage_path` may also be a cloud URI (`s3://`, `gs://`): a run directory is a `Mirror`, so `root` is
+then a local mirror of `{uri}/{run_name}`, `pull()` fetches the URI's files into it and `push()` uploads
+what a stage wrote. For a folder both are no-ops.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
-from bootfinetune.common.redaction import redact_uri
 from bootfinetune.run import storage
-from bootfinetune.run.jsonio import fingerprint, fsync_folder, read_json, write_json
-from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, checked_folder, folder_names, inside, inside_uri,
-                                    run_name_problem, safe_name)
-from bootfinetune.run.runfiles import ModelManifest, RunDescription, RunReport, read_record
+from bootfinetune.run.jsonio import (atomic_write, fingerprint, fsync_folder, iter_jsonl, read_json, write_json,
+                                     write_jsonl)
+from bootfinetune.common.names import SLUG_LENGTH, folder_names, run_name_problem, safe_name
+from bootfinetune.run.mirror import Mirror
+from bootfinetune.run.paths import RunPathError, checked_folder, inside, inside_uri
+from bootfinetune.run.runfiles import (BootstrapSummary, JobStamp, ModelManifest, RunDescription, RunFileError,
+                                       RunReport, read_record)
 
 
 def run_name_for(program_name: str, inputs: Any) -> str:
@@ -51,6 +57,16 @@ def run_name_for(program_name: str, inputs: Any) -> str:
     return f"{slug}-{fingerprint(inputs)}"  # a safe name (`names.is_safe_name`): at most 73 characters
 
 
+def run_name_of(inputs: dict[str, Any]) -> str:
+    """The run name a compile's inputs give: the same inputs, the same run, so a rerun resumes.
+
+    `inputs` is what config.json records under "inputs": the program's name, the trace
+    identity, the examples, the training-data adapter and every option but resources.
+    """
+    return run_name_for(inputs["program"], {"traces": inputs["traces"], "examples": fingerprint(inputs["examples"]),
+                                            "adapter": inputs["adapter"], "options": inputs["options"]})
+
+
 def _check_run_name(run_name: str) -> None:
     problem = run_name_problem(run_name)
     if problem:
@@ -58,56 +74,25 @@ def _check_run_name(run_name: str) -> None:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """Paths inside one run directory. Nothing is created until a stage writes."""
-
-    root: Path
-    remote: str | None = None
-    """The run's cloud URI when storage_path is one (root is then its local mirror), else None."""
+class RunDir(Mirror):
+    """Paths inside one run directory (a `Mirror`: its folder, and its URI on cloud storage). Nothing is
+    created until a stage writes."""
 
     @classmethod
     def at(cls, storage_path: str, run_name: str) -> "RunDir":
         """The run directory `run_name` under `storage_path`; a name that is not a safe name (`?`, `#`, `%`,
-        `/`, NUL, too long) is refused (`names.RunPathError`): appended to a URI it would change what it names."""
+        `/`, NUL, too long) is refused (`paths.RunPathError`): appended to a URI it would change what it names."""
         _check_run_name(run_name)
-        return cls(*storage.place(storage_path, run_name))
-
-    @classmethod
-    def from_location(cls, location: str | os.PathLike) -> "RunDir":
-        """A run directory named by its folder or its URI (`s3://bucket/runs/Name-1a2b3c`)."""
-        text = str(location)
-        if storage.is_uri(text):
-            return cls(storage.mirror_of(text), text)
-        return cls(Path(text).expanduser().resolve())
+        return cls.under(storage_path, run_name)
 
     def sibling(self, run_name: str) -> "RunDir":
         """The run directory named `run_name` beside this one (same folder or same URI prefix)."""
         _check_run_name(run_name)
         if self.remote is None:
             return RunDir(self.root.parent / run_name)
-        from urllib.parse import urlsplit, urlunsplit
-
         s = urlsplit(self.remote)
         parent = s.path.rstrip("/").rpartition("/")[0]
-        remote = urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment))
-        return RunDir(storage.mirror_of(remote), remote)
-
-    @property
-    def location(self) -> str:
-        """Where the run lives for users (logs, messages, config.json): its URI without credentials, or its folder."""
-        return redact_uri(self.remote) if self.remote else str(self.root)
-
-    def pull(self) -> int:
-        """Fetches the URI's files into the mirror (resume, load elsewhere); 0 for a folder."""
-        if self.remote is None:
-            return 0
-        return storage.pull(self.remote, self.root)
-
-    def sync(self) -> int:
-        """Uploads what changed in the mirror to the URI (markers last); 0 for a folder."""
-        if self.remote is None:
-            return 0
-        return storage.push(self.root, self.remote)
+        return RunDir.from_location(urlunsplit((s.scheme, s.netloc, f"{parent}/{run_name}", s.query, s.fragment)))
 
     def checkpoint_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig: checkpoints/ on the URI, or the folder."""
@@ -135,19 +120,17 @@ class RunDir:
         return self._uri("models", self.folder(key))
 
     def path(self, *parts: str) -> Path:
-        """`root/parts`, refused (`names.RunPathError`) when it resolves outside the run: every path of the run
+        """`root/parts`, refused (`paths.RunPathError`) when it resolves outside the run: every path of the run
         goes through here."""
         return inside(self.root, *parts)
 
     def _uri(self, *parts: str) -> str:
-        """The run's URI with `parts` appended, checked to stay under it (`names.inside_uri`)."""
+        """The run's URI with `parts` appended, checked to stay under it (`paths.inside_uri`)."""
         inside_uri(str(self.remote), *parts)
         return storage.join_uri(str(self.remote), *parts)
 
     def remove(self, *parts: str) -> None:
         """Deletes the folder `root/parts` and what it holds (checked to be inside the run first)."""
-        import shutil
-
         path = self.path(*parts)
         if path.is_symlink():  # a link inside the run pointing in: drop the link, never what it points at
             path.unlink()
@@ -166,8 +149,8 @@ class RunDir:
 
     def _folders(self) -> dict[str, str]:
         try:
-            folders = read_json(self.config_json).get("folders")
-        except (OSError, ValueError, AttributeError):
+            folders = self.read_description().folders
+        except (OSError, ValueError, RunFileError):
             return {}
         return folders if isinstance(folders, dict) else {}
 
@@ -183,17 +166,28 @@ class RunDir:
     def bootstrap_dir(self) -> Path:
         return self.path("bootstrap")
 
-    @property
-    def calls_jsonl(self) -> Path:
-        return self.bootstrap_dir / "calls.jsonl"
+    def bootstrap_file(self, split: str, part: str) -> Path:
+        """bootstrap/{split}.{part}: part is "calls.jsonl", "failures.jsonl" or "summary.json"."""
+        return self.path("bootstrap", f"{split}.{part}")
 
-    @property
-    def failures_jsonl(self) -> Path:
-        return self.bootstrap_dir / "failures.jsonl"
+    def read_bootstrap(self, split: str) -> tuple[Iterator[dict], Iterator[dict], BootstrapSummary] | None:
+        """A finished bootstrap of `split`: (its calls, its failures, as dicts; its summary), or None unfinished."""
+        summary = self.bootstrap_file(split, "summary.json")
+        if not summary.exists():
+            return None
+        return (iter_jsonl(self.bootstrap_file(split, "calls.jsonl")),
+                iter_jsonl(self.bootstrap_file(split, "failures.jsonl")), read_record(BootstrapSummary, summary))
 
-    @property
-    def bootstrap_summary(self) -> Path:
-        return self.bootstrap_dir / "summary.json"
+    def write_bootstrap(self, split: str, calls: Iterable[dict], failures: Iterable[dict],
+                        summary: BootstrapSummary) -> None:
+        """Writes a bootstrap of `split`; the summary last: its presence marks the stage done."""
+        write_jsonl(self.bootstrap_file(split, "calls.jsonl"), calls)
+        write_jsonl(self.bootstrap_file(split, "failures.jsonl"), failures)
+        write_json(self.bootstrap_file(split, "summary.json"), summary.to_json())
+
+    def forget_bootstrap(self, split: str) -> None:
+        """Marks the bootstrap of `split` unfinished (its summary deleted): the next compile runs it again."""
+        self.bootstrap_file(split, "summary.json").unlink(missing_ok=True)
 
     @property
     def data_dir(self) -> Path:
@@ -203,6 +197,10 @@ class RunDir:
         """data/{folder}.jsonl, or data/{split}/{folder}.jsonl for another split ("val")."""
         name = f"{self.folder(key)}.jsonl"
         return self.path("data", name) if split == "train" else self.path("data", split, name)
+
+    def write_data(self, key: str, rows: Iterable[dict], split: str = "train") -> int:
+        """Writes model key `key`'s finetuning records of `split` (`data_file`); returns how many."""
+        return write_jsonl(self.data_file(key, split), rows)
 
     @property
     def models_dir(self) -> Path:
@@ -218,6 +216,14 @@ class RunDir:
         """checkpoints/{folder}: model key `key`'s checkpoints (`epoch_{NNN}/`), in the local folder or mirror."""
         return self.path("checkpoints", self.folder(key))
 
+    def read_job_stamp(self, key: str) -> JobStamp | None:
+        """What model key `key`'s checkpoints were trained on, or None when they carry no stamp."""
+        path = self.checkpoint_dir(key) / JobStamp.FILE
+        return read_record(JobStamp, path) if path.exists() else None
+
+    def write_job_stamp(self, stamp: JobStamp) -> None:
+        write_json(self.checkpoint_dir(stamp.key) / JobStamp.FILE, stamp.to_json())
+
     def evaluation_json(self, name: str) -> Path:
         """evaluations/{safe name}.json: an evaluation's scores (report.json's `evaluations` maps the name to it)."""
         known = self.read_report().evaluations if self.report_json.exists() else {}
@@ -228,9 +234,22 @@ class RunDir:
     def report_json(self) -> Path:
         return self.path("report.json")
 
+    def write_evaluation(self, name: str, scores: dict[str, Any]) -> None:
+        """Writes evaluations/{file}.json (`scores` and `name`) and records the file in report.json's `evaluations`."""
+        path = self.evaluation_json(name)
+        write_json(path, {**scores, "name": name})
+        self.update_report(evaluations={name: path.name})
+
     @property
     def program_json(self) -> Path:
         return self.path("program.json")
+
+    def read_program(self) -> dict[str, Any]:
+        """program.json: the compiled program's state (`dspy.Module.dump_state`)."""
+        return read_json(self.program_json)
+
+    def write_program(self, state: dict[str, Any]) -> None:
+        write_json(self.program_json, state)
 
     def manifest_json(self, key: str) -> Path:
         """models/{key}/manifest.json: written last, its presence means the model is finished."""
@@ -298,3 +317,9 @@ class RunDir:
         report = self.read_report().merge(**sections)
         write_json(self.report_json, report.to_json())
         return report
+
+    def write_report_page(self, html: str) -> Path:
+        """Writes report.html (report.json drawn as a page) and returns its path."""
+        path = self.path("report.html")
+        atomic_write(path, html)
+        return path

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILES_VERSION = 2
 """The version every run file is written with; files up to it are read.
-2: config.json's `folders` and a manifest's `folder` (a model key's folder name, `run.names`)."""
+2: config.json's `folders` and a manifest's `folder` (a model key's folder name, `common.names`)."""
 
 _R = TypeVar("_R")
 
@@ -106,7 +106,7 @@ class RunDescription:
     model_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Model key -> {"target": base model, "predictors": [names it serves]}."""
     folders: dict[str, str] = field(default_factory=dict)
-    """Model key -> its folder under data/, models/ and checkpoints/ (`run.names.folder_names`); readers use
+    """Model key -> its folder under data/, models/ and checkpoints/ (`common.names.folder_names`); readers use
     this, never the key. Empty in runs before version 2, whose folders were the keys."""
     teachers: list[dict[str, Any]] = field(default_factory=list)
     """Per teacher: predictor name -> its LM's identity."""
@@ -119,7 +119,7 @@ class RunDescription:
     adapter: dict[str, Any] | None = None
     """The DSPy adapter as `adapters.adapter_spec` records it."""
     inputs: dict[str, Any] | None = None
-    """What the run name hashes (`compiler.run_name_of`); None in runs made before it was recorded."""
+    """What the run name hashes (`rundir.run_name_of`); None in runs made before it was recorded."""
     trace_store: str | None = None
     """Where the run's teacher traces are kept."""
     provider: str | None = None
@@ -181,10 +181,10 @@ class RunDescription:
         return {name: key for key, spec in self.model_keys.items() for name in spec["predictors"]}
 
 
-def warn_untrusted(described: RunDescription, trusted: bool, source: Any) -> None:
+def warn_untrusted(description: RunDescription, trusted: bool, source: Any) -> None:
     """Says (a warning) that a run trained with `trust_remote_code=True` is read without it, as the caller did not
     pass it: its models may then fail to load, and the fix is the caller's to make."""
-    if described.recorded_remote_code(source) and not trusted:
+    if description.recorded_remote_code(source) and not trusted:
         log.warning("%s: the run was trained with trust_remote_code=True; its models load without their own code "
                     "unless you pass trust_remote_code=True (--trust-remote-code), if you trust the run directory.",
                     source)
@@ -371,6 +371,32 @@ class ModelManifest:
 
 
 @dataclass
+class JobStamp:
+    """checkpoints/{folder}/bootfinetune_job.json: what the checkpoints there were trained on (a mismatch starts
+    the key over). The file holds no `version`."""
+
+    FILE = "bootfinetune_job.json"
+
+    job_fingerprint: str = ""
+    """The job's fingerprint (`stages.fingerprints.job_fingerprint`)."""
+    key: str = ""
+    """The model key."""
+    target: str = ""
+    """The base model."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys of the file this record does not know (kept, written back)."""
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any = FILE) -> "JobStamp":
+        return cls(**_fields(cls, data, source))
+
+    def to_json(self) -> dict[str, Any]:
+        out = _to_json(self)
+        out.pop("version")
+        return out
+
+
+@dataclass
 class RunReport:
     """report.json: counts, losses, metrics, time and tokens per stage.
 
@@ -387,7 +413,7 @@ class RunReport:
     retrained_from: str | None = None
     """The run whose traces a retrain trained again, if this run is a retrain's."""
     evaluations: dict[str, str] = field(default_factory=dict)
-    """Evaluation name -> its file under evaluations/ (a safe name, `run.names.safe_name`)."""
+    """Evaluation name -> its file under evaluations/ (a safe name, `common.names.safe_name`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (kept, written back)."""
 
@@ -425,4 +451,4 @@ class RunReport:
 
 
 __all__ = ["RUN_FILES_VERSION", "RunFileError", "RunDescription", "BootstrapSummary", "DataSummary",
-           "ModelManifest", "RunReport", "read_record", "warn_untrusted"]
+           "ModelManifest", "JobStamp", "RunReport", "read_record", "warn_untrusted"]

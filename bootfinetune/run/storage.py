@@ -37,7 +37,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from bootfinetune.run.jsonio import read_json, write_json
-from bootfinetune.run.names import inside
+from bootfinetune.run.paths import inside
 from bootfinetune.common.redaction import redact_uri, redact_urls_in
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,11 @@ class StorageError(OSError):
     without credentials."""
 
 
-def retrying(what: str, uri: str, fn: Any, *args: Any) -> Any:
+def retrying(action: str, uri: str, fn: Any, *args: Any) -> Any:
     """`fn(*args)`, tried again after each `RETRY_DELAYS_S` while it raises `OSError` (not a missing file).
 
     Raises:
-        StorageError: every attempt failed: `what` and the URI (redacted), the last error, and the fix.
+        StorageError: every attempt failed: `action` and the URI (redacted), the last error, and the fix.
     """
     for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
         try:
@@ -81,10 +81,10 @@ def retrying(what: str, uri: str, fn: Any, *args: Any) -> Any:
         except OSError as e:
             error = f"{type(e).__name__}: {redact_urls_in(str(e))[:300]}"
             if delay is None:
-                raise StorageError(f"storage: {what} {redact_uri(uri)} gave up after {attempt} attempts ({error}); "
+                raise StorageError(f"storage: {action} {redact_uri(uri)} gave up after {attempt} attempts ({error}); "
                                    f"check the bucket, the endpoint and the credentials, then run again (what "
                                    f"was finished is kept).") from None
-            log.warning("storage: %s %s failed (%s); attempt %d of %d in %gs", what, redact_uri(uri), error,
+            log.warning("storage: %s %s failed (%s); attempt %d of %d in %gs", action, redact_uri(uri), error,
                         attempt + 1, len(RETRY_DELAYS_S) + 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -109,18 +109,6 @@ def join_uri(uri: str, *parts: str) -> str:
     s = urlsplit(uri)
     path = "/".join([s.path.rstrip("/")] + [p.strip("/") for p in parts if p])
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
-
-
-def place(storage_path: str, *parts: str) -> tuple[Path, str | None]:
-    """(local folder, URI or None) of `parts` under `storage_path`: the folder itself, or a URI's local mirror.
-
-    >>> place("/tmp/runs", "R-1")
-    (PosixPath('/tmp/runs/R-1'), None)
-    """
-    if is_uri(storage_path):
-        remote = join_uri(storage_path, *parts)
-        return mirror_of(remote), remote
-    return Path(storage_path).expanduser().resolve().joinpath(*parts), None
 
 
 def filesystem(uri: str) -> tuple[Any, str]:

@@ -52,7 +52,7 @@ from typing import Any
 from bootfinetune.common.redaction import public_command
 from bootfinetune.errors import RunBusyError
 from bootfinetune.run import storage
-from bootfinetune.run.names import RunPathError
+from bootfinetune.run.paths import RunPathError
 from bootfinetune.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,11 @@ class Writer:
     """Lease only: UNIX time after which the lease may be taken over."""
 
     @classmethod
-    def this_process(cls, what: str) -> "Writer":
+    def this_process(cls, operation: str) -> "Writer":
         command = public_command([sys.argv[0] or sys.executable, *sys.argv[1:]])
         return cls(host=socket.gethostname(), pid=os.getpid(),
                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   command=command[:300], what=what, token=uuid.uuid4().hex)
+                   command=command[:300], what=operation, token=uuid.uuid4().hex)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Writer | None":
@@ -222,21 +222,21 @@ def _utc(t: float | None) -> str:
 
 
 class RunWriter:
-    """The writer lock of one run directory; a context manager (`with RunWriter(run, what="compile"):`).
+    """The writer lock of one run directory; a context manager (`with RunWriter(run, operation="compile"):`).
 
     The lock of one run conflicts between processes and between two `RunWriter`s of one process alike
     (each opens the lock file itself).
 
     Args:
         run: The run directory.
-        what: What writes it ("compile", "prepare", "retrain"), named to the next one.
+        operation: What writes it ("compile", "prepare", "retrain"), named to the next one.
         wait_s: Seconds to wait for another writer to finish; 0 stops at once with `RunBusyError`.
         lease_s: Cloud runs: how long the lease lasts unrenewed (renewed every third of it).
     """
 
-    def __init__(self, run: RunDir, *, what: str, wait_s: float = 0.0, lease_s: float = DEFAULT_LEASE_S):
+    def __init__(self, run: RunDir, *, operation: str, wait_s: float = 0.0, lease_s: float = DEFAULT_LEASE_S):
         self.run, self.wait_s, self.lease_s = run, wait_s, lease_s
-        self.me = Writer.this_process(what)
+        self.me = Writer.this_process(operation)
         self.file = _FileLock(run.path(LOCK_FILE))
         self.lease = _Lease(run.remote) if run.remote is not None else None
         self.lost: Writer | None = None
@@ -329,6 +329,6 @@ class RunWriter:
         self.release()
 
 
-def writer_for(run: RunDir, run_options: Any, what: str) -> RunWriter:
+def writer_for(run: RunDir, run_options: Any, operation: str) -> RunWriter:
     """The writer lock of `run` with the wait and lease of `run_options` (a `config.RunOptions`)."""
-    return RunWriter(run, what=what, wait_s=run_options.writer_wait_s, lease_s=run_options.writer_lease_s)
+    return RunWriter(run, operation=operation, wait_s=run_options.writer_wait_s, lease_s=run_options.writer_lease_s)

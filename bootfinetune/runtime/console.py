@@ -7,7 +7,7 @@ to a quarter of the stage's time so far (`ProgressLine`): a slow stage of an hou
 Nothing is redrawn: Ray Data's bars and Hugging Face's weight loading bars are off (`bars_off`).
 A terminal keeps live bars (Ray Data's, and the training bars of `bootfinetune.training.progress`).
 
-Ray's own chatter is kept out unless `verbose=True` (`--verbose`), by `quiet_ray` on the driver:
+Ray's own chatter is kept out unless `verbose=True` (`--verbose`), by `set_console_output` on the driver:
 
 - Ray Data's per-dataset INFO lines ("Starting execution of Dataset ...", "Execution plan",
   "... execution finished in ...") and its logged progress stay in its log file
@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Any, Iterator
 
-from bootfinetune.training.progress import BoardReader
+from bootfinetune.training.progress import BarDrawer, BoardReader, bars_enabled
 
 log = logging.getLogger("bootfinetune.progress")
 
@@ -47,8 +47,6 @@ def interactive() -> bool:
     `BOOTFINETUNE_PROGRESS=1` forces bars, `=0` lines; otherwise stderr being a terminal decides
     (the one rule, `training.progress.bars_enabled`).
     """
-    from bootfinetune.training.progress import bars_enabled
-
     return bars_enabled()
 
 
@@ -60,9 +58,9 @@ class ProgressLine:
     [None, None, 'bootstrap: 20/200 (10%)', None, 'bootstrap: 200/200 (100%)']
     """
 
-    def __init__(self, what: str, total: int, *, unit: str = "", every_s: float = LINE_EVERY_S,
+    def __init__(self, label: str, total: int, *, unit: str = "", every_s: float = LINE_EVERY_S,
                  enabled: bool | None = None) -> None:
-        self.what, self.total, self.unit, self.every_s = what, max(0, total), unit, every_s
+        self.label, self.total, self.unit, self.every_s = label, max(0, total), unit, every_s
         self.enabled = (not interactive()) if enabled is None else enabled
         self._tenth = 0
         self._started = self._last = time.monotonic()
@@ -81,7 +79,7 @@ class ProgressLine:
         if tenth <= self._tenth and now - self._last < max(self.every_s, SPACING * (now - self._started)):
             return None
         self._tenth, self._last, self._said = max(tenth, self._tenth), now, done
-        line = f"{self.what}: {done}/{self.total}{' ' + self.unit if self.unit else ''} ({100 * done // self.total}%)"
+        line = f"{self.label}: {done}/{self.total}{' ' + self.unit if self.unit else ''} ({100 * done // self.total}%)"
         line += f", {detail}" if detail else ""
         log.info("%s", line)
         return line
@@ -111,8 +109,6 @@ class BoardLines(BoardReader):
 
 def progress_drawer(keys: list[str]) -> Any:
     """Bars on a terminal (`BarDrawer`), lines elsewhere (`BoardLines`)."""
-    from bootfinetune.training.progress import BarDrawer
-
     return BarDrawer(keys) if interactive() else BoardLines(keys)
 
 
@@ -160,7 +156,7 @@ def bars_off() -> None:
     hf_logging.disable_progress_bar()
 
 
-def quiet_ray(verbose: bool) -> None:
+def set_console_output(verbose: bool) -> None:
     """Sets this process's console output for a compile (see the module docstring); idempotent.
 
     Without a terminal, bars are off (`bars_off`). `verbose=True` takes the filters off again. The count of
@@ -198,5 +194,5 @@ def counted_cuts() -> Iterator[None]:
 
 
 def report_held() -> None:
-    """Logs the count of repeated warnings `quiet_ray` held back."""
+    """Logs the count of repeated warnings `set_console_output` held back."""
     _REPEATS.report()

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from bootfinetune.errors import ProgramError
+from bootfinetune.training.lora import recorded_base
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,8 @@ def weights_bytes(model_dir: str) -> int:
         config = {}
     half = str(config.get("torch_dtype") or config.get("dtype") or "") in _HALF
     total = stored * (2 if half else 1)
-    adapter = path / "adapter_config.json"
-    if adapter.exists():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        total += weights_bytes(base) if base else 0
+    base = recorded_base(path)
+    total += weights_bytes(base) if base else 0
     return total
 
 

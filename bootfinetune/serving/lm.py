@@ -44,6 +44,9 @@ from bootfinetune.serving.device import check_fits, load_device
 from bootfinetune.serving.limits import Control, token_ceiling
 from bootfinetune.training.render import decode_answer, encode_prompt, model_kind
 from bootfinetune.run.runfiles import ModelManifest, read_record
+from bootfinetune.run.jsonio import fingerprint
+from bootfinetune.run.storage import pull
+from bootfinetune.training.lora import adapter_base, is_adapter
 
 _LOADED: dict[tuple[str, str], tuple[Any, Any, str]] = {}
 _LOADED_AS: dict[tuple[str, str], str] = {}
@@ -64,8 +67,6 @@ def load_model(model_dir: str, device: str, trust_remote_code: bool = False,
             files (the folder was trained again since) are reloaded; a folder that no longer holds
             those files raises, since answering would put another model's outputs under this name.
     """
-    from bootfinetune.training.lora import is_adapter
-
     key = (str(model_dir), device)
     with _LOAD_LOCK:
         if key in _LOADED and fingerprint in (None, _LOADED_AS.get(key)):
@@ -139,16 +140,12 @@ _ADAPTER_NAMES: dict[tuple[str, str], str] = {}
 
 def adapter_name(model_dir: str, files: str) -> str:
     """The name an adapter directory's weights (`files`: their fingerprint) carry in the shared PEFT model."""
-    from bootfinetune.run.jsonio import fingerprint
-
     return "a" + fingerprint([str(Path(model_dir).resolve()), files])
 
 
 def _load_adapter(model_dir: str, device: str, trust_remote_code: bool, files: str) -> tuple[Any, Any, str]:
     from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from bootfinetune.training.lora import adapter_base
 
     base_dir = adapter_base(model_dir)
     base_key = (base_dir, device)
@@ -171,8 +168,6 @@ def _load_adapter(model_dir: str, device: str, trust_remote_code: bool, files: s
 @contextlib.contextmanager
 def adapter_selected(model_dir: str, device: str):
     """Holds the shared base's lock with this directory's adapter active (a no-op for full models)."""
-    from bootfinetune.training.lora import adapter_base, is_adapter
-
     if not is_adapter(model_dir):
         yield
         return
@@ -254,8 +249,6 @@ class FinetunedEngine:
     def fetch(self) -> None:
         """Downloads the model from `source` when this node lacks its folder (runs on cloud storage)."""
         if self.source and not (Path(self.model) / ModelManifest.FILE).exists():
-            from bootfinetune.run.storage import pull
-
             pull(self.source, Path(self.model))
 
     def load(self) -> tuple[Any, Any, str]:

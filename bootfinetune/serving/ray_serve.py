@@ -46,6 +46,7 @@ from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription, warn_untrusted
 from bootfinetune.serving.openai_api import (BadRequest, Completion, HTTPProblem, await_answers, check_chat_request,
                                              completion_body, error_response, pick_model, read_json, requested_tokens)
+from bootfinetune.runtime.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,10 @@ def model_specs(run: RunDir, *, device: str | None = None, max_tokens: int | Non
     The models run their own code only with `trust_remote_code=True`, whatever config.json says; its inference
     options are checked as strictly as given ones (`RunDescription.inference_config`).
     """
-    described = run.read_description() if run.config_json.exists() else RunDescription()
-    inference = described.inference_config(run.config_json, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling)
-    trust = described.trusts_remote_code(trust_remote_code)
-    warn_untrusted(described, trust, run.config_json)
+    description = run.read_description() if run.config_json.exists() else RunDescription()
+    inference = description.inference_config(run.config_json, max_tokens=max_tokens, max_tokens_ceiling=max_tokens_ceiling)
+    trust = description.trusts_remote_code(trust_remote_code)
+    warn_untrusted(description, trust, run.config_json)
     specs = {}
     for key in run.finished_models():
         specs[key] = {"model": str(run.model_dir(key)), "key": key, "device": device, "trust_remote_code": trust,
@@ -172,8 +173,6 @@ def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         insecure: Serve on a host other than loopback without a key (refused otherwise, before anything starts).
         trust_remote_code: Let the models' own code run when they load (True only: never taken from the run).
     """
-    from bootfinetune.runtime.ray_env import ensure_ray
-
     key = key_from(api_key)
     check_exposure(host, key, insecure)  # before the run, the models or Ray
     run = RunDir.from_location(run_dir)

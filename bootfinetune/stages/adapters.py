@@ -37,23 +37,24 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from bootfinetune.common.importpath import class_path
+from bootfinetune.common.importpath import class_path, resolve
 from bootfinetune.run.records import to_jsonable
+from bootfinetune.errors import ConfigError, ProgramError
 
 _ADAPTER_METHODS = ("format", "format_assistant_message_content", "parse")
 
 
-def adapter_problems(adapter: Any, what: str = "adapter") -> list[str]:
+def adapter_problems(adapter: Any, field: str = "adapter") -> list[str]:
     """Why `adapter` cannot format training records and parse answers (empty when it can).
 
     >>> adapter_problems(dspy.JSONAdapter)
     ['adapter: got the class JSONAdapter; pass an instance, adapter=dspy.JSONAdapter().']
     """
     if isinstance(adapter, type):
-        return [f"{what}: got the class {adapter.__name__}; pass an instance, {what}=dspy.{adapter.__name__}()."]
+        return [f"{field}: got the class {adapter.__name__}; pass an instance, {field}=dspy.{adapter.__name__}()."]
     missing = [m for m in _ADAPTER_METHODS if not callable(getattr(adapter, m, None))]
     if missing:
-        return [f"{what}: {type(adapter).__name__} lacks {', '.join(missing)}; pass a DSPy adapter such as "
+        return [f"{field}: {type(adapter).__name__} lacks {', '.join(missing)}; pass a DSPy adapter such as "
                 f"dspy.ChatAdapter(), dspy.JSONAdapter() or dspy.XMLAdapter()."]
     return []
 
@@ -64,8 +65,6 @@ def adapter_option(adapter: Any) -> Any:
     A dict keyed by LM is accepted when it names one adapter for all of them: a compile trains
     every model key with the same prompt format. Raises `ConfigError` otherwise.
     """
-    from bootfinetune.errors import ConfigError
-
     if adapter is None:
         return None
     if isinstance(adapter, dict):
@@ -191,8 +190,6 @@ def adapter_from_spec(spec: dict[str, Any] | None) -> Any | None:
     """The adapter `adapter_spec` recorded (None for runs recorded before adapters were)."""
     if not spec:
         return None
-    from bootfinetune.errors import ProgramError
-    from bootfinetune.common.importpath import resolve
 
     try:
         cls = resolve(spec["class"])

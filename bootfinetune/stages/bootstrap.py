@@ -32,19 +32,20 @@ import dspy
 
 from bootfinetune.config import BootstrapConfig
 from bootfinetune.errors import BootstrapError
-from bootfinetune.run.jsonio import iter_jsonl, write_json, write_jsonl
 from bootfinetune.runtime.console import ProgressLine
 from bootfinetune.run.records import CallRecord, FailureRecord, example_to_json
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import BootstrapSummary, read_record
+from bootfinetune.run.runfiles import BootstrapSummary
 from bootfinetune.stages.ratelimit import start_budget, stop_budget
 from bootfinetune.stages.retries import BlockErrors, bounded_retries, worker_died
 from bootfinetune.stages.runner import (StreamingTeacherRunner, TeacherRunner, add_usage, choose_engine, is_kept,
                                         pack_for_actors, score_value)
-from bootfinetune.stages.traces import TraceStore, example_changes, example_key, identity_changes, restamp
+from bootfinetune.run.trace_store import TraceStore
+from bootfinetune.stages.traces import example_changes, example_key, identity_changes, restamp
 from bootfinetune.runtime.placement import ray_options
 from bootfinetune.runtime.user_code import ship_user_modules
 from bootfinetune.runtime.worker_pickle import dumps
+from bootfinetune.training.tracking import actor_callbacks
 
 __all__ = ["TeacherRunner", "is_kept", "score_value", "driver_settings", "run_bootstrap", "run_bootstrap_splits",
            "run_examples", "load_bootstrap", "invalidate_changed", "BootstrapResult"]
@@ -88,8 +89,6 @@ def driver_settings() -> dict[str, Any]:
                 continue
         carried[name] = value
     if carried.get("callbacks"):
-        from bootfinetune.training.tracking import actor_callbacks
-
         carried["callbacks"] = actor_callbacks(carried["callbacks"])  # MLflow's stays on the driver
     return carried
 
@@ -110,18 +109,12 @@ class BootstrapResult:
 
 def load_bootstrap(run: RunDir, split: str = "train") -> BootstrapResult | None:
     """Reads a finished bootstrap back from the run directory, or None if it did not finish."""
-    paths = bootstrap_paths(run, split)
-    if not paths["summary"].exists():
+    finished = run.read_bootstrap(split)
+    if finished is None:
         return None
-    calls = [CallRecord(**r) for r in iter_jsonl(paths["calls"])]
-    failures = [FailureRecord(**r) for r in iter_jsonl(paths["failures"])]
-    return BootstrapResult(calls, failures, read_record(BootstrapSummary, paths["summary"]), resumed=True)
-
-
-def bootstrap_paths(run: RunDir, split: str) -> dict[str, Any]:
-    d = run.bootstrap_dir
-    return {"calls": d / f"{split}.calls.jsonl", "failures": d / f"{split}.failures.jsonl",
-            "summary": d / f"{split}.summary.json"}
+    calls, failures, summary = finished
+    return BootstrapResult([CallRecord(**r) for r in calls], [FailureRecord(**r) for r in failures], summary,
+                           resumed=True)
 
 
 def run_bootstrap(run: RunDir, *, examples: list[dspy.Example], split: str = "train",
@@ -156,12 +149,7 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
     Raises:
         BootstrapError: when more than `config.max_errors` examples of a split failed.
     """
-    out: dict[str, BootstrapResult] = {}
-    for split in splits:
-        done = load_bootstrap(run, split)
-        if done is not None:
-            logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
-            out[split] = done
+    out = {split: done for split in splits if (done := _finished_earlier(run, split)) is not None}
     todo = {split: examples for split, examples in splits.items() if split not in out}
     if not todo:
         return out
@@ -170,51 +158,18 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
     keys = {split: [example_key(ex) for ex in examples] for split, examples in todo.items()}
     stored = store.load()
     teacher_ids = range(len(teachers))
-    first_of: dict[str, tuple[str, int]] = {}  # an example given twice (in one split or two) runs once
-    for split, split_keys in keys.items():
-        for i, key in enumerate(split_keys):
-            if any((key, t) not in stored for t in teacher_ids):
-                first_of.setdefault(key, (split, i))
-    fresh: dict[tuple[str, int], dict] = {}
+    first_of = _to_run(keys, stored, teacher_ids)
     budgeted = bool(config.max_calls_per_second or config.max_tokens_per_minute)
     engines = [choose_engine(t, config.num_threads, budgeted) if config.engine == "auto" else config.engine
                for t in teachers]
-    if first_of and config.num_threads > HTTP_POOL:
-        logger.warning("bootstrap: num_threads=%d slots per actor, but DSPy's HTTP client keeps at most %d connections "
-                       "per LM in a process: the extra calls wait for one. Use more actors (num_actors) instead.",
-                       config.num_threads, HTTP_POOL)
+    fresh: dict[tuple[str, int], dict] = {}
     if first_of:
-        logger.info("bootstrap: %d example(s) to the teacher (%s) on %d actor(s) x %d slots; engine: %s",
-                    len(first_of), ", ".join(f"{s} {sum(j[0] == s for j in first_of.values())}" for s in todo),
-                    config.num_actors, config.num_threads,
-                    ", ".join(f"{type(t).__name__} {e}" for t, e in zip(teachers, engines)))
         runner_kwargs = dict(teachers=teachers, metric=metric,
                              settings=driver_settings() if settings is None else settings,
                              teacher_settings=teacher_settings or {}, num_threads=config.num_threads,
                              metric_threshold=config.metric_threshold, secrets=secrets or [], engine=config.engine,
-                             budget=start_budget(config.max_calls_per_second, config.max_tokens_per_minute),
                              max_retry_after_s=config.max_retry_after_s)
-        failures = dict.fromkeys(todo, 0)
-        progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
-        try:
-            with store.appender(config.trace_upload_every, config.trace_upload_s) as appender:
-                for split, index, teacher, result in run_jobs(
-                        list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
-                        batch_size=config.batch_size, num_cpus=config.actor_cpus):
-                    progress.advance()
-                    key = keys[split][index]
-                    if (key, teacher) in stored:  # another teacher's result for this example was missing
-                        continue
-                    fresh[(key, teacher)] = result
-                    appender.add(key, teacher, result)
-                    if "failure" in result:  # a "WorkerDied" example counts like any other failure
-                        failures[split] += 1
-                        if failures[split] > config.max_errors:
-                            mine = {k: r for k, r in fresh.items() if first_of[k[0]][0] == split}
-                            raise BootstrapError(_too_many_errors(mine, config.max_errors, split))
-        finally:
-            store.sync()
-            stop_budget(runner_kwargs["budget"])
+        fresh = _ask_teachers(first_of, todo, keys, stored, store, runner_kwargs, config, engines)
     for split, split_keys in keys.items():
         results = {(i, t): restamp(fresh.get((key, t)) or stored[(key, t)], i, split)
                    for i, key in enumerate(split_keys) for t in teacher_ids}
@@ -223,10 +178,75 @@ def run_bootstrap_splits(run: RunDir, *, splits: dict[str, list[dspy.Example]], 
         if reused:
             logger.info("bootstrap[%s]: %d of %d example(s) read from the trace store %s; %d sent to the teacher",
                         split, reused, len(split_keys), store.location, len(split_keys) - reused)
-        out[split] = _finish(run, paths=bootstrap_paths(run, split), results=results, n_examples=len(split_keys),
+        out[split] = _finish(run, split=split, results=results, n_examples=len(split_keys),
                              started=started, fresh=ran, keys=split_keys, reused=reused,
                              engine="+".join(engines) if ran else "")
     return {split: out[split] for split in splits}
+
+
+def _to_run(keys: dict[str, list[str]], stored: dict[tuple[str, int], dict], teacher_ids: range
+            ) -> dict[str, tuple[str, int]]:
+    """Example key -> (split, index) of its first place, for each example the store lacks a teacher's result of;
+    an example given twice (in one split or two) runs once."""
+    first_of: dict[str, tuple[str, int]] = {}
+    for split, split_keys in keys.items():
+        for i, key in enumerate(split_keys):
+            if any((key, t) not in stored for t in teacher_ids):
+                first_of.setdefault(key, (split, i))
+    return first_of
+
+
+def _finished_earlier(run: RunDir, split: str) -> BootstrapResult | None:
+    """A split this run finished before, read back (its teacher not called again), or None."""
+    done = load_bootstrap(run, split)
+    if done is not None:
+        logger.info("bootstrap[%s]: finished earlier, read back from %s (teacher not called)", split, run.root)
+    return done
+
+
+def _ask_teachers(first_of: dict[str, tuple[str, int]], todo: dict[str, list[dspy.Example]],
+                  keys: dict[str, list[str]], stored: dict[tuple[str, int], dict], store: TraceStore,
+                  runner_kwargs: dict[str, Any], config: BootstrapConfig, engines: list[str]
+                  ) -> dict[tuple[str, int], dict]:
+    """Runs the teachers over the examples `first_of` names, on one actor pool, appending each result to the
+    trace store as it arrives; returns the new results by (example key, teacher).
+
+    Raises:
+        BootstrapError: once more than `config.max_errors` examples of a split failed.
+    """
+    teachers = runner_kwargs["teachers"]
+    if config.num_threads > HTTP_POOL:
+        logger.warning("bootstrap: num_threads=%d slots per actor, but DSPy's HTTP client keeps at most %d connections "
+                       "per LM in a process: the extra calls wait for one. Use more actors (num_actors) instead.",
+                       config.num_threads, HTTP_POOL)
+    logger.info("bootstrap: %d example(s) to the teacher (%s) on %d actor(s) x %d slots; engine: %s",
+                len(first_of), ", ".join(f"{s} {sum(j[0] == s for j in first_of.values())}" for s in todo),
+                config.num_actors, config.num_threads,
+                ", ".join(f"{type(t).__name__} {e}" for t, e in zip(teachers, engines)))
+    runner_kwargs = {**runner_kwargs, "budget": start_budget(config.max_calls_per_second, config.max_tokens_per_minute)}
+    fresh: dict[tuple[str, int], dict] = {}
+    failures = dict.fromkeys(todo, 0)
+    progress = ProgressLine("bootstrap", len(first_of) * len(teachers), unit="teacher runs")  # no terminal
+    try:
+        with store.appender(config.trace_upload_every, config.trace_upload_s) as appender:
+            for split, index, teacher, result in run_jobs(
+                    list(first_of.values()), todo, runner_kwargs, num_actors=config.num_actors,
+                    batch_size=config.batch_size, num_cpus=config.actor_cpus):
+                progress.advance()
+                key = keys[split][index]
+                if (key, teacher) in stored:  # another teacher's result for this example was missing
+                    continue
+                fresh[(key, teacher)] = result
+                appender.add(key, teacher, result)
+                if "failure" in result:  # a "WorkerDied" example counts like any other failure
+                    failures[split] += 1
+                    if failures[split] > config.max_errors:
+                        mine = {k: r for k, r in fresh.items() if first_of[k[0]][0] == split}
+                        raise BootstrapError(_too_many_errors(mine, config.max_errors, split))
+    finally:
+        store.push_own_results()
+        stop_budget(runner_kwargs["budget"])
+    return fresh
 
 
 HTTP_POOL = 100
@@ -344,7 +364,7 @@ def _too_many_errors(results: dict, max_errors: int, split: str) -> str:
             f"First failures:\n{shown}\nFix the program or teacher, or raise max_errors to tolerate more.")
 
 
-def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started: float,
+def _finish(run: RunDir, *, split: str, results: dict, n_examples: int, started: float,
             fresh: set[tuple[str, int]], keys: list[str], reused: int, engine: str = "") -> BootstrapResult:
     calls, failures, summary = [], [], BootstrapSummary(examples=n_examples, reused=reused, engine=engine)
     kept_examples = set()
@@ -375,9 +395,7 @@ def _finish(run: RunDir, *, paths: dict, results: dict, n_examples: int, started
                            - {f.example_index for f in failures})
     summary.calls = len(calls)
     summary.seconds = round(time.time() - started, 3)
-    write_jsonl(paths["calls"], (c.to_dict() for c in calls))
-    write_jsonl(paths["failures"], (f.to_dict() for f in failures))
-    write_json(paths["summary"], summary.to_json())  # last: its presence marks the stage done
+    run.write_bootstrap(split, (c.to_dict() for c in calls), (f.to_dict() for f in failures), summary)
     return BootstrapResult(calls, failures, summary)
 
 
@@ -415,7 +433,7 @@ def invalidate_changed(run: RunDir, previous: dict[str, Any] | None, inputs: dic
     if not changes:
         return changes
     for split in stale:
-        bootstrap_paths(run, split)["summary"].unlink(missing_ok=True)
+        run.forget_bootstrap(split)
     logger.warning("run %s was made from other inputs: %s. %s", run.name, "; ".join(changes),
                    "Re-bootstrapping " + " and ".join(sorted(stale)) + " from the trace store (only examples "
                    "new to it call the teacher); models trained on other data or options are retrained."

@@ -22,6 +22,7 @@ from bootfinetune.run.records import non_json_fields, to_jsonable
 from bootfinetune.common.targets import model_path
 from bootfinetune.runtime.user_code import collect_sources
 from bootfinetune.runtime.worker_pickle import dumps
+from bootfinetune.serving.lm import finetuned_engine
 
 MULTITASK_KEY = "all"
 
@@ -103,8 +104,6 @@ def target_from_lm(lm: Any) -> str | None:
 
     A `FinetunedLM` (a compiled program given as the student) names its folder: training goes on from it.
     """
-    from bootfinetune.serving.lm import finetuned_engine
-
     engine = finetuned_engine(lm)
     model = engine.model if engine is not None else getattr(lm, "model", None)
     if not isinstance(model, str):
@@ -137,50 +136,76 @@ def check_program(
     Raises:
         ProgramError: listing every problem found.
     """
-    problems: list[str] = []
+    named = _student_predictors(student)
+    names = [n for n, _ in named]
+    signatures = {n: signature_fields(p) for n, p in named}
+    problems = _teacher_settings_problems(teacher_settings)
+    fallback_lm = teacher_settings.get("lm") or dspy.settings.lm
+    for t_index, teacher in enumerate(teachers):
+        who = "teacher" if len(teachers) == 1 else f"teacher[{t_index}]"
+        problems += _teacher_problems(who, teacher, student, named, signatures, fallback_lm)
+    target_of_pred = _targets(named, target, problems)
+    if problems:
+        raise ProgramError(problems)
+    key_of, target_of = _model_keys(names, target_of_pred, multitask)
+    return ProgramPlan(predictors=names, signatures=signatures, key_of=key_of, target_of=target_of,
+                       program_name=type(student).__name__)
+
+
+def _student_predictors(student: Any) -> list[tuple[str, Any]]:
+    """The student's named predictors; a ProgramError at once when it is no program or has none."""
     if not isinstance(student, dspy.Module):
         raise ProgramError(f"student: expected a dspy.Module, got {type(student).__name__}; pass your program instance.")
     named = list(student.named_predictors())
     if not named:
         raise ProgramError("student: the program has no dspy.Predict (or ChainOfThought) predictors to finetune; "
                            "declare them as attributes in __init__ so named_predictors() finds them.")
-    names = [n for n, _ in named]
-    signatures = {n: signature_fields(p) for n, p in named}
-    student_ids = {id(p): n for n, p in named}
+    return named
 
+
+def _teacher_settings_problems(teacher_settings: dict[str, Any]) -> list[str]:
     unknown_settings = sorted(set(teacher_settings) - set(dspy.settings.config))
-    if unknown_settings:
-        problems.append(f"teacher_settings: unknown DSPy setting(s) {unknown_settings}; use names dspy.context "
-                        f"accepts, e.g. {{'lm': big_lm}}.")
-    fallback_lm = teacher_settings.get("lm") or dspy.settings.lm
-    for t_index, teacher in enumerate(teachers):
-        who = "teacher" if len(teachers) == 1 else f"teacher[{t_index}]"
-        if not isinstance(teacher, dspy.Module):
-            problems.append(f"{who}: expected a dspy.Module, got {type(teacher).__name__}.")
-            continue
-        t_named = list(teacher.named_predictors())
-        t_names = [n for n, _ in t_named]
-        if teacher is not student and t_names != names:
-            missing, extra = sorted(set(names) - set(t_names)), sorted(set(t_names) - set(names))
-            problems.append(f"{who}: its predictors {t_names} do not match the student's {names} "
-                            f"(missing {missing}, extra {extra}); the teacher must be the same program class, "
-                            f"e.g. teacher=RAG() with its own LM.")
-            continue
-        for name, pred in t_named:
-            if teacher is not student:
-                if id(pred) in student_ids:
-                    problems.append(f"{who}: predictor {name!r} is the same object as the student's "
-                                    f"{student_ids[id(pred)]!r}; build the teacher as a separate instance "
-                                    f"(or student.deepcopy()) so finetuning never touches it.")
-                t_sig, s_sig = signature_fields(pred), signatures[name]
-                if (t_sig["inputs"], t_sig["outputs"]) != (s_sig["inputs"], s_sig["outputs"]):
-                    problems.append(f"{who}: predictor {name!r} has signature {t_sig['inputs']} -> "
-                                    f"{t_sig['outputs']} but the student's is {s_sig['inputs']} -> "
-                                    f"{s_sig['outputs']}; teacher and student must use the same fields.")
-            if pred.lm is None and fallback_lm is None:
-                problems.append(f"{who}: predictor {name!r} has no LM to run; call dspy.configure(lm=...), pass "
-                                f"teacher_settings={{'lm': big_lm}}, or teacher.set_lm(big_lm).")
+    if not unknown_settings:
+        return []
+    return [f"teacher_settings: unknown DSPy setting(s) {unknown_settings}; use names dspy.context "
+            f"accepts, e.g. {{'lm': big_lm}}."]
 
+
+def _teacher_problems(who: str, teacher: Any, student: dspy.Module, named: list[tuple[str, Any]],
+                      signatures: dict[str, dict], fallback_lm: Any) -> list[str]:
+    """Problems with one teacher: not a program, other predictors, shared objects, other fields, no LM to run."""
+    if not isinstance(teacher, dspy.Module):
+        return [f"{who}: expected a dspy.Module, got {type(teacher).__name__}."]
+    names = [n for n, _ in named]
+    t_named = list(teacher.named_predictors())
+    t_names = [n for n, _ in t_named]
+    if teacher is not student and t_names != names:
+        missing, extra = sorted(set(names) - set(t_names)), sorted(set(t_names) - set(names))
+        return [f"{who}: its predictors {t_names} do not match the student's {names} "
+                f"(missing {missing}, extra {extra}); the teacher must be the same program class, "
+                f"e.g. teacher=RAG() with its own LM."]
+    problems = []
+    student_ids = {id(p): n for n, p in named}
+    for name, pred in t_named:
+        if teacher is not student:
+            if id(pred) in student_ids:
+                problems.append(f"{who}: predictor {name!r} is the same object as the student's "
+                                f"{student_ids[id(pred)]!r}; build the teacher as a separate instance "
+                                f"(or student.deepcopy()) so finetuning never touches it.")
+            t_sig, s_sig = signature_fields(pred), signatures[name]
+            if (t_sig["inputs"], t_sig["outputs"]) != (s_sig["inputs"], s_sig["outputs"]):
+                problems.append(f"{who}: predictor {name!r} has signature {t_sig['inputs']} -> "
+                                f"{t_sig['outputs']} but the student's is {s_sig['inputs']} -> "
+                                f"{s_sig['outputs']}; teacher and student must use the same fields.")
+        if pred.lm is None and fallback_lm is None:
+            problems.append(f"{who}: predictor {name!r} has no LM to run; call dspy.configure(lm=...), pass "
+                            f"teacher_settings={{'lm': big_lm}}, or teacher.set_lm(big_lm).")
+    return problems
+
+
+def _targets(named: list[tuple[str, Any]], target: str | dict[str, str] | None, problems: list[str]) -> dict[str, str]:
+    """Predictor name -> the model it finetunes; what cannot be decided is added to `problems`."""
+    names = [n for n, _ in named]
     target_of_pred: dict[str, str] = {}
     if isinstance(target, dict):
         for key in sorted(set(target) - set(names)):
@@ -194,9 +219,13 @@ def check_program(
                             f"(or target={{{name!r}: ...}}), or set an LM on it naming the model to finetune.")
         else:
             target_of_pred[name] = chosen
-    if problems:
-        raise ProgramError(problems)
+    return target_of_pred
 
+
+def _model_keys(names: list[str], target_of_pred: dict[str, str], multitask: bool
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """(predictor name -> model key, model key -> target): one key "all" (one per target when they differ), or
+    one per predictor."""
     key_of: dict[str, str] = {}
     target_of: dict[str, str] = {}
     distinct = list(dict.fromkeys(target_of_pred.values()))
@@ -208,8 +237,7 @@ def check_program(
             key = name
         key_of[name] = key
         target_of[key] = tgt
-    return ProgramPlan(predictors=names, signatures=signatures, key_of=key_of, target_of=target_of,
-                       program_name=type(student).__name__)
+    return key_of, target_of
 
 
 def check_examples(examples: Any, program: dspy.Module, field_name: str = "trainset") -> list[str]:
@@ -260,7 +288,7 @@ def _required_inputs(program: dspy.Module) -> list[str]:
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
-def check_picklable(obj: Any, what: str) -> list[str]:
+def check_picklable(obj: Any, label: str) -> list[str]:
     """A problem naming the attribute that cannot be sent to Ray workers, if any.
 
     The probe is the pickle the actors get (`runtime.worker_pickle`): the user's modules by reference
@@ -270,8 +298,8 @@ def check_picklable(obj: Any, what: str) -> list[str]:
         dumps(obj)
         return []
     except Exception as exc:  # cloudpickle raises many types; we only report
-        culprit = _find_unpicklable(obj, what, depth=0)
-        return [f"{culprit or what} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
+        culprit = _find_unpicklable(obj, label, depth=0)
+        return [f"{culprit or label} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
                 f"create it inside the program's forward(), or at the top level of a module of yours (each worker "
                 f"imports the module and makes its own), or make it picklable."]
 

@@ -24,7 +24,6 @@ import dspy
 
 from bootfinetune.stages.adapters import answer_problem, finetune_messages, resolve_adapter
 from bootfinetune.stages.checks import ProgramPlan
-from bootfinetune.run.jsonio import write_jsonl
 from bootfinetune.run.records import CallRecord
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import DataSummary
@@ -83,7 +82,6 @@ def build_datasets(run: RunDir, calls: list[CallRecord], plan: ProgramPlan, stud
         rows[key].append({"messages": messages, "predictor": call.predictor, "example_index": call.example_index})
         summary.per_predictor[call.predictor] = summary.per_predictor.get(call.predictor, 0) + 1
     for key, summary in summaries.items():
-        path = data_path(run, key, split)
-        summary.records = write_jsonl(path, rows[key])
-        summary.path = str(path)
+        summary.records = run.write_data(key, rows[key], split)
+        summary.path = str(data_path(run, key, split))
     return summaries

@@ -27,6 +27,7 @@ from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver
 from bootfinetune.stages.runner import add_usage
 from bootfinetune.run.records import example_to_json
 from bootfinetune.runtime.console import counted_cuts
+from bootfinetune.runtime.ray_env import ensure_ray
 
 RAY_EVAL_MIN_EXAMPLES = 256
 """Valsets at least this large are evaluated on Ray Data actors."""
@@ -79,8 +80,6 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
     kwargs = dict(teachers=[program], metric=metric, settings=driver_settings(), num_threads=num_threads,
                   engine="threads")
     if use_ray:
-        from bootfinetune.runtime.ray_env import ensure_ray
-
         ensure_ray()  # run alone (not from compile), it joins or starts Ray with the workers' environment
         # An example that kills its worker every time is a failure (scores 0); the others of its batch count.
         results = [result for _, _, result in run_examples(list(range(len(examples))), examples, kwargs,

@@ -1,8 +1,6 @@
-"""Stage 4's last step: the best epoch's checkpoint as a Hugging Face folder, `models/{folder}/`.
+"""Stage 4's last step: the best kept epoch of a trained key as `models/{folder}/`, and its manifest.
 
-`export_checkpoint` consolidates a checkpoint of any engine (the plain one, DeepSpeed ZeRO-0 to 3) into the
-full fp32 weights and writes them over the base model's config and generation config with `save_pretrained`;
-a LoRA run writes its adapter or the merged model instead (`lora.export_lora`). `export_model` runs it where a model may run
+`export_model` runs the export (`training.export.export_checkpoint`) where a model may run
 (`bootfinetune.runtime.placement`): in a Ray task holding one training worker's resources when the
 training asked for an accelerator (the driver's head may have none, nor the memory for the model),
 else in this process. The folder is written where the run lives: in place in a folder every node
@@ -12,28 +10,33 @@ from which the driver's mirror fetches it.
 The new export is staged beside the model it replaces (`RunDir.model_staging`): the driver writes its
 manifest into it and swaps it in (`RunDir.swap_model`), so a retrain's model is kept until the new one is
 complete. An export a Ray task made for a cloud run is put in place in that node's mirror and uploaded to the
-URI's models/{folder}/ (an object store has no rename); its manifest goes up last, with the driver's sync.
+URI's models/{folder}/ (an object store has no rename); its manifest goes up last, with the driver's push.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from bootfinetune.common.redaction import redact_uri
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
 from bootfinetune.run import storage
 from bootfinetune.run.rundir import RunDir
+from bootfinetune.run.runfiles import ModelManifest
 from bootfinetune.runtime.placement import needs_accelerator, ray_options, worker_resources
-from bootfinetune.stages.representable import fit_embeddings
-from bootfinetune.training.checkpoints import DS_DIR, local_copy
+from bootfinetune.stages.finetune_job import StagedJob
+from bootfinetune.stages.fingerprints import data_hash
+from bootfinetune.stages.train_runs import Outcome
+from bootfinetune.training.checkpoints import best_epoch, epoch_name, local_copy, whole_epochs
 from bootfinetune.training.distributed import node_id
+from bootfinetune.training.export import export_checkpoint, trained_config
+from bootfinetune.training.render import renderer_identity
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +57,18 @@ def export_model(run: RunDir, key: str, checkpoints: str, epoch: int, *, target:
     """
     args = (run, key, checkpoints, epoch, target, kind, config, tokenizer, base_vocab)
     if not needs_accelerator(config):
-        return _export(*args, in_driver=True)
+        return _export_here(*args, in_driver=True)
     import ray
 
-    task = ray.remote(_export).options(**ray_options(worker_resources(config)), max_retries=1)
+    task = ray.remote(_export_here).options(**ray_options(worker_resources(config)), max_retries=1)
     lora, node, staged = ray.get(task.remote(*args))
     run.pull()  # a cloud run's export went up from the node that wrote it
     return lora, node, staged
 
 
-def _export(run: RunDir, key: str, checkpoints: str, epoch: int, target: str, kind: str, config: TrainConfig,
-            tokenizer: Any, base_vocab: int, in_driver: bool = False) -> tuple[dict[str, Any] | None, str | None,
-                                                                               Path | None]:
+def _export_here(run: RunDir, key: str, checkpoints: str, epoch: int, target: str, kind: str, config: TrainConfig,
+                 tokenizer: Any, base_vocab: int, in_driver: bool = False) -> tuple[dict[str, Any] | None, str | None,
+                                                                                    Path | None]:
     """`export_model`'s work, in whichever process runs it."""
     staged = run.model_staging(key)
     with tempfile.TemporaryDirectory(prefix="bootfinetune-export-") as scratch:
@@ -82,87 +85,98 @@ def _export(run: RunDir, key: str, checkpoints: str, epoch: int, target: str, ki
     return lora, node_id(), None
 
 
-def export_checkpoint(ckpt_dir: Path, epoch: int, target: str, kind: str, out: Path,
-                      config: TrainConfig, *, tokenizer: Any = None, base_vocab: int | None = None) -> dict[str, Any] | None:
-    """Consolidates a DeepSpeed checkpoint (any ZeRO stage) into a Hugging Face directory.
-
-    The base model is loaded from `target` (for its config and generation config), the
-    checkpoint's full fp32 weights replace its own, and `save_pretrained` writes safetensors
-    (tied weights are stored once). bf16 training exports bf16 weights, else fp32.
-    A LoRA run exports its adapter or the merged model instead (see `lora.export_lora`) and
-    returns the adapter's facts for the manifest; a full finetune returns None.
-    With `tokenizer` longer than `base_vocab` (tokens added for training), the base's
-    embeddings are fitted to it first, as the training loop did.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    state_dict = consolidated_state_dict(ckpt_dir / DS_DIR, f"epoch_{epoch}", config.zero_stage)
-    if config.lora:
-        from bootfinetune.training.lora import export_lora
-
-        try:
-            return export_lora(state_dict, target, kind, out, config)
-        except ValueError as exc:
-            raise FinetuneError(f"checkpoint {ckpt_dir}: {exc}") from exc
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(target, dtype=torch.float32, use_safetensors=True,
-                                 trust_remote_code=config.trust_remote_code)
-    if tokenizer is not None and base_vocab is not None and len(tokenizer) > base_vocab:
-        fit_embeddings(model, tokenizer, base_vocab)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = _tied_names(model)
-    if unexpected or set(missing) - tied:
-        raise FinetuneError(f"checkpoint {ckpt_dir} does not match {target}: missing {sorted(set(missing) - tied)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}.")
-    model.tie_weights()
-    if config.bf16:
-        model = model.to(torch.bfloat16)
-    gen = model.generation_config
-    if gen is not None and gen.pad_token_id is None:
-        gen.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
-    model.save_pretrained(out)
-    return None
+def export_best_epoch(run: RunDir, staged: StagedJob, config: TrainConfig, outcome: Outcome) -> ModelManifest:
+    """The best kept epoch of a trained key as models/{folder}/, and its manifest (written last, then pushed)."""
+    state = outcome.state or {}
+    best = _best_kept_epoch(staged, state["history"])
+    export_started = time.time()
+    lora, export_node, staged_export = export_model(
+        run, staged.job.key, staged.trainee.checkpoint_dir, best, target=staged.job.target, kind=staged.kind,
+        config=trained_config(config, state), tokenizer=staged.tokenizer, base_vocab=staged.base_vocab)
+    timings = _timings(state, outcome.begin, outcome.end - outcome.begin, time.time() - export_started)
+    manifest = _manifest(run, staged, config, outcome, best=best, lora=lora, export_node=export_node, timings=timings)
+    if staged_export is not None:  # the manifest last (its presence means the key is finished), then in place
+        run.swap_model(manifest, staged_export)
+    else:
+        run.write_manifest(manifest)
+    run.push()
+    return manifest
 
 
-def trained_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
-    """The options with the engine the loop chose (`zero_stage="auto"` resolved), as the checkpoint was written."""
-    engine = state.get("engine") or {}
-    if not engine:
-        return config
-    return dataclasses.replace(config, zero_stage=engine["zero_stage"], offload_optimizer=engine["offload_optimizer"],
-                               offload_params=engine["offload_params"])
+def _best_kept_epoch(staged: StagedJob, history: list[dict[str, Any]]) -> int:
+    """The epoch with the lowest eval loss among those whose checkpoint is kept."""
+    place = staged.trainee.checkpoint_dir
+    kept = set(whole_epochs(place))
+    best = best_epoch([h for h in history if h["epoch"] in kept] or history)
+    if best not in kept:
+        raise FinetuneError(f"model {staged.job.key!r}: no checkpoint of epoch {best} in {redact_uri(place)}.")
+    return best
 
 
-def consolidated_state_dict(ds_dir: Path, tag: str, zero_stage: int) -> dict[str, Any]:
-    """Full fp32 weights from a DeepSpeed checkpoint: ZeRO-1/2/3 partitions merged, or stage 0's module.
+def _manifest(run: RunDir, staged: StagedJob, config: TrainConfig, outcome: Outcome, *, best: int,
+              lora: dict[str, Any] | None, export_node: str | None, timings: dict[str, float]) -> ModelManifest:
+    """The manifest of a key exported from epoch `best`: what it was trained on, how, and where its time went."""
+    job, state, place = staged.job, outcome.state or {}, staged.trainee.checkpoint_dir
+    history = state["history"]
+    train_n, eval_n, eval_source = staged.records
+    return ModelManifest(
+        key=job.key,
+        folder=run.model_dir(job.key).name,
+        target=job.target,
+        predictors=list(job.predictors),
+        model_kind=staged.kind,
+        renderer=renderer_identity(staged.tokenizer, staged.kind),
+        data_file=str(job.train_file),
+        data_hash=data_hash(job.train_file),
+        eval_hash=data_hash(job.eval_file) if job.eval_file else None,
+        train_records=train_n,
+        eval_records=eval_n,
+        eval_source=eval_source,
+        epochs=config.epochs,
+        losses={"train": [h["train_loss"] for h in history], "eval": [h["eval_loss"] for h in history]},
+        eval_loss_before=state["eval_loss_before"],
+        best_epoch=best,
+        best_eval_loss=history[best - 1]["eval_loss"],
+        tokens_seen={"answer": sum(h["answer_tokens"] for h in history),
+                     "total": sum(h["tokens"] for h in history),
+                     "padding": sum(h["padded_tokens"] for h in history)},
+        seconds=round(state["seconds"], 3),
+        wall_seconds=round(outcome.end - outcome.begin + timings["export_seconds"], 3),
+        started_at=round(outcome.begin, 3),
+        finished_at=round(outcome.end, 3),
+        truncated={"train": state["truncated_train"], "eval": state["truncated_eval"],
+                   "max_length": config.max_length,
+                   # inference cuts a causal prompt to the room training left it beside a typical answer
+                   "prompt_max_length": config.max_length - (state.get("answer_tokens_median", 0)
+                                                              if staged.kind == "causal" else 0)},
+        answer_tokens_max=state.get("answer_tokens_max") or None,
+        dropped_per_epoch=state["dropped_per_epoch"],
+        world_size=state["world_size"],
+        engine=state.get("engine") or {},
+        timings=timings,
+        nodes=state.get("nodes", []),
+        export_node=export_node,
+        starts=state["starts"],
+        history=history,
+        loss_curve=state.get("loss_curve", []),
+        checkpoint=redact_uri(storage.join_uri(place, epoch_name(best))) if storage.is_uri(place)
+        else str(Path(place) / epoch_name(best)),
+        train_config=dataclasses.asdict(config),
+        lora=lora,
+        added_tokens=list(job.added_tokens or ()),
+        job_fingerprint=staged.job_fp,
+    )
 
-    Stage 0's file is read with `weights_only=True` (tensors and plain containers, no code). ZeRO-1/2/3
-    merge through DeepSpeed's `zero_to_fp32`, which unpickles the partition files itself (`weights_only=False`),
-    as DeepSpeed's own resume does: those checkpoints must come from a trusted writer (docs/failures.md, "Trust").
-    """
-    import torch
 
-    if zero_stage == 0:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # It prints a line per step of the merge, and a progress bar (stderr) over the partition files.
-    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    log.debug("zero_to_fp32: %s", said.getvalue().strip())
-    return state
-
-
-def _tied_names(model: Any) -> set[str]:
-    """Parameter names that share storage with another one (e.g. lm_head.weight tied to the embeddings)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            tied |= {name, seen[ptr]}
-        else:
-            seen[ptr] = name
-    return tied
+def _timings(state: dict[str, Any], fit_started: float, fit_seconds: float, export_seconds: float) -> dict[str, float]:
+    """Where the job's time went (the manifest's `timings`), from the driver's clock and the loop's state."""
+    loop, train = state.get("timings") or {}, sum(h.get("train_seconds", 0.0) for h in state["history"])
+    out = {"fit_seconds": fit_seconds, "train_seconds": train, "export_seconds": export_seconds,
+           "setup_seconds": loop.get("setup_seconds"), "checkpoint_seconds": loop.get("checkpoint_seconds"),
+           "eval_seconds": loop.get("eval_seconds")}
+    # times from this fit only: a loop that found every epoch done (killed before export) returns an older state
+    if len(state["starts"]) == 1 and loop.get("loop_started_at", 0) >= fit_started:  # Ray Train's start
+        out["ray_train_start_seconds"] = loop["loop_started_at"] - fit_started
+    if loop.get("reported_at", 0) >= fit_started:  # the last checkpoint's writing and report, Ray Train's teardown
+        out["ray_train_end_seconds"] = fit_started + fit_seconds - loop["reported_at"]
+    return {k: round(v, 3) for k, v in out.items() if v is not None}

@@ -24,11 +24,11 @@ from bootfinetune.stages.checks import ProgramPlan
 from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.errors import ProgramError
 from bootfinetune.common.importpath import resolve
-from bootfinetune.run.jsonio import read_json, read_jsonl
+from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.serving.auth import key_from
 from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import FinetunedLM
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.training.render import answer_token_counts, encode_records, model_kind
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import RunDescription, warn_untrusted
@@ -127,18 +127,18 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
     return state
 
 
-def rebind_run(program: dspy.Module, run: RunDir, described: RunDescription, *, inference: InferenceConfig,
+def rebind_run(program: dspy.Module, run: RunDir, description: RunDescription, *, inference: InferenceConfig,
                exclude_demos: bool = False, adapter: Any = None, trust_remote_code: bool | None = None) -> dspy.Module:
-    """`program` bound to a run's models, as its config.json (`described`) maps predictors to model keys.
+    """`program` bound to a run's models, as its config.json (`description`) maps predictors to model keys.
 
     The adapter is the one config.json records unless `adapter` is given; the models run their own code only
     with `trust_remote_code=True`, whatever config.json says.
     """
-    keys = described.model_keys
-    return rebind(program, described.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
+    keys = description.model_keys
+    return rebind(program, description.key_of(), {k: str(run.model_dir(k)) for k in keys}, exclude_demos=exclude_demos,
                   inference=inference, sources={k: run.model_uri(k) for k in keys},
-                  adapter=adapter or adapter_from_spec(described.adapter),
-                  trust_remote_code=described.trusts_remote_code(trust_remote_code))
+                  adapter=adapter or adapter_from_spec(description.adapter),
+                  trust_remote_code=description.trusts_remote_code(trust_remote_code))
 
 
 def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str | None = None,
@@ -169,24 +169,24 @@ def load(run_dir: str | Path, program: dspy.Module | None = None, *, device: str
     run.pull()
     if not run.program_json.exists():
         raise ProgramError(f"run_dir: {run.location} has no program.json; is it a finished compile's run directory?")
-    described = run.read_description()
+    description = run.read_description()
     if program is None:
-        path = described.program_class or ""
+        path = description.program_class or ""
         if path.partition(":")[0] in ("", "__main__"):
             raise ProgramError(f"run_dir: the program class {path!r} cannot be imported here; pass "
                                f"program=YourProgram() to bootfinetune.load.")
         program = program_class(path, run.config_json)()
-    state = read_json(run.program_json)
+    state = run.read_program()
     for value in state.values():  # our LMs are rebuilt below from the run's own models
         if isinstance(value, dict) and "lm" in value:
             value["lm"] = None
     program.load_state(state)
-    inference = dataclasses.replace(described.inference_config(run.config_json), device=device)
-    warn_untrusted(described, described.trusts_remote_code(trust_remote_code), run.config_json)
+    inference = dataclasses.replace(description.inference_config(run.config_json), device=device)
+    warn_untrusted(description, description.trusts_remote_code(trust_remote_code), run.config_json)
     if serve_url:
-        return rebind_served(program, described, serve_url, max_tokens=inference.max_tokens, adapter=adapter,
+        return rebind_served(program, description, serve_url, max_tokens=inference.max_tokens, adapter=adapter,
                              api_key=key_from(api_key))
-    return rebind_run(program, run, described, inference=inference, adapter=adapter,
+    return rebind_run(program, run, description, inference=inference, adapter=adapter,
                       trust_remote_code=trust_remote_code)
 
 
@@ -207,7 +207,7 @@ def program_class(path: str, source: Any) -> type:
     return cls
 
 
-def rebind_served(program: dspy.Module, described: RunDescription, serve_url: str, *,
+def rebind_served(program: dspy.Module, description: RunDescription, serve_url: str, *,
                   max_tokens: int = InferenceConfig.max_tokens, adapter: Any = None,
                   api_key: str | None = None) -> dspy.Module:
     """`program` with each predictor calling its model key on an OpenAI-compatible server (greedy), sending
@@ -215,14 +215,14 @@ def rebind_served(program: dspy.Module, described: RunDescription, serve_url: st
 
     The adapter is the one config.json records unless `adapter` is given.
     """
-    keys = described.model_keys
+    keys = description.model_keys
     lms = {key: dspy.LM(f"openai/{key}", api_base=serve_url.rstrip("/"), api_key=api_key or LOCAL_API_KEY, cache=False,
                         temperature=0.0, max_tokens=max_tokens) for key in keys}
     compiled = program.deepcopy()
-    key_of = described.key_of()
+    key_of = description.key_of()
     for name, predictor in compiled.named_predictors():
         predictor.lm = lms[key_of[name]]
-    adapter = adapter or adapter_from_spec(described.adapter)
+    adapter = adapter or adapter_from_spec(description.adapter)
     if adapter is not None:
         scope_adapter(compiled, adapter)
     compiled._compiled = True

@@ -64,9 +64,7 @@ def engine_of(program: Any) -> str:
 
 
 ASYNC_MIN_SLOTS = 33
-"""Slots per actor from which "auto" runs a program that has `aforward` on the event loop. Below, threads
-cost less client CPU per call with DSPy 3.4.1, whose async path hands each call's preparation and pricing to
-threads anyway (measured in `bench/results/journal-2026-11-22-to-12-02.md`, section 1b)."""
+"""Slots per actor from which "auto" runs a program that has `aforward` on the event loop; below, on threads."""
 
 
 def choose_engine(program: Any, slots: int, budgeted: bool = False) -> str:

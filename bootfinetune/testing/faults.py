@@ -198,9 +198,7 @@ def resident_kib(model_dirs: list[str | Path]) -> int:
     import subprocess
     import sys
 
-    import bootfinetune
-
-    root = Path(bootfinetune.__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the folder holding this package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", _RESIDENT_SCRIPT, *map(str, model_dirs)], capture_output=True,
                          text=True, env=env, timeout=600)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from bootfinetune.run.jsonio import fingerprint, read_json, write_json
 
@@ -96,35 +96,45 @@ def build_tiny_causal(
     if tie_embeddings is not None:
         args["tie_embeddings"] = tie_embeddings
     path = Path(path)
-    if _is_built(path, args):
-        return path
+    if not _is_built(path, args):
+        _save(path, *_make_causal(args), args)
+    return path
 
+
+def _make_causal(args: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, tokenizer) as `build_tiny_causal`'s arguments `args` describe them."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
+    chat_template = args["chat_template"]
     eos = "<|im_end|>" if chat_template else "</s>"
-    tokenizer = _train_tokenizer(corpus, vocab_size, SPECIALS + (CHAT_SPECIALS if chat_template else []), eos,
-                                 split_spaces=split_spaces)
+    tokenizer = _train_tokenizer(args["corpus"], args["vocab_size"], SPECIALS + (CHAT_SPECIALS if chat_template else []),
+                                 eos, split_spaces=args.get("split_spaces", False))
     if chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
+    config = _causal_config(args, tokenizer)
+    torch.manual_seed(args["seed"])
+    return AutoModelForCausalLM.from_config(config), tokenizer
+
+
+def _causal_config(args: dict[str, Any], tokenizer: Any) -> Any:
+    """The Llama or GPT-2 config `args` describe, with the tokenizer's special ids and at least its vocabulary."""
+    from transformers import GPT2Config, LlamaConfig
+
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
-    vocab = max(len(tokenizer), vocab_size)
-    inner = intermediate_size or 2 * hidden_size
-    if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=inner,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
-                             max_position_embeddings=max_positions,
-                             tie_word_embeddings=bool(tie_embeddings), **ids)
-    else:
-        config = GPT2Config(vocab_size=vocab, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inner,
-                            n_positions=max_positions,
-                            tie_word_embeddings=tie_embeddings is not False, **ids)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    _save(path, model, tokenizer, args)
-    return path
+    vocab = max(len(tokenizer), args["vocab_size"])
+    hidden_size, num_layers, num_heads = args["hidden_size"], args["num_layers"], args["num_heads"]
+    inner = args["intermediate_size"] or 2 * hidden_size
+    tie_embeddings = args.get("tie_embeddings")
+    if args["arch"] == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=inner,
+                           num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                           num_key_value_heads=args["num_kv_heads"] or max(1, num_heads // 2),
+                           max_position_embeddings=args["max_positions"],
+                           tie_word_embeddings=bool(tie_embeddings), **ids)
+    return GPT2Config(vocab_size=vocab, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inner,
+                      n_positions=args["max_positions"], tie_word_embeddings=tie_embeddings is not False, **ids)
 
 
 def build_tiny_t5(

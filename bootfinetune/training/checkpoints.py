@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.run import storage
+from bootfinetune.run.jsonio import write_json
 
 STATE_FILE = "trainer_state.json"
 """Loop state inside a checkpoint (written by rank 0 after the DeepSpeed files)."""
@@ -59,8 +60,6 @@ def save_checkpoint(checkpoint_dir: str, engine: Any, state: dict[str, Any], epo
         engine.save_checkpoint(str(path / DS_DIR), tag=f"epoch_{epoch}")
         dist.barrier()
         if rank == 0:
-            from bootfinetune.run.jsonio import write_json
-
             write_json(path / STATE_FILE, state)
     if rank == 0:
         prune(checkpoint_dir, keep={epoch, best_epoch(state["history"])})

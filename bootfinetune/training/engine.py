@@ -17,7 +17,10 @@ from typing import Any, Iterator
 
 from bootfinetune.training.answer_head import answer_logits_only
 from bootfinetune.config import TrainConfig
-from bootfinetune.stages.representable import fit_embeddings
+from bootfinetune.training.answer_tokens import fit_embeddings
+from bootfinetune.training.distributed import deepspeed_comm
+from bootfinetune.training.lora import apply_lora
+from bootfinetune.training.torch_engine import TorchEngine
 
 
 def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_vocab: int, added_tokens: list[str],
@@ -30,7 +33,7 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
         kind: "causal" or "seq2seq".
         tokenizer: The target's tokenizer, with `added_tokens` already added.
         base_vocab: The tokenizer's size before the added tokens.
-        added_tokens: Tokens added so every answer survives the tokenizer (see `representable`).
+        added_tokens: Tokens added so every answer survives the tokenizer (see `training.answer_tokens`).
         total_steps: Optimizer steps of the whole run, for the LR schedule.
         ds_config: `deepspeed_config(tc, world_size)`, or None for `TorchEngine` (one worker).
         device: This rank's device (the plain engine moves the model there; DeepSpeed does itself).
@@ -58,8 +61,6 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     if tc.answer_logits_only and kind == "causal":
         head_only = answer_logits_only(model)
     if tc.lora:  # after the head patch: the PEFT wrapper calls the patched forward
-        from bootfinetune.training.lora import apply_lora
-
         model = apply_lora(model, tc, kind)
     if tc.gradient_checkpointing is True:  # "auto" is decided before (engine_choice.choose_checkpointing)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -71,13 +72,9 @@ def build_engine(target: str, tc: TrainConfig, kind: str, tokenizer: Any, base_v
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = lr_scheduler(optimizer, tc, total_steps)
     if ds_config is None:
-        from bootfinetune.training.torch_engine import TorchEngine
-
         return TorchEngine(model, optimizer, scheduler, accumsteps=tc.accumsteps, max_grad_norm=tc.max_grad_norm,
                            bf16=tc.bf16, device=device), head_only
     import deepspeed
-
-    from bootfinetune.training.distributed import deepspeed_comm
 
     deepspeed_comm(tc.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -94,8 +91,6 @@ def zero3_loading(ds_config: dict[str, Any] | None, tc: TrainConfig) -> Iterator
         yield
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    from bootfinetune.training.distributed import deepspeed_comm
 
     deepspeed_comm(tc.use_gpu)  # first: the config reads the world size from DeepSpeed's backend
     config = HfDeepSpeedConfig(ds_config)
@@ -131,9 +126,9 @@ def make_optimizer(params: list, tc: TrainConfig) -> Any:
     """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state lives in CPU memory.
 
     With `offload_optimizer` the step runs on the host over the fp32 master weights; torch's
-    AdamW makes full-size temporaries there (about 8 extra bytes a parameter) and runs slowly,
-    while DeepSpeedCPUAdam updates in place with SIMD on every core. It is a C++ op that
-    DeepSpeed builds with ninja on first use (under a minute; cached in ~/.cache/torch_extensions).
+    AdamW makes full-size temporaries there, while DeepSpeedCPUAdam updates in place with SIMD on
+    every core. It is a C++ op that DeepSpeed builds with ninja on first use (cached in
+    ~/.cache/torch_extensions).
     """
     import torch
 

@@ -3,8 +3,7 @@
 `zero_stage="auto"` (the default) picks the least sharding whose model states (weights, gradients
 and AdamW's state) fit each worker: with one worker the plain torch engine (`torch_engine`: nothing
 to shard with no peer, so no DeepSpeed; recorded as stage 0, whose checkpoint layout it shares), with several ZeRO-1 (the
-optimizer state sharded, the weights and gradients whole: the same traffic as DDP, as Ray's own
-Qwen3-0.6B benchmark runs); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
+optimizer state sharded, the weights and gradients whole: the same traffic as DDP); ZeRO-2, ZeRO-3, then CPU offload only when the estimate says a
 smaller step does not fit. An explicit stage (and explicit offload flags) always win.
 
 The estimate counts bytes per parameter, as DeepSpeed's own `estimate_zero*_model_states_mem_needs`
@@ -27,6 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.training.distributed import all_reduce
+from bootfinetune.training.lora import apply_lora
 
 HEADROOM = 0.5
 """Share of a worker's memory the model states may take; the rest is for activations and buffers."""
@@ -236,8 +237,6 @@ def count_parameters(target: str, kind: str, tc: TrainConfig) -> tuple[int, int]
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=tc.trust_remote_code)
         if tc.lora:
-            from bootfinetune.training.lora import apply_lora
-
             model = apply_lora(model, tc, kind)
     params = list(model.parameters())  # unique Parameters: tied ones appear once
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -270,8 +269,6 @@ def resolve_engine(target: str, kind: str, tc: TrainConfig, rank: int, world: in
     """The engine for this (re)start, the same on every rank. A resumed run keeps its checkpoint's
     engine (a DeepSpeed checkpoint loads only into the stage that wrote it). `micro`: the tokens of the
     largest micro batch (padded) and of its positions that get logits, the same on every rank."""
-    from bootfinetune.training.distributed import all_reduce
-
     if resumed:
         return EngineChoice(int(resumed["zero_stage"]), bool(resumed["offload_optimizer"]),
                             bool(resumed["offload_params"]), f"{resumed.get('reason', '')}; kept on resume",

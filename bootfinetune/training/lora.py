@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.config import TrainConfig
+from bootfinetune.training.render import model_kind
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -47,9 +48,15 @@ def is_adapter(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTER_CONFIG).exists()
 
 
+def recorded_base(model_dir: str | Path) -> str | None:
+    """The `base_model_name_or_path` a PEFT adapter's folder records; None for a full model or an adapter naming none."""
+    config = Path(model_dir) / ADAPTER_CONFIG
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.exists() else None
+
+
 def adapter_base(model_dir: str | Path) -> str:
     """The base model an adapter was trained on (its `base_model_name_or_path`)."""
-    base = json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base = recorded_base(model_dir)
     if not base:
         raise ValueError(f"{model_dir}/{ADAPTER_CONFIG} names no base_model_name_or_path; set it to the base "
                          "model's directory or hub id.")
@@ -104,8 +111,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from bootfinetune.training.render import model_kind
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     base = base or adapter_base(adapter_dir)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from bootfinetune.training.render import IGNORE_INDEX, Encoded
+from bootfinetune.training.render import Encoded, IGNORE_INDEX, collate
 
 
 def pack_rows(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
@@ -99,8 +99,6 @@ def micro_batch(records: Sequence[Encoded], pad_id: int, multiple: int | None,
         >>> b["input_ids"].tolist(), real
         ([[5, 6, 7, 8], [5, 6, 5, 6]], 8)
     """
-    from bootfinetune.training.render import collate
-
     lengths = [len(e.input_ids) for e in records]
     rows = pack_rows(lengths, max(lengths), seed=0) if pack else []
     if len(rows) == len(records) or not pack:  # nothing to pack together (e.g. a tight length bucket)

@@ -121,8 +121,7 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], kind: Mode
     """Tokenizes records (`{"messages": [...], ...}`); returns them and how many were truncated.
 
     Each record's prompt and answer are rendered to text first and tokenized in two batch calls, with the
-    ids a call per text would give: the per-call overhead of a tokenizer (about a millisecond) was most of
-    the set-up of a training run on thousands of short records."""
+    ids a call per text would give."""
     conversations = [r["messages"] for r in records]
     for messages in conversations:
         _check_messages(messages, need_answer=True)

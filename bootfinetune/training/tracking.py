@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bootfinetune.common.redaction import redact_uri, redact_urls_in
+from bootfinetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def check(option: str | None) -> None:
     """Raises `problems` as one ConfigError (a compile calls it before any expensive work)."""
     found = problems(option)
     if found:
-        from bootfinetune.errors import ConfigError
-
         raise ConfigError(found)
 
 

@@ -15,7 +15,7 @@ or a cloud URI) when one is given, and a (re)start resumes from the newest whole
 (`checkpoints`: `deepspeed/`, a resumable DeepSpeed checkpoint tagged `epoch_{n}`, and `trainer_state.json`:
 epochs done, per-epoch losses, tokens, seconds, where each start resumed from).
 
-Each (re)start runs `_prepare` (tokenizer, this rank's encoded data, step counts), then
+Each (re)start runs `_rank_data` (tokenizer, this rank's encoded data, step counts), then
 `engine.build_engine` (model, LoRA, optimizer, DeepSpeed or the plain engine), then per epoch `_train_epoch`
 (the steps) and `_finish_epoch` (evaluation, history, checkpoint).
 """
@@ -38,11 +38,11 @@ from bootfinetune.training.answer_head import answer_positions
 from bootfinetune.run.jsonio import read_jsonl
 from bootfinetune.training.render import IGNORE_INDEX, Encoded, answer_token_counts, collate, encode_records, model_kind
 from bootfinetune.training.packing import micro_batch, packs_exactly
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.training.engine import build_engine, deepspeed_config, zero3_loading
 from bootfinetune.training.engine_choice import micro_sizes, resolve_engine
 from bootfinetune.training.tracking import open_tracker
-from bootfinetune.training.progress import PhaseClock
+from bootfinetune.training.progress import PhaseClock, Reporter
 from bootfinetune.training.checkpoints import DS_DIR, STATE_FILE, latest_state, local_copy, report, save_checkpoint  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class LoopConfig:
     data_hash: str | None = None
     """Hash of the training data, recorded in the state to catch a resume onto other data."""
     added_tokens: list[str] = field(default_factory=list)
-    """Tokens added to the target's tokenizer so that every answer survives it (see `representable`)."""
+    """Tokens added to the target's tokenizer so that every answer survives it (see `training.answer_tokens`)."""
     max_steps_per_epoch: int | None = None
     """Cap on micro batches per epoch (benchmarks)."""
     progress_board: str | None = None
@@ -106,7 +106,7 @@ class LoopConfig:
     `testing.FailOnce`); it must pickle, since it travels to every worker."""
     time_phases: bool = False
     """Time each micro batch's forward, backward and optimizer step (with a device sync around each on a
-    GPU, so off unless measured: benchmarks); each epoch's history then has `phase_seconds`."""
+    GPU, which slows the steps: off by default); each epoch's history then has `phase_seconds`."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -178,7 +178,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 @dataclass
-class Prepared:
+class RankData:
     """What one (re)start of the loop prepares before the model: tokenizer, this rank's data, step counts."""
 
     kind: str
@@ -215,7 +215,7 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
     state.nodes = rank_nodes(world)
 
     seed_everything(tc.seed)
-    data = _prepare(cfg, tc, state, rank, world, device)
+    data = _rank_data(cfg, tc, state, rank, world, device)
     # packed micro batches are never larger than padded ones: the unpacked sizes bound them
     micro = micro_sizes([len(e.input_ids) for e in data.train_ex], [sum(t != IGNORE_INDEX for t in e.labels)
                         for e in data.train_ex], tc.bsize, tc.answer_logits_only or data.kind == "seq2seq")
@@ -244,8 +244,6 @@ def _train(cfg: LoopConfig, tc: TrainConfig, rank: int, world: int, device: Any)
                      state.epochs_done + 1, choice.describe())
         reporter = None
         if rank == 0:
-            from bootfinetune.training.progress import Reporter
-
             reporter = Reporter(cfg.progress_board if cfg.ray else None, cfg.progress_key, cfg.progress_namespace)
         tracker = open_tracker(cfg.tracking, state, rank)  # rank 0 only, when the driver made an MLflow run
         if state.epochs_done == 0 and state.eval_loss_before is None and data.n_eval:
@@ -269,7 +267,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, world: int, device: Any) -> Prepared:
+def _rank_data(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, world: int, device: Any) -> RankData:
     """Loads the tokenizer and this rank's rows, encodes them, and agrees with the other ranks on the steps."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -300,13 +298,13 @@ def _prepare(cfg: LoopConfig, tc: TrainConfig, state: LoopState, rank: int, worl
     if n_micro >= tc.accumsteps:  # whole accumulation groups only, so an epoch ends on an optimizer step
         n_micro -= n_micro % tc.accumsteps
     steps_per_epoch = max(1, n_micro // tc.accumsteps)
-    return Prepared(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
+    return RankData(kind=kind, tokenizer=tokenizer, base_vocab=base_vocab, train_ex=train_ex, eval_ex=eval_ex,
                     n_eval=n_eval, n_micro=n_micro, steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * tc.epochs, pad_id=tokenizer.pad_token_id,
                     multiple=8 if tc.use_gpu else None)
 
 
-def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: RankData, state: LoopState, epoch: int,
                  reporter: Any, rank: int, world: int, device: Any,
                  tracker: Any = None) -> tuple[Any, int, int, int, float, Any]:
     """One epoch's micro batches. Returns this rank's loss sum, answer tokens, tokens, padding, seconds and
@@ -356,7 +354,7 @@ def _train_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, 
     return loss_sum, answer_toks, toks, padded, time.time() - t0, phases
 
 
-def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared, state: LoopState, epoch: int,
+def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: RankData, state: LoopState, epoch: int,
                   sums: tuple[Any, int, int, int, float, Any], rank: int, world: int, device: Any) -> None:
     """Evaluates, records the epoch in the state (summed over ranks), and writes and reports the checkpoint."""
     t0 = time.time()
@@ -386,7 +384,7 @@ def _finish_epoch(cfg: LoopConfig, tc: TrainConfig, engine: Any, data: Prepared,
     state.timings["checkpoint_seconds"] = round(state.timings.get("checkpoint_seconds", 0.0) + seconds, 3)
 
 
-def _evaluate(engine: Any, data: Prepared, tc: TrainConfig, device: Any, state: LoopState) -> float:
+def _evaluate(engine: Any, data: RankData, tc: TrainConfig, device: Any, state: LoopState) -> float:
     """`evaluate` on this start's eval examples; its seconds go to `timings["eval_seconds"]`."""
     t0 = time.time()
     loss = evaluate(engine, data.eval_ex, data.train_ex, tc, data.pad_id, data.multiple, device, data.kind,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bootfinetune.demo import run as demo
+from bootfinetune.demo import run as demo_run
+from bootfinetune.entrypoints import demo
 from bootfinetune.demo.task import CITIES, make_datasets, metric, teacher_script
 from bootfinetune.run.jsonio import read_json
 
@@ -88,7 +89,7 @@ def test_demo_learns_its_task_in_every_stage_and_writes_both_reports(ray_cluster
     assert "<path" in page and "<rect" in page and "<script" not in page
     assert f"{report['metric']['teacher']:.3f}" in page
     # The student was built once and is reused from the cache by the next run.
-    student, reused = demo.build_student(tmp_path / "cache", make_datasets(500, VAL_SIZE)[0])
+    student, reused = demo_run.build_student(tmp_path / "cache", make_datasets(500, VAL_SIZE)[0])
     assert reused and (student / "config.json").exists()
-    assert json.loads((student / "bootfinetune_tiny.json").read_text())["args"]["hidden_size"] == demo.STUDENT["hidden_size"]
+    assert json.loads((student / "bootfinetune_tiny.json").read_text())["args"]["hidden_size"] == demo_run.STUDENT["hidden_size"]
     assert metric  # the task's metric is importable by path for ray workers

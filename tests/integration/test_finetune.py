@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.stages.finetune import FinetuneJob, finetune_models, split_records
+from bootfinetune.stages.finetune import finetune_models
+from bootfinetune.stages.finetune_job import FinetuneJob, split_records
 from bootfinetune.run.jsonio import read_json, read_jsonl, write_jsonl
 from bootfinetune.training.render import collate, encode_prompt, encode_records
 from bootfinetune.run.rundir import RunDir
@@ -191,7 +192,8 @@ DRIVER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from bootfinetune.config import TrainConfig
-    from bootfinetune.stages.finetune import FinetuneJob, finetune_models
+    from bootfinetune.stages.finetune import finetune_models
+    from bootfinetune.stages.finetune_job import FinetuneJob
     from bootfinetune.runtime.ray_env import ensure_ray
     from bootfinetune.run.rundir import RunDir
     address, root, target = sys.argv[1:4]

@@ -13,9 +13,9 @@ import pytest
 
 import bootfinetune
 from bootfinetune import BootstrapFinetune
-from bootfinetune.compiler import evaluate_run
+from bootfinetune.pipeline import evaluate_run
 from bootfinetune.run.jsonio import read_json, read_jsonl
-from bootfinetune.run.names import is_safe_name
+from bootfinetune.common.names import is_safe_name
 from bootfinetune.serving.lm import finetuned_engine
 from bootfinetune.serving.ray_serve import model_specs
 from bootfinetune.testing.teacher_server import TeacherServer

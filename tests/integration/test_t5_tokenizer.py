@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from bootfinetune import BootstrapFinetune, finetuned_engine
 from bootfinetune.run.jsonio import read_json, read_jsonl
-from bootfinetune.stages.representable import roundtrip
+from bootfinetune.training.answer_tokens import roundtrip
 from bootfinetune.testing.teacher_server import TeacherServer
 from bootfinetune.testing.tiny_models import DEFAULT_CORPUS, build_tiny_t5
 from tests.programs import RAG, color_rm, rag_examples, rag_script

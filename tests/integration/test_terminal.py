@@ -40,7 +40,7 @@ def test_a_terminal_gets_live_training_bars_and_no_progress_lines(ray_cluster, m
     progress_log.addHandler(handler)
     try:
         assert console.interactive()  # decided by stderr being a terminal, no variable set
-        console.quiet_ray(verbose=False)
+        console.set_console_output(verbose=False)
         assert context.enable_progress_bars  # Ray Data's bars stay live on a terminal
         drawer = console.progress_drawer(["all"])
         assert isinstance(drawer, BarDrawer)

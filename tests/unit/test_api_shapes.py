@@ -10,6 +10,7 @@ import pytest
 
 from bootfinetune import BootstrapFinetune, ConfigError, ProgramError
 from bootfinetune.stages.bootstrap import TeacherRunner, driver_settings
+from bootfinetune.compiler import COMPILE_OPTION_ARGS
 from bootfinetune.dspy_api import tracks_given_arguments, documented_options, translate_train_kwargs
 from bootfinetune.run.records import example_to_json
 from tests.programs import TwoStep, two_step_examples, two_step_metric
@@ -95,6 +96,7 @@ def test_compile_shows_the_documented_defaults_and_knows_what_was_given():
     assert {n: shown[n].default for n in ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")} == dict(
         target="t5-large", bsize=12, accumsteps=1, lr=5e-5, epochs=1, bf16=False)
     assert "_given" not in shown
+    assert COMPILE_OPTION_ARGS == ("target", "bsize", "accumsteps", "lr", "epochs", "bf16")  # what a job YAML passes
 
     @tracks_given_arguments
     def compile(self, student, trainset=None, *, epochs=1, bf16=False, _given=frozenset(), **options):

@@ -1,4 +1,4 @@
-"""The package's shape holds: no import cycles, leaf helpers import nothing of ours, and the parts
+"""The package's shape holds: no import cycles between modules or between packages, leaf helpers import nothing of ours, and the parts
 stay apart (the stages never import test support; a training worker does not load DSPy)."""
 
 import ast
@@ -64,8 +64,44 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def package_of(module: str) -> str:
+    """The floor a module stands on: its sub-package (`bootfinetune.stages`), or itself for a top-level module."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Package -> the packages its modules import, imports inside functions included; `bootfinetune` (the
+    package's `__init__`, which names the public API) counts as a package of its own."""
+    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(package_of(name), set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            edges |= {package_of(t) for t in targets if t in modules and package_of(t) != package_of(name)}
+    return graph
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_no_import_cycles_between_packages():
+    assert cycles(package_graph()) == []
+
+
+def test_a_package_loop_through_an_import_inside_a_function_is_found(tmp_path, monkeypatch):
+    for path, text in {"__init__.py": "", "a/__init__.py": "", "a/x.py": "import bootfinetune.b.y\n",
+                       "b/__init__.py": "", "b/y.py": "def f():\n    from bootfinetune.a.x import g\n"}.items():
+        (tmp_path / "bootfinetune" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bootfinetune" / path).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", tmp_path / "bootfinetune")
+    assert cycles(package_graph()) == [["bootfinetune.a", "bootfinetune.b"]]
 
 
 def test_a_cycle_is_found_when_there_is_one():
@@ -83,7 +119,7 @@ def test_leaf_helpers_import_nothing_of_ours():
 def test_the_stages_training_and_serving_never_import_test_support():
     graph = import_graph()
     parts = ("bootfinetune.stages", "bootfinetune.training", "bootfinetune.serving", "bootfinetune.run",
-             "bootfinetune.compiler")
+             "bootfinetune.compiler", "bootfinetune.pipeline")
     offenders = {m: sorted(t for t in graph[m] if t.startswith("bootfinetune.testing"))
                  for m in graph if m.startswith(parts)}
     assert {m: t for m, t in offenders.items() if t} == {}
@@ -109,3 +145,25 @@ def test_config_json_is_written_only_by_the_run_directory():
     offenders = [module_name(p) for p in PKG.rglob("*.py") if writes.search(p.read_text())
                  and module_name(p) != "bootfinetune.run.rundir"]
     assert offenders == []
+
+
+RUN_FILE_WRITERS = {"bootfinetune.run.rundir", "bootfinetune.run.storage", "bootfinetune.run.trace_store",
+                    "bootfinetune.run.writer", "bootfinetune.training.checkpoints", "bootfinetune.testing.tiny_models"}
+"""The modules that write JSON files: the run directory (every run file, through its record), its mirror's
+sync state, the trace store, the writer lock, a checkpoint's trainer_state.json, and a tiny model's stamp."""
+
+
+def test_run_files_are_read_and_written_only_by_the_run_directory():
+    """Outside the modules above, no module writes a JSON file or reads one whole (`read_json`): the stages and
+    entrypoints go through `RunDir`'s methods and records. Data files (`read_jsonl`) are read by path."""
+    door = {"read_json", "write_json", "write_jsonl", "iter_jsonl", "atomic_write"}
+    offenders = {}
+    for path in PKG.rglob("*.py"):
+        name = module_name(path)
+        if name in RUN_FILE_WRITERS or name == "bootfinetune.run.jsonio":
+            continue
+        used = {a.name for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module == "bootfinetune.run.jsonio" for a in node.names}
+        if used & door:
+            offenders[name] = sorted(used & door)
+    assert offenders == {}

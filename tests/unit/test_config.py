@@ -142,7 +142,7 @@ def test_the_demo_flags_carry_its_own_values_only():
     import argparse
 
     from bootfinetune.entrypoints.flags import config_arguments
-    from bootfinetune.demo.run import OVERRIDES, add_arguments
+    from bootfinetune.entrypoints.demo import OVERRIDES, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from bootfinetune.runtime import console
-from bootfinetune.runtime.console import ProgressLine, quiet_ray
+from bootfinetune.runtime.console import ProgressLine, set_console_output
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_quiet_ray_keeps_ray_data_info_and_repeated_dspy_warnings_off_the_consol
     context = ray.data.DataContext.get_current()
     monkeypatch.setattr(context, "enable_progress_bars", True)
     console.report_held()  # what an earlier compile in this process held back is reported and forgotten
-    quiet_ray(verbose=False)
-    quiet_ray(verbose=False)  # idempotent: one filter each
+    set_console_output(verbose=False)
+    set_console_output(verbose=False)  # idempotent: one filter each
     assert context.enable_progress_bars is False
     # Ray Data's console handler writes to the stderr of the moment it was made (an earlier test's, in a
     # suite), so its filter is asked directly.
@@ -90,7 +90,7 @@ def test_quiet_ray_keeps_ray_data_info_and_repeated_dspy_warnings_off_the_consol
     monkeypatch.setattr(console.log, "warning", lambda fmt, *a: said.append(fmt % a))
     console.report_held()
     assert said == ["39 more warning(s) 'LM response was truncated...' not shown (verbose=True shows them all)"]
-    quiet_ray(verbose=True)
+    set_console_output(verbose=True)
     dspy_lm.addHandler(handler)
     try:
         dspy_lm.warning("LM response was truncated; again")

@@ -18,7 +18,7 @@ import yaml
 
 from bootfinetune import BootstrapFinetune
 from bootfinetune.config import FIELD_HELP, FIELDS
-from bootfinetune.demo.run import summary_rows
+from bootfinetune.entrypoints.demo import summary_rows
 from bootfinetune.entrypoints.cli import build_parser
 from bootfinetune.entrypoints.jobconfig import parse_job_config
 from bootfinetune.entrypoints.jobs import JOB_HELP, job_parser

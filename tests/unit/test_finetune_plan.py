@@ -6,7 +6,9 @@ import pytest
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import FinetuneError
-from bootfinetune.stages.finetune import FinetuneJob, _timings, finished_manifest, load_job_data, split_records
+from bootfinetune.stages.export import _timings
+from bootfinetune.stages.finetune_job import FinetuneJob, load_job_data, split_records
+from bootfinetune.stages.fingerprints import finished_manifest
 from bootfinetune.stages.train_runs import fits, lane_resources
 from bootfinetune.run.jsonio import write_json, write_jsonl
 from bootfinetune.run.rundir import RunDir
@@ -56,14 +58,14 @@ def test_best_epoch_is_lowest_eval_loss_else_last():
 
 
 def test_manifest_counts_as_finished_only_for_the_same_data_and_options(tmp_path):
-    from bootfinetune.stages.finetune import _job_fingerprint
+    from bootfinetune.stages.fingerprints import job_fingerprint
 
     run = RunDir(tmp_path / "run")
     write_jsonl(run.data_file("all"), toy_records(10))
     job = FinetuneJob("all", "target", ("p",), run.data_file("all"))
     config = TrainConfig(epochs=2)
     assert finished_manifest(run, job, config) is None
-    write_json(run.model_dir("all") / "manifest.json", {"key": "all", "job_fingerprint": _job_fingerprint(job, config)})
+    write_json(run.model_dir("all") / "manifest.json", {"key": "all", "job_fingerprint": job_fingerprint(job, config)})
     assert finished_manifest(run, job, config).key == "all"
     assert finished_manifest(run, job, TrainConfig(epochs=3)) is None
     assert finished_manifest(run, job, TrainConfig(epochs=2, max_failures=5, cpus_per_worker=4.0)) is not None

@@ -23,7 +23,7 @@ def test_lora_trains_adapters_only_and_exports_adapter_and_merged_alike(tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from bootfinetune.stages.export import export_checkpoint
+    from bootfinetune.training.export import export_checkpoint
     from bootfinetune.serving.lm import FinetunedEngine, load_model
     from bootfinetune.training.lora import adapter_base, is_adapter
 

@@ -10,8 +10,8 @@ import dspy
 import pytest
 
 from bootfinetune.errors import ProgramError
-from bootfinetune.run.names import (SLUG_LENGTH, RunPathError, folder_names, inside, inside_uri, is_safe_name,
-                                    safe_name)
+from bootfinetune.common.names import SLUG_LENGTH, folder_names, is_safe_name, safe_name
+from bootfinetune.run.paths import RunPathError, inside, inside_uri
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 
@@ -177,7 +177,7 @@ def test_stage_0_checkpoints_load_weights_only(tmp_path, monkeypatch):
 
     from bootfinetune.config import TrainConfig
     from bootfinetune.run.jsonio import write_jsonl
-    from bootfinetune.stages.export import consolidated_state_dict
+    from bootfinetune.training.export import consolidated_state_dict
     from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
     from bootfinetune.training.train_loop import DS_DIR, train_loop
 

@@ -20,7 +20,7 @@ from bootfinetune.training.render import (
     render_prompt_text,
     renderer_identity,
 )
-from bootfinetune.stages.representable import add_answer_tokens
+from bootfinetune.training.answer_tokens import add_answer_tokens
 from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5, toy_records
 
 MESSAGES = [
@@ -92,7 +92,7 @@ def test_seq2seq_prompt_to_encoder_answer_to_decoder(tokenizers):
     assert enc.input_ids[-1] == tok.eos_token_id  # T5's tokenizer ends the encoder input with </s>
     assert "completed" not in tok.decode(enc.input_ids)
     assert IGNORE_INDEX not in enc.labels and enc.labels[-1] == tok.eos_token_id
-    # T5's SentencePiece loses the answer's newlines; with "\n" added (see representable) it keeps them.
+    # T5's SentencePiece loses the answer's newlines; with "\n" added (see training/answer_tokens.py) it keeps them.
     assert decode_answer(tok, enc.labels) == "[[ ## answer ## ]] 4 [[ ## completed ## ]]"
     extended = copy.deepcopy(tok)
     add_answer_tokens(extended, ["\n"])

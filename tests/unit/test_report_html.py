@@ -61,7 +61,7 @@ def test_losses_spanning_decades_get_a_log_axis():
 
 
 def test_report_page_and_demo_table_show_teacher_tokens_and_cost():
-    from bootfinetune.demo.run import summary_rows
+    from bootfinetune.entrypoints.demo import summary_rows
 
     priced = {**REPORT, "stages": {**REPORT["stages"], "bootstrap": {
         **REPORT["stages"]["bootstrap"],
@@ -80,7 +80,7 @@ def test_report_page_and_demo_table_show_teacher_tokens_and_cost():
 
 
 def test_report_page_and_demo_table_show_the_students_tokens_while_scoring():
-    from bootfinetune.demo.run import summary_rows
+    from bootfinetune.entrypoints.demo import summary_rows
 
     scored = {**REPORT, "stages": {**REPORT["stages"], "evaluate": {"seconds": 2.0, "usage": {
         "before": {"openai/student": {"calls": 40, "prompt_tokens": 4000, "completion_tokens": 640, "cost_usd": None}},

@@ -12,11 +12,13 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from bootfinetune.config import TrainConfig
 from bootfinetune.errors import ConfigError
-from bootfinetune.stages.finetune import FinetuneJob, decide_tokens, finetune_models
+from bootfinetune.stages.finetune import decide_tokens, finetune_models
+from bootfinetune.stages.finetune_job import FinetuneJob
 from bootfinetune.run.jsonio import write_jsonl
 from bootfinetune.training.render import decode_answer
-from bootfinetune.stages.representable import (adapter_parse, add_answer_tokens, check_lora, fit_embeddings, layout_parse,
-                                        lost_characters, plan_tokens, raise_if_unfixable, roundtrip)
+from bootfinetune.stages.token_plan import (adapter_parse, check_lora, layout_parse, lost_characters, plan_tokens,
+                                            raise_if_unfixable)
+from bootfinetune.training.answer_tokens import add_answer_tokens, fit_embeddings, roundtrip
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.testing.tiny_models import build_tiny_causal, build_tiny_t5
 

@@ -6,8 +6,8 @@ import pytest
 
 from bootfinetune.run.jsonio import read_json, write_json
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.run.runfiles import (RUN_FILES_VERSION, BootstrapSummary, ModelManifest, RunDescription, RunFileError,
-                                   RunReport, read_record)
+from bootfinetune.run.runfiles import (RUN_FILES_VERSION, BootstrapSummary, JobStamp, ModelManifest, RunDescription,
+                                   RunFileError, RunReport, read_record)
 
 
 def test_files_without_a_version_load_as_before_and_are_written_with_one(tmp_path):
@@ -105,3 +105,26 @@ def test_run_files_reach_the_disk_before_their_rename_and_the_rename_after(tmp_p
     path = tmp_path / "run" / "models" / "all" / "manifest.json"
     write_json(path, {"key": "all"})
     assert synced == [("file", path.stat().st_ino), ("folder", path.parent.stat().st_ino)]
+
+
+def test_the_run_directory_reads_back_each_file_it_writes(tmp_path):
+    """program.json, an evaluation, a bootstrap, a key's data and its checkpoints' stamp, each through `RunDir`,
+    in the files' formats (the stamp holds no version)."""
+    run = RunDir(tmp_path / "R-1")
+    run.write_program({"p": {"demos": []}})
+    assert run.read_program() == {"p": {"demos": []}} and run.program_json.exists()
+    run.write_evaluation("../held out", {"score": 0.5})
+    file = run.read_report().evaluations["../held out"]
+    assert read_json(run.path("evaluations", file)) == {"score": 0.5, "name": "../held out"}
+    assert run.read_bootstrap("train") is None
+    run.write_bootstrap("train", [{"example_index": 0}], [], BootstrapSummary(examples=1, kept=1))
+    calls, failures, summary = run.read_bootstrap("train")
+    assert (list(calls), list(failures), summary.kept) == ([{"example_index": 0}], [], 1)
+    run.forget_bootstrap("train")
+    assert run.read_bootstrap("train") is None and run.bootstrap_file("train", "calls.jsonl").exists()
+    assert run.write_data("all", [{"messages": []}] * 3, "val") == 3 and run.data_file("all", "val").exists()
+    assert run.read_job_stamp("all") is None
+    run.write_job_stamp(JobStamp(job_fingerprint="abc", key="all", target="t"))
+    assert read_json(run.checkpoint_dir("all") / "bootfinetune_job.json") == {"job_fingerprint": "abc", "key": "all",
+                                                                              "target": "t"}
+    assert run.read_job_stamp("all").job_fingerprint == "abc"

@@ -63,7 +63,7 @@ def test_scoring_the_base_student_counts_cut_answers_and_prints_no_warning(tiny,
     examples = [dspy.Example(question=f"Repeat the word {w}.", answer=w).with_inputs("question")
                 for w in ("apple", "river", "stone")]
     dspy_lm = logging.getLogger("dspy.clients.lm")
-    dspy_lm.addFilter(console._REPEATS)  # as a compile has it (`quiet_ray`): repeated warnings held back, counted
+    dspy_lm.addFilter(console._REPEATS)  # as a compile has it (`set_console_output`): repeated warnings held back, counted
     try:
         with caplog.at_level(logging.WARNING):
             result = evaluate_program(program, examples, lambda e, p, t=None: p.answer == e.answer, use_ray=False)
@@ -81,14 +81,14 @@ def test_a_compile_reports_only_the_warnings_it_held_back(caplog):
     """A notebook or a test session runs several compiles in one process: warnings an earlier one held back (and
     never reported, e.g. it raised) are not reported again as the next compile's."""
     dspy_lm = logging.getLogger("dspy.clients.lm")
-    console.quiet_ray(False)
+    console.set_console_output(False)
     try:
         for _ in range(3):
             dspy_lm.warning("LM response was truncated due to exceeding max_tokens=4.")  # an earlier compile's
         assert console._REPEATS.held[console.REPEATED[0]] == 2
-        console.quiet_ray(False)  # the next compile starts
+        console.set_console_output(False)  # the next compile starts
         with caplog.at_level(logging.WARNING):
             console.report_held()
         assert not [r for r in caplog.records if "more warning(s)" in r.getMessage()]
     finally:
-        console.quiet_ray(True)
+        console.set_console_output(True)

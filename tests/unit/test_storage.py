@@ -41,8 +41,8 @@ def test_push_pull_round_trip(s3, tmp_path, monkeypatch):
     (run.model_dir("all") / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
     (run.model_dir("all") / "model.safetensors").write_bytes(os.urandom(3 << 20))
     write_json(run.checkpoints_dir() / "all" / "bootfinetune_job.json", {"job_fingerprint": "x"})
-    assert run.sync() == 4
-    assert run.sync() == 0  # nothing changed: nothing uploaded
+    assert run.push() == 4
+    assert run.push() == 0  # nothing changed: nothing uploaded
     assert remote_names(run.remote) == [".bootfinetune_index.json", "checkpoints/all/bootfinetune_job.json", "config.json",
                                         "models/all/manifest.json", "models/all/model.safetensors"]
 
@@ -56,7 +56,7 @@ def test_push_pull_round_trip(s3, tmp_path, monkeypatch):
 
     # A change on machine b reaches machine a; machine a's untouched files stay as they are.
     write_json(other.config_json, {"a": 2})
-    assert other.sync() == 1
+    assert other.push() == 1
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
     assert run.pull() == 1 and read_json(run.config_json) == {"a": 2}
 
@@ -112,7 +112,7 @@ def test_pull_refuses_an_object_whose_name_leaves_the_mirror(s3, tmp_path, monke
     """An object key with `..` in it (S3 keys are plain strings) is never written outside the run's mirror."""
     import boto3
 
-    from bootfinetune.run.names import RunPathError
+    from bootfinetune.run.paths import RunPathError
 
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging" / "a" / "b"))
     run = RunDir.at(s3.uri("unit", "runs"), "Evil-1")

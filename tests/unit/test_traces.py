@@ -14,8 +14,8 @@ from bootfinetune.config import Config
 from bootfinetune.errors import ConfigError
 from bootfinetune.run.jsonio import fingerprint, read_jsonl
 from bootfinetune.run.rundir import RunDir
-from bootfinetune.stages.traces import (TraceStore, example_changes, example_key, restamp, stable_identity, trace_id,
-                                 trace_identity)
+from bootfinetune.run.trace_store import TraceStore, trace_id
+from bootfinetune.stages.traces import example_changes, example_key, restamp, stable_identity, trace_identity
 from tests.programs import TwoStep, two_step_examples, two_step_metric
 
 REPO = Path(__file__).resolve().parents[2]

@@ -74,7 +74,7 @@ def test_the_plain_engine_trains_as_deepspeed_stage_0(tmp_path, data, accumsteps
     the losses then agree to bf16's precision only (2e-2)."""
     import torch
 
-    from bootfinetune.stages.export import consolidated_state_dict
+    from bootfinetune.training.export import consolidated_state_dict
 
     target = build_tiny_causal(tmp_path / "m")
     opts = dict(epochs=2, accumsteps=accumsteps, bf16=bf16, max_grad_norm=0.05)

@@ -21,7 +21,7 @@ HOLDER = """
 import sys, time
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.writer import RunWriter
-writer = RunWriter(RunDir.from_location(sys.argv[1]), what="compile", lease_s=float(sys.argv[2])).acquire()
+writer = RunWriter(RunDir.from_location(sys.argv[1]), operation="compile", lease_s=float(sys.argv[2])).acquire()
 print("held", flush=True)
 time.sleep(float(sys.argv[3]))
 writer.release()
@@ -59,7 +59,7 @@ def test_a_second_writer_stops_at_once_naming_the_first_and_a_killed_one_blocks_
     holder = holders(run.root)
     started = time.monotonic()
     with pytest.raises(RunBusyError) as busy:
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     assert time.monotonic() - started < 2  # the default: no wait
     message = str(busy.value)
     assert f"is being written by a compile, {named(holder)}" in message
@@ -69,7 +69,7 @@ def test_a_second_writer_stops_at_once_naming_the_first_and_a_killed_one_blocks_
     holder.send_signal(signal.SIGKILL)  # a crashed writer: the kernel drops its flock
     holder.wait()
     started = time.monotonic()
-    with RunWriter(run, what="compile"):
+    with RunWriter(run, operation="compile"):
         assert time.monotonic() - started < 2
         assert Writer.from_json((run.root / LOCK_FILE).read_text()).pid == os.getpid()
     assert (run.root / LOCK_FILE).read_text() == ""  # released: nobody named
@@ -80,9 +80,9 @@ def test_a_waiting_writer_starts_when_the_first_finishes_within_its_wait(tmp_pat
     holder = holders(run.root, hold_s=2.5)
     started = time.monotonic()
     with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
-        RunWriter(run, what="compile", wait_s=0.6).acquire()
+        RunWriter(run, operation="compile", wait_s=0.6).acquire()
     assert 0.6 <= time.monotonic() - started < 3
-    with RunWriter(run, what="compile", wait_s=60):
+    with RunWriter(run, operation="compile", wait_s=60):
         waited = time.monotonic() - started
     assert holder.stdout.readline().strip() == "released"
     assert 1.5 < waited < 20  # it waited for the release, not for its whole wait_s
@@ -90,15 +90,15 @@ def test_a_waiting_writer_starts_when_the_first_finishes_within_its_wait(tmp_pat
 
 def test_two_writers_in_one_process_exclude_each_other(tmp_path):
     run = RunDir(tmp_path / "Prog-1")
-    first = RunWriter(run, what="compile").acquire()
+    first = RunWriter(run, operation="compile").acquire()
     assert first.acquire() is first and first.held  # acquiring a held lock keeps it
     with pytest.raises(RunBusyError, match=f"a compile, pid {os.getpid()}"):
-        RunWriter(run, what="retrain").acquire()
+        RunWriter(run, operation="retrain").acquire()
     first.release()
     first.release()  # twice is harmless
-    with RunWriter(run, what="retrain") as second:
+    with RunWriter(run, operation="retrain") as second:
         assert second.held
-    RunWriter(RunDir(tmp_path / "Prog-2"), what="compile").acquire().release()  # another run: its own lock
+    RunWriter(RunDir(tmp_path / "Prog-2"), operation="compile").acquire().release()  # another run: its own lock
 
 
 def test_retrain_takes_the_lock_before_writing_and_holds_it_for_the_training(tmp_path, holders):
@@ -120,10 +120,10 @@ def test_retrain_takes_the_lock_before_writing_and_holds_it_for_the_training(tmp
     ready = prepare_retrain(str(run.root), cpus_per_worker=2.0)
     assert ready.run == run and ready.writer.held and run.report_json.exists()
     with pytest.raises(RunBusyError, match="a retrain, pid"):
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     with ready.writer:  # what retrain() and the finetune job do around the training
         pass
-    RunWriter(run, what="compile").acquire().release()
+    RunWriter(run, operation="compile").acquire().release()
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +145,11 @@ def test_an_expired_lease_of_a_killed_writer_is_taken_over(s3, tmp_path, monkeyp
     holder.send_signal(signal.SIGKILL)  # no release: its lease stays on the bucket until it expires
     holder.wait()
     with pytest.raises(RunBusyError) as busy:
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     assert named(holder) in str(busy.value) and "lease" in str(busy.value) and "expires at" in str(busy.value)
 
     started = time.monotonic()
-    with RunWriter(run, what="compile", wait_s=30) as writer:
+    with RunWriter(run, operation="compile", wait_s=30) as writer:
         assert time.monotonic() - started < 10
         assert lease_on(run).token == writer.me.token and lease_on(run).pid == os.getpid()
     assert lease_on(run) is None  # released: deleted
@@ -158,13 +158,13 @@ def test_an_expired_lease_of_a_killed_writer_is_taken_over(s3, tmp_path, monkeyp
 def test_a_live_lease_is_renewed_and_a_writer_whose_lease_was_taken_stops(s3, tmp_path, monkeypatch):
     uri = s3.uri("writers", "runs/Prog-2")
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
-    a = RunWriter(RunDir.from_location(uri), what="compile", lease_s=2).acquire()
+    a = RunWriter(RunDir.from_location(uri), operation="compile", lease_s=2).acquire()
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
     run_b = RunDir.from_location(uri)
     assert run_b.root != a.run.root  # two machines: only the lease is shared
     time.sleep(3)  # past the first expiry: the heartbeat renewed it
     with pytest.raises(RunBusyError, match=f"pid {os.getpid()}"):
-        RunWriter(run_b, what="compile").acquire()
+        RunWriter(run_b, operation="compile").acquire()
     a.check()
 
     # a stalled past its lease and another writer took over: a notices at its next beat and stops.
@@ -183,21 +183,21 @@ def test_a_live_lease_is_renewed_and_a_writer_whose_lease_was_taken_stops(s3, tm
 def test_lock_and_lease_are_never_synced(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))
     run = RunDir.from_location(s3.uri("writers", "runs/Prog-3"))
-    with RunWriter(run, what="compile"):
+    with RunWriter(run, operation="compile"):
         (run.root / "config.json").write_text("{}")
-        run.sync()
+        run.push()
         assert (run.root / LOCK_FILE).exists()
         assert remote_names(run.remote) == [".bootfinetune_index.json", "config.json", LEASE_FILE]
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-b"))
     other = RunDir.from_location(run.remote)
-    with RunWriter(run, what="compile", lease_s=60):
+    with RunWriter(run, operation="compile", lease_s=60):
         assert other.pull() == 1 and sorted(p.name for p in other.root.iterdir()) == [".bootfinetune_sync.json",
                                                                                          "config.json"]
 
 
 STORE_WRITER = """
 import os, sys, time
-from bootfinetune.stages.traces import TraceStore
+from bootfinetune.run.trace_store import TraceStore
 storage, tag, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = TraceStore.at(storage, "Prog", {"x": 1})
 print("ready", flush=True)
@@ -207,8 +207,8 @@ with store.appender() as out:
     for i in range(n):
         out.add(f"{tag}-{i}", 0, {"calls": [{"text": tag * 20000, "i": i}], "kept": True})
         if i % 10 == 9:
-            store.sync()
-store.sync()
+            store.push_own_results()
+store.push_own_results()
 """
 
 
@@ -235,7 +235,7 @@ def check_results(loaded: dict, n: int) -> None:
 
 
 def test_two_processes_write_one_trace_store_at_once(tmp_path):
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     write_together(str(tmp_path / "runs"), tmp_path, 200)
     store = TraceStore.at(str(tmp_path / "runs"), "Prog", {"x": 1})
@@ -244,7 +244,7 @@ def test_two_processes_write_one_trace_store_at_once(tmp_path):
 
 
 def test_two_machines_write_one_trace_store_on_s3_at_once(s3, tmp_path, monkeypatch):
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     storage = s3.uri("writers", "shared")
     write_together(storage, tmp_path, 30, stagings=(tmp_path / "machine-a", tmp_path / "machine-b"))
@@ -265,7 +265,7 @@ def test_the_lock_names_its_holder_without_the_credentials_on_its_command_line(t
     try:
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(RunBusyError) as busy:
-            RunWriter(run, what="compile").acquire()
+            RunWriter(run, operation="compile").acquire()
         recorded = (run.root / LOCK_FILE).read_text()
         for text in (str(busy.value), recorded):
             assert f"pid {proc.pid}" in text or str(proc.pid) in text
@@ -277,7 +277,7 @@ def test_the_lock_names_its_holder_without_the_credentials_on_its_command_line(t
 
 
 def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path):
-    from bootfinetune.run.names import RunPathError
+    from bootfinetune.run.paths import RunPathError
 
     run = RunDir(tmp_path / "Prog-1")
     run.root.mkdir(parents=True)
@@ -285,12 +285,12 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_
     victim.write_text("precious")
     (run.root / LOCK_FILE).symlink_to(victim)
     with pytest.raises(RunPathError, match="link"):
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     assert victim.read_text() == "precious"
     (run.root / LOCK_FILE).unlink()
     os.link(victim, run.root / LOCK_FILE)  # a hard link to someone's file: refused too
     with pytest.raises(RunPathError, match="link"):
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     assert victim.read_text() == "precious"
 
 
@@ -328,7 +328,7 @@ def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkey
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "staging"))
     run = RunDir.at(failing_s3, "Prog-1")
     with pytest.raises(storage.StorageError, match="writer lease"):
-        RunWriter(run, what="compile").acquire()
+        RunWriter(run, operation="compile").acquire()
     lock = _FileLock(run.root / LOCK_FILE)
     assert lock.try_acquire(Writer.this_process("compile")) is None  # not held by the failed writer
     lock.release()
@@ -336,7 +336,7 @@ def test_a_lease_that_fails_releases_the_local_lock(failing_s3, tmp_path, monkey
 
 def test_an_evaluation_takes_the_run_lock_before_reading_the_run(tmp_path, holders):
     """Issue 30 (7): evaluate_run updated report.json and synced without the lock (lost updates, stale pushes)."""
-    from bootfinetune.compiler import evaluate_run
+    from bootfinetune.pipeline import evaluate_run
 
     run = RunDir(tmp_path / "Prog-1")
     holder = holders(run.root)
@@ -349,7 +349,7 @@ def test_the_trace_store_is_uploaded_as_it_grows(s3, tmp_path, monkeypatch):
     """Issue 30 (8): results reached the bucket only when the bootstrap ended; a killed driver lost them all."""
     import shutil
 
-    from bootfinetune.stages.traces import TraceStore
+    from bootfinetune.run.trace_store import TraceStore
 
     storage = s3.uri("writers", "growing")
     monkeypatch.setenv("BOOTFINETUNE_STAGING", str(tmp_path / "machine-a"))

@@ -1,4 +1,4 @@
-"""Answers the target's tokenizer can write: checked before training, fixed with added tokens.
+"""The tokens each model key's answers need from its target's tokenizer, planned before training.
 
 A SentencePiece tokenizer like T5's collapses newlines and runs of spaces into one space and
 has no `{`, `}` or `<`, so a model trained on its tokens cannot write DSPy's answer formats
@@ -9,7 +9,7 @@ tokenizer, exactly as inference will (`render.decode_answer`), and compares what
 parses from both. The characters that answers lose (found by encoding them, not from a list)
 become tokens added to the tokenizer (`AddedToken(normalized=False)`, so the normalizer
 cannot collapse them), and the model's embeddings grow to match in the training worker
-(`add_answer_tokens`, `fit_embeddings`). The export in `models/{key}/` carries the extended
+(`training/answer_tokens.py`). The export in `models/{key}/` carries the extended
 tokenizer: a plain Hugging Face model that every loader of it (FinetunedLM, `bootfinetune
 serve`, `bootfinetune.load`, other servers) reads the same way.
 
@@ -24,10 +24,12 @@ import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bootfinetune.errors import ConfigError
-from bootfinetune.training.render import decode_answer
+from bootfinetune.run.jsonio import read_jsonl
+from bootfinetune.training.answer_tokens import add_answer_tokens, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -83,31 +85,12 @@ def adapter_parse(adapter: Any, signatures: dict[str, Any]) -> Parse:
     return parse
 
 
-def roundtrip(tokenizer: Any, text: str) -> str:
-    """`text` encoded as an answer and decoded as inference decodes it."""
-    return decode_answer(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def lost_characters(tokenizer: Any, text: str) -> list[str]:
     """Characters of `text` that do not come back from encode -> decode, each tried between two letters.
 
     Example (a T5-like tokenizer): lost_characters(tok, "a\\n{b}") == ["\\n", "{", "}"]
     """
     return [c for c in dict.fromkeys(text) if c != " " and roundtrip(tokenizer, f"a{c}b") != f"a{c}b"]
-
-
-def add_answer_tokens(tokenizer: Any, tokens: Iterable[str]) -> int:
-    """Adds `tokens` to `tokenizer` as plain (not special) tokens the normalizer leaves alone.
-
-    Returns:
-        How many were new.
-    """
-    from tokenizers import AddedToken
-
-    tokens = list(tokens)
-    if not tokens:
-        return 0
-    return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tokens])
 
 
 def plan_tokens(tokenizer: Any, records: list[dict], parse: Parse, *, key: str, target: str) -> TokenPlan:
@@ -151,11 +134,7 @@ def plan_tokens(tokenizer: Any, records: list[dict], parse: Parse, *, key: str, 
 def plan_for_files(key: str, target: str, files: Iterable[Any], parse: Parse = layout_parse, *,
                    trust_remote_code: bool = False) -> TokenPlan:
     """`plan_tokens` for a model key's data files (train and eval), with the target's own tokenizer."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
-
-    from bootfinetune.run.jsonio import read_jsonl
 
     # a missing file is reported by the stage that needs it; here there is just nothing to check
     records = [r for f in files if f is not None and Path(f).exists() for r in read_jsonl(f)]
@@ -192,45 +171,6 @@ def check_lora(plans: Iterable[Any], lora: bool) -> None:
             f"survive the tokenizer, and LoRA keeps the embeddings frozen, so they would never learn them. "
             f"Fix: lora=False for this target, or a target whose tokenizer writes these characters."
             for p in needing])
-
-
-def fit_embeddings(model: Any, tokenizer: Any, base_size: int) -> int:
-    """Gives `model` an embedding row for every token of `tokenizer`; rows of added tokens start at the mean.
-
-    A model whose embedding matrix already has spare rows (T5 checkpoints have 28) keeps its size
-    and the added tokens take spare rows; otherwise the matrix grows. Either way the rows from
-    `base_size` on (the tokens added to a tokenizer of that length) are set to the mean of the
-    rows before them, so a new token starts as an average word rather than noise.
-
-    Returns:
-        The embedding rows now.
-    """
-    import contextlib
-
-    import torch
-
-    def shape(weight: Any) -> tuple:  # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
-        return tuple(getattr(weight, "ds_shape", weight.shape))
-
-    rows = shape(model.get_input_embeddings().weight)[0]
-    if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        rows = len(tokenizer)
-    if len(tokenizer) <= base_size:
-        return rows
-    weights = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not weights[0]:
-        weights.append(out.weight)
-    gathered = contextlib.nullcontext()
-    if any(hasattr(w, "ds_id") for w in weights):
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
-    with gathered, torch.no_grad():
-        for weight in weights:
-            weight[base_size:len(tokenizer)] = weight[:base_size].mean(dim=0, keepdim=True)
-    return rows
 
 
 def _survives(tokenizer: Any, record: dict, answer: str, parse: Parse) -> bool:

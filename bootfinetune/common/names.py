@@ -1,4 +1,4 @@
-"""Safe folder names for model keys and evaluation names, and the check that a path stays inside the run.
+"""Safe folder names: the rule a model key's, an evaluation's and a run's folder name follows.
 
 A model key is a predictor's name with `multitask=False` (`retrieve.predict`, `chains['a b']`, or
 anything a dict attribute holds, `x/../../../../escaped` included), and it becomes a folder under
@@ -10,11 +10,6 @@ A key that is already a safe name keeps it, so `all` and `answer.predict` stay a
 The run records the mapping (config.json's `folders`, each manifest's `folder`), and readers use
 the record, never the rule.
 
-`inside(root, *parts)` and `inside_uri(base, *parts)` are the one check every write and delete of a
-run goes through: the path must stay in the run once `..` and symbolic links are resolved.
-
-A leaf: it imports nothing of ours but `errors`.
-
     >>> folder_names(["all", "answer.predict", "x/../../escaped", "chains['a b']"])["answer.predict"]
     'answer.predict'
     >>> folder_names(["x/../../escaped"])["x/../../escaped"]
@@ -24,22 +19,12 @@ A leaf: it imports nothing of ours but `errors`.
 from __future__ import annotations
 
 import hashlib
-import os
-import posixpath
 import re
-from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit
-
-from bootfinetune.errors import ConfigError
 
 SLUG_LENGTH = 64
 """Longest readable part of a folder name (the hash suffix comes on top: 73 characters at most)."""
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-class RunPathError(ConfigError):
-    """A path bootfinetune was about to write or delete lies outside the run directory."""
 
 
 def is_safe_name(name: str) -> bool:
@@ -109,48 +94,4 @@ def folder_names(names: Iterable[str], recorded: dict[str, str] | None = None) -
     return {name: folders[name] for name in names}
 
 
-def checked_folder(name: str, folder: object, source: object) -> str:
-    """A folder name read from a run file, refused (`RunPathError`) unless it is a safe name."""
-    if not isinstance(folder, str) or not is_safe_name(folder):
-        raise RunPathError(f"{source}: the folder {folder!r} recorded for {name!r} is not a safe folder name; "
-                           f"the file was changed by hand or is damaged: compile again into a new run directory.")
-    return folder
-
-
-def inside(root: Path, *parts: str | os.PathLike) -> Path:
-    """`root / parts`, after checking it stays inside `root` with `..` and symbolic links resolved.
-
-    Raises:
-        RunPathError: the path leaves `root` (a name with `..`, an absolute part, a link pointing out).
-
-    >>> inside(Path("/runs/R"), "models", "all").as_posix()
-    '/runs/R/models/all'
-    """
-    path = Path(root).joinpath(*parts)
-    base = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
-        raise RunPathError(f"{path}: resolves to {real}, outside the run directory {base}; bootfinetune writes "
-                           f"and deletes only inside the run (a name with '..', or a symbolic link pointing out).")
-    return path
-
-
-def inside_uri(base: str, *parts: str) -> str:
-    """The normalised path `base/parts` of an object-storage URI, checked to stay under `base`'s path.
-
-    Object stores have no links; the check is on the path string once `.` and `..` are folded.
-
-    >>> inside_uri("s3://b/runs/R?region=x", "models", "all")
-    'b/runs/R/models/all'
-    """
-    s = urlsplit(base)
-    root = posixpath.normpath("/" + s.netloc + "/" + s.path.strip("/"))
-    path = posixpath.normpath("/".join([root, *(str(p) for p in parts)]))
-    if path != root and not path.startswith(root.rstrip("/") + "/"):
-        raise RunPathError(f"{'/'.join(parts)}: leaves the run's storage path {root.lstrip('/')}; bootfinetune writes "
-                           f"and deletes only inside the run.")
-    return path.lstrip("/")
-
-
-__all__ = ["NAME_RULE", "RunPathError", "SLUG_LENGTH", "checked_folder", "folder_names", "inside", "inside_uri", "is_safe_name",
-           "run_name_problem", "safe_name"]
+__all__ = ["NAME_RULE", "SLUG_LENGTH", "folder_names", "is_safe_name", "run_name_problem", "safe_name"]
