@@ -203,7 +203,7 @@ class BootstrapFinetune(Teleprompter):
             result["note"] = "no valset or no metric: nothing scored" if config.inference.evaluate else "evaluate=False"
             return result, {"seconds": 0.0}
         b = config.bootstrap
-        common = dict(num_threads=b.num_threads, num_actors=b.num_actors, placement=config.train)
+        common = dict(num_threads=config.inference.eval_threads, num_actors=b.num_actors, placement=config.train)
         logger.info("%s: the metric on %d valset examples, before and after", stage_label("evaluate"), len(valset))
         limits = {j.key: base_limits(j.target, j.train_file, j.added_tokens or (), config) for j in prepared.finetune_jobs()}
         base = base_program(student, prepared.plan, exclude_demos=b.exclude_demos, inference=config.inference,
@@ -215,7 +215,8 @@ class BootstrapFinetune(Teleprompter):
         result["teacher"] = teacher_score(prepared.val_bootstrap, self.metric)
         logger.info("  metric: before %s, after %s, teacher %s", result["before"], result["after"], result["teacher"])
         stage = {"seconds": round(time.time() - started, 3), "usage": {"before": before.usage, "after": after.usage},
-                 "nodes": {"before": before.nodes, "after": after.nodes}}
+                 "nodes": {"before": before.nodes, "after": after.nodes},
+                 "scoring_seconds": {"before": before.seconds, "after": after.seconds}}
         logger.info("  student tokens while scoring: %s", student_usage(stage))
         return result, stage
 

@@ -236,6 +236,8 @@ class InferenceConfig:
     workers that run them: a driver without CUDA loads the compiled program's models on its CPU."""
     evaluate: bool = True
     """Score the base student, the teacher and the compiled program on the valset."""
+    eval_threads: int = option(32, resource=True, at_least=1)
+    """Threads that run valset examples while scoring (per actor on Ray); the finetuned LMs batch up to this many."""
 
 
 GROUPS: dict[str, type] = {"bootstrap": BootstrapConfig, "train": TrainConfig, "run": RunOptions,

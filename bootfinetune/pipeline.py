@@ -114,7 +114,7 @@ def rebind_stage(run: RunDir, config: Config, description: RunDescription, progr
     return compiled, "written"
 
 
-def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 8,
+def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 32,
                  num_actors: int = 2, about: dict[str, Any] | None = None, writer_wait_s: float = 0.0) -> dict[str, Any]:
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 

@@ -254,7 +254,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _connect(job, args.ray_address)
     valset = load_dataset(job.valset)
     b = job.config.bootstrap
-    out = evaluate_run(args.run_dir, valset, resolve(job.metric), name=args.name, num_threads=b.num_threads,
+    out = evaluate_run(args.run_dir, valset, resolve(job.metric), name=args.name, num_threads=job.config.inference.eval_threads,
                        num_actors=b.num_actors, about={"valset": job.valset, "metric": job.metric},
                        writer_wait_s=job.config.run.writer_wait_s)
     log.info("evaluate: %s on %d examples", out["score"], len(valset))

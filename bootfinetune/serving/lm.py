@@ -257,9 +257,9 @@ class FinetunedEngine:
         return load_model(self.model, load_device(self.device, self.model), self.trust_remote_code, self.fingerprint)
 
     def set_batch_size(self, batch_size: int) -> None:
-        """Changes how many prompts one `generate` call takes (calls in flight finish as they were)."""
+        """Changes how many prompts one `generate` call takes from now on (batches running finish as they were)."""
         self.batch_size = batch_size
-        self._batcher = MicroBatcher(self._generate_batch, max_batch=batch_size)
+        self._batcher.max_batch = batch_size
 
     def _count_step(self) -> None:
         self.steps += 1

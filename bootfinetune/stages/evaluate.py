@@ -8,16 +8,19 @@ concurrent calls into one `generate`) and large ones on Ray Data actors. Each re
 it ran on (`EvalResult.nodes`). The teacher's score needs no new calls: the valset was bootstrapped
 through the teacher already, and those traces carry the metric's scores.
 
-The base student answers as its finetuned self will (`rebind.base_limits`). An answer cut at its token limit
+While scoring, the program's finetuned LMs take up to `num_threads` prompts in one `generate` (`batches_of`),
+so the threads' calls fill their batches. The base student answers as its finetuned self will
+(`rebind.base_limits`). An answer cut at its token limit
 is counted (`usage[model]["cut"]`, from each call's finish reason) instead of DSPy warning once per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dspy
 
@@ -28,6 +31,7 @@ from bootfinetune.stages.runner import add_usage
 from bootfinetune.run.records import example_to_json
 from bootfinetune.runtime.console import counted_cuts
 from bootfinetune.runtime.ray_env import ensure_ray
+from bootfinetune.serving.lm import finetuned_engine
 
 RAY_EVAL_MIN_EXAMPLES = 256
 """Valsets at least this large are evaluated on Ray Data actors."""
@@ -59,15 +63,22 @@ def _score(value: Any) -> float:
 
 
 def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric: Callable | None, *,
-                     num_threads: int = 8, num_actors: int = 2, actor_cpus: float = 1.0,
+                     num_threads: int = 32, num_actors: int = 2, actor_cpus: float = 1.0,
                      use_ray: bool | None = None, placement: TrainConfig | None = None) -> EvalResult:
-    """Runs `program` over `examples` and averages `metric(example, prediction, trace)`.
+    """Runs `program` over `examples` on `num_threads` threads (per actor on Ray) and averages
+    `metric(example, prediction, trace)`; its finetuned LMs batch up to `num_threads` calls meanwhile.
 
     Args:
         placement: The training options the program's models were trained with: when its workers asked for
             an accelerator, the examples run on `num_workers` Ray actors holding one worker's resources each,
             never in this process (`use_ray` and `num_actors` are then not used).
     """
+    with batches_of(program, num_threads):
+        return _evaluate(program, examples, metric, num_threads, num_actors, actor_cpus, use_ray, placement)
+
+
+def _evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable | None, num_threads: int,
+              num_actors: int, actor_cpus: float, use_ray: bool | None, placement: TrainConfig | None) -> EvalResult:
     started = time.time()
     if metric is None or not examples:
         return EvalResult(None, len(examples or []), 0, 0.0)
@@ -98,6 +109,23 @@ def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric:
             nodes[r["node"]] = nodes.get(r["node"], 0) + 1
     return EvalResult(round(total / len(examples), 6), len(examples), failed, round(time.time() - started, 3), usage,
                       nodes)
+
+
+@contextlib.contextmanager
+def batches_of(program: dspy.Module, size: int) -> Iterator[None]:
+    """While open, each finetuned LM of `program` puts up to `size` prompts in one `generate` (never fewer than
+    its own batch size); then it takes its own size back. Actors get the program with the wider batches."""
+    engines = {id(e): e for e in (finetuned_engine(p.lm) for p in program.predictors()) if e is not None}
+    own = {key: engine.batch_size for key, engine in engines.items()}
+    for key, engine in engines.items():
+        if size > own[key]:
+            engine.set_batch_size(size)
+    try:
+        yield
+    finally:
+        for key, engine in engines.items():
+            if engine.batch_size != own[key]:
+                engine.set_batch_size(own[key])
 
 
 def teacher_score(val: BootstrapResult | None, metric: Callable | None) -> float | None:

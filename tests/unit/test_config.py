@@ -79,7 +79,7 @@ def test_resource_options_are_the_fields_marked_so_and_change_no_identity():
                                 "cpus_per_worker", "gpus_per_worker", "max_failures", "storage_path", "run_name",
                                 "ray_address", "writer_wait_s", "writer_lease_s", "verbose", "mlflow_tracking_uri",
                                 "gradient_checkpointing", "compile_layers",
-                                "resources_per_worker"}  # same computation, another way
+                                "resources_per_worker", "eval_threads"}  # same computation, another way
     base = Config.from_options()
     more = base.replace(num_actors=8, cpus_per_worker=4.0, storage_path="/elsewhere",
                         mlflow_tracking_uri="http://mlflow:5000")

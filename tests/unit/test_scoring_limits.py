@@ -7,6 +7,7 @@ import dspy
 import pytest
 from transformers import AutoTokenizer
 from dspy.lm15 import Message, Response, Usage
+from dspy.utils.exceptions import AdapterParseError
 
 from bootfinetune.config import Config
 from bootfinetune.run.jsonio import read_jsonl, write_jsonl
@@ -14,7 +15,7 @@ from bootfinetune.runtime import console
 from bootfinetune.serving.limits import token_ceiling
 from bootfinetune.serving.lm import finetuned_engine
 from bootfinetune.stages.checks import check_program
-from bootfinetune.stages.evaluate import evaluate_program
+from bootfinetune.stages.evaluate import batches_of, evaluate_program
 from bootfinetune.stages.rebind import base_limits, base_program
 from bootfinetune.stages.runner import cut_short
 from bootfinetune.testing.tiny_models import build_tiny_causal, toy_records
@@ -92,3 +93,39 @@ def test_a_compile_reports_only_the_warnings_it_held_back(caplog):
         assert not [r for r in caplog.records if "more warning(s)" in r.getMessage()]
     finally:
         console.set_console_output(True)
+
+
+def test_scoring_threads_fill_the_finetuned_lms_batches_and_the_program_keeps_its_own_size(tiny):
+    target, _ = tiny
+    lm = bootfinetune_lm(target, batch_size=4)
+    wide = bootfinetune_lm(target, batch_size=64)
+    program = TwoPredicts(lm, wide)
+    examples = [dspy.Example(question=f"Repeat the word w{i}.", answer=f"w{i}").with_inputs("question")
+                for i in range(48)]
+    engine, wide_engine = finetuned_engine(lm), finetuned_engine(wide)
+    with batches_of(program, 16):
+        assert (engine.batch_size, wide_engine.batch_size) == (16, 64)  # wider, never narrower
+    assert (engine.batch_size, wide_engine.batch_size) == (4, 64)
+    evaluate_program(program, examples, lambda e, p, t=None: 0.0, num_threads=16, use_ray=False)
+    # the scoring threads' calls shared generate calls wider than the program's own
+    assert 4 < max(engine._batcher.batch_sizes) <= 16 and engine.batch_size == 4
+    engine._batcher.batch_sizes.clear()
+    with pytest.raises(AdapterParseError):  # random weights write no answer field
+        program(question="Repeat the word again.")  # the program handed back batches as it was built to
+    assert engine.batch_size == 4 and set(engine._batcher.batch_sizes) == {1}
+
+
+def bootfinetune_lm(target, batch_size):
+    from bootfinetune.serving.lm import FinetunedLM
+
+    return FinetunedLM(target, max_tokens=4, batch_size=batch_size)
+
+
+class TwoPredicts(dspy.Module):
+    def __init__(self, lm, other):
+        super().__init__()
+        self.first, self.second = dspy.Predict("question -> answer"), dspy.Predict("question -> answer")
+        self.first.lm, self.second.lm = lm, other
+
+    def forward(self, question):  # random weights: `first` raises (its answer does not parse), `second` never runs
+        return self.second(question=self.first(question=question).answer)
