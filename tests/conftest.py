@@ -81,3 +81,15 @@ def teacher_lm(teacher_server):
 
     return dspy.LM("openai/scripted-teacher", api_base=teacher_server.url, api_key="sk-test-secret-123456",
                    cache=False, num_retries=0)
+
+
+@pytest.fixture(autouse=True)
+def package_logger_restored():
+    """Each test gets the package logger back as it found it: a job entrypoint run in process adds a handler
+    on the stdout of its moment (the test's captured one, closed after it), which a later test would write to."""
+    import logging
+
+    logger = logging.getLogger("bootfinetune")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

@@ -113,9 +113,15 @@ print("RUN_DIR=" + str(tp.run_dir.root))
 
 
 def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path):
+    import shutil
+    import tempfile
+
     target = str(build_tiny_causal(tmp_path / "tiny"))
     storage = tmp_path / "runs"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray's temp folder of its own (short: Ray's socket paths have a length limit): the driver starts its own
+    # cluster, never joining one that a `ray start` left running on this machine, so the kill takes it all.
+    ray_tmp = tempfile.mkdtemp(prefix="bfdk", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     with TeacherServer(two_step_script) as server:
         args = [sys.executable, "-c", DRIVER, server.url, str(storage), target]
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -132,6 +138,7 @@ def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path)
         assert not (run_root / "models" / "all" / "manifest.json").exists()  # killed before it finished
 
         again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         assert again.returncode == 0, again.stderr[-3000:]
         assert server.calls == calls_before  # the bootstrap was read back: zero teacher calls
     manifest = read_json(run_root / "models" / "all" / "manifest.json")
