@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import dspy
 
-from bootfinetune.config import Config
+from bootfinetune.config import Config, InferenceConfig
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.run.runfiles import ModelManifest, RunDescription
 from bootfinetune.run.writer import RunWriter
@@ -114,8 +114,9 @@ def rebind_stage(run: RunDir, config: Config, description: RunDescription, progr
     return compiled, "written"
 
 
-def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval", num_threads: int = 32,
-                 num_actors: int = 2, about: dict[str, Any] | None = None, writer_wait_s: float = 0.0) -> dict[str, Any]:
+def evaluate_run(run_dir: str, valset: list, metric: Callable, *, name: str = "eval",
+                 num_threads: int = InferenceConfig.eval_threads, num_actors: int = 2,
+                 about: dict[str, Any] | None = None, writer_wait_s: float = 0.0) -> dict[str, Any]:
     """Stage 6 on a finished run: its program (rebuilt from program.json) scored on `valset`.
 
     Writes `evaluations/{name}.json` in the run directory (a safe file name for any `name`, recorded in

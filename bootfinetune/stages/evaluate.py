@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import dspy
 
-from bootfinetune.config import TrainConfig
+from bootfinetune.config import InferenceConfig, TrainConfig
 from bootfinetune.runtime.placement import needs_accelerator, worker_resources
 from bootfinetune.stages.bootstrap import BootstrapResult, TeacherRunner, driver_settings, run_examples, score_value
 from bootfinetune.stages.runner import add_usage
@@ -63,7 +63,7 @@ def _score(value: Any) -> float:
 
 
 def evaluate_program(program: dspy.Module, examples: list[dspy.Example], metric: Callable | None, *,
-                     num_threads: int = 32, num_actors: int = 2, actor_cpus: float = 1.0,
+                     num_threads: int = InferenceConfig.eval_threads, num_actors: int = 2, actor_cpus: float = 1.0,
                      use_ray: bool | None = None, placement: TrainConfig | None = None) -> EvalResult:
     """Runs `program` over `examples` on `num_threads` threads (per actor on Ray) and averages
     `metric(example, prediction, trace)`; its finetuned LMs batch up to `num_threads` calls meanwhile.
