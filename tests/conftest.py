@@ -84,6 +84,17 @@ def teacher_lm(teacher_server):
 
 
 @pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test gets os.environ back as it found it: a variable a library sets for its subprocesses (as
+    `mlflow.set_tracking_uri` sets $MLFLOW_TRACKING_URI) would reach the drivers and Ray heads of the tests after."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def package_logger_restored():
     """Each test gets the package logger back as it found it: a job entrypoint run in process adds a handler
     on the stdout of its moment (the test's captured one, closed after it), which a later test would write to."""

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -186,51 +180,3 @@ def test_more_models_than_the_cluster_fits_are_queued_not_failed(ray_cluster, ta
     a, b = sorted(manifests.values(), key=lambda m: m["started_at"])
     assert b["started_at"] >= a["finished_at"] - 1.0  # ran one after the other
     assert all((run.model_dir(k) / "manifest.json").exists() for k in ("first", "second"))
-
-
-DRIVER = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    from bootfinetune.config import TrainConfig
-    from bootfinetune.stages.finetune import finetune_models
-    from bootfinetune.stages.finetune_job import FinetuneJob
-    from bootfinetune.runtime.ray_env import ensure_ray
-    from bootfinetune.run.rundir import RunDir
-    address, root, target = sys.argv[1:4]
-    ensure_ray(address, log_to_driver=False)
-    run = RunDir(Path(root))
-    config = TrainConfig(**__import__("json").loads(sys.argv[4]))
-    finetune_models(run, [FinetuneJob("all", target, ("all",), run.data_file("all"))], config)
-""")
-
-
-def test_driver_killed_mid_training_resumes_from_last_checkpoint(ray_cluster, targets, tmp_path):
-    import dataclasses
-
-    run = RunDir(tmp_path / "run")
-    job = make_job(run, "all", targets["llama"], n=160)
-    config = options(targets["llama"], epochs=4)
-    address = ray_cluster.get_runtime_context().gcs_address
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(run.root), targets["llama"],
-                             json.dumps(dataclasses.asdict(config))], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = run.checkpoints_dir() / "all" / "epoch_001" / "trainer_state.json"
-    try:
-        deadline = time.time() + 240
-        while not first.exists():
-            assert proc.poll() is None and time.time() < deadline, "the first driver ended before a checkpoint"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray ends the trainer it owned
-        proc.wait()
-    assert not (run.model_dir("all") / "manifest.json").exists()
-
-    manifest = finetune_models(run, [job], config)["all"].to_json()
-    assert len(manifest["starts"]) == 2 and manifest["starts"][0] == {"epoch": 0, "global_step": 0}
-    resumed = manifest["starts"][1]
-    assert 1 <= resumed["epoch"] < config.epochs
-    assert resumed["global_step"] == resumed["epoch"] * manifest["history"][0]["steps"]
-    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4]
-    # zero_stage="auto" on 2 workers: ZeRO-1, chosen before the kill and kept by the resumed start
-    assert manifest["engine"]["zero_stage"] == 1 and manifest["engine"]["reason"].endswith("kept on resume")

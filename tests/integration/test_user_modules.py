@@ -281,7 +281,7 @@ STATEFUL = {
                     .with_inputs("question") for i in range(n)]
         ''',
     "driver.py": '''
-        """python driver.py OUT ELSEWHERE MODE: compile (files in place) or renamed (this folder moved first)."""
+        """python driver.py OUT ELSEWHERE MODE: MODE "renamed" moves this folder away first."""
 
         import json
         import os
@@ -305,23 +305,29 @@ STATEFUL = {
             dspy.configure(rm=RM)
             with TeacherServer(teacher_script) as server:
                 teacher = dspy.LM("openai/scripted-teacher", api_base=server.url, api_key="local", cache=False)
-                tp = BootstrapFinetune(metric=exact_color, teacher_settings={"lm": teacher}, num_actors=2,
-                                       storage_path=os.path.join(out, "runs"), max_errors=0, max_tokens=12)
+
+                def teleprompter(storage):
+                    return BootstrapFinetune(metric=exact_color, teacher_settings={"lm": teacher}, num_actors=2,
+                                             storage_path=os.path.join(out, storage), max_errors=0, max_tokens=12)
+
                 result = {"cwd": os.getcwd()}
-                if mode == "renamed":  # the checks, the bootstrap and the data stage
-                    prepared = tp.prepare(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"])
-                    s = prepared.bootstrap.summary
-                    result["bootstrap"] = {"examples": s.examples, "kept": s.kept, "failed": s.failed}
-                else:
-                    compiled = tp.compile(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"],
-                                          epochs=1, bsize=4, lr=3e-3)
-                    s = tp.report["stages"]["bootstrap"]
-                    result["bootstrap"] = {"examples": s["examples"], "kept": s["kept"], "failed": s["failed"]}
-                    try:  # answered in this process by the finetuned model; the retriever is this process's RM
-                        result["first_answer"] = compiled(question="What color is thing9?").answer
-                    except AdapterParseError as e:  # a 1-epoch tiny model may not write the format yet
-                        result["first_answer"] = e.lm_response
-                result["teacher_calls"] = server.calls
+                # the checks, the bootstrap and the data stage
+                prepared = teleprompter("prepared").prepare(ColorRAG(), trainset=examples(8),
+                                                            target=os.environ["TINY_TARGET"])
+                s = prepared.bootstrap.summary
+                result["prepare"] = {"examples": s.examples, "kept": s.kept, "failed": s.failed,
+                                     "teacher_calls": server.calls}
+                # the whole compile, in a run of its own
+                tp = teleprompter("runs")
+                compiled = tp.compile(ColorRAG(), trainset=examples(8), target=os.environ["TINY_TARGET"],
+                                      epochs=1, bsize=4, lr=3e-3)
+                s = tp.report["stages"]["bootstrap"]
+                result["compile"] = {"examples": s["examples"], "kept": s["kept"], "failed": s["failed"],
+                                     "teacher_calls": server.calls - result["prepare"]["teacher_calls"]}
+                try:  # answered in this process by the finetuned model; the retriever is this process's RM
+                    result["first_answer"] = compiled(question="What color is thing9?").answer
+                except AdapterParseError as e:  # a 1-epoch tiny model may not write the format yet
+                    result["first_answer"] = e.lm_response
             result["driver_pid"] = os.getpid()
             with open(os.path.join(out, "result.json"), "w") as f:
                 json.dump(result, f)
@@ -351,22 +357,32 @@ def run_stateful(tmp_path: Path, mode: str) -> tuple[dict, dict[int, str], str]:
     return result, imported, output
 
 
-def test_a_sibling_module_with_live_state_is_imported_on_the_workers(tmp_path):
-    result, imported, output = run_stateful(tmp_path, "compile")
+@pytest.fixture(scope="module")
+def stateful_run(tmp_path_factory):
+    """One driver for the module's two tests (a driver and its cluster cost seconds): it imports the module, moves
+    its own folder away, then runs a prepare and a whole compile, each in a run of its own."""
+    root = tmp_path_factory.mktemp("stateful")
+    return (root, *run_stateful(root, "renamed"))
+
+
+def test_a_sibling_module_with_live_state_is_imported_on_the_workers(stateful_run):
+    root, result, imported, output = stateful_run
     print("stateful driver:", json.dumps(result))  # the Show section: teacher calls, the first answer
     assert "cannot be sent to Ray workers" not in output
-    assert result["cwd"] == str(tmp_path / "elsewhere")
-    assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
+    assert result["cwd"] == str(root / "elsewhere")
+    assert result["compile"] == {"examples": 8, "kept": 8, "failed": 0, "teacher_calls": 8}
     assert isinstance(result["first_answer"], str)
     # The module (its lock, connection and client) was made by the driver and again by each worker that ran it.
-    assert imported.pop(result["driver_pid"]) == str(tmp_path / "project" / "retrieval.py")
+    imported = dict(imported)
+    assert imported.pop(result["driver_pid"]) == str(root / "project" / "retrieval.py")
     assert len(imported) >= 1
 
 
-def test_the_module_still_reaches_the_workers_after_its_folder_is_renamed(tmp_path):
-    result, imported, output = run_stateful(tmp_path, "renamed")
-    assert not (tmp_path / "project").exists() and (tmp_path / "project-moved").exists()
-    assert result["bootstrap"] == {"examples": 8, "kept": 8, "failed": 0} and result["teacher_calls"] == 8
-    assert imported.pop(result["driver_pid"]) == str(tmp_path / "project" / "retrieval.py")
+def test_the_module_still_reaches_the_workers_after_its_folder_is_renamed(stateful_run):
+    root, result, imported, _ = stateful_run
+    assert not (root / "project").exists() and (root / "project-moved").exists()
+    assert result["prepare"] == {"examples": 8, "kept": 8, "failed": 0, "teacher_calls": 8}
+    imported = dict(imported)
+    assert imported.pop(result["driver_pid"]) == str(root / "project" / "retrieval.py")
     # Each actor imported it from the files bootfinetune shipped (no path on disk leads to the project).
     assert imported and all("/bootfinetune-code/" in path for path in imported.values()), imported

@@ -5,7 +5,8 @@
 - An example that kills its actor every time ends as a failure record naming it ("WorkerDied"),
   counted in max_errors, in bounded time; the other examples of its batch are kept.
 - A driver killed (SIGKILL) during finetuning, started again with the same compile, calls the
-  teacher zero times and resumes training from the last checkpoint.
+  teacher zero times and resumes training from the last checkpoint with the engine it chose.
+- A driver killed during bootstrap on a bucket pays again only for what was not uploaded yet.
 """
 
 import json
@@ -74,77 +75,54 @@ def test_killed_bootstrap_actor_loses_and_duplicates_nothing(ray_cluster, teache
     assert "more than max_errors=0" in str(err.value) and f"example 0: {WORKER_DIED}" in str(err.value)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILLs a driver and every process under it at once: its local Ray cluster's GCS, raylet and workers
-    start sessions of their own, so killing the driver's process group alone leaves a training worker running
-    (it then finished every epoch before the restart, and the restart had nothing to resume)."""
-    import psutil
-
-    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    psutil.wait_procs([p for p in map(_process, tree[1:]) if p is not None], timeout=30)
-
-
-def _process(pid: int):
-    import psutil
-
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
-
-
 DRIVER = r"""
 import sys, dspy
 from bootfinetune import BootstrapFinetune
 from tests.programs import TwoStep, two_step_examples, two_step_metric
-url, storage, target = sys.argv[1:4]
+address, url, storage, target = sys.argv[1:5]
 teacher = dspy.LM("openai/scripted-teacher", api_base=url, api_key="sk-driver-kill-key", cache=False)
 tp = BootstrapFinetune(metric=two_step_metric, teacher_settings={"lm": teacher}, storage_path=storage,
-                       max_tokens=16, evaluate=False)
-tp.compile(TwoStep(), trainset=two_step_examples(24), target=target, epochs=4, bsize=2, lr=1e-3)
+                       ray_address=address, max_tokens=16, evaluate=False, num_workers=2, cpus_per_worker=1.0)
+tp.compile(TwoStep(), trainset=two_step_examples(24), target=target, epochs=4, bsize=4, lr=1e-3)
 print("RUN_DIR=" + str(tp.run_dir.root))
 """
 
 
-def test_driver_killed_during_finetuning_resumes_without_teacher_calls(tmp_path):
-    import shutil
-    import tempfile
-
+def test_driver_killed_during_finetuning_resumes_without_teacher_calls(ray_cluster, tmp_path):
+    """A driver SIGKILLed once epoch 1's checkpoint is written (Ray ends the trainer it owned), started again with
+    the same compile: zero teacher calls, training resumes from the last checkpoint with the engine it chose."""
     target = str(build_tiny_causal(tmp_path / "tiny"))
     storage = tmp_path / "runs"
-    # Ray's temp folder of its own (short: Ray's socket paths have a length limit): the driver starts its own
-    # cluster, never joining one that a `ray start` left running on this machine, so the kill takes it all.
-    ray_tmp = tempfile.mkdtemp(prefix="bfdk", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with TeacherServer(two_step_script) as server:
-        args = [sys.executable, "-c", DRIVER, server.url, str(storage), target]
+        args = [sys.executable, "-c", DRIVER, address, server.url, str(storage), target]
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        deadline = time.time() + 400
-        while not list(storage.glob(f"*/checkpoints/all/epoch_*/{STATE_FILE}")):  # a whole epoch checkpoint
-            assert proc.poll() is None, "the driver ended before a checkpoint was written"
-            assert time.time() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.5)
-        kill_tree(proc)  # the driver and its local Ray cluster die at once
+        try:
+            deadline = time.time() + 400
+            while not list(storage.glob(f"*/checkpoints/all/epoch_*/{STATE_FILE}")):  # a whole epoch checkpoint
+                assert proc.poll() is None, "the driver ended before a checkpoint was written"
+                assert time.time() < deadline, "no checkpoint within the deadline"
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray ends the actors it owned
+            proc.wait()
         calls_before = server.calls
         assert calls_before > 0
         run_root = next(p for p in storage.iterdir() if p.name != "traces")
         assert not (run_root / "models" / "all" / "manifest.json").exists()  # killed before it finished
 
         again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
         assert again.returncode == 0, again.stderr[-3000:]
         assert server.calls == calls_before  # the bootstrap was read back: zero teacher calls
     manifest = read_json(run_root / "models" / "all" / "manifest.json")
     starts = manifest["starts"]
-    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 1, (starts, again.stderr[-4000:])
-    assert len(manifest["losses"]["train"]) == 4
+    assert len(starts) == 2 and starts[0] == {"epoch": 0, "global_step": 0}, (starts, again.stderr[-4000:])
+    assert 1 <= starts[1]["epoch"] < 4 and starts[1]["global_step"] == starts[1]["epoch"] * manifest["history"][0]["steps"]
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3, 4] and len(manifest["losses"]["train"]) == 4
+    # zero_stage="auto" on 2 workers: ZeRO-1, chosen before the kill and kept by the resumed start
+    assert manifest["engine"]["zero_stage"] == 1 and manifest["engine"]["reason"].endswith("kept on resume")
     for path in run_root.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".html"):
             assert "sk-driver-kill-key" not in path.read_text(), path
