@@ -33,6 +33,11 @@ def two_step_script(inputs: dict[str, str], outputs: list[str]) -> dict[str, str
     return {"reasoning": f"upper-case {value}", "answer": answer}
 
 
+def two_step_teacher_calls(examples: list[dspy.Example]) -> int:
+    """The teacher calls TwoStep makes for `examples`: `rewrite` twice, then `answer` unless the text takes the branch."""
+    return sum(2 if ex.text.startswith("skip") else 3 for ex in examples)
+
+
 def two_step_metric(example, prediction, trace=None):
     return prediction.answer == example.answer
 

@@ -3,7 +3,6 @@ the folder the command runs in, the shipped demo job YAML with `--set` overrides
 that YAML starts, the tiny student its `target` function builds, and the session's Ray cluster."""
 
 import json
-import logging
 import re
 import sys
 from pathlib import Path
@@ -27,22 +26,13 @@ class Router(ShippingRouter):
 '''
 
 
-@pytest.fixture
-def job_logging():
-    """The jobs set up the package logger for a job's output; put it back for the tests after."""
-    logger = logging.getLogger("bootfinetune")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def result_line(out: str) -> dict:
     [line] = re.findall(r"^BOOTFINETUNE_RESULT (\{.*\})$", out, re.M)
     return json.loads(line)
 
 
 def test_compile_then_evaluate_a_program_of_ones_own_from_the_command(
-        ray_cluster, tmp_path, monkeypatch, capsys, job_logging):
+        ray_cluster, tmp_path, monkeypatch, capsys):
     repo = Path(__file__).resolve().parents[2]
     project = tmp_path / "project"
     project.mkdir()

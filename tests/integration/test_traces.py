@@ -18,7 +18,7 @@ from bootfinetune.errors import RunBusyError
 from bootfinetune.run.jsonio import read_json
 from bootfinetune.run.rundir import RunDir
 from bootfinetune.testing.tiny_models import build_tiny_causal
-from tests.programs import TwoStep, two_step_examples, two_step_metric
+from tests.programs import TwoStep, two_step_examples, two_step_metric, two_step_teacher_calls
 
 pytestmark = pytest.mark.integration
 TRAIN = dict(bsize=4, epochs=1)
@@ -34,23 +34,8 @@ def teleprompter(teacher_lm, storage, **options):
                              max_tokens=16, **options)
 
 
-def calls_alone(*example_lists):
-    """The teacher calls these examples cost on their own: TwoStep asks `rewrite` twice, then `answer` unless the
-    text takes the branch (tests.programs)."""
-    return sum(2 if ex.text.startswith("skip") else 3 for examples in example_lists for ex in examples)
-
-
 def manifest(run):
     return read_json(run.model_dir("all") / "manifest.json")
-
-
-@pytest.fixture
-def job_logging():
-    """The finetune job sets up the job's logging; put the logger back for the tests after."""
-    logger = logging.getLogger("bootfinetune")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def compile_together(teleprompters, **compile_args):
@@ -75,7 +60,7 @@ def compile_together(teleprompters, **compile_args):
 
 
 def test_changing_only_lr_calls_the_teacher_zero_times_and_trains_a_new_model(
-        ray_cluster, teacher_server, teacher_lm, tiny, tmp_path, job_logging):
+        ray_cluster, teacher_server, teacher_lm, tiny, tmp_path):
     trainset = two_step_examples(8)
     # Two compiles of one run started together (one writer per run): one runs, the other stops at once
     # naming it, and only the one that ran asks the teacher.
@@ -126,7 +111,7 @@ def test_grown_trainset_and_valset_call_the_teacher_for_the_new_examples_only(
     grown = teleprompter(teacher_lm, tmp_path / "runs").prepare(
         TwoStep(), trainset=trainset + new_train, valset=valset + new_val, target=tiny)
     made = teacher_server.calls - before
-    expected = calls_alone(new_train, new_val)
+    expected = two_step_teacher_calls(new_train + new_val)
     print(f"\nFIGURE trainset +4, valset +2: {made} teacher calls; those 6 examples alone: {expected}")
     assert made == expected > 0
     assert (grown.bootstrap.summary.reused, grown.val_bootstrap.summary.reused) == (10, 4)
@@ -151,7 +136,7 @@ def test_fixed_run_name_with_other_inputs_rebootstraps_what_changed_and_retrains
         again.compile(TwoStep(), trainset=trainset + added, target=tiny, lr=1e-4, **TRAIN)
     made = teacher_server.calls - before
     assert again.run_dir.root == first.run_dir.root
-    assert made == calls_alone(added) > 0
+    assert made == two_step_teacher_calls(added) > 0
     assert "run fixed was made from other inputs: trainset changed: 3 new, 0 removed example(s)" in caplog.text
     assert "options changed: lr 5e-05 -> 0.0001" in caplog.text
     assert "models/all retrained: all.jsonl changed" in caplog.text and "lr 5e-05 -> 0.0001" in caplog.text

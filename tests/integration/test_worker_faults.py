@@ -29,7 +29,8 @@ from bootfinetune.testing.teacher_server import TeacherServer
 from bootfinetune.testing.tiny_models import build_tiny_causal
 from bootfinetune.errors import BootstrapError
 from bootfinetune.stages.retries import WORKER_DIED
-from tests.programs import DiesOnce, KillsItsWorker, TwoStep, two_step_examples, two_step_metric, two_step_script
+from tests.programs import (DiesOnce, KillsItsWorker, TwoStep, two_step_examples, two_step_metric, two_step_script,
+                            two_step_teacher_calls)
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +151,7 @@ def test_driver_killed_during_bootstrap_on_a_bucket_loses_little_teacher_work(ra
     import shutil
 
     n = 120
-    needed = sum(2 if i % 7 == 3 else 3 for i in range(n))  # TwoStep's teacher calls per example
+    needed = two_step_teacher_calls(two_step_examples(n))
     storage = s3_server.uri("runs", "killed-bootstrap")
     target = str(build_tiny_causal(tmp_path / "tiny"))
     address = ray_cluster.get_runtime_context().gcs_address

@@ -2,7 +2,6 @@
 bad job stops with every problem named before Ray starts."""
 
 import argparse
-import logging
 import sys
 
 import pytest
@@ -19,15 +18,6 @@ def arguments(parser: argparse.ArgumentParser) -> list[tuple]:
 def subcommand(name: str) -> argparse.ArgumentParser:
     [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return sub.choices[name]
-
-
-@pytest.fixture
-def job_logging():
-    """The jobs set up the package logger for a job's output; put it back for the tests after."""
-    logger = logging.getLogger("bootfinetune")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.mark.parametrize("command,job", [("compile", "compile"), ("retrain", "finetune"), ("evaluate", "evaluate")])
@@ -49,7 +39,7 @@ def test_a_missing_config_or_run_dir_is_refused_by_the_parser(capsys):
     assert "--run-dir" in capsys.readouterr().err
 
 
-def test_a_bad_job_stops_before_ray_naming_every_problem(tmp_path, monkeypatch, capsys, job_logging):
+def test_a_bad_job_stops_before_ray_naming_every_problem(tmp_path, monkeypatch, capsys):
     """A program module in the current folder resolves (as under `ray job submit --working-dir .`); an unset
     key variable and a YAML typo each stop the command with exit code 2, and Ray is never joined."""
     (tmp_path / "my_task.py").write_text("import dspy\n\n\nclass Route(dspy.Module):\n    pass\n\n\n"
