@@ -25,7 +25,33 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+RAY_TESTS = "tests/integration/"
+"""Where every test that uses Ray lives: they share one session cluster (`ray_cluster`), so they run in one process."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pyproject's addopts run the suite on 2 pytest-xdist workers: every test under `RAY_TESTS` on one worker, in
+    collection order, on its one session cluster, as a serial run runs them; the unit tests, a module at a time,
+    on the other. The unit tests mostly wait (retry back-offs, leases, slow clients), which then overlaps the
+    integration tests' CPU work. (xdist's own `--dist loadgroup` cannot group them: it renames the tests' nodeids,
+    which pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if module.startswith(RAY_TESTS) else module
+
+    return RayTestsOnOneWorker(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    elsewhere = [item.nodeid for item in items
+                 if "ray_cluster" in getattr(item, "fixturenames", ()) and not item.nodeid.startswith(RAY_TESTS)]
+    if elsewhere:
+        raise pytest.UsageError(f"tests that use the session's Ray cluster belong under {RAY_TESTS} (they run in one "
+                                f"process, on one cluster): {elsewhere}")
     try:
         import torch
 

@@ -10,8 +10,12 @@ import sys
 import termios
 import time
 
+import pytest
+
 from bootfinetune.runtime import console
 from bootfinetune.training.progress import BarDrawer, Reporter
+
+pytestmark = pytest.mark.integration
 
 
 def _read_all(fd: int) -> str:
